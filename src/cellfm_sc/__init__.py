@@ -1,0 +1,54 @@
+"""cellfm-sc: fine-tune the CellFM single-cell foundation model on an AnnData.
+
+Heavy dependencies (scvi-tools, Lightning, matplotlib, scanpy) are imported lazily, so
+``import cellfm_sc`` stays fast. Public names are resolved on first access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (one home per concept)
+_LAZY: dict[str, str] = {
+    "CellFMConfig": "cellfm_sc.nn",
+    "CellFMTrunk": "cellfm_sc.nn",
+    "CellFMOutput": "cellfm_sc.nn",
+    "LoadReport": "cellfm_sc.nn",
+    "read_mindspore_checkpoint": "cellfm_sc.io",
+    "write_mindspore_checkpoint": "cellfm_sc.io",
+    "CheckpointError": "cellfm_sc.io",
+    "GeneVocab": "cellfm_sc.vocab",
+    "GeneMapping": "cellfm_sc.vocab",
+    "map_genes": "cellfm_sc.vocab",
+    "build_gene_embedding": "cellfm_sc.vocab",
+    "load_pretrained_trunk": "cellfm_sc.pretrained",
+    "PretrainedReport": "cellfm_sc.pretrained",
+    "apply_trainable": "cellfm_sc.nn",
+    "CellFMClassifier": "cellfm_sc.model",
+    "metrics": "cellfm_sc.metrics",
+    "pl": "cellfm_sc.plotting",
+    "datasets": "cellfm_sc.datasets",
+    "data": "cellfm_sc.data",
+    "io": "cellfm_sc.io",
+    "nn": "cellfm_sc.nn",
+}
+
+__all__ = ["__version__", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module_name = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'cellfm_sc' has no attribute {name!r}") from None
+    module = importlib.import_module(module_name)
+    value = module if module_name.rsplit(".", 1)[-1] == name else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
