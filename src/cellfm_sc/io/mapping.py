@@ -1,0 +1,312 @@
+"""From MindSpore parameter names to the torch trunk: variant detection and key mapping.
+
+Variants (recognised by parameter names, never by file name):
+
+* ``"A"``: the public MindSpore CellFM class (``zero_emb``, decoders; ``zero_logit`` heads
+  when trained with ``add_zero``).
+* ``"A'"``: the annotation ``Backbone`` (no ``zero_emb``, no decoders).
+* ``"B"``: the public PyTorch port's checkpoints (``ST_emb``, ``ST_enc.*``).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cellfm_sc.nn.config import CellFMConfig
+from cellfm_sc.nn.trunk import CellFMTrunk
+
+__all__ = [
+    "LoadReport",
+    "detect_variant",
+    "infer_config",
+    "is_bookkeeping",
+    "load_trunk_state",
+    "split_state",
+    "to_torch_names",
+    "trunk_from_mindspore",
+]
+
+# optimizer state and training bookkeeping that MindSpore writes beside the weights
+_BOOKKEEPING_NAMES = frozenset(
+    {
+        "global_step",
+        "learning_rate",
+        "beta1_power",
+        "beta2_power",
+        "scale_sense",
+        "epoch_num",
+        "step_num",
+        "current_iterator_step",
+        "last_overflow_iterator_step",
+        "loss_scale",
+        "accum_step",
+    }
+)
+_BOOKKEEPING_PREFIXES = ("moment1.", "moment2.", "moments.", "accum.", "adam_m.", "adam_v.")
+# top-level names of a trunk parameter (after any wrapper prefix is stripped)
+_TOP_LEVEL = frozenset(
+    {
+        "gene_emb",
+        "cls_token",
+        "zero_emb",
+        "value_enc",
+        "encoder",
+        "value_dec",
+        "cellwise_dec",
+        "ST_emb",
+        "ST_enc",
+    }
+)
+_LN_RENAME = re.compile(r"(post_norm\d)\.(gamma|beta)$")
+
+
+def is_bookkeeping(name: str) -> bool:
+    """Whether a checkpoint entry is optimizer state or bookkeeping (skipped on load)."""
+    return name in _BOOKKEEPING_NAMES or name.startswith(_BOOKKEEPING_PREFIXES)
+
+
+def _strip_wrapper(names: list[str]) -> str:
+    """The wrapper prefix every model key carries (``"network."``), or ``""``."""
+    prefix = ""
+    rest = names
+    while rest and all("." in n for n in rest):
+        heads = {n.split(".", 1)[0] for n in rest}
+        if len(heads) != 1 or next(iter(heads)) in _TOP_LEVEL:
+            break
+        head = next(iter(heads))
+        prefix += head + "."
+        rest = [n.split(".", 1)[1] for n in rest]
+    return prefix
+
+
+def to_torch_names(name: str) -> str:
+    """MindSpore -> torch parameter name (LayerNorm ``gamma/beta`` -> ``weight/bias``)."""
+    return _LN_RENAME.sub(lambda m: f"{m.group(1)}.{'weight' if m.group(2) == 'gamma' else 'bias'}", name)
+
+
+def split_state(
+    state: Mapping[str, Any],
+) -> tuple[dict[str, Any], list[str], str]:
+    """Separate model tensors from bookkeeping entries and strip a wrapper prefix.
+
+    Returns
+    -------
+    model
+        torch-named model tensors, in file order.
+    skipped
+        names of the skipped bookkeeping entries.
+    prefix
+        the wrapper prefix that was stripped (``""`` if none).
+    """
+    skipped = [k for k in state if is_bookkeeping(k)]
+    model_keys = [k for k in state if not is_bookkeeping(k)]
+    prefix = _strip_wrapper(model_keys)
+    model = {to_torch_names(k[len(prefix) :]): state[k] for k in model_keys}
+    return model, skipped, prefix
+
+
+def detect_variant(names: Mapping[str, Any] | list[str]) -> str:
+    """``"B"`` (ST tokens), ``"A"`` (CellFM class) or ``"A'"`` (annotation Backbone)."""
+    keys = set(names)
+    if "ST_emb" in keys:
+        return "B"
+    if "zero_emb" in keys or any(k.startswith(("value_dec.", "cellwise_dec.")) for k in keys):
+        return "A"
+    return "A'"
+
+
+def _shape(t: Any) -> tuple[int, ...]:
+    return tuple(int(s) for s in t.shape)
+
+
+def infer_config(
+    model: Mapping[str, Any], num_heads: int | None = None, **overrides: Any
+) -> tuple[CellFMConfig, int]:
+    """Config and gene-embedding rows from torch-named model tensors.
+
+    ``num_heads`` cannot be read from shapes: it defaults to 48 when ``enc_dims`` is 1536
+    (both released models) and is required otherwise.
+    """
+    for required in ("gene_emb", "cls_token"):
+        if required not in model:
+            raise ValueError(
+                f"checkpoint has no {required!r} parameter; is it a CellFM checkpoint? "
+                f"(first names: {list(model)[:5]})"
+            )
+    rows, dims = _shape(model["gene_emb"])
+    layers = {int(m.group(1)) for k in model if (m := re.match(r"encoder\.(\d+)\.", k))}
+    if not layers:
+        raise ValueError("checkpoint has no 'encoder.{i}.*' retention layers")
+    n_layers = max(layers) + 1
+    if num_heads is None:
+        if dims != 1536:
+            raise ValueError(
+                f"num_heads cannot be read from a checkpoint; enc_dims={dims} is not a "
+                "released size (1536), so pass num_heads="
+            )
+        num_heads = 48
+    bins = _shape(model["value_enc.value_enc.w1.weight"])[0] if "value_enc.value_enc.w1.weight" in model else 256
+    variant = detect_variant(model)
+    cfg = CellFMConfig(
+        enc_dims=dims,
+        num_heads=num_heads,
+        n_layers=n_layers,
+        value_bins=bins,
+        zero_emb="zero_emb" in model,
+        decoders=any(k.startswith("value_dec.") for k in model),
+        zero_logit=any(".zero_logit." in k for k in model),
+        st_tokens=variant == "B",
+    )
+    if overrides:
+        cfg = replace(cfg, **overrides)
+    return cfg, rows
+
+
+@dataclass
+class LoadReport:
+    """What a MindSpore checkpoint load did.
+
+    Attributes
+    ----------
+    variant
+        ``"A"``, ``"A'"`` or ``"B"`` (see module docstring).
+    loaded
+        torch names of the parameters taken from the checkpoint.
+    skipped
+        checkpoint entries skipped as optimizer state or bookkeeping.
+    excluded
+        parameters deliberately not taken from the checkpoint (e.g. ``gene_emb`` when a
+        new vocabulary gets its own table), with the checkpoint shape.
+    prefix
+        wrapper prefix stripped from every key.
+    source
+        file the state came from, if any.
+    """
+
+    variant: str
+    loaded: list[str]
+    skipped: list[str]
+    excluded: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    prefix: str = ""
+    source: str | None = None
+    config: CellFMConfig | None = None
+
+    @property
+    def variant_description(self) -> str:
+        return {
+            "A": "public MindSpore CellFM",
+            "A'": "CellFM annotation Backbone (no zero_emb, no decoders)",
+            "B": "CellFM with ST tokens (public PyTorch port)",
+        }[self.variant]
+
+    def __str__(self) -> str:
+        lines = [f"CellFM checkpoint load: variant {self.variant} ({self.variant_description})"]
+        if self.source:
+            lines.append(f"  source: {self.source}")
+        if self.config is not None:
+            c = self.config
+            lines.append(
+                f"  config: enc_dims={c.enc_dims} num_heads={c.num_heads} n_layers={c.n_layers}"
+            )
+        if self.prefix:
+            lines.append(f"  stripped wrapper prefix {self.prefix!r}")
+        lines.append(f"  loaded {len(self.loaded)} parameters")
+        for name, shape in self.excluded.items():
+            lines.append(f"  not loaded by design: {name} {shape}")
+        if self.skipped:
+            shown = ", ".join(self.skipped[:6]) + (" ..." if len(self.skipped) > 6 else "")
+            lines.append(f"  skipped {len(self.skipped)} optimizer/bookkeeping entries: {shown}")
+        return "\n".join(lines)
+
+
+def load_trunk_state(
+    trunk: CellFMTrunk,
+    state: Mapping[str, Any],
+    *,
+    exclude: tuple[str, ...] = (),
+    source: str | None = None,
+) -> LoadReport:
+    """Copy a MindSpore-named state into ``trunk``, strictly.
+
+    Every trunk parameter not in ``exclude`` must be present with the same shape; a
+    checkpoint entry the trunk has no place for is an error too (unless it is optimizer
+    state or bookkeeping, which is skipped and listed).
+
+    Raises
+    ------
+    ValueError
+        naming the missing/unexpected parameters, or the parameter and both shapes.
+    """
+    model, skipped, prefix = split_state(state)
+    own = dict(trunk.named_parameters())
+    missing = [k for k in own if k not in model and k not in exclude]
+    unexpected = [k for k in model if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing from the checkpoint: {missing}")
+        if unexpected:
+            parts.append(f"in the checkpoint but not in the trunk: {unexpected}")
+        raise ValueError(
+            f"checkpoint does not fit the trunk (variant {detect_variant(model)}): "
+            + "; ".join(parts)
+        )
+    for name, param in own.items():
+        if name in exclude:
+            continue
+        src = _shape(model[name])
+        if src != tuple(param.shape):
+            raise ValueError(
+                f"shape mismatch for parameter {name!r}: checkpoint {src} vs model "
+                f"{tuple(param.shape)}"
+            )
+    loaded = []
+    with torch.no_grad():
+        for name, param in own.items():
+            if name in exclude:
+                continue
+            value = model[name]
+            tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+            param.copy_(tensor.to(param.dtype))
+            loaded.append(name)
+    excluded = {k: _shape(model[k]) for k in exclude if k in model}
+    return LoadReport(
+        variant=detect_variant(model),
+        loaded=loaded,
+        skipped=skipped,
+        excluded=excluded,
+        prefix=prefix,
+        source=source,
+        config=trunk.config,
+    )
+
+
+def trunk_from_mindspore(
+    path: str | Path,
+    num_heads: int | None = None,
+    **overrides: Any,
+) -> tuple[CellFMTrunk, LoadReport]:
+    """Read a ``.ckpt`` and build the matching trunk with every parameter loaded."""
+    from cellfm_sc.io.checkpoint import read_mindspore_checkpoint
+
+    state = read_mindspore_checkpoint(path)
+    model, _, _ = split_state(state)
+    cfg, rows = infer_config(model, num_heads=num_heads, **overrides)
+    trunk = CellFMTrunk(cfg, n_genes=rows - 1, emb_rows=rows)
+    report = load_trunk_state(trunk, state, source=str(path))
+    trunk.load_report = report
+    if cfg.st_tokens:
+        warnings.warn(
+            "variant B checkpoint: the two ST tokens are the constant ST_emb rows (inference "
+            "form), also during training; ST_enc is loaded but not used",
+            stacklevel=2,
+        )
+    return trunk, report

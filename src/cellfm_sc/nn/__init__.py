@@ -1,0 +1,35 @@
+"""Pure-torch CellFM modules (know nothing of AnnData or files)."""
+
+from cellfm_sc.nn.config import PRESETS, CellFMConfig, padded_rows
+from cellfm_sc.nn.decoders import CellwiseDecoder, ValueDecoder
+from cellfm_sc.nn.heads import ClassificationHead
+from cellfm_sc.nn.layers import (
+    GatedLinearUnit,
+    MultiHeadRetention,
+    RetentionLayer,
+    SoftBinEncoder,
+    ValueEncoder,
+    srms_norm,
+)
+from cellfm_sc.nn.trainable import TRAINABLE_POLICIES, TrainableSummary, apply_trainable
+from cellfm_sc.nn.trunk import CellFMOutput, CellFMTrunk
+
+__all__ = [
+    "PRESETS",
+    "TRAINABLE_POLICIES",
+    "CellFMConfig",
+    "CellFMOutput",
+    "CellFMTrunk",
+    "CellwiseDecoder",
+    "ClassificationHead",
+    "GatedLinearUnit",
+    "MultiHeadRetention",
+    "RetentionLayer",
+    "SoftBinEncoder",
+    "TrainableSummary",
+    "ValueDecoder",
+    "ValueEncoder",
+    "apply_trainable",
+    "padded_rows",
+    "srms_norm",
+]

@@ -1,0 +1,39 @@
+"""Classification heads on the cell embedding."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["ClassificationHead"]
+
+
+class ClassificationHead(nn.Module):
+    """``Linear(D, hidden) -> BatchNorm1d -> LeakyReLU -> Dropout -> Linear(hidden, K)``.
+
+    ``hidden=0`` gives a single linear layer. Shapes: ``(B, D) -> (B, K)`` logits.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        hidden: int = 128,
+        dropout: float = 0.1,
+        leaky_slope: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if n_classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {n_classes}")
+        if hidden:
+            self.net = nn.Sequential(
+                nn.Linear(in_dim, hidden),
+                nn.BatchNorm1d(hidden),
+                nn.LeakyReLU(leaky_slope),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, n_classes),
+            )
+        else:
+            self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, n_classes))
+
+    def forward(self, cls: Tensor) -> Tensor:
+        return self.net(cls)

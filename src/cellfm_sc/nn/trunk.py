@@ -1,0 +1,184 @@
+"""The CellFM trunk: gene embedding + value encoder + cls (+ ST) + retention stack."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from cellfm_sc.nn.config import CellFMConfig, padded_rows
+from cellfm_sc.nn.decoders import CellwiseDecoder, ValueDecoder
+from cellfm_sc.nn.layers import RetentionLayer, SoftBinEncoder, ValueEncoder
+
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Mapping
+
+    import numpy as np
+
+    from cellfm_sc.io.mapping import LoadReport
+
+__all__ = ["CellFMOutput", "CellFMTrunk"]
+
+
+@dataclass
+class CellFMOutput:
+    """Trunk outputs.
+
+    Attributes
+    ----------
+    cls
+        ``(B, D)`` cell embedding (the cls token after the last layer).
+    hidden
+        ``(B, L, D)`` gene positions only (never the cls or ST tokens); rows at invalid
+        positions are not meaningful.
+    """
+
+    cls: Tensor
+    hidden: Tensor
+
+
+class CellFMTrunk(nn.Module):
+    """PyTorch CellFM encoder that reproduces the MindSpore original (DESIGN.md section 4).
+
+    Parameters
+    ----------
+    config
+        Model hyper-parameters.
+    n_genes
+        Genes of the vocabulary (token ids ``1..n_genes``; 0 = padding).
+    emb_rows
+        Rows of ``gene_emb``; default ``n_genes + 1`` rounded up to a multiple of 8.
+
+    Examples
+    --------
+    >>> trunk = CellFMTrunk(CellFMConfig.from_preset("tiny"), n_genes=100)
+    >>> values = torch.rand(2, 5); ids = torch.randint(1, 101, (2, 5))
+    >>> out = trunk(values, ids, torch.ones(2, 5, dtype=torch.bool))
+    >>> tuple(out.cls.shape), tuple(out.hidden.shape)
+    ((2, 64), (2, 5, 64))
+    """
+
+    def __init__(self, config: CellFMConfig, n_genes: int, emb_rows: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.n_genes = int(n_genes)
+        rows = padded_rows(n_genes) if emb_rows is None else int(emb_rows)
+        if rows < n_genes + 1:
+            raise ValueError(f"emb_rows={rows} cannot hold {n_genes} genes plus padding")
+        d = config.enc_dims
+        self.gene_emb = nn.Parameter(torch.empty(rows, d))
+        self.cls_token = nn.Parameter(torch.empty(1, 1, d))
+        if config.zero_emb:
+            self.zero_emb = nn.Parameter(torch.zeros(1, 1, d))
+        self.value_enc = ValueEncoder(d, config.value_bins, config.leaky_slope)
+        if config.st_tokens:
+            self.ST_emb = nn.Parameter(torch.empty(1, 2, d))
+            self.ST_enc = SoftBinEncoder(d, config.value_bins, config.leaky_slope)
+        self.encoder = nn.ModuleList(
+            RetentionLayer(
+                d,
+                config.num_heads,
+                config.n_layers,
+                dropout=config.dropout * i / config.n_layers,
+                ln_eps=config.ln_eps,
+            )
+            for i in range(config.n_layers)
+        )
+        if config.decoders:
+            self.value_dec = ValueDecoder(d, config.leaky_slope, config.zero_logit)
+            self.cellwise_dec = CellwiseDecoder(d, config.zero_logit)
+        self.reset_parameters()
+
+    @property
+    def emb_rows(self) -> int:
+        return self.gene_emb.shape[0]
+
+    def reset_parameters(self) -> None:
+        """Random initialisation (Xavier normal for tables, padding row 0 zero)."""
+        nn.init.xavier_normal_(self.gene_emb)
+        with torch.no_grad():
+            self.gene_emb[0].zero_()
+            self.gene_emb[self.n_genes + 1 :].zero_()
+        nn.init.xavier_normal_(self.cls_token)
+        if self.config.st_tokens:
+            nn.init.xavier_normal_(self.ST_emb)
+
+    # ------------------------------------------------------------------ forward
+    def embed(self, values: Tensor, gene_ids: Tensor, valid: Tensor) -> Tensor:
+        """Token embeddings with the prefix tokens, invalid positions zeroed.
+
+        Shapes: ``values (B, L)``, ``gene_ids (B, L)``, ``valid (B, L)`` ->
+        ``(B, n_prefix + L, D)``.
+        """
+        b = values.shape[0]
+        tok = self.value_enc(values) + self.gene_emb[gene_ids]
+        tok = tok * valid.unsqueeze(-1).to(tok.dtype)
+        prefix = [self.cls_token.expand(b, -1, -1).to(tok.dtype)]
+        if self.config.st_tokens:
+            prefix.append(self.ST_emb.expand(b, -1, -1).to(tok.dtype))
+        return torch.cat([*prefix, tok], dim=1)
+
+    def forward(self, values: Tensor, gene_ids: Tensor, valid: Tensor) -> CellFMOutput:
+        """Encode cells.
+
+        Parameters
+        ----------
+        values
+            ``(B, L)`` float normalised expression (``log1p(c / T * 1e4)``).
+        gene_ids
+            ``(B, L)`` int64 token ids (0 = padding).
+        valid
+            ``(B, L)`` bool, True at real gene tokens. Every cell needs at least one.
+
+        Returns
+        -------
+        CellFMOutput with ``cls (B, D)`` and ``hidden (B, L, D)``.
+        """
+        valid = valid.bool()
+        n_valid = valid.sum(dim=1)
+        if bool((n_valid == 0).any()):
+            bad = torch.nonzero(n_valid == 0).flatten().tolist()[:5]
+            raise ValueError(
+                f"cells at batch positions {bad} have no valid gene token; "
+                "a cell with no expressed gene has no defined embedding"
+            )
+        x = self.embed(values, gene_ids, valid)
+        b = x.shape[0]
+        n_prefix = self.config.n_prefix
+        key_mask = torch.cat([valid.new_ones(b, n_prefix), valid], dim=1)
+        len_scale = n_valid.to(torch.float32).rsqrt()
+        for layer in self.encoder:
+            x = layer(x, key_mask, len_scale)
+        return CellFMOutput(cls=x[:, 0], hidden=x[:, n_prefix:])
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_mindspore(
+        cls,
+        path: str | Path,
+        num_heads: int | None = None,
+        **overrides: Any,
+    ) -> CellFMTrunk:
+        """Build a trunk from a MindSpore ``.ckpt`` (no MindSpore needed).
+
+        The variant and dimensions are read from parameter names and shapes; ``num_heads``
+        cannot be, and defaults to 48 only when ``enc_dims`` is 1536. The load report is
+        kept as ``trunk.load_report``.
+        """
+        from cellfm_sc.io.mapping import trunk_from_mindspore
+
+        trunk, _ = trunk_from_mindspore(path, num_heads=num_heads, **overrides)
+        return trunk
+
+    def load_mindspore_state(self, state: Mapping[str, np.ndarray | Tensor]) -> LoadReport:
+        """Load a checkpoint's tensors (names as MindSpore writes them) into this trunk.
+
+        Raises ``ValueError`` naming any missing parameter or disagreeing shape (both
+        shapes); optimizer/bookkeeping entries are skipped and listed in the report.
+        """
+        from cellfm_sc.io.mapping import load_trunk_state
+
+        return load_trunk_state(self, state)
