@@ -89,7 +89,9 @@ def _strip_wrapper(names: list[str]) -> str:
 
 def to_torch_names(name: str) -> str:
     """MindSpore -> torch parameter name (LayerNorm ``gamma/beta`` -> ``weight/bias``)."""
-    return _LN_RENAME.sub(lambda m: f"{m.group(1)}.{'weight' if m.group(2) == 'gamma' else 'bias'}", name)
+    return _LN_RENAME.sub(
+        lambda m: f"{m.group(1)}.{'weight' if m.group(2) == 'gamma' else 'bias'}", name
+    )
 
 
 def split_state(
@@ -153,7 +155,11 @@ def infer_config(
                 "released size (1536), so pass num_heads="
             )
         num_heads = 48
-    bins = _shape(model["value_enc.value_enc.w1.weight"])[0] if "value_enc.value_enc.w1.weight" in model else 256
+    bins = (
+        _shape(model["value_enc.value_enc.w1.weight"])[0]
+        if "value_enc.value_enc.w1.weight" in model
+        else 256
+    )
     variant = detect_variant(model)
     cfg = CellFMConfig(
         enc_dims=dims,
@@ -274,7 +280,9 @@ def load_trunk_state(
             if name in exclude:
                 continue
             value = model[name]
-            tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+            tensor = (
+                value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+            )
             param.copy_(tensor.to(param.dtype))
             loaded.append(name)
     excluded = {k: _shape(model[k]) for k in exclude if k in model}

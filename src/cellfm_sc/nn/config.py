@@ -99,9 +99,7 @@ class CellFMConfig:
         try:
             base = PRESETS[name]
         except KeyError:
-            raise ValueError(
-                f"unknown preset {name!r}; choose one of {sorted(PRESETS)}"
-            ) from None
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
         return replace(base, **overrides)
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["LORA_TARGETS", "TRAINABLE_POLICIES", "TrainableSummary", "apply_trainable", "merge_lora"]
+__all__ = [
+    "LORA_TARGETS",
+    "TRAINABLE_POLICIES",
+    "TrainableSummary",
+    "apply_trainable",
+    "merge_lora",
+]
 
 TRAINABLE_POLICIES = ("encoder+head", "head", "encoder+head+embedding", "all", "lora")
 # every retention and gated-unit projection of every layer
