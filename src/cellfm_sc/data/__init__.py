@@ -1,0 +1,54 @@
+"""Data path: count checks, CellFM normalisation, token batches, loaders, donor-aware splits.
+
+``AnnData (raw counts; CSR / CSC / dense / backed)`` -> rows of a batch -> cap & normalise
+(:func:`cellfm_normalize`) -> per-cell nonzero tokens, at most ``max_tokens`` drawn by
+``log1p(count)`` weight (:func:`tokenize`) -> padded :class:`TokenBatch`.
+"""
+
+from .checks import (
+    MissingLayerError,
+    check_counts,
+    empty_cells,
+    get_matrix,
+    row_source,
+    validate_count_values,
+)
+from .loader import CellBatchSampler, CellDataset, batches, make_dataloader
+from .normalize import NormalizedRows, cellfm_normalize
+from .splits import (
+    DataSplit,
+    check_donors_disjoint,
+    donor_labels,
+    split_by_donor,
+    split_from_json,
+    split_from_obs,
+    split_stratified,
+)
+from .tokenize import DEFAULT_MAX_TOKENS, TokenBatch, name_keys, tokenize, train_keys
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "CellBatchSampler",
+    "CellDataset",
+    "DataSplit",
+    "MissingLayerError",
+    "NormalizedRows",
+    "TokenBatch",
+    "batches",
+    "cellfm_normalize",
+    "check_counts",
+    "check_donors_disjoint",
+    "donor_labels",
+    "empty_cells",
+    "get_matrix",
+    "make_dataloader",
+    "name_keys",
+    "row_source",
+    "split_by_donor",
+    "split_from_json",
+    "split_from_obs",
+    "split_stratified",
+    "tokenize",
+    "train_keys",
+    "validate_count_values",
+]

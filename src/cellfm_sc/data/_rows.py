@@ -1,0 +1,229 @@
+"""Row access to a count matrix, in memory or in a backed ``.h5ad`` file.
+
+Internal: every reader of the data path goes through :class:`RowSource`, so that in-memory
+CSR/CSC/dense matrices and backed files behave the same and backed reads stay sequential.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = ["RowSource", "element_path", "layer_label"]
+
+# Rows closer than this are read together in one slice (the rows in between are discarded).
+_MAX_GAP = 8
+
+
+def layer_label(layer: str | None) -> str:
+    """How a matrix is named in messages: ``adata.X`` or ``adata.layers['counts']``."""
+    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+
+
+def element_path(layer: str | None) -> str:
+    """Path of the matrix inside an ``.h5ad`` file."""
+    return "X" if layer is None else f"layers/{layer}"
+
+
+def _runs(rows: np.ndarray, max_gap: int = _MAX_GAP) -> list[tuple[int, int]]:
+    """Split sorted unique ``rows`` into ``[start, stop)`` ranges that are read in one slice."""
+    if rows.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) > max_gap) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [rows.size]])
+    return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops)]
+
+
+class RowSource:
+    """Reads rows of a count matrix as CSR.
+
+    Parameters
+    ----------
+    matrix
+        An in-memory matrix (scipy sparse CSR/CSC, numpy array), an h5py dataset or group,
+        or None when ``path`` is given.
+    path
+        A ``.h5ad`` file; the matrix at ``element`` is opened lazily (and reopened after
+        unpickling, so the source is safe to send to DataLoader workers).
+    element
+        Path of the matrix in the file (``"X"`` or ``"layers/<name>"``).
+    """
+
+    def __init__(self, matrix: Any = None, *, path: str | None = None, element: str = "X"):
+        self.path = None if path is None else str(path)
+        self.element = element
+        self._file: Any = None
+        self._node: Any = None
+        if self.path is not None:
+            self._open()
+        else:
+            if sp.issparse(matrix) and matrix.format == "csc":
+                warnings.warn(
+                    "the count matrix is CSC; it is converted to CSR once for row access, "
+                    "which copies it in memory. Store counts as CSR to avoid the copy.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                matrix = sp.csr_matrix(matrix)
+            elif sp.issparse(matrix) and matrix.format != "csr":
+                matrix = sp.csr_matrix(matrix)
+            elif sp.issparse(matrix):
+                matrix = sp.csr_matrix(matrix, copy=False)
+                if not matrix.has_sorted_indices:
+                    matrix = matrix.sorted_indices()
+            elif isinstance(matrix, np.matrix):
+                matrix = np.asarray(matrix)
+            self._matrix = matrix
+        shape = self._shape()
+        self.n_obs, self.n_vars = int(shape[0]), int(shape[1])
+
+    # -- opening -----------------------------------------------------------------------------
+    def _open(self) -> None:
+        import h5py
+
+        self._file = h5py.File(self.path, "r")
+        if self.element not in self._file:
+            raise KeyError(f"{self.element!r} not found in {self.path}")
+        node = self._file[self.element]
+        if isinstance(node, h5py.Group):
+            enc = node.attrs.get("encoding-type", "")
+            enc = enc.decode() if isinstance(enc, bytes) else str(enc)
+            if enc == "csc_matrix":
+                raise ValueError(
+                    f"{self.element!r} in {self.path} is stored as CSC; reading rows of a backed "
+                    "CSC matrix reads the whole matrix for every batch. Rewrite it as CSR "
+                    "(e.g. adata.X = adata.X.tocsr(); adata.write_h5ad(...))."
+                )
+            if enc != "csr_matrix":
+                raise ValueError(
+                    f"{self.element!r} in {self.path} has unsupported encoding {enc!r}"
+                )
+            self._kind = "h5csr"
+        else:
+            self._kind = "h5dense"
+        self._node = node
+
+    @property
+    def kind(self) -> str:
+        """``"csr"``, ``"dense"``, ``"h5csr"`` or ``"h5dense"``."""
+        if self.path is not None:
+            return self._kind
+        return "csr" if sp.issparse(self._matrix) else "dense"
+
+    def _shape(self) -> tuple[int, int]:
+        if self.path is None:
+            return tuple(self._matrix.shape)  # type: ignore[return-value]
+        if self._kind == "h5csr":
+            return tuple(int(s) for s in self._node.attrs["shape"])  # type: ignore[return-value]
+        return tuple(self._node.shape)  # type: ignore[return-value]
+
+    def _ensure_open(self) -> None:
+        if self.path is not None and self._node is None:
+            self._open()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self.path is not None:  # workers reopen the file instead of pickling a handle
+            state["_file"] = None
+            state["_node"] = None
+        return state
+
+    def close(self) -> None:
+        """Close the file handle (it is reopened on the next read)."""
+        if self._file is not None:
+            self._file.close()
+        self._file = None
+        self._node = None
+
+    # -- reading -----------------------------------------------------------------------------
+    def _read_range(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start:stop`` as CSR with sorted column indices, shape ``(stop-start, n_vars)``."""
+        self._ensure_open()
+        kind = self.kind
+        if kind == "csr":
+            return self._matrix[start:stop]
+        if kind == "dense":
+            return sp.csr_matrix(np.asarray(self._matrix[start:stop]))
+        if kind == "h5dense":
+            return sp.csr_matrix(self._node[start:stop])
+        g = self._node
+        ptr = np.asarray(g["indptr"][start : stop + 1], dtype=np.int64)
+        p0, p1 = int(ptr[0]), int(ptr[-1])
+        data = g["data"][p0:p1]
+        indices = g["indices"][p0:p1]
+        out = sp.csr_matrix((data, indices, ptr - p0), shape=(stop - start, self.n_vars))
+        if not out.has_sorted_indices:
+            out.sort_indices()
+        return out
+
+    def read(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Read ``rows`` (any order, repeats allowed) as CSR, in that order.
+
+        Parameters
+        ----------
+        rows
+            Int array ``(B,)`` of row positions.
+
+        Returns
+        -------
+        CSR matrix ``(B, n_vars)`` with sorted column indices; row ``i`` is matrix row ``rows[i]``.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_obs):
+            raise IndexError(f"row index out of range for a matrix with {self.n_obs} rows")
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        if self.kind == "csr":
+            sub = self._matrix[uniq]
+        else:
+            parts = []
+            for a, b in _runs(uniq):
+                block = self._read_range(a, b)
+                want = uniq[(uniq >= a) & (uniq < b)] - a
+                parts.append(block if want.size == b - a else block[want])
+            if parts:
+                sub = sp.vstack(parts, format="csr")
+            else:
+                sub = sp.csr_matrix((0, self.n_vars))
+        if uniq.size != rows.size or not np.array_equal(uniq, rows):
+            sub = sub[inverse]
+        if not sub.has_sorted_indices:
+            sub.sort_indices()
+        return sub
+
+    def iter_ranges(self, rows: np.ndarray, max_nnz: int = 4_000_000):
+        """Yield ``(row_positions, csr)`` for sorted ``rows`` in chunks of bounded size.
+
+        Used by full scans (empty cells, count checks). Chunks hold at most about
+        ``max_nnz`` stored values (estimated from the first chunk), never the whole matrix.
+        """
+        rows = np.sort(np.asarray(rows, dtype=np.int64))
+        step = 1024
+        i = 0
+        while i < rows.size:
+            chunk = rows[i : i + step]
+            block = self.read(chunk)
+            yield chunk, block
+            i += chunk.size
+            per_row = max(block.nnz / max(chunk.size, 1), 1.0)
+            step = int(min(max(max_nnz / per_row, 64), 65536))
+
+    def row_nnz(self) -> np.ndarray:
+        """Stored values per row, int64 ``(n_obs,)``; reads only ``indptr`` for sparse data."""
+        self._ensure_open()
+        kind = self.kind
+        if kind == "csr":
+            return np.diff(self._matrix.indptr).astype(np.int64)
+        if kind == "h5csr":
+            return np.diff(np.asarray(self._node["indptr"][:], dtype=np.int64))
+        out = np.empty(self.n_obs, dtype=np.int64)
+        for start in range(0, self.n_obs, 1024):
+            stop = min(start + 1024, self.n_obs)
+            block = np.asarray(
+                self._matrix[start:stop] if kind == "dense" else self._node[start:stop]
+            )
+            out[start:stop] = np.count_nonzero(block, axis=1)
+        return out
