@@ -1,0 +1,391 @@
+"""Report files of a run, written where users of the original scripts look for them.
+
+:func:`write_report_files` writes, into one output directory:
+
+``training_results.json``
+    The original scripts' keys (``train_acc_history``, ``test_acc_history``,
+    ``best_test_acc``, ``n_genes``, ``gene_embedding``, ``epochs``, ``batch_size``, ``lr``,
+    ``num_classes``) plus ours: cell- and donor-level metrics (accuracy, balanced accuracy,
+    macro-/weighted-F1, and for ordinal labels QWK, MAE, Spearman), the confusion matrix, the
+    per-epoch history, the run facts given in ``info`` (split sizes, seeds, checkpoint
+    variant, embedding coverage, ...), package versions and the list of files written.
+    "test" in ``test_acc_history`` / ``best_test_acc`` keeps the original key names; it means
+    the held-out evaluation set scored after each epoch (our ``validation_acc``).
+``predictions.csv``
+    One row per cell: ``obs_name``, ``donor`` (if any), ``true``, ``predicted``,
+    ``confidence``, ``p_<class>`` per class.
+``donor_predictions.csv``
+    One row per donor (only when donors were given): ``donor``, ``true``, ``predicted``,
+    ``n_cells``, ``p_<class>`` per class.
+``confusion_matrix.png``, ``training_curves.png``, ``umap.png``
+    Made by :mod:`cellfm_sc.plotting` (one home per plot). ``training_curves.png`` needs a
+    history; ``umap.png`` needs an embedding and is skipped above 200,000 cells unless
+    ``umap=True`` (the JSON says why it is missing).
+
+Every file is written atomically: to a temporary file in the same directory, then renamed
+over the target with :func:`os.replace`, so a crash never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from cellfm_sc.metrics import EvaluationResult, _jsonable
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "UMAP_MAX_CELLS",
+    "atomic_path",
+    "atomic_write",
+    "package_versions",
+    "save_figure",
+    "write_json_atomic",
+    "write_report_files",
+]
+
+#: Above this many cells ``umap.png`` is skipped unless ``umap=True``.
+UMAP_MAX_CELLS = 200_000
+
+REPORT_FORMAT_VERSION = 1
+
+_PACKAGES = (
+    "cellfm-sc",
+    "torch",
+    "anndata",
+    "numpy",
+    "scvi-tools",
+    "lightning",
+    "scanpy",
+    "pandas",
+    "scipy",
+)
+
+# keys of training_results.json computed here; ``info`` may not set them
+_COMPUTED_KEYS = frozenset(
+    {
+        "format_version",
+        "created",
+        "train_acc_history",
+        "test_acc_history",
+        "best_test_acc",
+        "history",
+        "classes",
+        "ordinal",
+        "cell_metrics",
+        "donor_metrics",
+        "donor_method",
+        "confusion_matrix",
+        "notes",
+        "qwk",
+        "qwk_level",
+        "macro_f1",
+        "package_versions",
+        "umap",
+        "files",
+    }
+)
+
+
+# --------------------------------------------------------------------------------------------
+# atomic writes
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    The caller writes the temporary file; when the ``with`` block exits without error the
+    file is moved over ``path`` with :func:`os.replace` (atomic on POSIX and Windows when on
+    the same file system), otherwise it is removed. Parent directories are created.
+
+    Examples
+    --------
+    >>> with atomic_path(out_dir / "table.csv") as tmp:  # doctest: +SKIP
+    ...     df.to_csv(tmp)
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically.
+
+    Examples
+    --------
+    >>> atomic_write(tmp_path / "note.txt", "hello\\n")  # doctest: +SKIP
+    PosixPath('.../note.txt')
+    """
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+    return target
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int = 2) -> Path:
+    """Write ``obj`` as strict JSON, atomically.
+
+    numpy scalars/arrays become plain numbers/lists, ``nan``/``inf`` become ``null``,
+    paths become strings; anything else not JSON-able is written as ``str(obj)``.
+
+    Examples
+    --------
+    >>> write_json_atomic(out / "r.json", {"acc": np.float32(0.5)})  # doctest: +SKIP
+    """
+    text = json.dumps(_to_json(obj), indent=indent, allow_nan=False, default=str)
+    return atomic_write(path, text + "\n")
+
+
+def save_figure(
+    fig: Figure, path: str | os.PathLike[str], *, dpi: int = 150, **kwargs: Any
+) -> Path:
+    """Save a matplotlib figure atomically, rendered with the non-interactive Agg backend.
+
+    The format follows the suffix of ``path`` (default PNG); the user's pyplot backend is
+    not changed.
+
+    Examples
+    --------
+    >>> save_figure(fig, "out/confusion_matrix.png")  # doctest: +SKIP
+    """
+    target = Path(path)
+    fmt = target.suffix.lstrip(".").lower() or "png"
+    kwargs.setdefault("bbox_inches", "tight")
+    # Agg renders raster formats; vector formats use their own (also non-interactive) backend
+    backend = "agg" if fmt in ("png", "jpg", "jpeg", "tif", "tiff", "webp", "raw", "rgba") else None
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=dpi, backend=backend, **kwargs)
+    return target
+
+
+def _to_json(obj: Any) -> Any:
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, _dt.datetime | _dt.date):
+        return obj.isoformat()
+    if isinstance(obj, Mapping):
+        return {str(k): _to_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set | frozenset):
+        return [_to_json(v) for v in obj]
+    if isinstance(obj, pd.Series | pd.Index):
+        return _to_json(obj.tolist())
+    if isinstance(obj, pd.DataFrame):
+        return _to_json(obj.to_dict(orient="list"))
+    return _jsonable(obj)
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages that shape a run (``None`` when not installed).
+
+    Examples
+    --------
+    >>> package_versions()["numpy"]  # doctest: +SKIP
+    '2.1.3'
+    """
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _history_lists(history: pd.DataFrame | None) -> tuple[list[Any], list[Any], Any]:
+    if history is None or len(history) == 0:
+        return [], [], None
+    train = history["train_acc"] if "train_acc" in history else pd.Series(dtype=float)
+    val = history["validation_acc"] if "validation_acc" in history else pd.Series(dtype=float)
+    train_l = _to_json(pd.to_numeric(train, errors="coerce").astype(float).tolist())
+    val_f = pd.to_numeric(val, errors="coerce").astype(float)
+    val_l = _to_json(val_f.tolist())
+    best = float(np.nanmax(val_f.to_numpy())) if val_f.notna().any() else None
+    return train_l, val_l, best
+
+
+def write_report_files(
+    out_dir: str | os.PathLike[str],
+    result: EvaluationResult,
+    *,
+    history: pd.DataFrame | None = None,
+    info: Mapping[str, Any] | None = None,
+    embedding: np.ndarray | None = None,
+    umap: bool | None = None,
+) -> dict[str, Path]:
+    """Write the report files of a run into ``out_dir`` (created if needed).
+
+    Parameters
+    ----------
+    out_dir
+        Output directory.
+    result
+        The evaluation (:func:`cellfm_sc.metrics.evaluate_predictions`) of the held-out
+        cells.
+    history
+        One row per epoch with columns ``epoch``, ``train_loss``, ``train_acc``,
+        ``validation_loss``, ``validation_acc`` (NaN where not recorded).
+        ``train_acc_history`` / ``test_acc_history`` / ``best_test_acc`` come from
+        ``train_acc`` / ``validation_acc`` (``best_test_acc`` = max ``validation_acc``).
+    info
+        Run facts merged into ``training_results.json``: ``n_genes``, ``gene_embedding``
+        (``"random"`` / ``"transfer"``), ``epochs`` (default: rows of ``history``),
+        ``batch_size``, ``lr``, ``num_classes`` (default: number of classes), and any other
+        JSON-able facts (split sizes, seeds, checkpoint variant, embedding coverage, ...).
+        Keys computed here (metrics, histories, ``files`` ...) may not be set.
+    embedding
+        ``(n_cells, d)`` cell embedding (``X_cellfm``) in the row order of
+        ``result.predictions``; enables ``umap.png``.
+    umap
+        ``True``: always draw the UMAP; ``False``: never; ``None``: only up to
+        :data:`UMAP_MAX_CELLS` cells.
+
+    Returns
+    -------
+    dict of str to pathlib.Path
+        The files written, keyed ``training_results``, ``predictions``,
+        ``donor_predictions``, ``confusion_matrix``, ``training_curves``, ``umap`` (only
+        those written).
+
+    Examples
+    --------
+    >>> res = evaluate_predictions(prob, y, classes, donors=donors, ordinal=True)  # doctest: +SKIP
+    >>> files = write_report_files("run1", res, history=hist, info={"n_genes": 36601},
+    ...                            embedding=emb)  # doctest: +SKIP
+    >>> sorted(files)  # doctest: +SKIP
+    ['confusion_matrix', 'donor_predictions', 'predictions', 'training_curves',
+     'training_results', 'umap']
+    """
+    import matplotlib.pyplot as plt
+
+    from cellfm_sc import plotting
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = dict(info or {})
+    clash = sorted(_COMPUTED_KEYS & set(info))
+    if clash:
+        raise ValueError(f"info may not set keys computed by the report: {clash}")
+    if history is not None:
+        history = pd.DataFrame(history)
+    files: dict[str, Path] = {}
+
+    # tables
+    with atomic_path(out / "predictions.csv") as tmp:
+        result.predictions.to_csv(tmp, index_label="obs_name")
+    files["predictions"] = out / "predictions.csv"
+    if result.donor_table is not None:
+        with atomic_path(out / "donor_predictions.csv") as tmp:
+            result.donor_table.to_csv(tmp, index_label="donor")
+        files["donor_predictions"] = out / "donor_predictions.csv"
+
+    # confusion matrix: cell level, and donor level beside it when there are donors
+    if result.donor_table is not None:
+        k = len(result.classes)
+        side = max(3.2, 0.55 * k + 2.2)
+        fig, axes = plt.subplots(1, 2, figsize=(2 * side + 2.0, side), layout="constrained")
+        plotting.confusion_matrix(result, level="cell", ax=axes[0], show=False)
+        plotting.confusion_matrix(result, level="donor", ax=axes[1], show=False)
+    else:
+        fig = plotting.confusion_matrix(result, show=False)
+    _save_close(fig, out / "confusion_matrix.png", plt)
+    files["confusion_matrix"] = out / "confusion_matrix.png"
+
+    if history is not None and len(history):
+        fig = plotting.training_curves(history, show=False)
+        _save_close(fig, out / "training_curves.png", plt)
+        files["training_curves"] = out / "training_curves.png"
+
+    # UMAP of the embedding
+    n_cells = len(result.predictions)
+    umap_note: str | None = None
+    if embedding is None:
+        umap_note = "no embedding given"
+    elif umap is False:
+        umap_note = "disabled (umap=False)"
+    elif umap is None and n_cells > UMAP_MAX_CELLS:
+        umap_note = f"skipped: {n_cells} cells > {UMAP_MAX_CELLS}; pass umap=True to draw it anyway"
+    else:
+        emb = np.asarray(embedding)
+        if emb.shape[0] != n_cells:
+            raise ValueError(f"embedding has {emb.shape[0]} rows for {n_cells} predicted cells")
+        obs = result.predictions[["true", "predicted"]].copy()
+        obs.columns = ["true label", "prediction"]
+        fig = plotting.embedding(emb, color=list(obs.columns), obs=obs, show=False, wspace=0.35)
+        _save_close(fig, out / "umap.png", plt)
+        files["umap"] = out / "umap.png"
+
+    # training_results.json last, so that it lists every file
+    train_hist, test_hist, best = _history_lists(history)
+    summary = result.to_dict()
+    cell_m = summary["cell_metrics"]
+    donor_m = summary["donor_metrics"]
+    if result.ordinal:
+        qwk_level = "donor" if donor_m is not None else "cell"
+        qwk = (donor_m if donor_m is not None else cell_m).get("qwk")
+    else:
+        qwk_level, qwk = None, None
+    record: dict[str, Any] = {
+        # the original scripts' keys
+        "train_acc_history": train_hist,
+        "test_acc_history": test_hist,
+        "best_test_acc": best,
+        "n_genes": info.pop("n_genes", None),
+        "gene_embedding": info.pop("gene_embedding", None),
+        "epochs": info.pop("epochs", len(history) if history is not None else None),
+        "batch_size": info.pop("batch_size", None),
+        "lr": info.pop("lr", None),
+        "num_classes": info.pop("num_classes", len(result.classes)),
+        # ours
+        "format_version": REPORT_FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "qwk": qwk,
+        "qwk_level": qwk_level,
+        "macro_f1": cell_m.get("macro_f1"),
+        **summary,
+        "history": _to_json(history.to_dict(orient="records")) if history is not None else [],
+        **info,
+        "package_versions": package_versions(),
+        "umap": {"written": "umap" in files, "note": umap_note},
+    }
+    files["training_results"] = out / "training_results.json"
+    record["files"] = {key: path.name for key, path in files.items()}
+    write_json_atomic(files["training_results"], record)
+    return files
+
+
+def _save_close(fig: Figure, path: Path, plt: Any) -> None:
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
