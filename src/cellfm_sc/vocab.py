@@ -27,6 +27,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cellfm_sc.nn.config import padded_rows
+
 __all__ = [
     "INIT_METHODS",
     "MAPPING_RULES",
@@ -67,11 +69,9 @@ def padded_table_size(n_genes: int) -> int:
     """Rows of an embedding table for ``n_genes`` genes.
 
     ``n_genes + 1`` (row 0 = padding) rounded up to a multiple of 8: 36,601 -> 36,608,
-    27,855 -> 27,856, 37 -> 40, 101 -> 104.
+    27,855 -> 27,856, 37 -> 40, 101 -> 104 (one home: :func:`cellfm_sc.nn.padded_rows`).
     """
-    if n_genes < 0:
-        raise ValueError(f"n_genes must be >= 0, got {n_genes}")
-    return -(-(n_genes + 1) // ROW_MULTIPLE) * ROW_MULTIPLE
+    return padded_rows(n_genes, ROW_MULTIPLE)
 
 
 def _is_missing(x: Any) -> bool:

@@ -14,8 +14,8 @@ def padded_rows(n_genes: int, multiple: int = 8) -> int:
     ``n_genes + 1`` rounded up to a multiple of ``multiple`` (27,855 -> 27,856;
     36,601 -> 36,608; 37 -> 40).
     """
-    if n_genes < 1:
-        raise ValueError(f"n_genes must be >= 1, got {n_genes}")
+    if n_genes < 0:
+        raise ValueError(f"n_genes must be >= 0, got {n_genes}")
     return -(-(n_genes + 1) // multiple) * multiple
 
 

@@ -1,0 +1,168 @@
+"""One entry point: a pretrained CellFM trunk for a dataset's own gene vocabulary."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cellfm_sc.io.mapping import LoadReport, infer_config, load_trunk_state, split_state
+from cellfm_sc.nn import CellFMTrunk
+from cellfm_sc.vocab import GeneMapping, GeneVocab, build_gene_embedding, map_genes
+
+__all__ = ["EMBEDDING_INITS", "PretrainedReport", "load_pretrained_trunk"]
+
+EMBEDDING_INITS = ("random", "transfer")
+
+
+@dataclass
+class PretrainedReport:
+    """What :func:`load_pretrained_trunk` did.
+
+    Attributes
+    ----------
+    load
+        the checkpoint load report (variant, loaded, skipped entries).
+    embedding_init
+        ``"random"`` or ``"transfer"``.
+    old_shape, new_shape
+        gene-embedding table shape in the checkpoint and in the new trunk.
+    mapping
+        dataset -> pretrained gene mapping (``None`` without a vocabulary file).
+    """
+
+    load: LoadReport
+    embedding_init: str
+    old_shape: tuple[int, int]
+    new_shape: tuple[int, int]
+    mapping: GeneMapping | None = None
+
+    @property
+    def variant(self) -> str:
+        return self.load.variant
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "variant": self.load.variant,
+            "source": self.load.source,
+            "n_loaded": len(self.load.loaded),
+            "n_skipped": len(self.load.skipped),
+            "embedding_init": self.embedding_init,
+            "gene_emb_checkpoint": list(self.old_shape),
+            "gene_emb_new": list(self.new_shape),
+        }
+        if self.mapping is not None:
+            out["coverage"] = float(self.mapping.coverage)
+            out["n_mapped"] = int(self.mapping.n_mapped)
+            out["mapping_counts"] = {k: int(v) for k, v in self.mapping.counts.items()}
+        return out
+
+    def __str__(self) -> str:
+        lines = [str(self.load)]
+        lines.append(
+            f"  gene embedding: {self.old_shape} -> {self.new_shape}, init '{self.embedding_init}'"
+            + (" (every row re-initialised)" if self.embedding_init == "random" else "")
+        )
+        if self.mapping is not None:
+            lines.append("  " + str(self.mapping).replace("\n", "\n  "))
+        return "\n".join(lines)
+
+
+def load_pretrained_trunk(
+    checkpoint: str | os.PathLike[str],
+    var_names: Sequence[str],
+    vocabulary_file: str | os.PathLike[str] | None = None,
+    embedding_init: str = "random",
+    num_heads: int | None = None,
+    hgnc_table: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    ensembl_ids: Sequence[Any] | None = None,
+) -> tuple[CellFMTrunk, PretrainedReport]:
+    """A CellFM trunk for ``var_names`` with every other layer from the checkpoint.
+
+    The gene id of ``var_names[i]`` is ``i + 1``. Every parameter except ``gene_emb`` is
+    loaded (strictly) from the MindSpore checkpoint; the new ``gene_emb`` has
+    ``len(var_names) + 1`` rows rounded up to a multiple of 8 and is either re-initialised
+    (``"random"``, Xavier normal, the default) or takes the pretrained row of every gene
+    that maps into CellFM's vocabulary (``"transfer"``; needs ``vocabulary_file``).
+
+    Parameters
+    ----------
+    checkpoint
+        MindSpore ``.ckpt`` (variants A, A', B).
+    var_names
+        The dataset's genes, in column order.
+    vocabulary_file
+        The checkpoint's vocabulary (CellFM's ``expand_gene_info.csv``); required for
+        ``"transfer"``, optional otherwise (then the report gives the coverage).
+    embedding_init
+        ``"random"`` or ``"transfer"``.
+    num_heads
+        Retention heads (48 by default for the released 1536-wide models).
+    hgnc_table
+        Optional HGNC table for alias / previous-symbol mapping.
+    seed
+        Seed of the random rows.
+    ensembl_ids
+        Optional Ensembl ids aligned with ``var_names`` (last mapping rule).
+
+    Returns
+    -------
+    (trunk, report)
+
+    Examples
+    --------
+    >>> trunk, report = load_pretrained_trunk("CellFM_80M_weight.ckpt", adata.var_names,
+    ...     vocabulary_file="expand_gene_info.csv", embedding_init="transfer")  # doctest: +SKIP
+    >>> print(report)  # doctest: +SKIP
+    """
+    from cellfm_sc.io import read_mindspore_checkpoint
+
+    if embedding_init not in EMBEDDING_INITS:
+        raise ValueError(
+            f"unknown embedding_init {embedding_init!r}; choose one of {EMBEDDING_INITS}"
+        )
+    if embedding_init == "transfer" and vocabulary_file is None:
+        raise ValueError(
+            "embedding_init='transfer' needs the checkpoint's gene vocabulary: pass "
+            "vocabulary_file= (CellFM's expand_gene_info.csv for the released models)"
+        )
+    vocab = GeneVocab.from_var_names(var_names)
+    pretrained_vocab = (
+        GeneVocab.from_cellfm_file(vocabulary_file) if vocabulary_file is not None else None
+    )
+    state = read_mindspore_checkpoint(checkpoint)
+    model, _, _ = split_state(state)
+    config, rows = infer_config(model, num_heads=num_heads)
+    if pretrained_vocab is not None and pretrained_vocab.n_genes + 1 > rows:
+        raise ValueError(
+            f"vocabulary file {os.fspath(vocabulary_file)!r} has {pretrained_vocab.n_genes} "
+            f"genes but the checkpoint's gene_emb has {rows} rows (shape {(rows, config.enc_dims)}); "
+            "is it the vocabulary of this checkpoint?"
+        )
+    trunk = CellFMTrunk(config, n_genes=vocab.n_genes)
+    load = load_trunk_state(trunk, state, exclude=("gene_emb",), source=os.fspath(checkpoint))
+    mapping = None
+    if pretrained_vocab is not None:
+        mapping = map_genes(vocab, pretrained_vocab, hgnc_table=hgnc_table, ensembl_ids=ensembl_ids)
+    table = build_gene_embedding(
+        vocab,
+        pretrained=model["gene_emb"],
+        mapping=mapping,
+        init=embedding_init,
+        seed=seed,
+    )
+    with torch.no_grad():
+        trunk.gene_emb.copy_(table)
+    report = PretrainedReport(
+        load=load,
+        embedding_init=embedding_init,
+        old_shape=(rows, config.enc_dims),
+        new_shape=tuple(trunk.gene_emb.shape),
+        mapping=mapping,
+    )
+    trunk.load_report = load
+    return trunk, report
