@@ -100,7 +100,7 @@ def test_random_reinitialises_every_gene_row_reproducibly(case):
 
 
 def test_errors(case):
-    golden_dir, vocab_path, _, names, _, _ = case
+    golden_dir, _, _, names, _, _ = case
     with pytest.raises(ValueError, match="vocabulary_file"):
         load_pretrained_trunk(golden_dir / CKPT, names, embedding_init="transfer", num_heads=4)
     with pytest.raises(ValueError, match="unknown embedding_init 'pretrained'"):
@@ -110,5 +110,5 @@ def test_errors(case):
     with pytest.raises(ValueError, match="num_heads"):
         load_pretrained_trunk(golden_dir / CKPT, names)
     big = golden_dir.parent.parent / "cellfm" / "expand_gene_info.csv"
-    with pytest.raises(ValueError, match="27855 genes.*40 rows"):
+    with pytest.raises(ValueError, match=r"27855 genes.*40 rows"):
         load_pretrained_trunk(golden_dir / CKPT, names, vocabulary_file=big, num_heads=4)

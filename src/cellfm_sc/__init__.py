@@ -29,6 +29,9 @@ _LAZY: dict[str, str] = {
     "apply_trainable": "cellfm_sc.nn",
     "TokenBatch": "cellfm_sc.data",
     "CellFMClassifier": "cellfm_sc.model",
+}
+# public submodule aliases (``cellfm_sc.pl`` is :mod:`cellfm_sc.plotting`, scanpy style)
+_MODULES: dict[str, str] = {
     "metrics": "cellfm_sc.metrics",
     "pl": "cellfm_sc.plotting",
     "datasets": "cellfm_sc.datasets",
@@ -37,16 +40,16 @@ _LAZY: dict[str, str] = {
     "nn": "cellfm_sc.nn",
 }
 
-__all__ = ["__version__", *sorted(_LAZY)]
+__all__ = ["__version__", *sorted(_LAZY), *sorted(_MODULES)]
 
 
 def __getattr__(name: str) -> Any:
-    try:
-        module_name = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'cellfm_sc' has no attribute {name!r}") from None
-    module = importlib.import_module(module_name)
-    value = module if module_name.rsplit(".", 1)[-1] == name else getattr(module, name)
+    if name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    else:
+        raise AttributeError(f"module 'cellfm_sc' has no attribute {name!r}")
     globals()[name] = value
     return value
 

@@ -21,7 +21,6 @@ Examples
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -34,10 +33,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["confusion_matrix", "embedding", "training_curves"]
-
-# ``cellfm_sc.pl`` resolves to ``getattr(cellfm_sc.plotting, "pl")`` in the package's lazy
-# export table; this alias makes that the module itself.
-pl = sys.modules[__name__]
 
 _NON_INTERACTIVE = {"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"}
 
