@@ -217,3 +217,16 @@ def test_token_batch_to_and_name_keys_stable():
     assert k[0] == k[2] and k[0] != k[1]
     assert name_keys(["b"], seed=1)[0] != k[1]
     assert k.dtype == np.uint64
+
+
+def test_top_k_ties_fall_back_to_exact_k():
+    from cellfm_sc.data.tokenize import _top_k_per_row
+
+    # two rows of 5 with tied scores at the threshold: still exactly k per row
+    score = np.array([1.0, 2.0, 2.0, 2.0, 0.5, 3.0, 3.0, 3.0, 3.0, 3.0])
+    r = np.repeat([0, 2], 5)
+    long_rows = np.array([True, False, True])
+    n_expr = np.array([5, 1, 5])
+    keep = _top_k_per_row(score, r, long_rows, n_expr, 2)
+    assert keep[:5].sum() == 2 and keep[5:].sum() == 2
+    assert not keep[0] and not keep[4]

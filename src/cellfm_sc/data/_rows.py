@@ -6,6 +6,7 @@ CSR/CSC/dense matrices and backed files behave the same and backed reads stay se
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Any
 
@@ -16,6 +17,8 @@ __all__ = ["RowSource", "element_path", "layer_label"]
 
 # Rows closer than this are read together in one slice (the rows in between are discarded).
 _MAX_GAP = 8
+# Backed CSR: rows whose stored values are closer than this are read in one slice.
+_MAX_GAP_VALUES = 16_384
 
 
 def layer_label(layer: str | None) -> str:
@@ -58,6 +61,7 @@ class RowSource:
         self.element = element
         self._file: Any = None
         self._node: Any = None
+        self._indptr: np.ndarray | None = None  # backed CSR: read once (an index array)
         if self.path is not None:
             self._open()
         else:
@@ -103,6 +107,8 @@ class RowSource:
                     f"{self.element!r} in {self.path} has unsupported encoding {enc!r}"
                 )
             self._kind = "h5csr"
+            self._data = node["data"]
+            self._indices = node["indices"]
         else:
             self._kind = "h5dense"
         self._node = node
@@ -128,8 +134,8 @@ class RowSource:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         if self.path is not None:  # workers reopen the file instead of pickling a handle
-            state["_file"] = None
-            state["_node"] = None
+            for key in ("_file", "_node", "_data", "_indices"):
+                state[key] = None
         return state
 
     def close(self) -> None:
@@ -138,27 +144,60 @@ class RowSource:
             self._file.close()
         self._file = None
         self._node = None
+        self._data = None
+        self._indices = None
+
+    def indptr(self) -> np.ndarray:
+        """Row pointer of a backed CSR matrix, int64 ``(n_obs + 1,)``, read once and kept."""
+        self._ensure_open()
+        if self._indptr is None:
+            self._indptr = np.asarray(self._node["indptr"][:], dtype=np.int64)
+        return self._indptr
+
+    def _read_h5csr(self, uniq: np.ndarray) -> sp.csr_matrix:
+        """Sorted unique rows of a backed CSR matrix: one slice per run of nearby rows."""
+        ptr = self.indptr()
+        s, e = ptr[uniq], ptr[uniq + 1]
+        lens = e - s
+        breaks = np.flatnonzero(s[1:] - e[:-1] > _MAX_GAP_VALUES) + 1
+        bounds = np.concatenate([[0], breaks, [uniq.size]])
+        data_parts, index_parts = [], []
+        for a, b in itertools.pairwise(bounds):
+            p0, p1 = int(s[a]), int(e[b - 1])
+            if p1 <= p0:
+                continue
+            d = self._data[p0:p1]
+            ix = self._indices[p0:p1]
+            n_want = int(lens[a:b].sum())
+            if n_want != p1 - p0:  # skip the rows between the wanted ones
+                run_lens = lens[a:b]
+                first = np.zeros(run_lens.size, dtype=np.int64)
+                np.cumsum(run_lens[:-1], out=first[1:])
+                sel = np.repeat(s[a:b] - p0 - first, run_lens) + np.arange(n_want)
+                d, ix = d[sel], ix[sel]
+            data_parts.append(d)
+            index_parts.append(ix)
+        out_ptr = np.zeros(uniq.size + 1, dtype=np.int64)
+        np.cumsum(lens, out=out_ptr[1:])
+        if data_parts:
+            data, indices = np.concatenate(data_parts), np.concatenate(index_parts)
+        else:
+            data, indices = np.zeros(0, np.float32), np.zeros(0, np.int32)
+        out = sp.csr_matrix((data, indices, out_ptr), shape=(uniq.size, self.n_vars))
+        if not out.has_sorted_indices:  # checked once; files written by anndata are sorted
+            out.sort_indices()
+        return out
 
     # -- reading -----------------------------------------------------------------------------
     def _read_range(self, start: int, stop: int) -> sp.csr_matrix:
-        """Rows ``start:stop`` as CSR with sorted column indices, shape ``(stop-start, n_vars)``."""
+        """Dense rows ``start:stop`` as CSR, shape ``(stop-start, n_vars)``."""
         self._ensure_open()
         kind = self.kind
         if kind == "csr":
             return self._matrix[start:stop]
         if kind == "dense":
             return sp.csr_matrix(np.asarray(self._matrix[start:stop]))
-        if kind == "h5dense":
-            return sp.csr_matrix(self._node[start:stop])
-        g = self._node
-        ptr = np.asarray(g["indptr"][start : stop + 1], dtype=np.int64)
-        p0, p1 = int(ptr[0]), int(ptr[-1])
-        data = g["data"][p0:p1]
-        indices = g["indices"][p0:p1]
-        out = sp.csr_matrix((data, indices, ptr - p0), shape=(stop - start, self.n_vars))
-        if not out.has_sorted_indices:
-            out.sort_indices()
-        return out
+        return sp.csr_matrix(self._node[start:stop])  # h5dense
 
     def read(self, rows: np.ndarray) -> sp.csr_matrix:
         """Read ``rows`` (any order, repeats allowed) as CSR, in that order.
@@ -178,6 +217,8 @@ class RowSource:
         uniq, inverse = np.unique(rows, return_inverse=True)
         if self.kind == "csr":
             sub = self._matrix[uniq]
+        elif self.kind == "h5csr":
+            sub = self._read_h5csr(uniq)
         else:
             parts = []
             for a, b in _runs(uniq):
@@ -218,7 +259,7 @@ class RowSource:
         if kind == "csr":
             return np.diff(self._matrix.indptr).astype(np.int64)
         if kind == "h5csr":
-            return np.diff(np.asarray(self._node["indptr"][:], dtype=np.int64))
+            return np.diff(self.indptr())
         out = np.empty(self.n_obs, dtype=np.int64)
         for start in range(0, self.n_obs, 1024):
             stop = min(start + 1024, self.n_obs)
