@@ -48,8 +48,7 @@ def choose_cells(labels: np.ndarray, n_cells: int, seed: int) -> np.ndarray:
             quota[t] += step
         i += 1
     chosen = [
-        rng.choice(np.flatnonzero(labels == t), size=q, replace=False)
-        for t, q in zip(types, quota)
+        rng.choice(np.flatnonzero(labels == t), size=q, replace=False) for t, q in zip(types, quota)
     ]
     return np.sort(np.concatenate(chosen))
 
