@@ -233,3 +233,22 @@ def test_presets():
         CellFMConfig.from_preset("8M")
     with pytest.raises(ValueError, match="divisible"):
         CellFMConfig(enc_dims=10, num_heads=4)
+
+
+def test_value_encoder_shortcut_equals_general_formula():
+    from cellfm_sc.nn.layers import SoftBinEncoder
+
+    torch.manual_seed(0)
+    enc = SoftBinEncoder(16, bins=32).double()
+    with torch.no_grad():
+        enc.a.fill_(0.7)
+    x = torch.rand(3, 9, dtype=torch.float64) * 8
+    fast = enc(x)  # non-negative input: shortcut
+    h = torch.nn.functional.leaky_relu(enc.w1(x.unsqueeze(-1)), 0.2)
+    h = torch.softmax(enc.w3(h) + enc.a * h, dim=-1)
+    torch.testing.assert_close(fast, enc.table(h), atol=1e-12, rtol=0)
+    # a negative value takes the general path and still matches the formula
+    x[0, 0] = -1.0
+    h = torch.nn.functional.leaky_relu(enc.w1(x.unsqueeze(-1)), 0.2)
+    h = torch.softmax(enc.w3(h) + enc.a * h, dim=-1)
+    torch.testing.assert_close(enc(x), enc.table(h), atol=1e-12, rtol=0)

@@ -53,9 +53,17 @@ class SoftBinEncoder(nn.Module):
         self.leaky_slope = leaky_slope
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.leaky_relu(self.w1(x.unsqueeze(-1)), self.leaky_slope)
-        h = self.w3(h) + self.a * h
-        h = torch.softmax(h, dim=-1)
+        if bool((x >= 0).all()):
+            # Exact shortcut for non-negative inputs (normalised counts always are):
+            # LeakyReLU(w1 x) = x * LeakyReLU(w1) for x >= 0, so the bins' logits are
+            # x * c with c = (W3 + a I) LeakyReLU(w1): no (bins x bins) product per token.
+            g = F.leaky_relu(self.w1.weight[:, 0], self.leaky_slope)  # (bins,)
+            c = self.w3(g) + self.a[0, 0] * g  # (bins,)
+            h = torch.softmax(x.unsqueeze(-1) * c.to(x.dtype), dim=-1)
+        else:
+            h = F.leaky_relu(self.w1(x.unsqueeze(-1)), self.leaky_slope)
+            h = self.w3(h) + self.a * h
+            h = torch.softmax(h, dim=-1)
         return self.table(h)
 
 

@@ -106,6 +106,14 @@ class CellFMTrunk(nn.Module):
         if self.config.st_tokens:
             nn.init.xavier_normal_(self.ST_emb)
 
+    def set_dropout(self, p: float) -> None:
+        """Encoder dropout ``p`` (layer ``i`` uses ``p * i / n_layers``, as the original)."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        n = len(self.encoder)
+        for i, layer in enumerate(self.encoder):
+            layer.dropout1.p = layer.dropout2.p = p * i / n
+
     # ------------------------------------------------------------------ forward
     def embed(self, values: Tensor, gene_ids: Tensor, valid: Tensor) -> Tensor:
         """Token embeddings with the prefix tokens, invalid positions zeroed.
