@@ -221,8 +221,9 @@ def check_counts(
         n = pool.size
     pos = _sample_rows(n, n_rows, seed)
     rows = pos if pool is None else pool[pos]
-    block = source.read(rows)
-    validate_count_values(block.data, block.indptr, rows, layer=layer, obs_name=namer)
+    for part in np.array_split(rows, max(1, rows.size // 64)):  # small reads: flat memory
+        block = source.read(part)
+        validate_count_values(block.data, block.indptr, part, layer=layer, obs_name=namer)
     if forbid_empty:
         empty = empty_cells(adata, layer, indices, _source=source, _validate=True)
         if empty.size:

@@ -37,6 +37,7 @@ _C1 = np.uint64(0xBF58476D1CE4E5B9)
 _C2 = np.uint64(0x94D049BB133111EB)
 _TRAIN_DOMAIN = 0x7472_6169_6E00_0001  # distinct streams for training and evaluation keys
 _EVAL_DOMAIN = 0x6576_616C_0000_0002
+_NAME_CHUNK = 65_536
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -69,7 +70,12 @@ def name_keys(names: Sequence[str] | np.ndarray, seed: int = 0) -> np.ndarray:
     -------
     uint64 ``(B,)``.
     """
-    arr = np.asarray(names).astype(str)
+    names = np.asarray(names)
+    if names.size > _NAME_CHUNK:  # bound the fixed-width string temporaries
+        return np.concatenate(
+            [name_keys(names[i : i + _NAME_CHUNK], seed) for i in range(0, names.size, _NAME_CHUNK)]
+        )
+    arr = names.astype(str)
     if arr.size == 0:
         return np.empty(0, dtype=np.uint64)
     try:
