@@ -6,7 +6,7 @@ Each file (36,601 genes, about ``--nnz`` expressed genes per cell, float32 count
 written chunk by chunk with h5py in a temporary directory; then a fresh subprocess opens it
 backed and runs one shuffled training epoch through ``make_dataloader`` (count check, empty-cell
 check from ``indptr``, chunked shuffle, row reads, tokenisation, batch 32, ``max_tokens`` 2048),
-and reports its peak RSS (``ru_maxrss``) and the RSS after imports, before the data path.
+and reports its peak RSS (``VmHWM`` from ``/proc/self/status``; Linux only) and the RSS after imports, before the data path.
 """
 
 from __future__ import annotations
@@ -68,21 +68,19 @@ def write_h5ad(path: Path, n_cells: int, nnz: int, seed: int = 0, chunk: int = 2
 
 def run_epoch(path: str) -> None:
     """Child process: one training epoch over the backed file; prints a JSON line."""
-    import resource
-
     import anndata as ad
     import torch  # noqa: F401  (imported before the baseline so it is not counted as data path)
 
     from cellfm_sc.data import make_dataloader
 
-    def rss_mb() -> float:
+    def status_mb(field: str) -> float:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
         return float("nan")
 
-    base = rss_mb()
+    base = status_mb("VmRSS")
     t = time.perf_counter()
     adata = ad.read_h5ad(path, backed="r")
     dl = make_dataloader(adata, batch_size=32, train=True, shuffle=True, seed=0)
@@ -92,7 +90,9 @@ def run_epoch(path: str) -> None:
         n_cells += len(batch)
         n_tokens += int(batch.n_tokens.sum())
     elapsed = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM (this process image's peak RSS); ru_maxrss would carry over the parent's RSS at
+    # fork time across exec on Linux
+    peak = status_mb("VmHWM")
     print(
         json.dumps(
             {
