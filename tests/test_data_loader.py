@@ -195,3 +195,32 @@ def test_dataset_from_path_and_request_order(pbmc3k_path, pbmc):
     assert len(ds) == pbmc.n_obs
     with pytest.raises(KeyError, match="nope"):
         CellDataset(str(pbmc3k_path), layer="nope")
+
+
+def test_backed_dataset_pickles_without_handle_and_reads_layers(tmp_path):
+    import pickle
+
+    rng = np.random.default_rng(0)
+    counts = sp.csr_matrix(
+        rng.poisson(1.0, size=(120, 80)).astype(np.float32) + np.eye(120, 80, dtype=np.float32)
+    )
+    lognorm = counts.copy()
+    lognorm.data = np.log1p(lognorm.data)
+    adata = ad.AnnData(X=lognorm, layers={"counts": counts})
+    adata.obs_names = [f"c{i}" for i in range(120)]
+    path = tmp_path / "layers.h5ad"
+    adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        with pytest.raises(ValueError, match="pass layer='counts'"):
+            next(batches(backed))
+        ds = CellDataset(backed, layer="counts", max_tokens=10)
+        assert ds.source.path is not None  # read from the file, not from memory
+        ds[np.arange(5)]  # opens the file
+        clone = pickle.loads(pickle.dumps(ds))
+        assert clone.source._file is None  # the handle is not pickled; reopened on first read
+        rows = np.array([3, 77, 119])
+        _same(clone[rows], ds[rows])
+        _same(ds[rows], CellDataset(adata, layer="counts", max_tokens=10)[rows])
+    finally:
+        backed.file.close()

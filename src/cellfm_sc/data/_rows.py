@@ -7,6 +7,7 @@ CSR/CSC/dense matrices and backed files behave the same and backed reads stay se
 from __future__ import annotations
 
 import itertools
+import os
 import warnings
 from typing import Any
 
@@ -62,6 +63,7 @@ class RowSource:
         self._file: Any = None
         self._node: Any = None
         self._indptr: np.ndarray | None = None  # backed CSR: read once (an index array)
+        self._pid = os.getpid()
         if self.path is not None:
             self._open()
         else:
@@ -90,6 +92,7 @@ class RowSource:
         import h5py
 
         self._file = h5py.File(self.path, "r")
+        self._pid = os.getpid()
         if self.element not in self._file:
             raise KeyError(f"{self.element!r} not found in {self.path}")
         node = self._file[self.element]
@@ -128,7 +131,12 @@ class RowSource:
         return tuple(self._node.shape)  # type: ignore[return-value]
 
     def _ensure_open(self) -> None:
-        if self.path is not None and self._node is None:
+        if self.path is None:
+            return
+        if self._node is not None and self._pid != os.getpid():
+            # a forked DataLoader worker: leave the parent's handle alone, open our own
+            self._file = self._node = self._data = self._indices = None
+        if self._node is None:
             self._open()
 
     def __getstate__(self) -> dict[str, Any]:
