@@ -1,13 +1,13 @@
 """Sparse count rows -> padded token batches (:class:`TokenBatch`), fully vectorised.
 
 Every expressed gene of a cell (capped count > 0, see :mod:`.normalize`) is a token: the gene id
-of its matrix column and its normalised value. Tokens are in ascending **column** order (the
-order of ``var_names``; with the default gene-id map, ``column + 1``, that is also ascending gene
-id). A cell with more than ``max_tokens`` expressed genes keeps ``max_tokens`` of them, drawn
+of its matrix column and its normalised value. Tokens are in ascending **gene id** order (with
+the default gene-id map, ``column + 1``, that is the order of ``var_names``; with a map, a column
+permutation of the same genes gives the same tokens). A cell with more than ``max_tokens`` expressed genes keeps ``max_tokens`` of them, drawn
 without replacement with probability proportional to ``log1p(capped count)`` by Gumbel top-k.
 
 The Gumbel noise comes from a counter-based generator (splitmix64 over
-``(cell key, column)`` in numpy ``uint64`` arithmetic), so each cell's draw is independent of the
+``(cell key, gene id)`` in numpy ``uint64`` arithmetic), so each cell's draw is independent of the
 rest of its batch, with no Python loop per cell:
 
 - training (``train=True``): cell key from ``(seed, epoch, obs index)``; a fresh draw each epoch;
@@ -244,6 +244,26 @@ def tokenize(
     row, col = norm.row[keep], csr.indices[keep].astype(np.int64)
     values, counts = norm.values[keep], norm.counts[keep]
     n_expr = np.bincount(row, minlength=n_rows)
+    if gene_id_map is None:
+        gid = col + 1
+    else:
+        gene_id_map = np.asarray(gene_id_map, dtype=np.int64)
+        if gene_id_map.shape != (csr.shape[1],):
+            raise ValueError(
+                f"gene_id_map has shape {gene_id_map.shape}, expected ({csr.shape[1]},) "
+                "(one gene id per matrix column)"
+            )
+        gid = gene_id_map[col]
+        # tokens in ascending gene-id order, so a column permutation of the same genes
+        # gives the same tokens in the same order
+        order = np.lexsort((gid, row))
+        row, col, gid, values, counts = (
+            row[order],
+            col[order],
+            gid[order],
+            values[order],
+            counts[order],
+        )
 
     long_rows = n_expr > max_tokens
     if long_rows.any():
@@ -257,12 +277,12 @@ def tokenize(
             keys = _mix(_mix(_u64(seed) ^ np.uint64(_EVAL_DOMAIN)) ^ obs_index.astype(np.uint64))
         cand = np.flatnonzero(long_rows[row])
         r = row[cand]
-        u = _uniform(keys[r], col[cand])
+        u = _uniform(keys[r], gid[cand])  # keyed by gene id: independent of column order
         score = np.log(np.log1p(counts[cand])) - np.log(-np.log(u))
         keep_cand = _top_k_per_row(score, r, long_rows, n_expr, max_tokens)
         selected = np.ones(row.size, dtype=bool)
         selected[cand[~keep_cand]] = False
-        row, col, values = row[selected], col[selected], values[selected]
+        row, gid, values = row[selected], gid[selected], values[selected]
 
     n_tokens = np.minimum(n_expr, max_tokens).astype(np.int64)
     length = int(n_tokens.max()) if n_rows else 0
@@ -270,16 +290,6 @@ def tokenize(
     np.cumsum(n_tokens, out=starts[1:])
     pos = np.arange(row.size, dtype=np.int64) - starts[row]
 
-    if gene_id_map is None:
-        gid = col + 1
-    else:
-        gene_id_map = np.asarray(gene_id_map, dtype=np.int64)
-        if gene_id_map.shape != (csr.shape[1],):
-            raise ValueError(
-                f"gene_id_map has shape {gene_id_map.shape}, expected ({csr.shape[1]},) "
-                "(one gene id per matrix column)"
-            )
-        gid = gene_id_map[col]
     out_values = np.zeros((n_rows, length), dtype=np.float32)
     out_ids = np.zeros((n_rows, length), dtype=np.int64)
     out_valid = np.zeros((n_rows, length), dtype=bool)
