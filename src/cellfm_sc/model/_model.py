@@ -70,7 +70,13 @@ def _plain(obj: Any) -> Any:
         return obj.item()
     if isinstance(obj, (pd.Index, pd.Series)):
         return _plain(np.asarray(obj))
-    return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, CellFMConfig):
+        return obj.to_dict()
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
 
 
 def _unplain(obj: Any) -> Any:
@@ -339,6 +345,9 @@ class CellFMClassifier(BaseModelClass):
         >>> CellFMClassifier.setup_anndata(adata, labels_key="ADNC", donor_key="Donor ID",
         ...     label_order=["Not AD", "Low", "Intermediate", "High"])  # doctest: +SKIP
         """
+        if label_order is not None:
+            label_order = [str(c) for c in label_order]
+        setup_method_args = cls._get_setup_method_args(**locals())
         labels = _obs_column(adata, labels_key, "labels_key")
         n_nan = int(labels.isna().sum())
         if n_nan:
@@ -359,7 +368,6 @@ class CellFMClassifier(BaseModelClass):
         get_matrix(adata, layer)  # names a missing layer and lists the existing ones
         present = sorted(set(labels.astype(str)))
         if label_order is not None:
-            label_order = [str(c) for c in label_order]
             if len(set(label_order)) != len(label_order):
                 raise ValueError(f"label_order has repeated entries: {label_order}")
             unknown = sorted(set(present) - set(label_order))
@@ -374,7 +382,6 @@ class CellFMClassifier(BaseModelClass):
                 "needs at least two"
             )
         check_counts(adata, layer)
-        setup_method_args = cls._get_setup_method_args(**locals())
         fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
             CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
