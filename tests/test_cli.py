@@ -482,6 +482,21 @@ def test_predict_and_embed(finetuned, small_h5ad, tmp_path):
     assert annotated.obsm["X_cellfm"].shape == (source.n_obs, 64)
     assert not list(tmp_path.glob(".*.tmp.h5ad"))  # atomic write left nothing behind
 
+    # data without the labels column (the usual case for new data)
+    unlabeled = source.copy()
+    del unlabeled.obs["celltype"]
+    unlabeled.write_h5ad(tmp_path / "unlabeled.h5ad")
+    proc = run_cli(
+        "predict", out / "model", tmp_path / "unlabeled.h5ad", "--output",
+        tmp_path / "unlabeled_annotated.h5ad", "--key-added", "pred", "--device", "cpu",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    other = ad.read_h5ad(tmp_path / "unlabeled_annotated.h5ad")
+    np.testing.assert_array_equal(
+        other.obs["pred_prediction"].astype(str), annotated.obs["cellfm_prediction"].astype(str)
+    )
+    assert not [c for c in other.obs.columns if c.startswith("_scvi")]
+
     emb_path = tmp_path / "embedding.h5ad"
     proc = run_cli("embed", out / "model", small_h5ad, "--output", emb_path, "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -105,6 +105,7 @@ _FINETUNE_KEYS = (
     "patience",
     "accelerator",
     "devices",
+    "num_nodes",
     "strategy",
     "precision",
     "num_workers",
@@ -197,6 +198,16 @@ def _devices(text: str) -> int | str | list[int]:
     )
 
 
+def _device(text: str) -> str | None:
+    """``auto`` (None) or a torch device string."""
+    text = str(text).strip()
+    if text == "auto":
+        return None
+    if not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
 def _label_order(text: str) -> list[str]:
     labels = [t.strip() for t in str(text).split(",")]
     if len(labels) < 2 or any(not t for t in labels):
@@ -221,8 +232,35 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {_one_line(message)}{hint}\n")
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults and keeps the descriptions' line breaks."""
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults; wraps description paragraphs but keeps indented lines as they are."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        out: list[str] = []
+        paragraph: list[str] = []
+
+        def flush() -> None:
+            if paragraph:
+                out.append(
+                    textwrap.fill(
+                        " ".join(paragraph),
+                        width,
+                        initial_indent=indent,
+                        subsequent_indent=indent,
+                    )
+                )
+                paragraph.clear()
+
+        for line in text.splitlines():
+            if line.startswith(" ") or not line.strip():
+                flush()
+                out.append(indent + line)
+            else:
+                paragraph.append(line.strip())
+        flush()
+        return "\n".join(out)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -247,14 +285,24 @@ def _add_finetune_options(p: argparse.ArgumentParser, *, demo: bool = False) -> 
     d = DEMO_DEFAULTS if demo else {}
     train = p.add_argument_group("training")
     train.add_argument(
-        "--epochs", type=_positive_int, default=d.get("epochs", 5), help="maximum epochs"
+        "--epochs",
+        metavar="N",
+        type=_positive_int,
+        default=d.get("epochs", 5),
+        help="maximum epochs",
     )
     if demo:
         return
-    train.add_argument("--batch-size", type=_positive_int, default=16, help="cells per batch")
+    train.add_argument(
+        "--batch-size", metavar="N", type=_positive_int, default=16, help="cells per batch"
+    )
     train.add_argument("--lr", type=_positive_float, default=1e-4, help="learning rate (AdamW)")
     train.add_argument(
-        "--weight-decay", type=_non_negative_float, default=1e-5, help="AdamW weight decay"
+        "--weight-decay",
+        metavar="WD",
+        type=_non_negative_float,
+        default=1e-5,
+        help="AdamW weight decay",
     )
     train.add_argument(
         "--eval-every-steps",
@@ -265,12 +313,15 @@ def _add_finetune_options(p: argparse.ArgumentParser, *, demo: bool = False) -> 
     )
     train.add_argument(
         "--patience",
+        metavar="N",
         type=_non_negative_int,
         default=3,
         help="early stopping: evaluations without improvement of validation accuracy "
         "(0 turns early stopping off)",
     )
-    train.add_argument("--seed", type=int, default=0, help="seed of splits, init and sampling")
+    train.add_argument(
+        "--seed", metavar="N", type=int, default=0, help="seed of splits, init and sampling"
+    )
     train.add_argument(
         "--resume",
         action="store_true",
@@ -285,12 +336,21 @@ def _add_finetune_options(p: argparse.ArgumentParser, *, demo: bool = False) -> 
     )
     hw.add_argument(
         "--devices",
+        metavar="D",
         type=_devices,
         default="auto",
         help="'auto', a number of devices (4) or device indices (0,1); several GPUs use DDP",
     )
     hw.add_argument(
+        "--num-nodes",
+        metavar="N",
+        type=_positive_int,
+        default=1,
+        help="machines taking part (multi-node DDP under SLURM or torchrun)",
+    )
+    hw.add_argument(
         "--strategy",
+        metavar="NAME",
         default=None,
         help="Lightning strategy, e.g. ddp (default: Lightning's choice)",
     )
@@ -301,7 +361,11 @@ def _add_finetune_options(p: argparse.ArgumentParser, *, demo: bool = False) -> 
         help="numeric precision, e.g. bf16-mixed on recent GPUs (default: 32)",
     )
     hw.add_argument(
-        "--num-workers", type=_non_negative_int, default=0, help="data-loader worker processes"
+        "--num-workers",
+        metavar="N",
+        type=_non_negative_int,
+        default=0,
+        help="data-loader worker processes",
     )
 
 
@@ -428,12 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     split.add_argument(
         "--validation-size",
+        metavar="SIZE",
         type=_split_size,
         default=0.1,
         help="fraction (or count) of donors, or of cells without --donor-key, for validation",
     )
     split.add_argument(
         "--test-size",
+        metavar="SIZE",
         type=_split_size,
         default=0.2,
         help="fraction (or count) held out for the final evaluation",
@@ -484,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--max-tokens",
+        metavar="N",
         type=_positive_int,
         default=2048,
         help="expressed genes per cell fed to the model (sampled when a cell has more)",
@@ -524,7 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("data", metavar="DATA.h5ad", help="input AnnData (.h5ad)")
         p.add_argument("--output", "-o", metavar="OUT.h5ad", required=True, help="output file")
-        p.add_argument("--batch-size", type=_positive_int, default=64, help="cells per batch")
+        p.add_argument(
+            "--batch-size", metavar="N", type=_positive_int, default=64, help="cells per batch"
+        )
         if name == "predict":
             p.add_argument(
                 "--key-added",
@@ -537,10 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="adata.layers key holding raw counts (default: as the model was set up)",
         )
         p.add_argument(
-            "--accelerator",
+            "--device",
             default="auto",
-            choices=("auto", "cpu", "gpu", "cuda", "mps"),
-            help="device to run on",
+            type=_device,
+            help="torch device: auto (a GPU when there is one), cpu, cuda, cuda:1, mps",
         )
         _common(p)
         p.set_defaults(handler=_cmd_predict if name == "predict" else _cmd_embed)
@@ -616,6 +685,9 @@ def _quiet_libraries(quiet: bool) -> None:
     import logging
     import warnings
 
+    # library noise that says nothing about the run
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    warnings.filterwarnings("ignore", message=".*litlogger.*")
     if not quiet:
         return
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "scvi"):
@@ -649,10 +721,20 @@ def _write_h5ad_atomic(adata: Any, path: Path) -> Path:
     return path
 
 
+def _drop_scvi_bookkeeping(adata: Any) -> None:
+    """Remove the registry columns/keys scvi-tools adds (``_scvi_labels``, ``_scvi_uuid``...)."""
+    drop = [c for c in adata.obs.columns if str(c).startswith("_scvi")]
+    if drop:
+        adata.obs = adata.obs.drop(columns=drop)
+    for key in [k for k in adata.uns if str(k).startswith("_scvi")]:
+        del adata.uns[key]
+
+
 def _obs_only(obs: Any, obsm: dict[str, Any], uns: dict[str, Any] | None = None) -> Any:
     """An AnnData with obs and obsm but no count matrix (``X`` is None, no var)."""
     import anndata as ad
 
+    obs = obs.drop(columns=[c for c in obs.columns if str(c).startswith("_scvi")])
     out = ad.AnnData(obs=obs.copy(), obsm=obsm)
     if uns:
         out.uns.update(uns)
@@ -1102,6 +1184,7 @@ def _finetune(opts: dict[str, Any], con: _Console, adata: Any = None, demo: bool
         checkpoint_dir=str(out),
         resume_from=str(resume_from) if resume_from else None,
         enable_progress_bar=not opts.get("quiet"),
+        **({"num_nodes": opts["num_nodes"]} if opts.get("num_nodes", 1) > 1 else {}),
     )
 
     from cellfm_sc.report import atomic_path
@@ -1193,6 +1276,8 @@ def _cmd_finetune(args: argparse.Namespace, con: _Console) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, con: _Console) -> int:
+    import warnings
+
     from cellfm_sc import datasets
 
     opts = dict(DEMO_DEFAULTS)
@@ -1210,6 +1295,7 @@ def _cmd_demo(args: argparse.Namespace, con: _Console) -> int:
         "subset (1,200 cells, 8 cell types; 10x Genomics, CC BY 4.0), offline. "
         f"{opts['epochs']} epoch(s), max {opts['max_tokens']} genes per cell."
     )
+    warnings.filterwarnings("ignore", message="no checkpoint given")  # said above, plainly
     adata = datasets.pbmc3k()
     status = _finetune(opts, con, adata=adata, demo=True)
     report = Path(opts["output_dir"]) / "training_results.json"
@@ -1244,12 +1330,19 @@ def _load_for_inference(args: argparse.Namespace, con: _Console) -> tuple[Any, A
         raise CLIError(f"{model_dir} is not a saved cellfm-sc model: {_msg(exc)}") from exc
     except (ValueError, KeyError) as exc:
         raise CLIError(_msg(exc)) from exc
+    if args.layer is not None:
+        if args.layer not in adata.layers:
+            raise CLIError(
+                f"--layer {args.layer!r} not in adata.layers; layers: {list(adata.layers)}"
+            )
+        model.layer = args.layer
     return model, adata, output
 
 
 def _cmd_predict(args: argparse.Namespace, con: _Console) -> int:
     model, adata, output = _load_for_inference(args, con)
-    model.annotate(adata, key_added=args.key_added, batch_size=args.batch_size)
+    model.annotate(adata, key_added=args.key_added, batch_size=args.batch_size, device=args.device)
+    _drop_scvi_bookkeeping(adata)
     _write_h5ad_atomic(adata, output)
     k = args.key_added
     counts = adata.obs[f"{k}_prediction"].value_counts()
@@ -1258,13 +1351,13 @@ def _cmd_predict(args: argparse.Namespace, con: _Console) -> int:
         f"  obs['{k}_prediction'], obs['{k}_confidence'], obsm['{k}_probabilities'], "
         "obsm['X_cellfm']"
     )
-    con.result("  predicted: " + ", ".join(f"{lab} {n}" for lab, n in counts.items()))
+    con.result("  predicted: " + ", ".join(f"{lab} {n:,}" for lab, n in counts.items() if n > 0))
     return 0
 
 
 def _cmd_embed(args: argparse.Namespace, con: _Console) -> int:
     model, adata, output = _load_for_inference(args, con)
-    emb = model.get_latent_representation(adata, batch_size=args.batch_size)
+    emb = model.get_latent_representation(adata, batch_size=args.batch_size, device=args.device)
     out = _obs_only(adata.obs, {"X_cellfm": emb})
     _write_h5ad_atomic(out, output)
     con.result(f"embedded {adata.n_obs:,} cells -> {output}: obsm['X_cellfm'] {emb.shape}")
