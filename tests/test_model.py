@@ -118,7 +118,7 @@ def test_golden_checkpoint_random_and_transfer(golden_dir, tmp_path):
         )
 
 
-def test_donor_split_keeps_donors_whole(wu2020_path):
+def test_donor_split_keeps_donors_whole_and_report(wu2020_path, tmp_path):
     adata = ad.read_h5ad(wu2020_path)
     stage = {
         p: ["low", "mid", "high"][i % 3]
@@ -140,6 +140,32 @@ def test_donor_split_keeps_donors_whole(wu2020_path):
     result = model.evaluate()
     assert "qwk" in result.cell_metrics
     assert result.donor_table is not None and set(result.donor_table.index) == sets[2]
+    assert result.cell_metrics["n_cells"] == len(model.test_indices)  # no cell dropped
+
+    import json
+
+    from cellfm_sc.model import write_report
+
+    from .test_plotting_report import _assert_png_not_blank, _validate
+
+    files = write_report(model, result, tmp_path / "report", umap=True)
+    names = {p.name for p in files.values()}
+    assert names == {
+        "training_results.json",
+        "predictions.csv",
+        "donor_predictions.csv",
+        "confusion_matrix.png",
+        "training_curves.png",
+        "umap.png",
+    }
+    record = json.loads((tmp_path / "report" / "training_results.json").read_text())
+    _validate(record, donors=True, ordinal=True)
+    assert record["n_genes"] == adata.n_vars and record["num_classes"] == 3
+    assert record["checkpoint_variant"] is None and record["gene_embedding"] == "random"
+    for name in ("confusion_matrix.png", "training_curves.png", "umap.png"):
+        _assert_png_not_blank(tmp_path / "report" / name)
+    preds = pd.read_csv(tmp_path / "report" / "predictions.csv")
+    assert len(preds) == len(model.test_indices)
 
 
 def test_resume_equals_uninterrupted_run(pbmc_small, tmp_path):
@@ -182,7 +208,7 @@ def test_backed_training_and_annotate(pbmc_small, tmp_path):
 
 def test_clear_errors_before_training(pbmc_small, golden_dir):
     adata = pbmc_small.copy()
-    with pytest.raises(KeyError, match="'cell_type' is not a column of adata.obs.*'celltype'"):
+    with pytest.raises(KeyError, match=r"'cell_type' is not a column of adata\.obs.*'celltype'"):
         CellFMClassifier.setup_anndata(adata, labels_key="cell_type")
     with pytest.raises(KeyError, match="counts"):
         CellFMClassifier.setup_anndata(adata, labels_key="celltype", layer="counts")

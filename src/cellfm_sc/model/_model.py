@@ -897,8 +897,6 @@ class CellFMClassifier(BaseModelClass):
             "gene_embedding": self.embedding_init_,
             "gene_embedding_shape": list(self.module.trunk.gene_emb.shape),
             "num_classes": len(self.classes_),
-            "classes": list(self.classes_),
-            "ordinal": bool(self.ordinal_),
             "labels_key": self.labels_key,
             "donor_key": self.donor_key,
             "trainable": self.trainable_,
