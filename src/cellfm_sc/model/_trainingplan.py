@@ -195,32 +195,25 @@ class CellFMDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def train_dataloader(self):
+    def _loader(self, indices: np.ndarray, train: bool):
         rank, world = self._rank()
         return make_dataloader(
             self.adata,
-            self.train_indices,
-            train=True,
-            shuffle=True,
-            bucket=True,
+            indices,
+            train=train,
+            shuffle=train,
+            bucket=train,  # length bucketing cuts padding; evaluation keeps the order
             rank=rank,
             world_size=world,
             pin_memory=torch.cuda.is_available(),
             **self.kw,
         )
 
+    def train_dataloader(self):
+        return self._loader(self.train_indices, train=True)
+
     def val_dataloader(self):
-        rank, world = self._rank()
-        return make_dataloader(
-            self.adata,
-            self.validation_indices,
-            train=False,
-            shuffle=False,
-            rank=rank,
-            world_size=world,
-            pin_memory=torch.cuda.is_available(),
-            **self.kw,
-        )
+        return self._loader(self.validation_indices, train=False)
 
     def transfer_batch_to_device(
         self, batch: Any, device: torch.device, dataloader_idx: int
