@@ -191,6 +191,28 @@ def test_resume_equals_uninterrupted_run(pbmc_small, tmp_path):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
 
 
+def test_step_validation_history(pbmc_small):
+    adata = pbmc_small[:120].copy()
+    model = _model(adata)
+    model.train(
+        max_epochs=2,
+        batch_size=16,
+        validation_size=0.2,
+        check_val_every_n_steps=2,
+        early_stopping=False,
+        enable_progress_bar=False,
+    )
+    steps = model.step_history
+    n_batches = -(-len(model.train_indices) // 16)  # 96 cells -> 6 batches per epoch
+    assert len(steps) == 2 * (n_batches // 2)
+    assert list(steps["step"]) == sorted(steps["step"]) and steps["step"].iloc[0] == 2
+    assert steps[["train_loss", "validation_loss", "validation_acc"]].notna().all().all()
+    assert list(model.history["epoch"]) == [1, 2]
+    # each epoch row carries that epoch's last validation
+    last = steps.groupby("epoch").tail(1)["validation_acc"].to_numpy()
+    np.testing.assert_allclose(model.history["validation_acc"].to_numpy(), last)
+
+
 def test_backed_training_and_annotate(pbmc_small, tmp_path):
     path = tmp_path / "small.h5ad"
     pbmc_small.write_h5ad(path)
@@ -254,7 +276,7 @@ def test_ddp_two_cpu_processes(pbmc_small, tmp_path):
             CellFMClassifier.setup_anndata(adata, labels_key="celltype")
             model = CellFMClassifier(adata, preset="tiny", max_tokens=64)
             model.train(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp",
-                        validation_size=0.2, enable_progress_bar=False, early_stopping=False)
+                        validation_size=0.2, enable_progress_bar=False, patience=5)
             import torch.distributed as dist
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
             if rank == 0:
@@ -305,6 +327,8 @@ def test_learns_pbmc3k_celltypes(pbmc3k_path):
     )
     result = model.evaluate()  # the 20% test cells, never used for training or selection
     majority = adata.obs["celltype"].value_counts(normalize=True).iloc[0]
-    print(f"pbmc3k held-out accuracy {result.cell_metrics['accuracy']:.4f} (majority {majority:.3f})")
+    print(
+        f"pbmc3k held-out accuracy {result.cell_metrics['accuracy']:.4f} (majority {majority:.3f})"
+    )
     assert result.cell_metrics["n_cells"] == len(model.test_indices) == 540
     assert result.cell_metrics["accuracy"] >= 0.80

@@ -475,7 +475,8 @@ class CellFMClassifier(BaseModelClass):
 
     @property
     def step_history(self) -> pd.DataFrame | None:
-        """One row per validation run (epoch, step, validation_loss, validation_acc)."""
+        """One row per validation run: epoch (0-based), step, train_loss and train_acc (the
+        epoch so far), validation_loss, validation_acc, n_validation."""
         return self.step_history_
 
     # ----------------------------------------------------------------- training

@@ -90,9 +90,12 @@ class CellFMTrainingPlan(pl.LightningModule):
         if self.trainer.sanity_checking:
             return
         loss, acc, n = self._reduce(self._val_sums)
+        train_loss, train_acc, _ = self._reduce(self._train_sums)  # epoch to date
         self.last_validation = {
             "epoch": int(self.current_epoch),
             "step": int(self.global_step),
+            "train_loss": train_loss,
+            "train_acc": train_acc,
             "validation_loss": loss,
             "validation_acc": acc,
             "n_validation": n,
