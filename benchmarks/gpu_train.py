@@ -26,7 +26,9 @@ from cellfm_sc.nn import CellFMConfig, CellFMTrunk, apply_trainable
 
 
 def synthetic_batch(batch_size: int, n_tokens: int, n_genes: int, n_classes: int, g) -> TokenBatch:
-    ids = torch.stack([torch.randperm(n_genes, generator=g)[:n_tokens] + 1 for _ in range(batch_size)])
+    ids = torch.stack(
+        [torch.randperm(n_genes, generator=g)[:n_tokens] + 1 for _ in range(batch_size)]
+    )
     ids, _ = ids.sort(dim=1)
     values = torch.log1p(torch.rand(batch_size, n_tokens, generator=g) * 20)
     return TokenBatch(
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--trainable", default="encoder+head")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None)
+    p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--json", default=None, help="also write the result to this file")
     args = p.parse_args(argv)
 
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     bf16 = (args.precision or ("bf16" if dev.type == "cuda" else "fp32")) == "bf16"
     g = torch.Generator().manual_seed(0)
     trunk = CellFMTrunk(CellFMConfig.from_preset(args.preset), n_genes=args.n_genes)
+    trunk.gradient_checkpointing = args.gradient_checkpointing
     module = CellFMClassifierModule(trunk, args.n_classes).to(dev)
     summary = apply_trainable(module, args.trainable)
     opt = torch.optim.AdamW([q for q in module.parameters() if q.requires_grad], lr=1e-4)
@@ -118,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_cell": args.max_tokens,
         "n_genes": args.n_genes,
         "trainable": str(summary),
+        "gradient_checkpointing": args.gradient_checkpointing,
         "train_cells_per_s": args.batch_size * args.steps / train_s,
         "train_ms_per_step": 1000 * train_s / args.steps,
         "infer_cells_per_s": args.batch_size * args.steps / infer_s,

@@ -252,3 +252,20 @@ def test_value_encoder_shortcut_equals_general_formula():
     h = torch.nn.functional.leaky_relu(enc.w1(x.unsqueeze(-1)), 0.2)
     h = torch.softmax(enc.w3(h) + enc.a * h, dim=-1)
     torch.testing.assert_close(enc(x), enc.table(h), atol=1e-12, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    trunk = CellFMTrunk(CellFMConfig.from_preset("tiny", dropout=0.0), n_genes=50).double()
+    values = torch.rand(3, 7, dtype=torch.float64)
+    ids = torch.randint(1, 51, (3, 7))
+    valid = torch.ones(3, 7, dtype=torch.bool)
+    grads = []
+    for flag in (False, True):
+        trunk.zero_grad()
+        trunk.gradient_checkpointing = flag
+        trunk(values, ids, valid).cls.pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in trunk.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-12, rtol=0)

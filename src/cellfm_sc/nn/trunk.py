@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from cellfm_sc.nn.config import CellFMConfig, padded_rows
 from cellfm_sc.nn.decoders import CellwiseDecoder, ValueDecoder
@@ -90,6 +91,9 @@ class CellFMTrunk(nn.Module):
         if config.decoders:
             self.value_dec = ValueDecoder(d, config.leaky_slope, config.zero_logit)
             self.cellwise_dec = CellwiseDecoder(d, config.zero_logit)
+        #: recompute each layer's activations in the backward pass (saves memory for deep
+        #: trunks such as the 800M preset at the cost of one more forward)
+        self.gradient_checkpointing = False
         self.reset_parameters()
 
     @property
@@ -159,7 +163,10 @@ class CellFMTrunk(nn.Module):
         key_mask = torch.cat([valid.new_ones(b, n_prefix), valid], dim=1)
         len_scale = n_valid.to(torch.float32).rsqrt()
         for layer in self.encoder:
-            x = layer(x, key_mask, len_scale)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, key_mask, len_scale, use_reentrant=False)
+            else:
+                x = layer(x, key_mask, len_scale)
         return CellFMOutput(cls=x[:, 0], hidden=x[:, n_prefix:])
 
     # ------------------------------------------------------------------ loading
