@@ -1126,9 +1126,7 @@ class CellFMClassifier(BaseModelClass):
         )
         policy = "encoder+head" if model.trainable_ == "lora" else model.trainable_
         model._attach(module, policy, lora_rank=8, lora_alpha=16)
-        state = saved["model_state_dict"]
-        missing, unexpected = module.load_state_dict(state, strict=True), None
-        del missing, unexpected
+        module.load_state_dict(saved["model_state_dict"], strict=True)
         model.module.eval()
         model.init_params_ = _unplain(attr["init_params_"])
         model.is_trained_ = bool(attr["is_trained_"])
@@ -1144,7 +1142,5 @@ class CellFMClassifier(BaseModelClass):
 
 
 def model_not_set_up(cls: type[CellFMClassifier], adata: Any) -> bool:
-    try:
-        return cls._get_most_recent_anndata_manager(adata) is None
-    except Exception:
-        return True
+    """Whether ``adata`` has not been registered with ``cls.setup_anndata``."""
+    return cls._get_most_recent_anndata_manager(adata, required=False) is None
