@@ -1142,5 +1142,12 @@ class CellFMClassifier(BaseModelClass):
 
 
 def model_not_set_up(cls: type[CellFMClassifier], adata: Any) -> bool:
-    """Whether ``adata`` has not been registered with ``cls.setup_anndata``."""
-    return cls._get_most_recent_anndata_manager(adata, required=False) is None
+    """Whether ``adata`` has not been registered with ``cls.setup_anndata``.
+
+    A copy of a registered AnnData carries the original's registration id but no manager of
+    its own (scvi-tools raises ``ValueError``): it needs its own setup too.
+    """
+    try:
+        return cls._get_most_recent_anndata_manager(adata, required=False) is None
+    except ValueError:
+        return True
