@@ -216,7 +216,7 @@ def test_inspect_variant_b_text(golden_dir):
 
 @pytest.fixture(scope="module")
 def small_h5ad(tmp_path_factory) -> Path:
-    """240 cells of the shipped PBMC subset (30 per type, or all), with a split column."""
+    """223 cells of the shipped PBMC subset (30 per type, or all 13), with a split column."""
     from cellfm_sc import datasets
 
     adata = datasets.pbmc3k()
@@ -398,7 +398,7 @@ def test_config_file_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory, small_h5ad):
-    """One tiny 1-epoch finetune run on 240 cells; returns (output dir, process)."""
+    """One tiny 1-epoch finetune run on 223 cells; returns (output dir, process)."""
     pytest.importorskip("cellfm_sc.model", reason="model package missing")
     out = tmp_path_factory.mktemp("run") / "out"
     proc = run_cli(
@@ -434,15 +434,18 @@ def test_finetune_end_to_end(finetuned, small_h5ad):
     results = json.loads((out / "training_results.json").read_text())
     for key in ("train_acc_history", "test_acc_history", "best_test_acc", "n_genes"):
         assert key in results
-    assert results["cell_metrics"]["n_cells"] == 48  # the "test" rows of the split column
+    source = ad.read_h5ad(small_h5ad)
+    n_test = int((source.obs["split"] == "test").sum())
+    assert results["cell_metrics"]["n_cells"] == n_test  # the "test" rows of the split column
 
     resolved = json.loads((out / "config_resolved.json").read_text())
     assert resolved["labels_key"] == "celltype" and resolved["epochs"] == 1
     assert resolved["max_tokens"] == 256 and resolved["split_key"] == "split"
 
     test = ad.read_h5ad(out / "test.h5ad")
-    assert test.n_obs == 48 and test.n_vars == 0
-    assert test.obsm["X_cellfm"].shape == (48, 64)
+    assert test.n_obs == n_test and test.n_vars == 0
+    assert test.obsm["X_cellfm"].shape == (n_test, 64)
+    assert list(test.obs_names) == list(source.obs_names[source.obs["split"] == "test"])
     assert "cellfm_prediction" in test.obs
 
     # the summary: metrics table and where the files are
@@ -522,3 +525,4 @@ def test_demo(tmp_path):
         assert (tmp_path / "demo" / name).is_file()
     assert str((tmp_path / "demo" / "training_results.json").resolve()) in proc.stdout
     print(f"demo: {elapsed:.0f} s, accuracy {accuracy:.3f}")
+    assert elapsed < 180, f"cellfm-sc demo took {elapsed:.0f} s (promised: under 3 minutes)"
