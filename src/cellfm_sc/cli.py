@@ -681,19 +681,26 @@ def _existing_dir(path: str | os.PathLike[str], what: str) -> Path:
 
 
 def _quiet_libraries(quiet: bool) -> None:
-    """Silence Lightning's and scvi-tools' info chatter under ``--quiet``."""
+    """Silence Lightning's and scvi-tools' info chatter under ``--quiet``.
+
+    Imports Lightning first: it sets its own logger levels when imported.
+    """
     import logging
     import warnings
 
     # library noise that says nothing about the run
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-    warnings.filterwarnings("ignore", message=".*litlogger.*")
     if not quiet:
         return
+    import lightning.pytorch  # noqa: F401
+
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "scvi"):
         logging.getLogger(name).setLevel(logging.WARNING)
+        for child in list(logging.root.manager.loggerDict):
+            if child.startswith(name + "."):
+                logging.getLogger(child).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*GPU available.*")
+    warnings.filterwarnings("ignore", message=".*weights_only.* was not set.*")
 
 
 def _read_h5ad(path: Path, backed: bool = False) -> Any:
