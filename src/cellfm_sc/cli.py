@@ -1109,6 +1109,13 @@ def _finetune(opts: dict[str, Any], con: _Console, adata: Any = None, demo: bool
         resume_from = _newest_checkpoint(out) if out.is_dir() else None
         if resume_from is None:
             raise CLIError(f"--resume: no checkpoint_epoch_*.pth in {out} to continue from")
+    elif out.is_dir() and _newest_checkpoint(out) is not None:
+        print(
+            f"{PROG}: warning: {out} already holds checkpoint_epoch_*.pth files of an earlier "
+            "run; this run overwrites those of the epochs it reaches (use --resume to continue "
+            "that run instead, or another --output-dir)",
+            file=sys.stderr,
+        )
     if opts.get("checkpoint"):
         _check_checkpoint(opts["checkpoint"])
 
