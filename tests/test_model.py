@@ -277,11 +277,9 @@ def test_ddp_two_cpu_processes(pbmc_small, tmp_path):
             model = CellFMClassifier(adata, preset="tiny", max_tokens=64)
             model.train(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp",
                         validation_size=0.2, enable_progress_bar=False, patience=5)
-            import torch.distributed as dist
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            if rank == 0:
-                print("HISTORY", json.dumps(model.history.to_dict("list")))
-                print("WORLD", model.train_settings_["world_size"])
+            model.save({str(tmp_path / "saved")!r})  # only rank 0 writes
+            print("RANK", model.global_rank_, "HISTORY", json.dumps(model.history.to_dict("list")))
+            print("WORLD", model.train_settings_["world_size"])
             """
         )
     )
@@ -289,10 +287,13 @@ def test_ddp_two_cpu_processes(pbmc_small, tmp_path):
         [sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("HISTORY"))
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RANK")]
+    assert sorted(ln.split()[1] for ln in lines) == ["0", "1"]  # both processes trained
     import json
 
-    hist = json.loads(line.split(" ", 1)[1])
+    hist = json.loads(lines[0].split(" ", 3)[3])
+    assert json.loads(lines[1].split(" ", 3)[3]) == hist  # metrics reduced across ranks
+    assert (tmp_path / "saved" / "model.pt").is_file()
     assert hist["epoch"] == [1, 2]
     assert all(v == v for v in hist["validation_acc"])  # not NaN
     assert "WORLD 2" in res.stdout

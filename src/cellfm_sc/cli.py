@@ -1200,6 +1200,8 @@ def _finetune(opts: dict[str, Any], con: _Console, adata: Any = None, demo: bool
         enable_progress_bar=not opts.get("quiet"),
         **({"num_nodes": opts["num_nodes"]} if opts.get("num_nodes", 1) > 1 else {}),
     )
+    if model.global_rank_ != 0:
+        return 0  # under DDP only the first process evaluates and writes the outputs
 
     from cellfm_sc.report import atomic_path
 

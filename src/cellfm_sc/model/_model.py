@@ -191,6 +191,8 @@ class CellFMClassifier(BaseModelClass):
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         super().__init__(adata)
+        #: rank of this process in the last (distributed) training; 0 outside DDP
+        self.global_rank_ = 0
         self._set_label_info(adata)
         var_names = [str(v) for v in adata.var_names]
         symbols = self._gene_symbols(adata)
@@ -715,6 +717,7 @@ class CellFMClassifier(BaseModelClass):
             "best_epoch": best.best_epoch,
             "world_size": int(trainer.world_size),
         }
+        self.global_rank_ = int(trainer.global_rank)
         self.is_trained_ = True
 
     # ----------------------------------------------------------------- inference
@@ -985,9 +988,13 @@ class CellFMClassifier(BaseModelClass):
         plus ``vocab.txt`` and ``config.json``; optionally ``adata.h5ad``.
 
         Everything is written to a temporary folder first and moved into place, so a failed
-        save leaves no half-written model. Loading needs neither the original checkpoint nor
+        save leaves no half-written model. After distributed training only the first process
+        (rank 0) writes. Loading needs neither the original checkpoint nor
         MindSpore.
         """
+        if self.global_rank_ != 0:
+            logger.info("not saving on rank %d: the first process saves", self.global_rank_)
+            return
         out = Path(dir_path)
         if out.exists() and not overwrite:
             raise ValueError(f"{out} already exists; pass overwrite=True or another directory")
@@ -1093,6 +1100,7 @@ class CellFMClassifier(BaseModelClass):
 
             adata = anndata.read_h5ad(folder / f"{prefix}adata.h5ad")
         model = cls.__new__(cls)
+        model.global_rank_ = 0
         if adata is not None:
             setup_args = dict(registry["setup_args"])
             if model_not_set_up(cls, adata) and setup_args["labels_key"] in adata.obs.columns:
