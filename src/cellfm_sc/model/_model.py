@@ -692,6 +692,7 @@ class CellFMClassifier(BaseModelClass):
                 plan,
                 datamodule=datamodule,
                 ckpt_path=os.fspath(resume_from) if resume_from else None,
+                weights_only=True,  # our checkpoints hold tensors and plain Python only
             )
         best.restore(self.module)
         self.module.eval()

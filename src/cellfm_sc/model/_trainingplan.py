@@ -301,7 +301,7 @@ class EpochCheckpoint(Checkpoint):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         final = self.dirpath / f"checkpoint_epoch_{epoch}.pth"
         tmp = self.dirpath / f".checkpoint_epoch_{epoch}.pth.tmp"
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # full state, resumable
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             os.replace(tmp, final)
