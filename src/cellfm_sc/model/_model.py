@@ -455,25 +455,8 @@ class CellFMClassifier(BaseModelClass):
         return idx
 
     @property
-    def train_indices(self) -> np.ndarray | None:
-        return self.train_indices_
-
-    @property
-    def validation_indices(self) -> np.ndarray | None:
-        return self.validation_indices_
-
-    @property
-    def test_indices(self) -> np.ndarray | None:
-        return self.test_indices_
-
-    @property
     def split(self) -> DataSplit | None:
         return self.split_
-
-    @property
-    def history(self) -> pd.DataFrame | None:
-        """One row per epoch: epoch, train_loss, train_acc, validation_loss, validation_acc, lr."""
-        return self.history_
 
     @property
     def step_history(self) -> pd.DataFrame | None:
@@ -582,6 +565,13 @@ class CellFMClassifier(BaseModelClass):
             trunks (800M preset) for about one extra forward pass of time.
         **trainer_kwargs
             Passed to :class:`lightning.pytorch.Trainer`.
+
+        Notes
+        -----
+        Afterwards ``model.history`` has one row per epoch (``epoch``, ``train_loss``,
+        ``train_acc``, ``validation_loss``, ``validation_acc``, ``lr``; cell-weighted, over all
+        cells), ``model.step_history`` one row per validation run, and
+        ``model.train_indices`` / ``validation_indices`` / ``test_indices`` the split.
         """
         import lightning.pytorch as pl
         from lightning.pytorch.callbacks import EarlyStopping
