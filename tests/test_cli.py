@@ -499,6 +499,23 @@ def test_predict_and_embed(finetuned, small_h5ad, tmp_path):
         other.obs["pred_prediction"].astype(str), annotated.obs["cellfm_prediction"].astype(str)
     )
     assert not [c for c in other.obs.columns if c.startswith("_scvi")]
+    # the predictions in the unlabeled file used key "pred": obsm X_pred
+    np.testing.assert_allclose(other.obsm["X_pred"], annotated.obsm["X_cellfm"], atol=1e-5)
+
+    # backed input: same predictions, and the output holds no count matrix
+    proc = run_cli(
+        "predict", out / "model", small_h5ad, "--output", tmp_path / "backed.h5ad",
+        "--backed", "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    backed = ad.read_h5ad(tmp_path / "backed.h5ad")
+    assert backed.n_vars == 0 and backed.X is None
+    np.testing.assert_array_equal(
+        backed.obs["cellfm_prediction"].astype(str), annotated.obs["cellfm_prediction"].astype(str)
+    )
+    np.testing.assert_allclose(
+        backed.obsm["cellfm_probabilities"], annotated.obsm["cellfm_probabilities"], atol=1e-6
+    )
 
     emb_path = tmp_path / "embedding.h5ad"
     proc = run_cli("embed", out / "model", small_h5ad, "--output", emb_path, "--quiet")

@@ -558,8 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
             "predict",
             "annotate an .h5ad file with a fine-tuned model",
             "Add obs['<key>_prediction'], obs['<key>_confidence'], "
-            "obsm['<key>_probabilities'] and obsm['X_cellfm'] to DATA.h5ad and write the "
-            "result to --output (atomically).",
+            "obsm['<key>_probabilities'] and obsm['X_<key>'] to DATA.h5ad and write the "
+            "result to --output (atomically; with --backed without the count matrix).",
         ),
         (
             "embed",
@@ -593,6 +593,12 @@ def build_parser() -> argparse.ArgumentParser:
             default="auto",
             type=_device,
             help="torch device: auto (a GPU when there is one), cpu, cuda, cuda:1, mps",
+        )
+        p.add_argument(
+            "--backed",
+            action="store_true",
+            help="read DATA.h5ad backed (the count matrix stays on disk); the output then "
+            "holds obs, obsm and uns only, never a copy of the counts",
         )
         _common(p)
         p.set_defaults(handler=_cmd_predict if name == "predict" else _cmd_embed)
@@ -1324,7 +1330,7 @@ def _load_for_inference(args: argparse.Namespace, con: _Console) -> tuple[Any, A
         raise CLIError(f"--output must end in .h5ad, got {output}")
     _quiet_libraries(args.quiet)
     con.info(f"reading {data}")
-    adata = _read_h5ad(data)
+    adata = _read_h5ad(data, backed=args.backed)
     from cellfm_sc.model import CellFMClassifier
 
     con.info(f"loading the model from {model_dir}")
@@ -1345,15 +1351,21 @@ def _load_for_inference(args: argparse.Namespace, con: _Console) -> tuple[Any, A
 
 def _cmd_predict(args: argparse.Namespace, con: _Console) -> int:
     model, adata, output = _load_for_inference(args, con)
-    model.annotate(adata, key_added=args.key_added, batch_size=args.batch_size, device=args.device)
-    _drop_scvi_bookkeeping(adata)
-    _write_h5ad_atomic(adata, output)
     k = args.key_added
+    model.annotate(adata, key_added=k, batch_size=args.batch_size, device=args.device)
+    _drop_scvi_bookkeeping(adata)
+    if args.backed:  # never copy the counts of a backed file
+        keys = (f"{k}_probabilities", f"X_{k}")
+        _write_h5ad_atomic(
+            _obs_only(adata.obs, {key: adata.obsm[key] for key in keys}, {k: adata.uns[k]}),
+            output,
+        )
+    else:
+        _write_h5ad_atomic(adata, output)
     counts = adata.obs[f"{k}_prediction"].value_counts()
     con.result(f"annotated {adata.n_obs:,} cells -> {output}")
     con.result(
-        f"  obs['{k}_prediction'], obs['{k}_confidence'], obsm['{k}_probabilities'], "
-        "obsm['X_cellfm']"
+        f"  obs['{k}_prediction'], obs['{k}_confidence'], obsm['{k}_probabilities'], obsm['X_{k}']"
     )
     con.result("  predicted: " + ", ".join(f"{lab} {n:,}" for lab, n in counts.items() if n > 0))
     return 0
