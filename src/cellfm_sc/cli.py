@@ -109,6 +109,7 @@ _FINETUNE_KEYS = (
     "strategy",
     "precision",
     "num_workers",
+    "gradient_checkpointing",
     "seed",
     "write_split_h5ad",
     "resume",
@@ -349,6 +350,12 @@ def _add_finetune_options(p: argparse.ArgumentParser, *, demo: bool = False) -> 
         type=_non_negative_int,
         default=0,
         help="data-loader worker processes",
+    )
+    hw.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute layer activations in the backward pass (much less GPU memory, "
+        "e.g. for the 800M preset)",
     )
 
 
@@ -1184,6 +1191,7 @@ def _finetune(opts: dict[str, Any], con: _Console, adata: Any = None, demo: bool
         devices=opts.get("devices", "auto"),
         strategy=opts.get("strategy"),
         num_workers=opts.get("num_workers", 0),
+        gradient_checkpointing=bool(opts.get("gradient_checkpointing")),
         checkpoint_dir=str(out),
         resume_from=str(resume_from) if resume_from else None,
         enable_progress_bar=not opts.get("quiet"),
