@@ -60,9 +60,11 @@ def synthetic(path: Path, n_cells: int, expressed: int, seed: int = 0) -> None:
         },
         index=[f"cell{i:06d}" for i in range(n_cells)],
     )
-    ad.AnnData(
-        x, obs=obs, var=pd.DataFrame(index=[f"G{j:05d}" for j in range(N_GENES)])
-    ).write_h5ad(path)
+    var = pd.DataFrame(index=pd.Index([f"G{j:05d}" for j in range(N_GENES)], dtype=object))
+    obs.index = obs.index.astype(object)  # pandas 3 would make these nullable strings
+    if hasattr(ad.settings, "allow_write_nullable_strings"):
+        ad.settings.allow_write_nullable_strings = True
+    ad.AnnData(x, obs=obs, var=var).write_h5ad(path)
 
 
 def main(argv: list[str] | None = None) -> dict:
