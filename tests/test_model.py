@@ -213,6 +213,24 @@ def test_step_validation_history(pbmc_small):
     np.testing.assert_allclose(model.history["validation_acc"].to_numpy(), last)
 
 
+def test_masked_value_auxiliary_objective(pbmc_small, golden_dir):
+    adata = pbmc_small[:120].copy()
+    model = _model(adata)
+    before = model.module.trunk.value_dec.w1.weight.detach().clone()
+    model.train(
+        max_epochs=1, validation_size=0.2, masked_value_weight=1.0, enable_progress_bar=False
+    )
+    assert np.isfinite(model.history[["train_loss", "validation_loss"]].to_numpy()).all()
+    assert not torch.equal(model.module.trunk.value_dec.w1.weight, before)  # the decoder trained
+    assert model.train_settings_["masked_value_weight"] == 1.0
+    # an annotation-Backbone checkpoint has no value decoder
+    backbone = CellFMClassifier(
+        adata, checkpoint=golden_dir / "model_d48_h4_l2_g37_backbone.ckpt", num_heads=4
+    )
+    with pytest.raises(ValueError, match="value decoder"):
+        backbone.train(max_epochs=1, masked_value_weight=0.5)
+
+
 def test_backed_training_and_annotate(pbmc_small, tmp_path):
     path = tmp_path / "small.h5ad"
     pbmc_small.write_h5ad(path)

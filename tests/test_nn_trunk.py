@@ -269,3 +269,24 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-12, rtol=0)
+
+
+def test_unmask_replaces_hidden_values_by_mask_embedding():
+    torch.manual_seed(0)
+    trunk = CellFMTrunk(CellFMConfig.from_preset("tiny", dropout=0.0), n_genes=40).eval()
+    with torch.no_grad():
+        trunk.value_enc.mask_emb.normal_()
+    values = torch.rand(2, 6)
+    ids = torch.randint(1, 41, (2, 6))
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    with torch.no_grad():
+        plain = trunk.embed(values, ids, valid)
+        same = trunk.embed(values, ids, valid, torch.ones(2, 6))
+        unmask = torch.ones(2, 6)
+        unmask[0, 2] = 0
+        masked = trunk.embed(values, ids, valid, unmask)
+    torch.testing.assert_close(same, plain)
+    # position 2 of cell 0 (sequence index 3 after cls): gene embedding + mask_emb
+    want = trunk.gene_emb[ids[0, 2]] + trunk.value_enc.mask_emb[0, 0]
+    torch.testing.assert_close(masked[0, 3], want)
+    torch.testing.assert_close(masked[1], plain[1])

@@ -548,7 +548,11 @@ class CellFMClassifier(BaseModelClass):
         gradient_clip_val
             Gradient-norm clipping.
         masked_value_weight
-            Weight of the masked-value auxiliary loss (not implemented yet: must be 0).
+            Weight of an auxiliary masked-value loss (CellFM's pretraining objective, value
+            decoder part): 15% of each training cell's token values are hidden (replaced by
+            ``mask_emb``) and predicted by the value decoder (MSE on normalised values), added
+            to the cross-entropy with this weight. The value decoder then trains too. 0
+            (default) turns it off; variant A' checkpoints have no decoder.
         num_workers
             DataLoader worker processes.
         checkpoint_dir
@@ -590,10 +594,12 @@ class CellFMClassifier(BaseModelClass):
             raise ValueError(
                 f"monitor must be 'validation_acc' or 'validation_loss', got {monitor!r}"
             )
-        if masked_value_weight:
-            raise NotImplementedError(
-                "masked_value_weight > 0 (the masked-value auxiliary objective) is not "
-                "implemented yet; use 0.0"
+        if masked_value_weight < 0:
+            raise ValueError(f"masked_value_weight must be >= 0, got {masked_value_weight}")
+        if masked_value_weight > 0 and not hasattr(self.module.trunk, "value_dec"):
+            raise ValueError(
+                "masked_value_weight > 0 needs the value decoder, which this trunk lacks "
+                "(annotation-Backbone checkpoint, variant A'); use masked_value_weight=0"
             )
         if max_epochs < 1 or batch_size < 1:
             raise ValueError(
@@ -619,8 +625,12 @@ class CellFMClassifier(BaseModelClass):
         has_val = len(split.validation) > 0
         if precision is None:
             precision = _default_precision(accelerator)
+        if masked_value_weight > 0:  # the auxiliary objective trains its decoder too
+            for p in self.module.trunk.value_dec.parameters():
+                p.requires_grad_(True)
         plan = CellFMTrainingPlan(
             self.module,
+            masked_value_weight=masked_value_weight,
             lr=lr,
             weight_decay=weight_decay,
             lr_schedule=lr_schedule,
@@ -705,6 +715,7 @@ class CellFMClassifier(BaseModelClass):
             "class_weights": None if weights is None else weights.tolist(),
             "monitor": monitor,
             "gradient_checkpointing": gradient_checkpointing,
+            "masked_value_weight": masked_value_weight,
             "best_epoch": best.best_epoch,
             "world_size": int(trainer.world_size),
         }

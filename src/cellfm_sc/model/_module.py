@@ -16,10 +16,11 @@ __all__ = ["CellFMClassifierModule", "ClassifierOutput"]
 
 @dataclass
 class ClassifierOutput:
-    """``logits (B, K)`` and the cell embedding ``cls (B, D)``."""
+    """``logits (B, K)``, the cell embedding ``cls (B, D)`` and gene outputs ``hidden (B, L, D)``."""
 
     logits: Tensor
     cls: Tensor
+    hidden: Tensor | None = None
 
 
 class CellFMClassifierModule(nn.Module):
@@ -62,9 +63,30 @@ class CellFMClassifierModule(nn.Module):
             persistent=False,
         )
 
-    def forward(self, batch: TokenBatch) -> ClassifierOutput:
-        out = self.trunk(batch.values, batch.gene_ids, batch.valid)
-        return ClassifierOutput(logits=self.head(out.cls), cls=out.cls)
+    def forward(self, batch: TokenBatch, unmask: Tensor | None = None) -> ClassifierOutput:
+        out = self.trunk(batch.values, batch.gene_ids, batch.valid, unmask)
+        return ClassifierOutput(logits=self.head(out.cls), cls=out.cls, hidden=out.hidden)
+
+    def masked_value_loss(
+        self, batch: TokenBatch, mask_ratio: float = 0.15
+    ) -> tuple[ClassifierOutput, Tensor]:
+        """Forward with a random ``mask_ratio`` of each cell's tokens' values hidden.
+
+        The value decoder predicts the hidden values from the gene positions' outputs; returns
+        the classifier output (of the masked input) and the mean squared error over the
+        hidden tokens (CellFM's masked-value pretraining objective, value decoder part).
+        """
+        if not hasattr(self.trunk, "value_dec"):
+            raise ValueError(
+                "the masked-value objective needs the value decoder, which this trunk lacks "
+                "(an annotation-Backbone checkpoint, variant A'); use masked_value_weight=0"
+            )
+        hide = (torch.rand(batch.valid.shape, device=batch.valid.device) < mask_ratio) & batch.valid
+        out = self(batch, unmask=(~hide).to(batch.values.dtype))
+        pred, _ = self.trunk.value_dec(out.hidden)
+        if not bool(hide.any()):
+            return out, pred.sum() * 0.0
+        return out, F.mse_loss(pred[hide].float(), batch.values[hide].float())
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Mean (class-weighted) cross-entropy. ``logits (B, K)``, ``labels (B,)`` -> scalar."""

@@ -36,6 +36,7 @@ class CellFMTrainingPlan(pl.LightningModule):
         lr_schedule: str = "step",
         lr_gamma: float = 0.95,
         max_epochs: int = 5,
+        masked_value_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.module = module
@@ -44,6 +45,7 @@ class CellFMTrainingPlan(pl.LightningModule):
         self.lr_schedule = lr_schedule
         self.lr_gamma = lr_gamma
         self.max_epochs = max_epochs
+        self.masked_value_weight = masked_value_weight
         self.history: list[dict[str, float]] = []
         self.step_history: list[dict[str, float]] = []
         self.last_validation: dict[str, float] = {}
@@ -51,9 +53,15 @@ class CellFMTrainingPlan(pl.LightningModule):
         self._val_sums = torch.zeros(3, dtype=torch.float64)
 
     # -- steps
-    def _step(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.module(batch)
-        loss = self.module.loss(out.logits, batch.labels)
+    def _step(self, batch: TokenBatch, train: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if train and self.masked_value_weight > 0:
+            out, mv_loss = self.module.masked_value_loss(batch)
+            loss = self.module.loss(out.logits, batch.labels)
+            self.log("train_masked_value_loss", mv_loss.detach(), batch_size=len(batch))
+            total = loss + self.masked_value_weight * mv_loss
+        else:
+            out = self.module(batch)
+            loss = total = self.module.loss(out.logits, batch.labels)
         n = len(batch)
         correct = (out.logits.argmax(-1) == batch.labels).sum()
         sums = torch.stack(
@@ -63,10 +71,10 @@ class CellFMTrainingPlan(pl.LightningModule):
                 torch.tensor(float(n), dtype=torch.float64, device=loss.device),
             ]
         )
-        return loss, sums
+        return total, sums
 
     def training_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor:
-        loss, sums = self._step(batch)
+        loss, sums = self._step(batch, train=True)
         self._train_sums = self._train_sums.to(sums.device) + sums
         self.log("train_loss", loss.detach(), prog_bar=True, batch_size=len(batch))
         return loss

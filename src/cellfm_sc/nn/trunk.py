@@ -119,21 +119,25 @@ class CellFMTrunk(nn.Module):
             layer.dropout1.p = layer.dropout2.p = p * i / n
 
     # ------------------------------------------------------------------ forward
-    def embed(self, values: Tensor, gene_ids: Tensor, valid: Tensor) -> Tensor:
+    def embed(
+        self, values: Tensor, gene_ids: Tensor, valid: Tensor, unmask: Tensor | None = None
+    ) -> Tensor:
         """Token embeddings with the prefix tokens, invalid positions zeroed.
 
         Shapes: ``values (B, L)``, ``gene_ids (B, L)``, ``valid (B, L)`` ->
         ``(B, n_prefix + L, D)``.
         """
         b = values.shape[0]
-        tok = self.value_enc(values) + self.gene_emb[gene_ids]
+        tok = self.value_enc(values, unmask) + self.gene_emb[gene_ids]
         tok = tok * valid.unsqueeze(-1).to(tok.dtype)
         prefix = [self.cls_token.expand(b, -1, -1).to(tok.dtype)]
         if self.config.st_tokens:
             prefix.append(self.ST_emb.expand(b, -1, -1).to(tok.dtype))
         return torch.cat([*prefix, tok], dim=1)
 
-    def forward(self, values: Tensor, gene_ids: Tensor, valid: Tensor) -> CellFMOutput:
+    def forward(
+        self, values: Tensor, gene_ids: Tensor, valid: Tensor, unmask: Tensor | None = None
+    ) -> CellFMOutput:
         """Encode cells.
 
         Parameters
@@ -144,6 +148,10 @@ class CellFMTrunk(nn.Module):
             ``(B, L)`` int64 token ids (0 = padding).
         valid
             ``(B, L)`` bool, True at real gene tokens. Every cell needs at least one.
+        unmask
+            Optional ``(B, L)`` float/bool, 0 where the value is hidden (masked-value
+            objective): those tokens take ``value_enc.mask_emb`` instead of their value's
+            embedding (their gene embedding stays).
 
         Returns
         -------
@@ -157,7 +165,7 @@ class CellFMTrunk(nn.Module):
                 f"cells at batch positions {bad} have no valid gene token; "
                 "a cell with no expressed gene has no defined embedding"
             )
-        x = self.embed(values, gene_ids, valid)
+        x = self.embed(values, gene_ids, valid, unmask)
         b = x.shape[0]
         n_prefix = self.config.n_prefix
         key_mask = torch.cat([valid.new_ones(b, n_prefix), valid], dim=1)
