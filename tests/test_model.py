@@ -231,6 +231,23 @@ def test_masked_value_auxiliary_objective(pbmc_small, golden_dir):
         backbone.train(max_epochs=1, masked_value_weight=0.5)
 
 
+def test_lora_train_save_load(pbmc_small, tmp_path):
+    pytest.importorskip("peft", reason="peft (optional extra 'lora') is not installed")
+    adata = pbmc_small[:120].copy()
+    CellFMClassifier.setup_anndata(adata, labels_key="celltype")
+    model = CellFMClassifier(adata, preset="tiny", max_tokens=128, trainable="lora")
+    assert any("lora_" in n for n, p in model.module.named_parameters() if p.requires_grad)
+    model.train(max_epochs=1, validation_size=0.2, lr=1e-2, enable_progress_bar=False)
+    soft = model.predict(soft=True).to_numpy()
+    model.save(tmp_path / "lora")
+    # the saved weights are merged: plain trunk names, no adapter tensors
+    state = torch.load(tmp_path / "lora" / "model.pt", weights_only=True)["model_state_dict"]
+    assert not [k for k in state if "lora_" in k or "base_layer" in k]
+    loaded = CellFMClassifier.load(tmp_path / "lora", adata)
+    np.testing.assert_allclose(loaded.predict(soft=True).to_numpy(), soft, atol=1e-5)
+    assert any("lora_" in n for n, _ in model.module.named_parameters())  # original untouched
+
+
 def test_backed_training_and_annotate(pbmc_small, tmp_path):
     path = tmp_path / "small.h5ad"
     pbmc_small.write_h5ad(path)
