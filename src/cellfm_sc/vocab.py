@@ -65,13 +65,8 @@ _ENSEMBL_COLUMNS = (
 )
 
 
-def padded_table_size(n_genes: int) -> int:
-    """Rows of an embedding table for ``n_genes`` genes.
-
-    ``n_genes + 1`` (row 0 = padding) rounded up to a multiple of 8: 36,601 -> 36,608,
-    27,855 -> 27,856, 37 -> 40, 101 -> 104 (one home: :func:`cellfm_sc.nn.padded_rows`).
-    """
-    return padded_rows(n_genes, ROW_MULTIPLE)
+#: Rows of an embedding table for ``n_genes`` genes (:func:`cellfm_sc.nn.padded_rows`).
+padded_table_size = padded_rows
 
 
 def _is_missing(x: Any) -> bool:

@@ -25,7 +25,13 @@ __all__ = [
 
 
 class MissingLayerError(KeyError, ValueError):
-    """``layer`` is not in ``adata.layers``; the message lists the layers that exist."""
+    """``layer`` is not in ``adata.layers``; the message lists the layers that exist.
+
+    Examples
+    --------
+    >>> get_matrix(adata, layer="counts")  # doctest: +SKIP
+    MissingLayerError: layer 'counts' is not in adata.layers; layers: ['raw']
+    """
 
     def __str__(self) -> str:  # KeyError would show the repr of the message
         return str(self.args[0]) if self.args else ""
@@ -71,6 +77,12 @@ def row_source(adata: Any, layer: str | None = None) -> RowSource:
 
     A backed AnnData is read from its file (``adata.filename``), so the source pickles to a path
     and never loads the matrix; an in-memory matrix is read in place.
+
+    Examples
+    --------
+    >>> source = row_source(adata, layer="counts")  # doctest: +SKIP
+    >>> source.read(np.array([0, 5, 9])).shape  # doctest: +SKIP
+    (3, 36601)
     """
     matrix = get_matrix(adata, layer)
     if getattr(adata, "isbacked", False):

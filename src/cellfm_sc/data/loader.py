@@ -418,7 +418,15 @@ def make_dataloader(
 
     Returns
     -------
-    DataLoader whose ``sampler`` has ``set_epoch`` (Lightning calls it each epoch).
+    DataLoader whose ``sampler`` has ``set_epoch`` (Lightning calls it each epoch); each item
+    is a :class:`TokenBatch` with ``values``/``gene_ids``/``valid`` of shape ``(B, L)``.
+
+    Examples
+    --------
+    >>> loader = make_dataloader(adata, train_idx, batch_size=16, train=True,
+    ...                          labels=codes, num_workers=2)  # doctest: +SKIP
+    >>> next(iter(loader)).values.shape  # doctest: +SKIP
+    torch.Size([16, 1873])
     """
     dataset, sampler = _prepare(
         adata,
@@ -471,7 +479,16 @@ def batches(
     """Yield :class:`TokenBatch` es over ``adata`` in this process (one epoch).
 
     Parameters are those of :func:`make_dataloader`; ``epoch`` selects the training draw and
-    the shuffle. Checks run before the first batch is yielded.
+    the shuffle. Checks run before the first batch is yielded. Each batch holds ``(B, L)``
+    tensors, ``L`` = the longest cell of the batch (at most ``max_tokens``).
+
+    Examples
+    --------
+    >>> import cellfm_sc
+    >>> adata = cellfm_sc.datasets.pbmc3k()
+    >>> batch = next(cellfm_sc.data.batches(adata, batch_size=8, max_tokens=256))
+    >>> tuple(batch.values.shape)
+    (8, 256)
     """
     dataset, sampler = _prepare(
         adata,

@@ -54,6 +54,11 @@ class DataSplit:
         arrays), or None without a donor column.
     labels_key
         The obs column of labels used for stratification, or None.
+
+    Examples
+    --------
+    >>> split = split_by_donor(adata, "Donor ID", labels_key="ADNC")  # doctest: +SKIP
+    >>> len(split.train), sorted(split.donors["test"])[:3]  # doctest: +SKIP
     """
 
     train: np.ndarray
@@ -311,6 +316,11 @@ def split_from_obs(adata: Any, split_key: str, donor_key: str | None = None) -> 
         obs column naming each cell's split.
     donor_key
         Optional obs column of donors; a donor in two splits is then an error.
+
+    Examples
+    --------
+    >>> split = split_from_obs(adata, "split")  # doctest: +SKIP
+    >>> model.train(split=split)  # doctest: +SKIP
     """
     col = _column(adata, split_key, "split").astype(str)
     norm = col.str.strip().str.lower().map(_SPLIT_ALIASES)
@@ -365,6 +375,11 @@ def split_from_json(path: str | Path, adata: Any) -> DataSplit:
         The JSON file.
     adata
         The AnnData the indices refer to.
+
+    Examples
+    --------
+    >>> split = split_from_json("donor_split.json", adata)  # doctest: +SKIP
+    >>> len(split.train), len(split.test)  # doctest: +SKIP
     """
     with open(path) as fh:
         spec = json.load(fh)

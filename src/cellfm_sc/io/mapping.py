@@ -107,6 +107,14 @@ def split_state(
         names of the skipped bookkeeping entries.
     prefix
         the wrapper prefix that was stripped (``""`` if none).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> state = {"network.encoder.0.post_norm1.gamma": np.ones(4), "global_step": np.zeros(1)}
+    >>> model, skipped, prefix = split_state(state)
+    >>> list(model), skipped, prefix
+    (['encoder.0.post_norm1.weight'], ['global_step'], 'network.')
     """
     skipped = [k for k in state if is_bookkeeping(k)]
     model_keys = [k for k in state if not is_bookkeeping(k)]
@@ -116,7 +124,15 @@ def split_state(
 
 
 def detect_variant(names: Mapping[str, Any] | list[str]) -> str:
-    """``"B"`` (ST tokens), ``"A"`` (CellFM class) or ``"A'"`` (annotation Backbone)."""
+    """``"B"`` (ST tokens), ``"A"`` (CellFM class) or ``"A'"`` (annotation Backbone).
+
+    Examples
+    --------
+    >>> detect_variant(["gene_emb", "cls_token", "zero_emb", "encoder.0.attn.q_proj.weight"])
+    'A'
+    >>> detect_variant(["gene_emb", "cls_token", "ST_emb"])
+    'B'
+    """
     keys = set(names)
     if "ST_emb" in keys:
         return "B"
@@ -302,7 +318,17 @@ def trunk_from_mindspore(
     num_heads: int | None = None,
     **overrides: Any,
 ) -> tuple[CellFMTrunk, LoadReport]:
-    """Read a ``.ckpt`` and build the matching trunk with every parameter loaded."""
+    """Read a ``.ckpt`` and build the matching trunk with every parameter loaded.
+
+    Returns ``(trunk, report)``; ``trunk.gene_emb`` keeps the checkpoint's
+    ``(rows, enc_dims)`` table.
+
+    Examples
+    --------
+    >>> trunk, report = trunk_from_mindspore("CellFM_80M_weight.ckpt")  # doctest: +SKIP
+    >>> print(report)  # doctest: +SKIP
+    CellFM checkpoint load: variant A (public MindSpore CellFM)
+    """
     from cellfm_sc.io.checkpoint import read_mindspore_checkpoint
 
     state = read_mindspore_checkpoint(path)

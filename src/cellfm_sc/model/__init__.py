@@ -29,6 +29,13 @@ def write_report(model: CellFMClassifier, result: Any, out_dir: Any, *, umap: bo
 
     ``result`` is :meth:`CellFMClassifier.evaluate`'s; the embedding of the evaluated cells
     is computed for ``umap.png``.
+
+    Examples
+    --------
+    >>> result = model.evaluate()  # doctest: +SKIP
+    >>> files = write_report(model, result, "runs/adnc")  # doctest: +SKIP
+    >>> sorted(files)  # doctest: +SKIP
+    ['confusion_matrix', 'donor_predictions', 'predictions', 'training_curves', ...]
     """
     import numpy as np
 

@@ -13,6 +13,11 @@ def padded_rows(n_genes: int, multiple: int = 8) -> int:
 
     ``n_genes + 1`` rounded up to a multiple of ``multiple`` (27,855 -> 27,856;
     36,601 -> 36,608; 37 -> 40).
+
+    Examples
+    --------
+    >>> padded_rows(36601)
+    36608
     """
     if n_genes < 0:
         raise ValueError(f"n_genes must be >= 0, got {n_genes}")

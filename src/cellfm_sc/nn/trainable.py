@@ -22,7 +22,15 @@ LORA_TARGETS = r".*encoder\.\d+\.(attn\.[qkvuo]_proj|ffn\.[uvo]_proj)"
 
 @dataclass
 class TrainableSummary:
-    """Result of :func:`apply_trainable`."""
+    """Result of :func:`apply_trainable`.
+
+    Examples
+    --------
+    >>> from cellfm_sc.nn import CellFMConfig, CellFMTrunk
+    >>> trunk = CellFMTrunk(CellFMConfig.from_preset("tiny"), n_genes=10)
+    >>> print(apply_trainable(trunk, "all", trunk_prefix=""))  # doctest: +ELLIPSIS
+    trainable (all): ... parameters (100.0%) in ... tensors
+    """
 
     policy: str
     n_trainable: int
