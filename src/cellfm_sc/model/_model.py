@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -1065,14 +1066,10 @@ class CellFMClassifier(BaseModelClass):
                 old = out.with_name(f".{out.name}.old")
                 os.replace(out, old)
                 os.replace(tmp, out)
-                import shutil
-
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, out)
         except BaseException:
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
@@ -1101,10 +1098,10 @@ class CellFMClassifier(BaseModelClass):
             import anndata
 
             adata = anndata.read_h5ad(folder / f"{prefix}adata.h5ad")
+        setup_args = dict(registry["setup_args"])
         model = cls.__new__(cls)
         model.global_rank_ = 0
         if adata is not None:
-            setup_args = dict(registry["setup_args"])
             if model_not_set_up(cls, adata) and setup_args["labels_key"] in adata.obs.columns:
                 cls.setup_anndata(adata, **setup_args)
             if setup_args["labels_key"] in adata.obs.columns:
@@ -1114,7 +1111,6 @@ class CellFMClassifier(BaseModelClass):
                 model._adata = adata
         else:
             BaseModelClass.__init__(model, registry=registry)
-        setup_args = dict(registry["setup_args"])
         model.labels_key = setup_args["labels_key"]
         model.donor_key = setup_args.get("donor_key")
         model.layer = setup_args.get("layer")

@@ -302,7 +302,6 @@ class EpochCheckpoint(Checkpoint):
 
     def __init__(self, dirpath: str | os.PathLike[str]) -> None:
         self.dirpath = Path(dirpath)
-        self.last_path: Path | None = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = int(trainer.current_epoch) + 1
@@ -313,4 +312,3 @@ class EpochCheckpoint(Checkpoint):
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             os.replace(tmp, final)
-        self.last_path = final

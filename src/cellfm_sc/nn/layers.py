@@ -53,18 +53,17 @@ class SoftBinEncoder(nn.Module):
         self.leaky_slope = leaky_slope
 
     def forward(self, x: Tensor) -> Tensor:
-        if bool((x >= 0).all()):
-            # Exact shortcut for non-negative inputs (normalised counts always are):
-            # LeakyReLU(w1 x) = x * LeakyReLU(w1) for x >= 0, so the bins' logits are
-            # x * c with c = (W3 + a I) LeakyReLU(w1): no (bins x bins) product per token.
-            g = F.leaky_relu(self.w1.weight[:, 0], self.leaky_slope)  # (bins,)
-            c = self.w3(g) + self.a[0, 0] * g  # (bins,)
-            h = torch.softmax(x.unsqueeze(-1) * c.to(x.dtype), dim=-1)
-        else:
-            h = F.leaky_relu(self.w1(x.unsqueeze(-1)), self.leaky_slope)
-            h = self.w3(h) + self.a * h
-            h = torch.softmax(h, dim=-1)
-        return self.table(h)
+        # The input is a scalar, so LeakyReLU(w1 x) is linear in x on each side of 0:
+        # x * LeakyReLU(w1) for x >= 0 and x * -LeakyReLU(-w1) for x < 0. The bins' logits
+        # are then x * c with c = (W3 + a I) g for the matching g: exact, with no
+        # (bins x bins) product per token (normalised counts are never negative, so the
+        # second term is zero in practice).
+        w = self.w1.weight[:, 0]
+        g = torch.stack([F.leaky_relu(w, self.leaky_slope), -F.leaky_relu(-w, self.leaky_slope)])
+        c = (self.w3(g) + self.a[0, 0] * g).to(x.dtype)  # (2, bins)
+        x = x.unsqueeze(-1)
+        logits = x.clamp(min=0) * c[0] + x.clamp(max=0) * c[1]
+        return self.table(torch.softmax(logits, dim=-1))
 
 
 class ValueEncoder(nn.Module):
