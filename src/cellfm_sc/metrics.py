@@ -31,6 +31,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from cellfm_sc._json import to_plain
+
 __all__ = [
     "EvaluationResult",
     "accuracy",
@@ -418,21 +420,6 @@ def _metric_set(t: np.ndarray, p: np.ndarray, k: int, ordinal: bool) -> dict[str
     return out
 
 
-def _jsonable(x: Any) -> Any:
-    """Plain-python, strict-JSON version of ``x`` (``nan``/``inf`` -> ``None``)."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 @dataclasses.dataclass
 class EvaluationResult:
     """Cell- and donor-level evaluation of one set of predictions.
@@ -464,6 +451,12 @@ class EvaluationResult:
         The aggregation method used for the donor table.
     notes
         Remarks worth reading (e.g. donors whose cells carry different labels).
+    evaluated_on
+        Which cells were scored: ``"test"``, ``"validation"``, ``"train"``, ``"cells"``
+        (chosen by the caller) or ``None`` (unknown).
+    embedding
+        ``(n_cells, D)`` cell embedding of the scored cells (rows as ``predictions``), when
+        the model computed it in the same pass; used for the report's UMAP.
     """
 
     cell_metrics: dict[str, float]
@@ -475,19 +468,22 @@ class EvaluationResult:
     predictions: pd.DataFrame
     donor_method: str = "mean_probability"
     notes: list[str] = dataclasses.field(default_factory=list)
+    evaluated_on: str | None = None
+    embedding: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (metrics, confusion matrix, classes; ``nan`` -> ``None``).
 
         The per-cell and per-donor tables are not included (write them as CSV).
         """
-        return _jsonable(
+        return to_plain(
             {
                 "classes": list(self.classes),
                 "ordinal": bool(self.ordinal),
                 "cell_metrics": dict(self.cell_metrics),
                 "donor_metrics": None if self.donor_metrics is None else dict(self.donor_metrics),
                 "donor_method": self.donor_method if self.donor_metrics is not None else None,
+                "evaluated_on": self.evaluated_on,
                 "confusion_matrix": np.asarray(self.confusion).tolist(),
                 "notes": list(self.notes),
             }

@@ -23,18 +23,43 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 
+from cellfm_sc._atomic import atomic_path
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["confusion_matrix", "embedding", "training_curves"]
+__all__ = ["confusion_matrix", "embedding", "save_figure", "training_curves"]
 
 _NON_INTERACTIVE = {"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"}
+
+
+def save_figure(
+    fig: Figure, path: str | os.PathLike[str], *, dpi: int = 150, **kwargs: Any
+) -> Path:
+    """Save a matplotlib figure atomically, rendered with a non-interactive backend.
+
+    The format follows the suffix of ``path`` (default PNG); the user's pyplot backend is
+    not changed.
+
+    Examples
+    --------
+    >>> save_figure(fig, "out/confusion_matrix.png")  # doctest: +SKIP
+    """
+    target = Path(path)
+    fmt = target.suffix.lstrip(".").lower() or "png"
+    kwargs.setdefault("bbox_inches", "tight")
+    # Agg renders raster formats; vector formats use their own (also non-interactive) backend
+    backend = "agg" if fmt in ("png", "jpg", "jpeg", "tif", "tiff", "webp", "raw", "rgba") else None
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=dpi, backend=backend, **kwargs)
+    return target
 
 
 def _finish(fig: Figure, show: bool | None, save: str | os.PathLike[str] | None) -> Figure | None:
@@ -43,8 +68,6 @@ def _finish(fig: Figure, show: bool | None, save: str | os.PathLike[str] | None)
     import matplotlib.pyplot as plt
 
     if save is not None:
-        from cellfm_sc.report import save_figure
-
         save_figure(fig, save)
     if show is None:
         show = save is None and matplotlib.get_backend().lower() not in _NON_INTERACTIVE

@@ -1,6 +1,6 @@
 """Report files of a run, written where users of the original scripts look for them.
 
-:func:`write_report_files` writes, into one output directory:
+:func:`write_report` writes, into one output directory:
 
 ``training_results.json``
     The original scripts' keys (``train_acc_history``, ``test_acc_history``,
@@ -9,8 +9,10 @@
     macro-/weighted-F1, and for ordinal labels QWK, MAE, Spearman), the confusion matrix, the
     per-epoch history, the run facts given in ``info`` (split sizes, seeds, checkpoint
     variant, embedding coverage, ...), package versions and the list of files written.
-    "test" in ``test_acc_history`` / ``best_test_acc`` keeps the original key names; it means
-    the held-out evaluation set scored after each epoch (our ``validation_acc``).
+    ``test_acc_history`` keeps the original key name for the set scored after each epoch
+    (our ``validation_acc``); ``best_test_acc`` is what it says: the test accuracy of the
+    final (restored best) model, with ``best_validation_acc`` (the validation accuracy at the
+    chosen epoch, from ``info``) beside it.
 ``predictions.csv``
     One row per cell: ``obs_name``, ``donor`` (if any), ``true``, ``predicted``,
     ``confidence``, ``p_<class>`` per class.
@@ -19,7 +21,7 @@
     ``n_cells``, ``p_<class>`` per class.
 ``confusion_matrix.png``, ``training_curves.png``, ``umap.png``
     Made by :mod:`cellfm_sc.plotting` (one home per plot). ``training_curves.png`` needs a
-    history; ``umap.png`` needs an embedding and is skipped above 200,000 cells unless
+    history; ``umap.png`` needs ``result.embedding`` and is skipped above 200,000 cells unless
     ``umap=True`` (the JSON says why it is missing).
 
 Every file is written atomically: to a temporary file in the same directory, then renamed
@@ -28,32 +30,27 @@ over the target with :func:`os.replace`, so a crash never leaves a half-written 
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import json
 import os
 import platform
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from cellfm_sc.metrics import EvaluationResult, _jsonable
+from cellfm_sc._atomic import atomic_path, write_json_atomic
+from cellfm_sc._json import to_plain
+from cellfm_sc.metrics import EvaluationResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
     "UMAP_MAX_CELLS",
-    "atomic_path",
-    "atomic_write",
     "package_versions",
-    "save_figure",
-    "write_json_atomic",
-    "write_report_files",
+    "write_report",
 ]
 
 #: Above this many cells ``umap.png`` is skipped unless ``umap=True``.
@@ -100,105 +97,6 @@ _COMPUTED_KEYS = frozenset(
 
 
 # --------------------------------------------------------------------------------------------
-# atomic writes
-# --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
-
-    The caller writes the temporary file; when the ``with`` block exits without error the
-    file is moved over ``path`` with :func:`os.replace` (atomic on POSIX and Windows when on
-    the same file system), otherwise it is removed. Parent directories are created.
-
-    Examples
-    --------
-    >>> with atomic_path(out_dir / "table.csv") as tmp:  # doctest: +SKIP
-    ...     df.to_csv(tmp)
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
-    """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically.
-
-    Examples
-    --------
-    >>> atomic_write(tmp_path / "note.txt", "hello\\n")  # doctest: +SKIP
-    PosixPath('.../note.txt')
-    """
-    target = Path(path)
-    with atomic_path(target) as tmp:
-        if isinstance(data, bytes):
-            tmp.write_bytes(data)
-        else:
-            tmp.write_text(data, encoding="utf-8")
-    return target
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int = 2) -> Path:
-    """Write ``obj`` as strict JSON, atomically.
-
-    numpy scalars/arrays become plain numbers/lists, ``nan``/``inf`` become ``null``,
-    paths become strings; anything else not JSON-able is written as ``str(obj)``.
-
-    Examples
-    --------
-    >>> write_json_atomic(out / "r.json", {"acc": np.float32(0.5)})  # doctest: +SKIP
-    """
-    text = json.dumps(_to_json(obj), indent=indent, allow_nan=False, default=str)
-    return atomic_write(path, text + "\n")
-
-
-def save_figure(
-    fig: Figure, path: str | os.PathLike[str], *, dpi: int = 150, **kwargs: Any
-) -> Path:
-    """Save a matplotlib figure atomically, rendered with the non-interactive Agg backend.
-
-    The format follows the suffix of ``path`` (default PNG); the user's pyplot backend is
-    not changed.
-
-    Examples
-    --------
-    >>> save_figure(fig, "out/confusion_matrix.png")  # doctest: +SKIP
-    """
-    target = Path(path)
-    fmt = target.suffix.lstrip(".").lower() or "png"
-    kwargs.setdefault("bbox_inches", "tight")
-    # Agg renders raster formats; vector formats use their own (also non-interactive) backend
-    backend = "agg" if fmt in ("png", "jpg", "jpeg", "tif", "tiff", "webp", "raw", "rgba") else None
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=dpi, backend=backend, **kwargs)
-    return target
-
-
-def _to_json(obj: Any) -> Any:
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, _dt.datetime | _dt.date):
-        return obj.isoformat()
-    if isinstance(obj, Mapping):
-        return {str(k): _to_json(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set | frozenset):
-        return [_to_json(v) for v in obj]
-    if isinstance(obj, pd.Series | pd.Index):
-        return _to_json(obj.tolist())
-    if isinstance(obj, pd.DataFrame):
-        return _to_json(obj.to_dict(orient="list"))
-    return _jsonable(obj)
-
-
-# --------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------
 
@@ -222,25 +120,23 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def _history_lists(history: pd.DataFrame | None) -> tuple[list[Any], list[Any], Any]:
+def _history_lists(history: pd.DataFrame | None) -> tuple[list[Any], list[Any]]:
     if history is None or len(history) == 0:
-        return [], [], None
+        return [], []
     train = history["train_acc"] if "train_acc" in history else pd.Series(dtype=float)
     val = history["validation_acc"] if "validation_acc" in history else pd.Series(dtype=float)
-    train_l = _to_json(pd.to_numeric(train, errors="coerce").astype(float).tolist())
+    train_l = to_plain(pd.to_numeric(train, errors="coerce").astype(float).tolist())
     val_f = pd.to_numeric(val, errors="coerce").astype(float)
-    val_l = _to_json(val_f.tolist())
-    best = float(np.nanmax(val_f.to_numpy())) if val_f.notna().any() else None
-    return train_l, val_l, best
+    val_l = to_plain(val_f.tolist())
+    return train_l, val_l
 
 
-def write_report_files(
+def write_report(
     out_dir: str | os.PathLike[str],
     result: EvaluationResult,
     *,
     history: pd.DataFrame | None = None,
     info: Mapping[str, Any] | None = None,
-    embedding: np.ndarray | None = None,
     umap: bool | None = None,
 ) -> dict[str, Path]:
     """Write the report files of a run into ``out_dir`` (created if needed).
@@ -255,17 +151,17 @@ def write_report_files(
     history
         One row per epoch with columns ``epoch``, ``train_loss``, ``train_acc``,
         ``validation_loss``, ``validation_acc`` (NaN where not recorded).
-        ``train_acc_history`` / ``test_acc_history`` / ``best_test_acc`` come from
-        ``train_acc`` / ``validation_acc`` (``best_test_acc`` = max ``validation_acc``).
+        ``train_acc_history`` / ``test_acc_history`` come from ``train_acc`` /
+        ``validation_acc`` (the original scripts' names: their "test" set was the set
+        scored after each epoch, our validation set). ``best_test_acc`` is the accuracy of
+        the final (restored best) model on the test cells when ``result`` scored the test
+        split (``result.evaluated_on == "test"``), else ``None``.
     info
         Run facts merged into ``training_results.json``: ``n_genes``, ``gene_embedding``
         (``"random"`` / ``"transfer"``), ``epochs`` (default: rows of ``history``),
         ``batch_size``, ``lr``, ``num_classes`` (default: number of classes), and any other
         JSON-able facts (split sizes, seeds, checkpoint variant, embedding coverage, ...).
         Keys computed here (metrics, histories, ``files`` ...) may not be set.
-    embedding
-        ``(n_cells, d)`` cell embedding (``X_cellfm``) in the row order of
-        ``result.predictions``; enables ``umap.png``.
     umap
         ``True``: always draw the UMAP; ``False``: never; ``None``: only up to
         :data:`UMAP_MAX_CELLS` cells.
@@ -280,8 +176,8 @@ def write_report_files(
     Examples
     --------
     >>> res = evaluate_predictions(prob, y, classes, donors=donors, ordinal=True)  # doctest: +SKIP
-    >>> files = write_report_files("run1", res, history=hist, info={"n_genes": 36601},
-    ...                            embedding=emb)  # doctest: +SKIP
+    >>> res.embedding = emb  # or model.evaluate(), which fills it  # doctest: +SKIP
+    >>> files = write_report("run1", res, history=hist, info={"n_genes": 36601})  # doctest: +SKIP
     >>> sorted(files)  # doctest: +SKIP
     ['confusion_matrix', 'donor_predictions', 'predictions', 'training_curves',
      'training_results', 'umap']
@@ -329,6 +225,7 @@ def write_report_files(
     # UMAP of the embedding
     n_cells = len(result.predictions)
     umap_note: str | None = None
+    embedding = result.embedding
     if embedding is None:
         umap_note = "no embedding given"
     elif umap is False:
@@ -346,9 +243,10 @@ def write_report_files(
         files["umap"] = out / "umap.png"
 
     # training_results.json last, so that it lists every file
-    train_hist, test_hist, best = _history_lists(history)
+    train_hist, test_hist = _history_lists(history)
     summary = result.to_dict()
     cell_m = summary["cell_metrics"]
+    cell_accuracy = cell_m.get("accuracy")
     donor_m = summary["donor_metrics"]
     if result.ordinal:
         qwk_level = "donor" if donor_m is not None else "cell"
@@ -359,7 +257,7 @@ def write_report_files(
         # the original scripts' keys
         "train_acc_history": train_hist,
         "test_acc_history": test_hist,
-        "best_test_acc": best,
+        "best_test_acc": cell_accuracy if result.evaluated_on == "test" else None,
         "n_genes": info.pop("n_genes", None),
         "gene_embedding": info.pop("gene_embedding", None),
         "epochs": info.pop("epochs", len(history) if history is not None else None),
@@ -373,7 +271,7 @@ def write_report_files(
         "qwk_level": qwk_level,
         "macro_f1": cell_m.get("macro_f1"),
         **summary,
-        "history": _to_json(history.to_dict(orient="records")) if history is not None else [],
+        "history": to_plain(history.to_dict(orient="records")) if history is not None else [],
         **info,
         "package_versions": package_versions(),
         "umap": {"written": "umap" in files, "note": umap_note},
@@ -385,6 +283,8 @@ def write_report_files(
 
 
 def _save_close(fig: Figure, path: Path, plt: Any) -> None:
+    from cellfm_sc.plotting import save_figure
+
     try:
         save_figure(fig, path)
     finally:

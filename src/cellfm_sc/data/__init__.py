@@ -5,6 +5,7 @@
 ``log1p(count)`` weight (:func:`tokenize`) -> padded :class:`TokenBatch`.
 """
 
+from ._obs import obs_column
 from .checks import (
     MissingLayerError,
     check_counts,
@@ -43,6 +44,7 @@ __all__ = [
     "get_matrix",
     "make_dataloader",
     "name_keys",
+    "obs_column",
     "row_source",
     "split_by_donor",
     "split_from_json",

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ._obs import obs_column
+
 __all__ = [
     "DataSplit",
     "check_donors_disjoint",
@@ -94,21 +96,6 @@ class DataSplit:
         if name not in SPLITS:
             raise KeyError(f"no split {name!r}; splits are {SPLITS}")
         return getattr(self, name)
-
-
-def _column(adata: Any, key: str, what: str) -> pd.Series:
-    if key not in adata.obs.columns:
-        raise KeyError(
-            f"{what} column {key!r} not in adata.obs; columns: {list(adata.obs.columns)}"
-        )
-    col = adata.obs[key]
-    missing = int(col.isna().sum())
-    if missing:
-        raise ValueError(
-            f"{what} column {key!r} has {missing} missing value(s) (NaN) out of {col.size} "
-            "cells; fill or drop them first"
-        )
-    return col
 
 
 def donor_labels(donors: pd.Series | np.ndarray, labels: pd.Series | np.ndarray) -> pd.Series:
@@ -241,10 +228,10 @@ def split_by_donor(
         Missing donors or labels (NaN, with the count), a donor with two labels (naming it),
         too few donors.
     """
-    donors = _column(adata, donor_key, "donor").astype(str).to_numpy()
+    donors = obs_column(adata, donor_key, keyword="donor_key").astype(str).to_numpy()
     unique_donors = np.unique(donors)
     if labels_key is not None:
-        labels = _column(adata, labels_key, "labels")
+        labels = obs_column(adata, labels_key, keyword="labels_key")
         per_donor = donor_labels(donors, labels.astype(str).to_numpy())
         strata = per_donor.loc[unique_donors].to_numpy()
     else:
@@ -289,7 +276,7 @@ def split_stratified(
     """
     n = adata.n_obs
     if labels_key is not None:
-        strata = _column(adata, labels_key, "labels").astype(str).to_numpy()
+        strata = obs_column(adata, labels_key, keyword="labels_key").astype(str).to_numpy()
     else:
         strata = np.zeros(n, dtype=np.int64)
     n_test, n_val = _assign(n, test_size, validation_size, "cells")
@@ -322,7 +309,7 @@ def split_from_obs(adata: Any, split_key: str, donor_key: str | None = None) -> 
     >>> split = split_from_obs(adata, "split")  # doctest: +SKIP
     >>> model.train(split=split)  # doctest: +SKIP
     """
-    col = _column(adata, split_key, "split").astype(str)
+    col = obs_column(adata, split_key, keyword="split_key").astype(str)
     norm = col.str.strip().str.lower().map(_SPLIT_ALIASES)
     if norm.isna().any():
         bad = sorted(pd.unique(col[norm.isna()]))[:10]
@@ -334,7 +321,7 @@ def split_from_obs(adata: Any, split_key: str, donor_key: str | None = None) -> 
         **{name: np.flatnonzero(values == name) for name in SPLITS}, info={"split_key": split_key}
     )
     if donor_key is not None:
-        donors = _column(adata, donor_key, "donor").astype(str).to_numpy()
+        donors = obs_column(adata, donor_key, keyword="donor_key").astype(str).to_numpy()
         check_donors_disjoint(split, donors)
         split.donor_key = donor_key
         split.donors = {k: np.unique(donors[split[k]]).astype(object) for k in SPLITS}
@@ -396,7 +383,7 @@ def split_from_json(path: str | Path, adata: Any) -> DataSplit:
     )
     donor_key = spec.get("donor_col")
     if donor_key:
-        donors = _column(adata, donor_key, "donor").astype(str).to_numpy()
+        donors = obs_column(adata, donor_key, keyword="donor_key").astype(str).to_numpy()
         check_donors_disjoint(split, donors)
         split.donor_key = donor_key
         split.donors = {k: np.unique(donors[split[k]]).astype(object) for k in SPLITS}

@@ -37,7 +37,8 @@ class CellFMClassifierModule(nn.Module):
     dropout
         Head dropout.
     class_weights
-        Optional ``(K,)`` cross-entropy weights.
+        Optional ``(K,)`` cross-entropy weights (a buffer that is not saved: it belongs to
+        one ``train()`` call).
     """
 
     def __init__(
@@ -84,10 +85,14 @@ class CellFMClassifierModule(nn.Module):
         hide = (torch.rand(batch.valid.shape, device=batch.valid.device) < mask_ratio) & batch.valid
         out = self(batch, unmask=(~hide).to(batch.values.dtype))
         pred, _ = self.trunk.value_dec(out.hidden)
-        if not bool(hide.any()):
-            return out, pred.sum() * 0.0
-        return out, F.mse_loss(pred[hide].float(), batch.values[hide].float())
+        err = (pred.float() - batch.values.float()) ** 2 * hide
+        return out, err.sum() / hide.sum().clamp(min=1)
 
-    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Mean (class-weighted) cross-entropy. ``logits (B, K)``, ``labels (B,)`` -> scalar."""
-        return F.cross_entropy(logits.float(), labels, weight=self.class_weights)
+    def cell_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Per-cell cross-entropy times the class weight of the cell's label.
+
+        ``logits (B, K)``, ``labels (B,)`` -> ``(B,)`` (float32). The class weights average
+        1 over the training cells (or are all 1), so the mean is the usual loss.
+        """
+        ce = F.cross_entropy(logits.float(), labels, reduction="none")
+        return ce * self.class_weights[labels]

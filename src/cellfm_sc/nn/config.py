@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from cellfm_sc._constants import PRESET_NAMES
+
 __all__ = ["PRESETS", "CellFMConfig", "padded_rows"]
 
 
@@ -117,9 +119,11 @@ class CellFMConfig:
 
 
 PRESETS: dict[str, CellFMConfig] = {
+    # small random trunks for CPUs, tests and the demo
+    "tiny": CellFMConfig(enc_dims=64, num_heads=4, n_layers=2),
+    "small": CellFMConfig(enc_dims=256, num_heads=8, n_layers=2),
     "80M": CellFMConfig(enc_dims=1536, num_heads=48, n_layers=2),
     "800M": CellFMConfig(enc_dims=1536, num_heads=48, n_layers=40),
-    # small random trunks for CPUs, tests and the demo
-    "small": CellFMConfig(enc_dims=256, num_heads=8, n_layers=2),
-    "tiny": CellFMConfig(enc_dims=64, num_heads=4, n_layers=2),
 }
+if tuple(PRESETS) != PRESET_NAMES:  # pragma: no cover - a programming error
+    raise RuntimeError(f"PRESETS {tuple(PRESETS)} disagree with PRESET_NAMES {PRESET_NAMES}")

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from cellfm_sc._constants import TRAINABLE_POLICIES
+
 __all__ = [
     "LORA_TARGETS",
     "TRAINABLE_POLICIES",
@@ -15,7 +17,9 @@ __all__ = [
     "merge_lora",
 ]
 
-TRAINABLE_POLICIES = ("encoder+head", "head", "encoder+head+embedding", "all", "lora")
+# parameters of the trunk that the classification forward never uses (pretraining inputs,
+# decoders, the ST encoder that only the public port's training used)
+_UNUSED_BY_FORWARD = ("value_dec.", "cellwise_dec.", "zero_emb", "value_enc.mask_emb", "ST_enc.")
 # every retention and gated-unit projection of every layer
 LORA_TARGETS = r".*encoder\.\d+\.(attn\.[qkvuo]_proj|ffn\.[uvo]_proj)"
 
@@ -48,7 +52,11 @@ class TrainableSummary:
 def _rule(policy: str, trunk_prefix: str, head_prefix: str):
     enc = f"{trunk_prefix}encoder."
     emb = f"{trunk_prefix}gene_emb"
+    unused = tuple(f"{trunk_prefix}{n}" for n in _UNUSED_BY_FORWARD)
     rules = {
+        "auto": lambda n: (
+            n.startswith(head_prefix) or (n.startswith(trunk_prefix) and not n.startswith(unused))
+        ),
         "head": lambda n: n.startswith(head_prefix),
         "encoder+head": lambda n: n.startswith((head_prefix, enc)),
         "encoder+head+embedding": lambda n: n.startswith((head_prefix, enc)) or n == emb,
@@ -60,10 +68,11 @@ def _rule(policy: str, trunk_prefix: str, head_prefix: str):
 
 def apply_trainable(
     model: nn.Module,
-    policy: str = "encoder+head",
+    policy: str = "auto",
     *,
     trunk_prefix: str = "trunk.",
     head_prefix: str = "head.",
+    also: tuple[str, ...] = (),
     rank: int = 8,
     alpha: int = 16,
     lora_dropout: float = 0.0,
@@ -76,10 +85,18 @@ def apply_trainable(
         A module holding the trunk under ``trunk_prefix`` and the head under ``head_prefix``
         (a bare :class:`~cellfm_sc.nn.CellFMTrunk` works with ``trunk_prefix=""``).
     policy
-        ``"encoder+head"`` (default: retention layers and head train; gene embedding, value
-        encoder, cls/ST tokens and decoders frozen), ``"head"``, ``"encoder+head+embedding"``,
-        ``"all"``, or ``"lora"`` (LoRA adapters of ``rank``/``alpha``/``lora_dropout`` on every
-        retention and gated-unit projection via ``peft``; base weights frozen; head trains).
+        ``"auto"`` (default): every parameter the classification forward uses (gene
+        embedding, value encoder, cls/ST tokens, retention layers, head), never the decoders,
+        ``mask_emb``, ``zero_emb`` or ``ST_enc`` (a loss that uses them names them in
+        ``also``). ``"encoder+head"`` (the original scripts' policy: retention layers and head
+        train; gene embedding, value encoder, cls/ST tokens and decoders frozen), ``"head"``,
+        ``"encoder+head+embedding"``, ``"all"`` (every parameter, unused ones included), or
+        ``"lora"`` (LoRA adapters of ``rank``/``alpha``/``lora_dropout`` on every retention
+        and gated-unit projection via ``peft``; base weights frozen; head trains).
+    also
+        Name prefixes that train in addition to the policy's (relative to ``trunk_prefix``
+        when they start with a trunk attribute, e.g. ``("value_dec.", "value_enc.mask_emb")``
+        for the masked-value objective).
 
     Returns
     -------
@@ -106,7 +123,9 @@ def apply_trainable(
             r=rank, lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=pattern
         )
         inject_adapter_in_model(config, model)
-    keep = _rule(policy, trunk_prefix, head_prefix)
+    rule = _rule(policy, trunk_prefix, head_prefix)
+    extra = tuple(f"{trunk_prefix}{a}" for a in also)
+    keep = (lambda n: rule(n) or n.startswith(extra)) if extra else rule
     names = []
     n_train = n_total = 0
     for name, param in model.named_parameters():

@@ -1,0 +1,60 @@
+"""The choice lists every layer and the command line share (one home; imports nothing).
+
+Kept free of torch and of the rest of the package so that ``cellfm-sc --help`` can list
+the choices without importing the model code.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EMBEDDING_INITS",
+    "LR_SCHEDULES",
+    "MONITORS",
+    "POOLINGS",
+    "PRECISIONS",
+    "PRESET_NAMES",
+    "TRAINABLE_POLICIES",
+]
+
+#: named trunk sizes (:data:`cellfm_sc.nn.PRESETS` holds their configurations)
+PRESET_NAMES: tuple[str, ...] = ("tiny", "small", "80M", "800M")
+
+#: what trains: ``"auto"`` = every parameter the task's forward and loss use
+TRAINABLE_POLICIES: tuple[str, ...] = (
+    "auto",
+    "encoder+head",
+    "head",
+    "encoder+head+embedding",
+    "all",
+    "lora",
+)
+
+#: initialisation of the new gene-embedding table
+EMBEDDING_INITS: tuple[str, ...] = ("random", "transfer")
+
+#: learning-rate schedules of the training core
+LR_SCHEDULES: tuple[str, ...] = ("warmup_cosine", "cosine", "step", "constant")
+
+#: Lightning precisions accepted by ``train(precision=...)`` / ``--precision``
+PRECISIONS: tuple[str, ...] = (
+    "32",
+    "32-true",
+    "16-mixed",
+    "bf16-mixed",
+    "16-true",
+    "bf16-true",
+    "64",
+)
+
+#: validation quantities a classifier's model selection can follow
+MONITORS: tuple[str, ...] = (
+    "auto",
+    "validation_loss",
+    "validation_acc",
+    "validation_macro_f1",
+    "validation_donor_qwk",
+    "validation_donor_balanced_acc",
+)
+
+#: bag pooling of the donor-level model
+POOLINGS: tuple[str, ...] = ("gated_attention", "mean")

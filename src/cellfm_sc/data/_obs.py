@@ -1,0 +1,55 @@
+"""Reading obs columns the user named (one home for the "not a column" error)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+__all__ = ["obs_column"]
+
+
+def obs_column(adata: Any, key: str, *, keyword: str, allow_missing: bool = False) -> pd.Series:
+    """``adata.obs[key]``, or a clear error naming the keyword, the column and the choices.
+
+    Parameters
+    ----------
+    adata
+        AnnData (in memory or backed).
+    key
+        The column the user asked for.
+    keyword
+        The argument that named it (``"labels_key"``, ``"donor_key"``, ...): errors say
+        ``labels_key='x'`` so the command line can reword them as ``--labels-key x``.
+    allow_missing
+        Whether missing values (NaN) are allowed; otherwise they are an error with the count.
+
+    Raises
+    ------
+    KeyError
+        The column does not exist (the message lists the columns there are).
+    ValueError
+        The column holds missing values and ``allow_missing`` is false.
+
+    Examples
+    --------
+    >>> import anndata as ad, pandas as pd
+    >>> a = ad.AnnData(obs=pd.DataFrame({"cell_type": ["T", "B"]}, index=["c1", "c2"]))
+    >>> list(obs_column(a, "cell_type", keyword="labels_key"))
+    ['T', 'B']
+    """
+    if key not in adata.obs.columns:
+        cols = list(map(str, adata.obs.columns))
+        shown = ", ".join(repr(c) for c in cols[:20]) + (" ..." if len(cols) > 20 else "")
+        raise KeyError(
+            f"{keyword}={key!r} is not a column of adata.obs; columns are: {shown or '(none)'}"
+        )
+    col = adata.obs[key]
+    if not allow_missing:
+        missing = int(col.isna().sum())
+        if missing:
+            raise ValueError(
+                f"{keyword}={key!r}: the column has {missing} missing value(s) (NaN) out of "
+                f"{col.size} cells; fill them or drop those cells first"
+            )
+    return col

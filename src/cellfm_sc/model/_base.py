@@ -1,0 +1,717 @@
+"""What every cellfm-sc model class shares (scvi-tools ``BaseModelClass`` underneath).
+
+A model class = its torch module + its training plan (loss and metrics) + its user methods.
+Everything else lives here once: building the trunk (checkpoint or preset, new gene
+embedding), the registered data (layer, genes, donors), the split (kept by obs name),
+training through :func:`cellfm_sc.model._core.fit`, the inference loop, ``device``, and
+``save`` / ``load``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from scvi.model.base import BaseModelClass
+
+from cellfm_sc._atomic import atomic_dir
+from cellfm_sc._constants import EMBEDDING_INITS, TRAINABLE_POLICIES
+from cellfm_sc._json import to_plain
+from cellfm_sc.data import DataSplit, batches, check_counts, empty_cells
+from cellfm_sc.nn import CellFMConfig, CellFMTrunk, apply_trainable
+from cellfm_sc.nn.trainable import merge_lora
+from cellfm_sc.pretrained import PretrainedReport, load_pretrained_trunk
+from cellfm_sc.vocab import GeneVocab, build_gene_embedding
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CellFMModel", "auto_lr", "model_not_set_up"]
+
+MODEL_FILE = "model.pt"
+VOCAB_FILE = "vocab.txt"
+CONFIG_FILE = "config.json"
+SPLITS = ("train", "validation", "test")
+
+#: learning rate of ``lr="auto"`` for a randomly initialised trunk (measured: see docs)
+LR_RANDOM = 1e-3
+#: ``lr="auto"`` for a pretrained trunk of the released width (1536; the original scripts')
+LR_PRETRAINED_WIDE = 1e-4
+#: ``lr="auto"`` for a pretrained trunk narrower than :data:`WIDE`
+LR_PRETRAINED_NARROW = 1e-3
+WIDE = 1024
+
+
+def auto_lr(pretrained: bool, config: CellFMConfig) -> float:
+    """The learning rate ``lr="auto"`` resolves to.
+
+    A randomly initialised trunk: :data:`LR_RANDOM` (1e-3). A pretrained trunk: 1e-4 when
+    it is as wide as the released CellFM models (``enc_dims >= 1024``: the original scripts'
+    rate for the 80M model), 1e-3 for narrower trunks (a 64-wide trunk pretrained here
+    fine-tuned to 0.62 macro-F1 at 1e-3 and 0.39 at 1e-4).
+
+    Examples
+    --------
+    >>> auto_lr(True, CellFMConfig.from_preset("80M")), auto_lr(False, CellFMConfig.from_preset("80M"))
+    (0.0001, 0.001)
+    """
+    if not pretrained:
+        return LR_RANDOM
+    return LR_PRETRAINED_WIDE if config.enc_dims >= WIDE else LR_PRETRAINED_NARROW
+
+
+def model_not_set_up(cls: type[BaseModelClass], adata: Any) -> bool:
+    """Whether ``adata`` has not been registered with ``cls.setup_anndata``.
+
+    A copy of a registered AnnData carries the original's registration id but no manager of
+    its own (scvi-tools raises ``ValueError``): it needs its own setup too.
+    """
+    try:
+        return cls._get_most_recent_anndata_manager(adata, required=False) is None
+    except ValueError:
+        return True
+
+
+def _select(batch: Any, mask: torch.Tensor) -> Any:
+    """The cells of a batch where ``mask (B,)`` is true (every per-cell tensor field)."""
+    import dataclasses
+
+    values = {}
+    for f in dataclasses.fields(batch):
+        v = getattr(batch, f.name)
+        is_cells = isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == mask.shape[0]
+        values[f.name] = v[mask] if is_cells else v
+    return type(batch)(**values)
+
+
+def _tensor_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+class CellFMModel(BaseModelClass):
+    """Base of :class:`~cellfm_sc.CellFMClassifier` and the other model classes.
+
+    Subclasses set ``_module_cls`` and implement ``_make_module(trunk, attrs)`` (build the
+    torch module around a trunk from saved attributes), ``_save_attrs()`` /
+    ``_restore_attrs(attrs)`` for their own state, their ``setup_anndata``, ``train`` and
+    user methods.
+    """
+
+    _module_cls: ClassVar[type[torch.nn.Module]]
+    #: name prefixes (relative to the trunk) that the class's loss trains beside the policy
+    _objective_params: ClassVar[tuple[str, ...]] = ()
+
+    # ------------------------------------------------------------------ construction
+    def _read_setup_args(self) -> dict[str, Any]:
+        args = (
+            dict(self.adata_manager.registry["setup_args"])
+            if self.adata_manager is not None
+            else dict(self.registry_["setup_args"])
+        )
+        self.layer: str | None = args.get("layer")
+        self.use_raw: bool = bool(args.get("use_raw", False))
+        self.gene_symbols_key: str | None = args.get("gene_symbols")
+        self.donor_key: str | None = args.get("donor_key")
+        return args
+
+    def _init_common(self) -> None:
+        #: rank of this process in the last (distributed) training; 0 outside DDP
+        self.global_rank_ = 0
+        self.history_ = None
+        self.step_history_ = None
+        self.best_epoch_: int | None = None
+        self.best_score_: float | None = None
+        self.train_settings_: dict[str, Any] | None = None
+        self.split_: DataSplit | None = None
+        self.split_names_: dict[str, list[str]] | None = None
+
+    def _build_trunk(
+        self,
+        adata: Any,
+        *,
+        checkpoint: str | os.PathLike[str] | None,
+        vocabulary_file: str | os.PathLike[str] | None,
+        num_heads: int | None,
+        preset: str | CellFMConfig | None,
+        embedding_init: str,
+        dropout: float,
+        seed: int,
+        hgnc_table: str | os.PathLike[str] | None,
+    ) -> CellFMTrunk:
+        """The trunk for ``adata``'s genes: from a checkpoint, or random of ``preset``."""
+        if embedding_init not in EMBEDDING_INITS:
+            raise ValueError(
+                f"embedding_init must be one of {EMBEDDING_INITS}, got {embedding_init!r}"
+            )
+        var_names = self._gene_names(adata)
+        symbols = self._gene_symbols(adata)
+        torch.manual_seed(seed)
+        report: PretrainedReport | None = None
+        if checkpoint is not None:
+            trunk, report = load_pretrained_trunk(
+                checkpoint,
+                symbols if symbols is not None else var_names,
+                vocabulary_file=vocabulary_file,
+                embedding_init=embedding_init,
+                num_heads=num_heads,
+                hgnc_table=hgnc_table,
+                seed=seed,
+                ensembl_ids=var_names if symbols is not None else None,
+            )
+            if preset is not None:
+                _check_preset(trunk.config, preset)
+            trunk.set_dropout(dropout)
+            preset_name = None
+        else:
+            if embedding_init == "transfer":
+                raise ValueError("embedding_init='transfer' needs a checkpoint= to transfer from")
+            if vocabulary_file is not None:
+                raise ValueError("vocabulary_file= belongs to a checkpoint=; pass both")
+            config = _resolve_preset(preset, num_heads, dropout)
+            preset_name = preset if isinstance(preset, str) else (None if preset else "80M")
+            warnings.warn(
+                f"no checkpoint given: the CellFM trunk ({config.enc_dims} dims, "
+                f"{config.n_layers} layers) is randomly initialised; no pretrained weights are "
+                "used",
+                UserWarning,
+                stacklevel=3,
+            )
+            trunk = CellFMTrunk(config, n_genes=len(var_names))
+            table = build_gene_embedding(
+                GeneVocab.from_var_names(var_names), init="random", seed=seed, dim=config.enc_dims
+            )
+            with torch.no_grad():
+                trunk.gene_emb.copy_(table)
+        self.vocab = GeneVocab.from_var_names(var_names)
+        self.pretrained_report_ = report.to_dict() if report is not None else None
+        self._pretrained_report = report
+        self.embedding_init_ = embedding_init
+        self.preset_ = preset_name
+        return trunk
+
+    def _attach(
+        self, module: torch.nn.Module, trainable: str, lora_rank: int, lora_alpha: int
+    ) -> None:
+        """Set the module and what trains (the policy plus the objective's parameters)."""
+        if trainable not in TRAINABLE_POLICIES:
+            raise ValueError(f"trainable must be one of {TRAINABLE_POLICIES}, got {trainable!r}")
+        self.module = module
+        self.trainable_ = trainable
+        self.lora_ = {"rank": int(lora_rank), "alpha": int(lora_alpha)}
+        self.trainable_summary = apply_trainable(
+            module, trainable, rank=lora_rank, alpha=lora_alpha, also=self._objective_params
+        )
+        self.module.eval()
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the trunk came from a checkpoint (not randomly initialised)."""
+        return self.pretrained_report_ is not None
+
+    # ------------------------------------------------------------------ data access
+    def _data_kwargs(self) -> dict[str, Any]:
+        """Where the counts are, for the data path."""
+        return {"layer": self.layer}
+
+    def _gene_names(self, adata: Any) -> list[str]:
+        return [str(v) for v in adata.var_names]
+
+    def _gene_symbols(self, adata: Any) -> list[str] | None:
+        if self.gene_symbols_key is None:
+            return None
+        return [str(s) for s in adata.var[self.gene_symbols_key]]
+
+    def _adata_or_default(self, adata: Any | None) -> Any:
+        if adata is None:
+            if self.adata is None:
+                raise ValueError("this model holds no AnnData: pass adata=")
+            return self.adata
+        return adata
+
+    def _gene_id_map(self, adata: Any) -> np.ndarray | None:
+        """``None`` when ``adata``'s genes are the vocabulary; a map for a permutation."""
+        names = self._gene_names(adata)
+        if names == list(self.vocab.names):
+            return None
+        theirs, ours = set(names), set(self.vocab.names)
+        if theirs != ours:
+            missing = sorted(ours - theirs)
+            extra = sorted(theirs - ours)
+            raise ValueError(
+                f"adata.var_names differ from the model's {self.vocab.n_genes} genes: "
+                f"{len(missing)} missing (e.g. {missing[:5]}), {len(extra)} unknown "
+                f"(e.g. {extra[:5]}); subset or reorder the AnnData to the model's genes"
+            )
+        return self.vocab.ids(names)
+
+    @property
+    def device(self) -> torch.device:
+        """The device the module's parameters are on."""
+        return next(self.module.parameters()).device
+
+    def _inference_device(self, device: str | torch.device | None) -> torch.device:
+        if device is not None:
+            return torch.device(device)
+        here = self.device
+        if here.type != "cpu":
+            return here
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    # ------------------------------------------------------------------ the split
+    def _set_split(self, adata: Any, split: DataSplit) -> None:
+        self.split_ = split
+        self.train_indices_ = split.train
+        self.validation_indices_ = split.validation
+        self.test_indices_ = split.test
+        names = np.asarray(adata.obs_names)
+        self.split_names_ = {s: [str(n) for n in names[split[s]]] for s in SPLITS}
+
+    def _split_for(self, adata: Any) -> DataSplit | None:
+        """The split as positions in ``adata``: mapped by obs name, or an error."""
+        if self.split_names_ is None:
+            return None
+        if adata is self.adata and self.split_ is not None:
+            return self.split_
+        parts = {}
+        for s in SPLITS:
+            names = self.split_names_[s]
+            pos = adata.obs_names.get_indexer(pd.Index(names))
+            missing = int((pos < 0).sum())
+            if missing:
+                shown = [names[i] for i in np.flatnonzero(pos < 0)[:3]]
+                raise ValueError(
+                    f"{missing} of the model's {len(names)} {s} cells are not in this AnnData "
+                    f"(by obs name, e.g. {shown}); evaluate these data with indices= or without "
+                    "the saved split"
+                )
+            parts[s] = pos.astype(np.int64)
+        return DataSplit(parts["train"], parts["validation"], parts["test"])
+
+    def split_labels(self, adata: Any | None = None) -> np.ndarray:
+        """Per cell of ``adata``: ``"train"``, ``"validation"``, ``"test"`` or ``"none"``.
+
+        Cells are matched by obs name, so any AnnData works (cells the model never split
+        are ``"none"``).
+        """
+        adata = self._adata_or_default(adata)
+        out = np.full(adata.n_obs, "none", dtype=object)
+        if self.split_names_ is None:
+            return out
+        for s in SPLITS:
+            pos = adata.obs_names.get_indexer(pd.Index(self.split_names_[s]))
+            out[pos[pos >= 0]] = s
+        return out
+
+    def _indices(self, adata: Any, indices: Any) -> np.ndarray:
+        if indices is None:
+            return np.arange(adata.n_obs, dtype=np.int64)
+        if isinstance(indices, str):
+            if indices not in SPLITS:
+                raise ValueError(
+                    f"indices must be 'train', 'validation', 'test' or an array, got {indices!r}"
+                )
+            split = self._split_for(adata)
+            if split is None or len(split[indices]) == 0:
+                raise ValueError(
+                    f"the model has no {indices} cells (train with a {indices} split first, or "
+                    "pass indices=)"
+                )
+            return np.asarray(split[indices], dtype=np.int64)
+        idx = np.asarray(indices)
+        if idx.dtype == bool:
+            if idx.shape != (adata.n_obs,):
+                raise ValueError(
+                    f"a boolean indices mask needs shape ({adata.n_obs},), got {idx.shape}"
+                )
+            idx = np.flatnonzero(idx)
+        if idx.dtype.kind in "OUS":  # obs names
+            pos = adata.obs_names.get_indexer(pd.Index(idx.astype(str)))
+            if (pos < 0).any():
+                raise KeyError(f"obs names not in the AnnData: {list(idx[pos < 0][:5])}")
+            idx = pos
+        idx = idx.astype(np.int64)
+        if len(idx) and (idx.min() < 0 or idx.max() >= adata.n_obs):
+            raise IndexError(
+                f"indices must lie in [0, {adata.n_obs}), got {idx.min()}..{idx.max()}"
+            )
+        if len(np.unique(idx)) != len(idx):
+            raise ValueError("indices hold repeated cells")
+        return idx
+
+    # ------------------------------------------------------------------ checks
+    def _check_cells(self, adata: Any, indices: np.ndarray) -> None:
+        """Every cell that training will read has valid counts and is not empty."""
+        check_counts(adata, self.layer)
+        empty = empty_cells(adata, self.layer, indices)
+        if len(empty):
+            names = [str(adata.obs_names[i]) for i in empty[:5]]
+            raise ValueError(
+                f"{len(empty)} cell(s) have no counts (e.g. {names}); remove them before "
+                "training (a cell without expressed genes has no embedding)"
+            )
+
+    # ------------------------------------------------------------------ training
+    def _fit(
+        self,
+        plan: Any,
+        adata: Any,
+        split: DataSplit,
+        *,
+        loader_kwargs: dict[str, Any],
+        settings: dict[str, Any],
+        **fit_kwargs: Any,
+    ) -> Any:
+        """Train ``plan`` on ``split`` through the core; store history, split and settings."""
+        from cellfm_sc.model._core import CellFMDataModule, fit
+
+        datamodule = CellFMDataModule(adata, split, **loader_kwargs)
+        logger.info("%s", self.trainable_summary)
+        result = fit(plan, datamodule, has_validation=len(split.validation) > 0, **fit_kwargs)
+        self.history_ = pd.DataFrame(result.history)
+        self.step_history_ = pd.DataFrame(result.step_history)
+        self.best_epoch_ = result.best_epoch
+        self.best_score_ = result.best_score
+        self._set_split(adata, split)
+        self.train_settings_ = {
+            **settings,
+            "epochs_run": len(result.history),
+            "best_epoch": result.best_epoch,
+            "best_score": result.best_score,
+            "precision": result.precision,
+            "world_size": result.world_size,
+            "log_dir": result.log_dir,
+        }
+        self.global_rank_ = result.global_rank
+        self.is_trained_ = True
+        return result
+
+    @property
+    def step_history(self) -> pd.DataFrame | None:
+        """One row per validation run: ``epoch`` (0-based), ``step``, the epoch-to-date
+        training metrics and the validation metrics."""
+        return self.step_history_
+
+    @property
+    def split(self) -> DataSplit | None:
+        """The split of the last training, as positions in :attr:`adata`."""
+        return self.split_
+
+    @property
+    def best_epoch(self) -> int | None:
+        """The (1-based) epoch whose weights the model holds after training."""
+        return self.best_epoch_
+
+    # ------------------------------------------------------------------ inference
+    def _batches(
+        self,
+        adata: Any,
+        idx: np.ndarray,
+        batch_size: int,
+        gene_id_map: np.ndarray | None,
+    ) -> Iterator[Any]:
+        yield from batches(
+            adata,
+            batch_size=batch_size,
+            max_tokens=self.max_tokens,
+            train=False,
+            shuffle=False,
+            seed=self.seed,
+            indices=idx,
+            gene_id_map=gene_id_map,
+            bucket=True,
+            **self._data_kwargs(),
+        )
+
+    @torch.inference_mode()
+    def _forward_cells(
+        self,
+        adata: Any,
+        idx: np.ndarray,
+        batch_size: int,
+        device: str | torch.device | None,
+        outputs: dict[str, tuple[int, ...]],
+        forward: Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]],
+    ) -> dict[str, np.ndarray]:
+        """Run ``forward(module, batch)`` over cells ``idx``; rows in the order of ``idx``.
+
+        ``outputs`` maps each output name to its per-cell shape; arrays are float32
+        ``(len(idx), *shape)``, NaN for cells without counts (with a warning).
+        """
+        gene_id_map = self._gene_id_map(adata)
+        dev = self._inference_device(device)
+        module = self.module.to(dev).eval()
+        arrays = {
+            k: np.full((len(idx), *shape), np.nan, np.float32) for k, shape in outputs.items()
+        }
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        use_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        )
+        for batch in self._batches(adata, idx, batch_size, gene_id_map):
+            ok = (batch.n_tokens > 0).numpy()
+            rows = order[np.searchsorted(sorted_idx, batch.obs_index.numpy())]
+            if not ok.all():
+                rows = rows[ok]
+                if len(rows) == 0:
+                    continue
+                batch = _select(batch, torch.from_numpy(ok))
+            batch = batch.to(dev, non_blocking=True)
+            with autocast:
+                result = forward(module, batch)
+            for key, value in result.items():
+                arrays[key][rows] = value.float().cpu().numpy()
+        first = next(iter(arrays.values()), None)
+        if first is not None:
+            n_empty = int(np.isnan(first.reshape(len(idx), -1)[:, 0]).sum()) if len(idx) else 0
+            if n_empty:
+                warnings.warn(
+                    f"{n_empty} cell(s) have no counts: their outputs are NaN",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        return arrays
+
+    # ------------------------------------------------------------------ save / load
+    def _save_attrs(self) -> dict[str, Any]:
+        """Class-specific attributes to save (plain Python)."""
+        return {}
+
+    def _restore_attrs(self, attrs: dict[str, Any]) -> None:
+        """Set class-specific attributes from :meth:`_save_attrs`' dict."""
+
+    @classmethod
+    def _make_module(cls, trunk: CellFMTrunk, attrs: dict[str, Any]) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def save(
+        self,
+        dir_path: str | os.PathLike[str],
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        prefix: str | None = None,
+        **anndata_write_kwargs: Any,
+    ) -> None:
+        """Save in the scvi-tools layout: ``model.pt`` (state dict, var_names, attributes),
+        plus ``vocab.txt`` and ``config.json``; optionally ``adata.h5ad``.
+
+        Everything is written into a temporary folder first and moved into place, so a
+        failed save leaves no half-written model. After distributed training only the first
+        process (rank 0) writes. A LoRA model is saved with its adapters (it reloads as
+        LoRA). Loading needs neither the original checkpoint nor MindSpore.
+        """
+        if self.global_rank_ != 0:
+            logger.info("not saving on rank %d: the first process saves", self.global_rank_)
+            return
+        prefix = prefix or ""
+        out = Path(dir_path)
+        if out.exists() and not overwrite:
+            raise ValueError(f"{out} already exists; pass overwrite=True or another directory")
+        with atomic_dir(out, overwrite=True) as tmp:
+            attr = {
+                "class_name": type(self).__name__,
+                "init_params_": to_plain(self.init_params_, finite=False),
+                "registry_": to_plain(self.registry_, finite=False),
+                "config": self.module.trunk.config.to_dict(),
+                "n_genes": int(self.vocab.n_genes),
+                "trainable_": self.trainable_,
+                "lora_": dict(self.lora_),
+                "embedding_init_": self.embedding_init_,
+                "preset_": self.preset_,
+                "max_tokens": int(self.max_tokens),
+                "seed": int(self.seed),
+                "pretrained_report_": to_plain(self.pretrained_report_, finite=False),
+                "is_trained_": bool(self.is_trained_),
+                "history_": None
+                if self.history_ is None
+                else to_plain(self.history_.to_dict("list"), finite=False),
+                "step_history_": None
+                if self.step_history_ is None
+                else to_plain(self.step_history_.to_dict("list"), finite=False),
+                "best_epoch_": self.best_epoch_,
+                "best_score_": self.best_score_,
+                "split_names_": self.split_names_,
+                "train_settings_": to_plain(self.train_settings_, finite=False),
+                **self._save_attrs(),
+            }
+            torch.save(
+                {
+                    "model_state_dict": _tensor_state(self.module),
+                    "var_names": [str(v) for v in self.vocab.names],
+                    "attr_dict": attr,
+                },
+                tmp / f"{prefix}{MODEL_FILE}",
+            )
+            self.vocab.save(tmp / f"{prefix}{VOCAB_FILE}")
+            summary = {
+                k: attr[k]
+                for k in (
+                    "class_name",
+                    "config",
+                    "n_genes",
+                    "trainable_",
+                    "embedding_init_",
+                    "max_tokens",
+                    "seed",
+                )
+            }
+            summary["setup_args"] = attr["registry_"].get("setup_args")
+            (tmp / f"{prefix}{CONFIG_FILE}").write_text(
+                json.dumps(to_plain(summary), indent=2) + "\n", encoding="utf-8"
+            )
+            if save_anndata:
+                self.adata.write_h5ad(tmp / f"{prefix}adata.h5ad", **anndata_write_kwargs)
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain tensors of the module (LoRA adapters merged into their base weights)."""
+        module = self.module
+        if self.trainable_ == "lora":
+            import copy
+
+            module = merge_lora(copy.deepcopy(module))
+        return _tensor_state(module)
+
+    @classmethod
+    def _read_saved(cls, folder: Path, prefix: str) -> dict[str, Any]:
+        path = folder / f"{prefix}{MODEL_FILE}"
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no saved model at {folder} (not a folder)")
+        if not path.is_file():
+            raise FileNotFoundError(f"no {MODEL_FILE} in {folder}: not a saved cellfm-sc model")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        name = saved.get("attr_dict", {}).get("class_name", "CellFMClassifier")
+        if name != cls.__name__:
+            raise ValueError(f"{folder} holds a {name}, not a {cls.__name__}: use {name}.load")
+        return saved
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | os.PathLike[str],
+        adata: Any | None = None,
+        accelerator: str = "auto",
+        device: int | str | torch.device = "auto",
+        prefix: str | None = None,
+    ) -> CellFMModel:
+        """Load a model saved with :meth:`save` (``torch.load(weights_only=True)``).
+
+        Parameters
+        ----------
+        dir_path
+            The folder :meth:`save` wrote.
+        adata
+            Data to attach. Set up data are used as they are; other data are attached for
+            inference without validating any labels column (query data may lack it or hold
+            other classes). Without it, ``adata.h5ad`` in the folder is used if present.
+        accelerator, device
+            Where to put the module (scvi-tools' keywords): ``accelerator="cpu"`` /
+            ``"gpu"`` / ``"auto"``, ``device`` an index, ``"cuda:1"`` or ``"auto"``.
+        prefix
+            File-name prefix used at save time.
+        """
+        folder = Path(dir_path)
+        prefix = prefix or ""
+        saved = cls._read_saved(folder, prefix)
+        attr = saved["attr_dict"]
+        registry = attr["registry_"]
+        if adata is None and (folder / f"{prefix}adata.h5ad").is_file():
+            import anndata
+
+            adata = anndata.read_h5ad(folder / f"{prefix}adata.h5ad")
+        model = cls.__new__(cls)
+        if adata is not None and not model_not_set_up(cls, adata):
+            BaseModelClass.__init__(model, adata)
+        else:
+            BaseModelClass.__init__(model, registry=registry)
+            model._adata = adata
+        model._init_common()
+        model._read_setup_args()
+        model.vocab = GeneVocab.from_var_names(saved["var_names"])
+        model.max_tokens = int(attr["max_tokens"])
+        model.seed = int(attr["seed"])
+        model.embedding_init_ = attr["embedding_init_"]
+        model.preset_ = attr["preset_"]
+        model.pretrained_report_ = attr.get("pretrained_report_")
+        model._pretrained_report = None
+        model._restore_attrs(attr)
+        config = CellFMConfig.from_dict(attr["config"])
+        trunk = CellFMTrunk(config, n_genes=int(attr["n_genes"]))
+        module = cls._make_module(trunk, attr)
+        lora = attr.get("lora_") or {"rank": 8, "alpha": 16}
+        model._attach(module, attr["trainable_"], lora["rank"], lora["alpha"])
+        module.load_state_dict(saved["model_state_dict"], strict=True)
+        model.module.eval()
+        model.init_params_ = attr["init_params_"]
+        model.is_trained_ = bool(attr["is_trained_"])
+        for key in ("history_", "step_history_"):
+            value = attr.get(key)
+            setattr(model, key, pd.DataFrame(value) if value is not None else None)
+        model.best_epoch_ = attr.get("best_epoch_")
+        model.best_score_ = attr.get("best_score_")
+        model.train_settings_ = attr.get("train_settings_")
+        model.split_names_ = attr.get("split_names_")
+        if adata is not None:
+            model._gene_id_map(adata)  # raises now when the genes cannot be used
+            split = model._split_for(adata) if model.split_names_ else None
+            if split is not None:
+                model.split_ = split
+                model.train_indices_ = split.train
+                model.validation_indices_ = split.validation
+                model.test_indices_ = split.test
+        model._place(accelerator, device)
+        return model
+
+    def _place(self, accelerator: str, device: int | str | torch.device) -> None:
+        if accelerator == "cpu":
+            target = torch.device("cpu")
+        elif isinstance(device, torch.device):
+            target = device
+        elif isinstance(device, int):
+            target = torch.device(f"cuda:{device}")
+        elif device != "auto":
+            target = torch.device(device)
+        elif accelerator in ("gpu", "cuda") or (
+            accelerator == "auto" and torch.cuda.is_available()
+        ):
+            if not torch.cuda.is_available():
+                raise ValueError(f"accelerator={accelerator!r} but no CUDA GPU is available")
+            target = torch.device("cuda")
+        else:
+            target = torch.device("cpu")
+        self.module.to(target)
+
+
+# --------------------------------------------------------------------------------------------
+# presets
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_preset(
+    preset: str | CellFMConfig | None, num_heads: int | None, dropout: float
+) -> CellFMConfig:
+    config = (
+        preset if isinstance(preset, CellFMConfig) else CellFMConfig.from_preset(preset or "80M")
+    )
+    overrides: dict[str, Any] = {"dropout": dropout}
+    if num_heads is not None:
+        overrides["num_heads"] = num_heads
+    return CellFMConfig(**{**config.to_dict(), **overrides})
+
+
+def _check_preset(config: CellFMConfig, preset: str | CellFMConfig) -> None:
+    want = preset if isinstance(preset, CellFMConfig) else CellFMConfig.from_preset(preset)
+    for f in ("enc_dims", "n_layers", "num_heads"):
+        if getattr(want, f) != getattr(config, f):
+            raise ValueError(
+                f"checkpoint contradicts preset {preset!r}: {f} is {getattr(config, f)} in "
+                f"the checkpoint but {getattr(want, f)} in the preset"
+            )
