@@ -107,13 +107,49 @@ def test_cli_import_time_has_no_torch():
     assert not {m for m in imported if m.split(".")[0] in HEAVY}
 
 
-def test_choices_match_the_library():
+def test_choices_come_from_the_library():
+    """The parser's choice lists are the library's (one home: cellfm_sc._constants)."""
+    from cellfm_sc import _constants
     from cellfm_sc.nn import PRESETS, TRAINABLE_POLICIES
-    from cellfm_sc.pretrained import EMBEDDING_INITS
 
-    assert set(cli.PRESETS) == set(PRESETS)
-    assert tuple(cli.TRAINABLE) == tuple(TRAINABLE_POLICIES)
-    assert tuple(cli.EMBEDDING_INITS) == tuple(EMBEDDING_INITS)
+    sub = next(a for a in cli.build_parser()._actions if hasattr(a, "choices") and a.choices)
+    finetune = sub.choices["finetune"]
+    choices = {a.dest: tuple(a.choices) for a in finetune._actions if a.choices}
+    assert choices["preset"] == _constants.PRESET_NAMES == tuple(PRESETS)
+    assert choices["trainable"] == TRAINABLE_POLICIES == _constants.TRAINABLE_POLICIES
+    assert choices["embedding_init"] == _constants.EMBEDDING_INITS
+    assert choices["precision"] == _constants.PRECISIONS
+    assert choices["lr_schedule"] == _constants.LR_SCHEDULES
+    assert choices["monitor"] == _constants.MONITORS
+
+
+def test_cli_defaults_are_the_python_defaults():
+    """A flag the Python API shares has the same default (the help states real defaults)."""
+    import inspect
+
+    from cellfm_sc import CellFMClassifier
+
+    args = cli.build_parser().parse_args(["finetune", "d.h5ad", "--labels-key", "y", "-o", "o"])
+    train = inspect.signature(CellFMClassifier.train).parameters
+    init = inspect.signature(CellFMClassifier.__init__).parameters
+    pairs = {
+        "epochs": train["max_epochs"],
+        "batch_size": train["batch_size"],
+        "lr": train["lr"],
+        "lr_schedule": train["lr_schedule"],
+        "weight_decay": train["weight_decay"],
+        "validation_size": train["validation_size"],
+        "test_size": train["test_size"],
+        "patience": train["patience"],
+        "monitor": train["monitor"],
+        "early_stopping": train["early_stopping"],
+        "trainable": init["trainable"],
+        "max_tokens": init["max_tokens"],
+        "embedding_init": init["embedding_init"],
+        "seed": init["seed"],
+    }
+    for dest, param in pairs.items():
+        assert getattr(args, dest) == param.default, (dest, getattr(args, dest), param.default)
 
 
 def test_build_parser_parses_finetune_options():
@@ -142,7 +178,7 @@ def test_build_parser_parses_finetune_options():
     assert args.devices == [0, 1]
     assert args.test_size == 3 and isinstance(args.test_size, int)
     assert args.validation_size == pytest.approx(0.15)
-    assert args.epochs == 5 and args.batch_size == 16 and args.max_tokens == 2048
+    assert args.max_tokens == 2048
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,8 +304,9 @@ def test_error_missing_labels_column(tmp_path, small_h5ad):
         "finetune", small_h5ad, "--labels-key", "ADNC", "--preset", "tiny",
         "-o", tmp_path / "out",
     )  # fmt: skip
-    line = assert_usage_error(proc, "labels column 'ADNC' not in adata.obs")
+    line = assert_usage_error(proc, "--labels-key ADNC is not a column of adata.obs")
     assert "celltype" in line  # lists the columns there are
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_error_missing_donor_column(tmp_path, small_h5ad):
@@ -277,7 +314,7 @@ def test_error_missing_donor_column(tmp_path, small_h5ad):
         "finetune", small_h5ad, "--labels-key", "celltype", "--donor-key", "Donor ID",
         "--preset", "tiny", "-o", tmp_path / "out",
     )  # fmt: skip
-    assert_usage_error(proc, "donor column 'Donor ID' not in adata.obs")
+    assert_usage_error(proc, '--donor-key "Donor ID" is not a column of adata.obs')
 
 
 def test_error_split_json_unknown_indices(tmp_path, small_h5ad):
@@ -372,10 +409,12 @@ def test_config_file_values_and_precedence(tmp_path, small_h5ad, suffix):
             f"output_dir: {tmp_path / 'out'}\nepochs: 2\n"
         )
     # the file's labels column is used ...
-    assert_usage_error(run_cli("finetune", "--config", cfg), "'from_config' not in adata.obs")
+    assert_usage_error(
+        run_cli("finetune", "--config", cfg), "--labels-key from_config is not a column"
+    )
     # ... unless a flag overrides it
     proc = run_cli("finetune", "--config", cfg, "--labels-key", "from_flag")
-    assert_usage_error(proc, "'from_flag' not in adata.obs")
+    assert_usage_error(proc, "--labels-key from_flag is not a column")
 
 
 def test_config_file_errors(tmp_path):

@@ -132,13 +132,9 @@ def test_report_holds_every_file(tmp_path: Path) -> None:
         "checkpoint_variant": "A",
         "embedding_coverage": 0.93,
     }
-    files = report.write_report_files(
-        tmp_path / "run",
-        res,
-        history=data["history"],
-        info=info,
-        embedding=data["embedding"],
-    )
+    res.embedding = data["embedding"]
+    res.evaluated_on = "test"
+    files = report.write_report(tmp_path / "run", res, history=data["history"], info=info)
     expected = {
         "training_results": "training_results.json",
         "predictions": "predictions.csv",
@@ -155,7 +151,8 @@ def test_report_holds_every_file(tmp_path: Path) -> None:
     _validate(record, donors=True, ordinal=True)
     assert record["train_acc_history"] == [0.40, 0.55, 0.65, 0.70]
     assert record["test_acc_history"] == [0.45, 0.60, None, 0.64]
-    assert record["best_test_acc"] == pytest.approx(0.64)
+    # the final model's test accuracy, not the best epoch's validation accuracy (0.64)
+    assert record["best_test_acc"] == pytest.approx(res.cell_metrics["accuracy"])
     assert record["epochs"] == 4 and record["num_classes"] == 3
     assert record["qwk_level"] == "donor"
     assert record["qwk"] == pytest.approx(res.donor_metrics["qwk"])
@@ -189,7 +186,7 @@ def test_report_holds_every_file(tmp_path: Path) -> None:
 def test_report_without_donors_history_or_embedding(tmp_path: Path) -> None:
     prob = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
     res = evaluate_predictions(prob, [0, 1, 1], ["a", "b"])
-    files = report.write_report_files(tmp_path, res, info={"n_genes": 10})
+    files = report.write_report(tmp_path, res, info={"n_genes": 10})
     assert sorted(files) == ["confusion_matrix", "predictions", "training_results"]
     record = json.loads(files["training_results"].read_text())
     _validate(
@@ -208,32 +205,60 @@ def test_umap_skipped_above_threshold_unless_asked(
     prob = np.tile([[0.7, 0.3]], (50, 1))
     res = evaluate_predictions(prob, np.zeros(50, dtype=int), ["a", "b"])
     monkeypatch.setattr(report, "UMAP_MAX_CELLS", 20)
-    files = report.write_report_files(tmp_path, res, info={}, embedding=np.zeros((50, 4)))
+    res.embedding = np.zeros((50, 4))
+    files = report.write_report(tmp_path, res, info={})
     assert "umap" not in files
     note = json.loads(files["training_results"].read_text())["umap"]["note"]
     assert "50 cells > 20" in note and "umap=True" in note
-    files = report.write_report_files(
-        tmp_path, res, info={}, embedding=np.zeros((50, 4)), umap=False
-    )
+    files = report.write_report(tmp_path, res, info={}, umap=False)
     assert "umap" not in files
 
 
 def test_report_rejects_info_overriding_computed_keys(tmp_path: Path) -> None:
     res = evaluate_predictions(np.array([[0.6, 0.4]]), [0], ["a", "b"])
     with pytest.raises(ValueError, match="best_test_acc"):
-        report.write_report_files(tmp_path, res, info={"best_test_acc": 1.0})
+        report.write_report(tmp_path, res, info={"best_test_acc": 1.0})
+
+
+def test_best_test_acc_only_for_test_cells(tmp_path: Path) -> None:
+    res = evaluate_predictions(np.array([[0.6, 0.4], [0.3, 0.7]]), [0, 0], ["a", "b"])
+    for where, expected in (("test", 0.5), ("validation", None), (None, None)):
+        res.evaluated_on = where
+        record = json.loads(report.write_report(tmp_path, res)["training_results"].read_text())
+        assert record["best_test_acc"] == expected, where
+        assert record["evaluated_on"] == where
 
 
 def test_atomic_write_helpers(tmp_path: Path) -> None:
+    from cellfm_sc import _atomic
+
     target = tmp_path / "sub" / "x.json"
-    report.write_json_atomic(target, {"a": np.float32(0.5), "b": np.nan, "p": tmp_path})
+    _atomic.write_json_atomic(target, {"a": np.float32(0.5), "b": np.nan, "p": tmp_path})
     assert json.loads(target.read_text()) == {"a": 0.5, "b": None, "p": str(tmp_path)}
-    report.atomic_write(target, "old")
-    with pytest.raises(RuntimeError), report.atomic_path(target) as tmp:
+    assert (target.stat().st_mode & 0o777) == _atomic.default_mode()
+    _atomic.atomic_write(target, "old")
+    with pytest.raises(RuntimeError), _atomic.atomic_path(target) as tmp:
         tmp.write_text("half-written")
         raise RuntimeError("crash")
     assert target.read_text() == "old"  # untouched
     assert sorted(p.name for p in target.parent.iterdir()) == ["x.json"]  # no temp left
+
+
+def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
+    from cellfm_sc import _atomic
+
+    target = tmp_path / "model"
+    with _atomic.atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+    assert (target.stat().st_mode & 0o777) == _atomic.default_mode(directory=True)
+    with pytest.raises(FileExistsError):
+        with _atomic.atomic_dir(target):
+            pass
+    with pytest.raises(RuntimeError), _atomic.atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "b.txt").write_text("half")
+        raise RuntimeError("crash")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
 
 
 def test_pl_functions_follow_scanpy_conventions(tmp_path: Path) -> None:

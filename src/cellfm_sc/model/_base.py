@@ -92,6 +92,15 @@ def _select(batch: Any, mask: torch.Tensor) -> Any:
     return type(batch)(**values)
 
 
+def _progress(total: int, enable: bool) -> Any:
+    """A tqdm bar over cells on stderr (disabled unless ``enable``)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enable, file=sys.stderr, unit="cells", desc="cells")
+
+
 def _tensor_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
@@ -439,11 +448,13 @@ class CellFMModel(BaseModelClass):
         device: str | torch.device | None,
         outputs: dict[str, tuple[int, ...]],
         forward: Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]],
+        enable_progress_bar: bool = False,
     ) -> dict[str, np.ndarray]:
         """Run ``forward(module, batch)`` over cells ``idx``; rows in the order of ``idx``.
 
         ``outputs`` maps each output name to its per-cell shape; arrays are float32
-        ``(len(idx), *shape)``, NaN for cells without counts (with a warning).
+        ``(len(idx), *shape)``, NaN for cells without counts (with a warning). With
+        ``enable_progress_bar`` a bar over the cells is shown on stderr.
         """
         gene_id_map = self._gene_id_map(adata)
         dev = self._inference_device(device)
@@ -457,7 +468,9 @@ class CellFMModel(BaseModelClass):
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         )
+        bar = _progress(len(idx), enable_progress_bar)
         for batch in self._batches(adata, idx, batch_size, gene_id_map):
+            bar.update(len(batch))
             ok = (batch.n_tokens > 0).numpy()
             rows = order[np.searchsorted(sorted_idx, batch.obs_index.numpy())]
             if not ok.all():
@@ -470,6 +483,7 @@ class CellFMModel(BaseModelClass):
                 result = forward(module, batch)
             for key, value in result.items():
                 arrays[key][rows] = value.float().cpu().numpy()
+        bar.close()
         first = next(iter(arrays.values()), None)
         if first is not None:
             n_empty = int(np.isnan(first.reshape(len(idx), -1)[:, 0]).sum()) if len(idx) else 0

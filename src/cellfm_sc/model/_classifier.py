@@ -716,6 +716,7 @@ class CellFMClassifier(CellFMModel):
         indices: Any,
         batch_size: int,
         device: str | torch.device | None = None,
+        enable_progress_bar: bool = False,
     ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
         """``(adata, idx, probabilities (n, K), embeddings (n, D))``; NaN rows for cells
         without counts."""
@@ -727,7 +728,8 @@ class CellFMClassifier(CellFMModel):
             batch_size,
             device,
             {"probs": (len(self.classes_),), "emb": (self.module.trunk.config.enc_dims,)},
-            lambda module, batch: _probs_and_embedding(module, batch),
+            _probs_and_embedding,
+            enable_progress_bar,
         )
         return adata, idx, out["probs"], out["emb"]
 
@@ -738,6 +740,7 @@ class CellFMClassifier(CellFMModel):
         soft: bool = False,
         batch_size: int = 64,
         device: str | torch.device | None = None,
+        enable_progress_bar: bool = False,
     ) -> np.ndarray | pd.DataFrame:
         """Predicted labels ``(n,)``, or with ``soft=True`` a DataFrame of class probabilities.
 
@@ -745,7 +748,7 @@ class CellFMClassifier(CellFMModel):
         Cells without counts get NaN probabilities and label ``None``. The labels column of
         ``adata`` is never read.
         """
-        adata, idx, probs, _ = self._infer(adata, indices, batch_size, device)
+        adata, idx, probs, _ = self._infer(adata, indices, batch_size, device, enable_progress_bar)
         if soft:
             return pd.DataFrame(probs, index=adata.obs_names[idx], columns=self.classes_)
         labels = np.asarray(self.classes_, dtype=object)[np.nan_to_num(probs).argmax(1)]
@@ -758,6 +761,7 @@ class CellFMClassifier(CellFMModel):
         indices: Any = None,
         batch_size: int = 64,
         device: str | torch.device | None = None,
+        enable_progress_bar: bool = False,
     ) -> np.ndarray:
         """Cell embeddings (the cls token), float32 ``(n_cells, D)``."""
         adata = self._adata_or_default(adata)
@@ -779,6 +783,7 @@ class CellFMClassifier(CellFMModel):
         key_added: str = "cellfm",
         batch_size: int = 64,
         device: str | torch.device | None = None,
+        enable_progress_bar: bool = False,
     ) -> None:
         """Write predictions and the embedding into the AnnData (all cells).
 
@@ -789,7 +794,7 @@ class CellFMClassifier(CellFMModel):
         ``(n, D)``. Works on ``backed="r"`` AnnData without loading ``X``; the labels column
         is never read.
         """
-        adata, _, probs, emb = self._infer(adata, None, batch_size, device)
+        adata, _, probs, emb = self._infer(adata, None, batch_size, device, enable_progress_bar)
         empty = np.isnan(probs[:, 0])
         codes = np.where(empty, -1, np.nan_to_num(probs).argmax(1))
         adata.obs[f"{key_added}_prediction"] = pd.Categorical.from_codes(
@@ -823,6 +828,7 @@ class CellFMClassifier(CellFMModel):
         batch_size: int = 64,
         donor_method: str = "mean_probability",
         device: str | torch.device | None = None,
+        enable_progress_bar: bool = False,
     ):
         """Cell- and donor-level metrics on held-out cells.
 
@@ -836,8 +842,8 @@ class CellFMClassifier(CellFMModel):
             boolean mask or obs names). With no test cells, ``"test"`` is an error: the
             validation cells chose the model, so their score is optimistic; pass
             ``indices="validation"`` knowingly.
-        batch_size, device
-            Inference settings.
+        batch_size, device, enable_progress_bar
+            Inference settings (a progress bar over the cells on stderr).
         donor_method
             How a donor's cells are aggregated (see :func:`~cellfm_sc.metrics.aggregate_by_donor`).
 
@@ -852,7 +858,9 @@ class CellFMClassifier(CellFMModel):
         from cellfm_sc.metrics import evaluate_predictions
 
         adata = self._adata_or_default(adata)
-        adata, idx, probs, emb = self._infer(adata, indices, batch_size, device)
+        adata, idx, probs, emb = self._infer(
+            adata, indices, batch_size, device, enable_progress_bar
+        )
         codes = self._label_codes(adata, strict=False)[idx]
         known = (codes >= 0) & ~np.isnan(probs[:, 0])
         notes = []
@@ -983,6 +991,10 @@ class CellFMClassifier(CellFMModel):
         return CellFMClassifierModule(
             trunk, len(attrs["classes_"]), int(attrs["head_hidden"]), float(attrs["dropout"])
         )
+
+
+def _embedding(module: CellFMClassifierModule, batch: TokenBatch) -> dict[str, Any]:
+    return {"emb": module.trunk(batch.values, batch.gene_ids, batch.valid).cls}
 
 
 def _probs_and_embedding(module: CellFMClassifierModule, batch: TokenBatch) -> dict[str, Any]:

@@ -1,0 +1,462 @@
+"""What every ``cellfm-sc`` command shares: argument types, the parser's voice, the console,
+errors worded as flags, reading/writing files, and the output-directory transaction.
+
+Imports nothing heavy (no torch, anndata, scvi-tools, Lightning) at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+PROG = "cellfm-sc"
+
+
+class CLIError(Exception):
+    """A usage or data error: reported as one ``cellfm-sc: error:`` line, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# argument types (argparse turns their ArgumentTypeError into a usage error)
+# --------------------------------------------------------------------------------------------
+
+
+def number_type(cast: type, minimum: float, strict: bool, what: str):
+    """An argparse ``type=``: ``cast(text)`` that is finite and above (or at) ``minimum``."""
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        ok = value > minimum if strict else value >= minimum
+        if not ok or value in (float("inf"), float("-inf")) or value != value:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+positive_int = number_type(int, 0, True, "a positive integer")
+non_negative_int = number_type(int, 0, False, "an integer >= 0")
+positive_float = number_type(float, 0, True, "a positive number")
+non_negative_float = number_type(float, 0, False, "a number >= 0")
+
+
+def lr_type(text: str) -> float | str:
+    """``auto`` or a positive number."""
+    if str(text).strip() == "auto":
+        return "auto"
+    return positive_float(text)
+
+
+def split_size(text: str) -> float | int:
+    """A fraction in [0, 1) or a count (an integer >= 1)."""
+    text = str(text).strip()
+    try:
+        if re.fullmatch(r"\d+", text):
+            return int(text)
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction in [0, 1) or a count, got {text!r}"
+        ) from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) or a count, got {text!r}")
+    return value
+
+
+def devices_type(text: str) -> int | str | list[int]:
+    """``auto``, a number of devices (``2``) or a list of device indices (``0,1``)."""
+    text = str(text).strip()
+    if text == "auto":
+        return "auto"
+    if re.fullmatch(r"\d+", text):
+        if int(text) < 1:
+            raise argparse.ArgumentTypeError("--devices must be 'auto', N >= 1, or a list '0,1'")
+        return int(text)
+    if re.fullmatch(r"\d+(,\d+)+,?", text):
+        return [int(t) for t in text.split(",") if t]
+    raise argparse.ArgumentTypeError(
+        f"expected 'auto', a number of devices or a list like '0,1', got {text!r}"
+    )
+
+
+def device_type(text: str) -> str | None:
+    """``auto`` (None) or a torch device string."""
+    text = str(text).strip()
+    if text == "auto":
+        return None
+    if not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+def label_order_type(text: str) -> list[str]:
+    labels = [t.strip() for t in str(text).split(",")]
+    if len(labels) < 2 or any(not t for t in labels):
+        raise argparse.ArgumentTypeError(
+            f"expected at least two comma-separated labels, lowest first, got {text!r}"
+        )
+    if len(set(labels)) != len(labels):
+        raise argparse.ArgumentTypeError(f"labels repeat in {text!r}")
+    return labels
+
+
+# --------------------------------------------------------------------------------------------
+# the parser's voice
+# --------------------------------------------------------------------------------------------
+
+
+def one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line: ``cellfm-sc: error: ...``, status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f" (see '{self.prog} --help')"
+        self.exit(2, f"{PROG}: error: {one_line(message)}{hint}\n")
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults; wraps description paragraphs but keeps indented lines as they are."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        out: list[str] = []
+        paragraph: list[str] = []
+
+        def flush() -> None:
+            if paragraph:
+                out.append(
+                    textwrap.fill(
+                        " ".join(paragraph),
+                        width,
+                        initial_indent=indent,
+                        subsequent_indent=indent,
+                    )
+                )
+                paragraph.clear()
+
+        for line in text.splitlines():
+            if line.startswith(" ") or not line.strip():
+                flush()
+                out.append(indent + line)
+            else:
+                paragraph.append(line.strip())
+        flush()
+        return "\n".join(out)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def add_diagnostics(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output and diagnostics")
+    group.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="no progress bars and no info messages (warnings and errors are still shown)",
+    )
+    group.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+
+# --------------------------------------------------------------------------------------------
+# errors in the command line's words
+# --------------------------------------------------------------------------------------------
+
+#: library keyword -> command-line flag (the Python API's errors name keywords)
+KEYWORD_FLAGS = {
+    "labels_key": "--labels-key",
+    "donor_key": "--donor-key",
+    "label_order": "--label-order",
+    "layer": "--layer",
+    "use_raw": "--use-raw",
+    "gene_symbols": "--gene-symbols",
+    "split_key": "--split-key",
+    "num_heads": "--num-heads",
+    "preset": "--preset",
+    "checkpoint": "--checkpoint",
+    "vocabulary_file": "--vocabulary",
+    "hgnc_table": "--hgnc-table",
+    "embedding_init": "--embedding-init",
+    "trainable": "--trainable",
+    "max_tokens": "--max-tokens",
+    "batch_size": "--batch-size",
+    "max_epochs": "--epochs",
+    "lr": "--lr",
+    "weight_decay": "--weight-decay",
+    "patience": "--patience",
+    "validation_size": "--validation-size",
+    "test_size": "--test-size",
+    "precision": "--precision",
+    "num_workers": "--num-workers",
+    "resume_from": "--resume",
+    "min_gene_coverage": "--min-gene-coverage",
+    "max_abs": "--max-abs",
+    "bag_size": "--bag-size",
+    "mask_ratio": "--mask-ratio",
+}
+_KEYWORD_RE = re.compile(
+    r"\b(" + "|".join(map(re.escape, KEYWORD_FLAGS)) + r")=('(?:[^']*)'|\"(?:[^\"]*)\"|[^\s,;:)]+)"
+)
+
+
+def in_flags(message: str) -> str:
+    """Reword the Python API's ``keyword=value`` into the command line's ``--flag value``.
+
+    Examples
+    --------
+    >>> in_flags("counts look log-normalised; pass layer='counts'")
+    "counts look log-normalised; pass --layer counts"
+    >>> in_flags("set use_raw=True")
+    'set --use-raw'
+    """
+
+    def swap(m: re.Match[str]) -> str:
+        flag, value = KEYWORD_FLAGS[m.group(1)], m.group(2)
+        if value in ("True", "False", "None"):
+            return flag if value == "True" else f"no {flag}"
+        if value[:1] in "'\"":
+            value = value[1:-1]
+            if not value or re.search(r"\s", value):
+                value = f'"{value}"'
+        return f"{flag} {value}"
+
+    return _KEYWORD_RE.sub(swap, message)
+
+
+def message_of(exc: BaseException) -> str:
+    """One line: the exception's message (a KeyError's without quotes), in flags."""
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    else:
+        text = str(exc) or type(exc).__name__
+    return in_flags(one_line(text))
+
+
+#: exceptions that are the user's data or arguments (exit status 2)
+def data_errors() -> tuple[type[BaseException], ...]:
+    out: list[type[BaseException]] = [
+        CLIError,
+        FileNotFoundError,
+        IsADirectoryError,
+        NotADirectoryError,
+        PermissionError,
+        ValueError,
+        KeyError,
+        FloatingPointError,
+    ]
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------
+# console
+# --------------------------------------------------------------------------------------------
+
+
+class Console:
+    """Info messages and progress on stderr (unless quiet); results on stdout, always."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+
+    def result(self, message: str = "") -> None:
+        print(message, flush=True)
+
+
+def quiet_libraries(quiet: bool) -> None:
+    """Silence what a command-line user cannot act on; under ``--quiet`` all info chatter.
+
+    Imports Lightning first: it sets its own logger levels when imported.
+    """
+    import logging
+    import warnings
+
+    # library noise that says nothing about the run
+    for pattern in (
+        ".*isinstance\\(treespec, LeafSpec\\).*",
+        ".*does not have many workers.*",
+        ".*fewer than 3 cells.*",
+        ".*weights_only.* was not set.*",
+        ".*litlogger.*",
+        ".*sync_dist=True.*",
+        ".*no checkpoint given.*",  # the command line says it in its own words
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+    import lightning.pytorch  # noqa: F401
+
+    names = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "scvi")
+    level = logging.WARNING
+    for name in names:
+        if not quiet and name.startswith("lightning"):
+            continue
+        logging.getLogger(name).setLevel(level)
+        for child in list(logging.root.manager.loggerDict):
+            if child.startswith(name + "."):
+                logging.getLogger(child).setLevel(level)
+
+
+# --------------------------------------------------------------------------------------------
+# files
+# --------------------------------------------------------------------------------------------
+
+
+def existing_file(path: str | os.PathLike[str] | None, what: str) -> Path:
+    if path is None:
+        raise CLIError(f"no {what} given")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CLIError(f"{what} not found: {p}")
+    if p.is_dir():
+        raise CLIError(f"{what} is a directory, expected a file: {p}")
+    return p
+
+
+def existing_dir(path: str | os.PathLike[str], what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CLIError(f"{what} not found: {p}")
+    if not p.is_dir():
+        raise CLIError(f"{what} is not a directory: {p}")
+    return p
+
+
+def writable_dir(path: str | os.PathLike[str], what: str) -> Path:
+    """Prove that ``path`` (an existing folder, or one that can be created) takes files.
+
+    Creates nothing: a missing folder is checked through its nearest existing parent, so a
+    run refused later leaves nothing behind.
+    """
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise CLIError(f"{what} {p} exists and is not a directory")
+    if p.is_dir():
+        try:
+            probe = p / f".cellfm_write_test.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise CLIError(f"{what} {p} is not writable: {exc.strerror or exc}") from exc
+        return p
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"{what} {p} cannot be created: {parent} is not writable")
+    return p
+
+
+def writable_parent(path: str | os.PathLike[str], what: str) -> Path:
+    """An output file whose folder exists (or can be made) and is writable."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise CLIError(f"{what} {p} is a directory, expected a file name")
+    writable_dir(p.parent if str(p.parent) else Path("."), f"the folder of {what}")
+    return p
+
+
+def read_h5ad(path: Path, backed: bool = False) -> Any:
+    import anndata as ad
+
+    try:
+        return ad.read_h5ad(path, backed="r" if backed else None)
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise CLIError(f"cannot read {path} as an .h5ad file: {one_line(exc)}") from exc
+
+
+def drop_scvi_bookkeeping(adata: Any) -> None:
+    """Remove the registry columns/keys scvi-tools adds (``_scvi_labels``, ``_scvi_uuid``...)."""
+    drop = [c for c in adata.obs.columns if str(c).startswith("_scvi")]
+    if drop:
+        adata.obs = adata.obs.drop(columns=drop)
+    for key in [k for k in adata.uns if str(k).startswith("_scvi")]:
+        del adata.uns[key]
+
+
+def obs_only(obs: Any, obsm: dict[str, Any], uns: dict[str, Any] | None = None) -> Any:
+    """An AnnData with obs and obsm but no count matrix (``X`` is None, no var)."""
+    import anndata as ad
+
+    obs = obs.drop(columns=[c for c in obs.columns if str(c).startswith("_scvi")])
+    out = ad.AnnData(obs=obs.copy(), obsm=obsm)
+    if uns:
+        out.uns.update(uns)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the output directory of a run
+# --------------------------------------------------------------------------------------------
+
+
+class RunDirectory:
+    """A run's outputs appear in ``out`` whole, or not at all.
+
+    Files are written into a temporary folder inside ``out`` (:attr:`work`) and moved into
+    place when the run succeeds. When it fails, the temporary folder is removed and
+    ``out/run.log`` says what failed. Completed ``checkpoint_epoch_N.pth`` files (each
+    written atomically) are written straight into ``out`` so that ``--resume`` can continue
+    a failed run.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.work = out / f".cellfm_run.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self.started = time.time()
+
+    @contextlib.contextmanager
+    def transaction(self, argv: Sequence[str]) -> Iterator[RunDirectory]:
+        from cellfm_sc._atomic import atomic_write, default_mode
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir()
+        try:
+            yield self
+        except BaseException as exc:
+            shutil.rmtree(self.work, ignore_errors=True)
+            lines = [
+                f"{PROG} {' '.join(argv)}",
+                f"failed after {time.time() - self.started:.0f} s: {type(exc).__name__}: "
+                f"{message_of(exc)}",
+                "",
+                "".join(traceback.format_exception(exc)),
+            ]
+            with contextlib.suppress(OSError):
+                atomic_write(self.out / "run.log", "\n".join(lines))
+            raise
+        for item in sorted(self.work.iterdir()):
+            target = self.out / item.name
+            if item.is_dir():
+                os.chmod(item, default_mode(directory=True))
+                if target.exists():
+                    shutil.rmtree(target)
+            os.replace(item, target)
+        self.work.rmdir()
+        with contextlib.suppress(OSError):
+            (self.out / "run.log").unlink()

@@ -1,0 +1,723 @@
+"""``cellfm-sc finetune``: fine-tune on an ``.h5ad`` file and write the model and a report."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cellfm_sc import __version__
+from cellfm_sc._constants import (
+    EMBEDDING_INITS,
+    LR_SCHEDULES,
+    MONITORS,
+    PRECISIONS,
+    PRESET_NAMES,
+    TRAINABLE_POLICIES,
+)
+from cellfm_sc.cli._common import (
+    CLIError,
+    Console,
+    Formatter,
+    RunDirectory,
+    add_diagnostics,
+    devices_type,
+    existing_file,
+    label_order_type,
+    lr_type,
+    message_of,
+    non_negative_float,
+    non_negative_int,
+    obs_only,
+    positive_int,
+    quiet_libraries,
+    read_h5ad,
+    split_size,
+    writable_dir,
+)
+
+__all__ = ["add_parser", "add_training_options", "finetune", "run"]
+
+# the resolved finetune options that are not argparse bookkeeping
+FINETUNE_KEYS = (
+    "data",
+    "labels_key",
+    "donor_key",
+    "label_order",
+    "layer",
+    "gene_symbols",
+    "backed",
+    "split_json",
+    "split_key",
+    "validation_size",
+    "test_size",
+    "checkpoint",
+    "vocabulary",
+    "hgnc_table",
+    "num_heads",
+    "preset",
+    "embedding_init",
+    "trainable",
+    "max_tokens",
+    "output_dir",
+    "batch_size",
+    "epochs",
+    "lr",
+    "lr_schedule",
+    "weight_decay",
+    "eval_every_steps",
+    "early_stopping",
+    "patience",
+    "monitor",
+    "class_weights",
+    "accelerator",
+    "devices",
+    "num_nodes",
+    "strategy",
+    "precision",
+    "num_workers",
+    "gradient_checkpointing",
+    "logger",
+    "seed",
+    "write_split_h5ad",
+    "resume",
+    "quiet",
+    "debug",
+)
+
+OUTPUT_FILES = (
+    ("model", "saved model (CellFMClassifier.load)"),
+    ("best_model", "best weights (state dict)"),
+    ("training_results", "metrics and run facts"),
+    ("predictions", "per-cell predictions"),
+    ("donor_predictions", "per-donor predictions"),
+    ("confusion_matrix", "confusion matrix"),
+    ("training_curves", "training curves"),
+    ("umap", "UMAP of X_cellfm"),
+    ("config_resolved", "options used"),
+    ("logs", "CSV log of every logged metric"),
+    ("train_h5ad", "train cells: obs + X_cellfm"),
+    ("validation_h5ad", "validation cells: obs + X_cellfm"),
+    ("test_h5ad", "test cells: obs + X_cellfm"),
+)
+
+
+def add_training_options(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
+    """Options shared by ``finetune`` (all) and ``demo`` (the number of epochs)."""
+    train = p.add_argument_group("training")
+    train.add_argument(
+        "--epochs",
+        metavar="N",
+        type=positive_int,
+        default=5 if demo else 10,
+        help="maximum epochs",
+    )
+    if demo:
+        return
+    train.add_argument(
+        "--batch-size", metavar="N", type=positive_int, default=16, help="cells per batch"
+    )
+    train.add_argument(
+        "--lr",
+        type=lr_type,
+        default="auto",
+        help="learning rate (AdamW); auto: 1e-3 for a random trunk, for a pretrained one 1e-4 "
+        "at the released width (1536) and 1e-3 for narrower trunks",
+    )
+    train.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default="warmup_cosine",
+        help="warmup_cosine: linear warm-up over 5%% of the steps, then cosine to 0; step: "
+        "x0.95 per epoch (the original scripts)",
+    )
+    train.add_argument(
+        "--weight-decay",
+        metavar="WD",
+        type=non_negative_float,
+        default=1e-5,
+        help="AdamW weight decay",
+    )
+    train.add_argument(
+        "--eval-every-steps",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="also score the validation cells every N training steps (default: once per epoch)",
+    )
+    train.add_argument(
+        "--monitor",
+        choices=MONITORS,
+        default="auto",
+        help="what chooses the kept weights (and stops early); auto: validation donors' QWK "
+        "(ordinal) or balanced accuracy when labels belong to donors, else validation loss",
+    )
+    train.add_argument(
+        "--early-stopping",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="auto: on from 1,000 validation cells (or 10 validation donors), off below",
+    )
+    train.add_argument(
+        "--patience",
+        metavar="N",
+        type=non_negative_int,
+        default=3,
+        help="early stopping: evaluations without improvement (0 turns early stopping off)",
+    )
+    train.add_argument(
+        "--class-weights",
+        choices=("none", "balanced", "balanced_donors"),
+        default="none",
+        help="balanced: classes weigh the same; balanced_donors: donors weigh the same",
+    )
+    train.add_argument(
+        "--seed", metavar="N", type=int, default=0, help="seed of splits, init and sampling"
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint_epoch_*.pth in --output-dir",
+    )
+    hw = p.add_argument_group("hardware")
+    hw.add_argument(
+        "--accelerator",
+        default="auto",
+        choices=("auto", "cpu", "gpu", "cuda", "mps", "tpu"),
+        help="Lightning accelerator",
+    )
+    hw.add_argument(
+        "--devices",
+        metavar="D",
+        type=devices_type,
+        default="auto",
+        help="'auto', a number of devices (4) or device indices (0,1); several GPUs use DDP",
+    )
+    hw.add_argument(
+        "--num-nodes",
+        metavar="N",
+        type=positive_int,
+        default=1,
+        help="machines taking part (multi-node DDP under SLURM or torchrun)",
+    )
+    hw.add_argument(
+        "--strategy",
+        metavar="NAME",
+        default=None,
+        help="Lightning strategy, e.g. ddp (default: Lightning's choice)",
+    )
+    hw.add_argument(
+        "--precision",
+        default=None,
+        choices=PRECISIONS,
+        help="numeric precision (default: bf16-mixed on GPUs that support it, else 32)",
+    )
+    hw.add_argument(
+        "--num-workers",
+        metavar="N",
+        type=non_negative_int,
+        default=0,
+        help="data-loader worker processes",
+    )
+    hw.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute layer activations in the backward pass (much less GPU memory, "
+        "e.g. for the 800M preset)",
+    )
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune CellFM on an .h5ad file and write the model and a report",
+        description="Fine-tune CellFM on DATA.h5ad (raw counts in X or --layer) to predict "
+        "obs[--labels-key], evaluate the restored best model on the test split, and write "
+        "into --output-dir:\n"
+        "  best_model.pth            state dict of the best model (plain tensors)\n"
+        "  checkpoint_epoch_N.pth    one per epoch (for --resume)\n"
+        "  model/                    the saved model (CellFMClassifier.load)\n"
+        "  training_results.json     metrics, histories, run facts\n"
+        "  predictions.csv, donor_predictions.csv, *.png, logs/metrics.csv\n"
+        "  config_resolved.json      the options used\n"
+        "  train.h5ad, validation.h5ad, test.h5ad   with --write-split-h5ad\n"
+        "The outputs appear when the run succeeds; a failed run leaves run.log (and the "
+        "completed epoch checkpoints). Options may also come from --config (TOML, YAML or "
+        "JSON); flags override the file.",
+        formatter_class=Formatter,
+    )
+    p.add_argument(
+        "data", metavar="DATA.h5ad", nargs="?", default=None, help="input AnnData (.h5ad)"
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="TOML, YAML or JSON file of options (keys as the long flags, e.g. labels_key or "
+        "labels-key; optionally under a [finetune] table); flags given here override it",
+    )
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--labels-key", metavar="COLUMN", default=None, help="obs column to predict (required)"
+    )
+    data.add_argument(
+        "--donor-key",
+        metavar="COLUMN",
+        default=None,
+        help="obs column of donors: donor-level split and metrics (QWK for ordinal labels)",
+    )
+    data.add_argument(
+        "--label-order",
+        type=label_order_type,
+        default=None,
+        metavar="A,B,C",
+        help="comma-separated labels, lowest first: makes the labels ordinal "
+        "(e.g. 'Not AD,Low,Intermediate,High')",
+    )
+    data.add_argument(
+        "--layer", default=None, help="adata.layers key holding raw counts (default: X)"
+    )
+    data.add_argument(
+        "--gene-symbols",
+        metavar="COLUMN",
+        default=None,
+        help="var column of gene symbols when var_names are not symbols",
+    )
+    data.add_argument(
+        "--backed",
+        action="store_true",
+        help="open DATA.h5ad backed (read rows from disk; for files larger than memory)",
+    )
+    split = p.add_argument_group("split")
+    split.add_argument(
+        "--split-json",
+        metavar="FILE",
+        default=None,
+        help="split file with train_indices / test_indices (and val_indices)",
+    )
+    split.add_argument(
+        "--split-key",
+        metavar="COLUMN",
+        default=None,
+        help="obs column with values train / validation / test",
+    )
+    split.add_argument(
+        "--validation-size",
+        metavar="SIZE",
+        type=split_size,
+        default=0.1,
+        help="fraction (or count) of donors, or of cells without --donor-key, for validation",
+    )
+    split.add_argument(
+        "--test-size",
+        metavar="SIZE",
+        type=split_size,
+        default=0.1,
+        help="fraction (or count) held out for the final evaluation",
+    )
+    model = p.add_argument_group("model")
+    model.add_argument(
+        "--checkpoint",
+        metavar="CKPT",
+        default=None,
+        help="pretrained MindSpore CellFM checkpoint (e.g. CellFM_80M_weight.ckpt)",
+    )
+    model.add_argument(
+        "--vocabulary",
+        metavar="CSV",
+        default=None,
+        help="the checkpoint's gene vocabulary (CellFM's expand_gene_info.csv)",
+    )
+    model.add_argument(
+        "--hgnc-table",
+        metavar="FILE",
+        default=None,
+        help="HGNC table for alias / previous-symbol gene mapping",
+    )
+    model.add_argument(
+        "--num-heads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="retention heads of the checkpoint (48 assumed for the released models)",
+    )
+    model.add_argument(
+        "--preset",
+        choices=PRESET_NAMES,
+        default=None,
+        help="model size without a checkpoint (randomly initialised)",
+    )
+    model.add_argument(
+        "--embedding-init",
+        choices=EMBEDDING_INITS,
+        default="random",
+        help="new gene-embedding table: random, or transfer CellFM's rows of mapped genes",
+    )
+    model.add_argument(
+        "--trainable",
+        choices=TRAINABLE_POLICIES,
+        default="auto",
+        help="what is trained; auto: everything the classification uses (encoder+head is the "
+        "original scripts' policy)",
+    )
+    model.add_argument(
+        "--max-tokens",
+        metavar="N",
+        type=positive_int,
+        default=2048,
+        help="expressed genes per cell fed to the model (sampled when a cell has more)",
+    )
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--output-dir", "-o", metavar="OUT", default=None, help="output directory (required)"
+    )
+    out.add_argument(
+        "--write-split-h5ad",
+        action="store_true",
+        help="also write train.h5ad / validation.h5ad / test.h5ad: obs with predictions and "
+        "obsm['X_cellfm'], no count matrix",
+    )
+    out.add_argument(
+        "--logger",
+        choices=("csv", "tensorboard", "none"),
+        default="csv",
+        help="where the training metrics are logged (under OUT/logs)",
+    )
+    add_training_options(p)
+    add_diagnostics(p)
+    p.set_defaults(handler=run)
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# validation before any work
+# --------------------------------------------------------------------------------------------
+
+
+def newest_checkpoint(out_dir: Path) -> Path | None:
+    found = []
+    for p in out_dir.glob("checkpoint_epoch_*.pth"):
+        m = re.fullmatch(r"checkpoint_epoch_(\d+)\.pth", p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
+
+
+def validate_options(opts: dict[str, Any], need_data: bool = True) -> None:
+    missing = [
+        flag
+        for flag, key in (
+            ("DATA.h5ad", "data"),
+            ("--labels-key", "labels_key"),
+            ("--output-dir", "output_dir"),
+        )
+        if opts.get(key) in (None, "") and (need_data or key != "data")
+    ]
+    if missing:
+        raise CLIError(f"finetune needs {', '.join(missing)} (on the command line or in --config)")
+    if opts.get("split_json") and opts.get("split_key"):
+        raise CLIError("give either --split-json or --split-key, not both")
+    if opts.get("checkpoint") is None and opts.get("preset") is None:
+        raise CLIError(
+            "pass --checkpoint CKPT (a pretrained CellFM) or --preset "
+            f"{{{','.join(PRESET_NAMES)}}} (a randomly initialised model)"
+        )
+    if opts.get("embedding_init") == "transfer":
+        if opts.get("checkpoint") is None:
+            raise CLIError("--embedding-init transfer needs --checkpoint")
+        if opts.get("vocabulary") is None:
+            raise CLIError(
+                "--embedding-init transfer needs --vocabulary (the checkpoint's gene list, "
+                "CellFM's expand_gene_info.csv)"
+            )
+    if opts.get("vocabulary") is not None and opts.get("checkpoint") is None:
+        raise CLIError("--vocabulary belongs to a --checkpoint; pass both")
+    for key, what in (
+        ("checkpoint", "checkpoint"),
+        ("vocabulary", "vocabulary file"),
+        ("hgnc_table", "HGNC table"),
+        ("split_json", "split file"),
+    ):
+        if opts.get(key) is not None:
+            existing_file(opts[key], what)
+    if need_data:
+        existing_file(opts["data"], "data file")
+
+
+def check_checkpoint(path: str) -> None:
+    """Fail early, with a usage error, on a file that is not a sound MindSpore checkpoint."""
+    from cellfm_sc.io import CheckpointError, read_mindspore_checkpoint
+
+    try:
+        read_mindspore_checkpoint(path)
+    except CheckpointError as exc:
+        raise CLIError(f"--checkpoint is not a readable MindSpore checkpoint: {exc}") from exc
+
+
+def check_resume_file(path: Path) -> None:
+    """Fail early on a resume file that is empty, truncated or not ours."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for broken files
+        raise CLIError(
+            f"--resume: {path} is not a readable checkpoint ({type(exc).__name__}: "
+            f"{message_of(exc)[:200]}); delete it to resume from the epoch before"
+        ) from exc
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise CLIError(f"--resume: {path} is not a cellfm-sc epoch checkpoint")
+
+
+def split_from_options(opts: dict[str, Any], adata: Any) -> Any:
+    import json
+
+    from cellfm_sc.data import split_from_json, split_from_obs
+
+    if opts.get("split_json"):
+        try:
+            return split_from_json(opts["split_json"], adata)
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"split file {opts['split_json']} is not JSON: {exc}") from exc
+        except (ValueError, KeyError) as exc:
+            raise CLIError(f"split file {opts['split_json']}: {message_of(exc)}") from exc
+    if opts.get("split_key"):
+        return split_from_obs(adata, opts["split_key"], donor_key=opts.get("donor_key"))
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------
+
+
+def _make_logger(kind: str, folder: Path) -> Any:
+    if kind == "none":
+        return False
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if kind == "tensorboard":
+        return TensorBoardLogger(str(folder), name="", version="")
+    return CSVLogger(str(folder), name="", version="")
+
+
+def finetune(
+    opts: dict[str, Any], con: Console, adata: Any = None, demo: bool = False
+) -> dict[str, Any]:
+    """The finetune path shared by ``finetune`` and ``demo``; returns the run's facts."""
+    started = time.perf_counter()
+    out = writable_dir(opts["output_dir"], "--output-dir")
+    resume_from = None
+    if opts.get("resume"):
+        resume_from = newest_checkpoint(out) if out.is_dir() else None
+        if resume_from is None:
+            raise CLIError(f"--resume: no checkpoint_epoch_*.pth in {out} to continue from")
+        check_resume_file(resume_from)
+    elif out.is_dir() and newest_checkpoint(out) is not None:
+        con.warn(
+            f"{out} already holds checkpoint_epoch_*.pth files of an earlier run; this run "
+            "overwrites those of the epochs it reaches (use --resume to continue that run "
+            "instead, or another --output-dir)"
+        )
+    if opts.get("checkpoint"):
+        check_checkpoint(opts["checkpoint"])
+
+    quiet_libraries(bool(opts.get("quiet")))
+    if adata is None:
+        con.info(f"reading {opts['data']}" + (" (backed)" if opts.get("backed") else ""))
+        adata = read_h5ad(Path(opts["data"]), backed=bool(opts.get("backed")))
+
+    from cellfm_sc.data import obs_column
+
+    for key, keyword in (("labels_key", "labels_key"), ("donor_key", "donor_key")):
+        if opts.get(key):
+            obs_column(adata, opts[key], keyword=keyword, allow_missing=True)
+    split = split_from_options(opts, adata)
+
+    run_dir = RunDirectory(out)
+    with run_dir.transaction(sys.argv[1:]):
+        return _run(opts, con, adata, split, run_dir, resume_from, started, demo)
+
+
+def _run(
+    opts: dict[str, Any],
+    con: Console,
+    adata: Any,
+    split: Any,
+    run_dir: RunDirectory,
+    resume_from: Path | None,
+    started: float,
+    demo: bool,
+) -> dict[str, Any]:
+    import torch
+
+    from cellfm_sc._atomic import atomic_path, write_h5ad_atomic, write_json_atomic
+    from cellfm_sc.model import CellFMClassifier
+    from cellfm_sc.report import write_report
+
+    work, out = run_dir.work, run_dir.out
+    resolved = {k: opts.get(k) for k in FINETUNE_KEYS if k in opts}
+    resolved.update(
+        {
+            "command": "demo" if demo else "finetune",
+            "config": opts.get("config"),
+            "cellfm_sc_version": __version__,
+            "resume_from": str(resume_from) if resume_from else None,
+        }
+    )
+    write_json_atomic(work / "config_resolved.json", resolved)
+
+    con.info(
+        f"data: {adata.n_obs:,} cells x {adata.n_vars:,} genes; labels obs[{opts['labels_key']!r}]"
+        + (f"; donors obs[{opts['donor_key']!r}]" if opts.get("donor_key") else "")
+    )
+    CellFMClassifier.setup_anndata(
+        adata,
+        labels_key=opts["labels_key"],
+        donor_key=opts.get("donor_key"),
+        layer=opts.get("layer"),
+        gene_symbols=opts.get("gene_symbols"),
+        label_order=opts.get("label_order"),
+    )
+    if not opts.get("checkpoint"):
+        con.info(
+            f"no --checkpoint: a randomly initialised '{opts.get('preset')}' trunk is trained "
+            "(no pretrained CellFM weights)"
+        )
+    model = CellFMClassifier(
+        adata,
+        checkpoint=opts.get("checkpoint"),
+        vocabulary_file=opts.get("vocabulary"),
+        num_heads=opts.get("num_heads"),
+        preset=opts.get("preset"),
+        embedding_init=opts.get("embedding_init", "random"),
+        trainable=opts.get("trainable", "auto"),
+        max_tokens=opts.get("max_tokens", 2048),
+        seed=opts.get("seed", 0),
+        hgnc_table=opts.get("hgnc_table"),
+    )
+    con.info(str(model.summary))
+
+    patience = opts.get("patience", 3)
+    early = {"auto": "auto", "on": True, "off": False}[opts.get("early_stopping", "auto")]
+    if patience == 0:
+        early = False
+    class_weights = opts.get("class_weights", "none")
+    model.train(
+        max_epochs=opts["epochs"],
+        batch_size=opts.get("batch_size", 16),
+        lr=opts.get("lr", "auto"),
+        lr_schedule=opts.get("lr_schedule", "warmup_cosine"),
+        weight_decay=opts.get("weight_decay", 1e-5),
+        validation_size=opts.get("validation_size", 0.1),
+        test_size=opts.get("test_size", 0.1),
+        split=split,
+        early_stopping=early,
+        patience=max(patience, 1),
+        monitor=opts.get("monitor", "auto"),
+        class_weights=None if class_weights == "none" else class_weights,
+        check_val_every_n_steps=opts.get("eval_every_steps"),
+        precision=opts.get("precision"),
+        accelerator=opts.get("accelerator", "auto"),
+        devices=opts.get("devices", "auto"),
+        strategy=opts.get("strategy"),
+        num_workers=opts.get("num_workers", 0),
+        gradient_checkpointing=bool(opts.get("gradient_checkpointing")),
+        checkpoint_dir=str(out),
+        resume_from=str(resume_from) if resume_from else None,
+        logger=_make_logger(opts.get("logger", "csv"), work / "logs"),
+        enable_progress_bar=not opts.get("quiet"),
+        **({"num_nodes": opts["num_nodes"]} if opts.get("num_nodes", 1) > 1 else {}),
+    )
+    if model.global_rank_ != 0:
+        return {"rank": model.global_rank_}  # under DDP only the first process writes
+
+    # the model holds the best weights after training
+    with atomic_path(work / "best_model.pth") as tmp:
+        torch.save(model.export_state_dict(), tmp)
+
+    n_test, n_val = len(model.test_indices), len(model.validation_indices)
+    if n_test:
+        where, indices = f"test split ({n_test:,} cells)", "test"
+    elif n_val:
+        where, indices = (
+            f"validation split ({n_val:,} cells; no test split: optimistic)",
+            "validation",
+        )
+        con.warn(
+            "no test split (--test-size 0): the report scores the validation cells, which chose the model"
+        )
+    else:
+        where, indices = "training cells (nothing held out: optimistic)", "train"
+        con.warn("nothing was held out; the report scores the training cells")
+    con.info(f"evaluating on the {where}")
+    result = model.evaluate(indices=indices, enable_progress_bar=not opts.get("quiet"))
+    files = dict(write_report(work, result, history=model.history, info=model.report_info()))
+    model.save(str(work / "model"), overwrite=True)
+    files["model"] = work / "model"
+    files["best_model"] = work / "best_model.pth"
+    files["config_resolved"] = work / "config_resolved.json"
+    if (work / "logs").is_dir():
+        files["logs"] = work / "logs"
+
+    if opts.get("write_split_h5ad"):
+        key = "cellfm"
+        model.annotate(
+            adata,
+            key_added=key,
+            batch_size=max(opts.get("batch_size", 16), 64),
+            enable_progress_bar=not opts.get("quiet"),
+        )
+        emb = adata.obsm["X_cellfm"]
+        for name, idx in (
+            ("train", model.train_indices),
+            ("validation", model.validation_indices),
+            ("test", model.test_indices),
+        ):
+            if len(idx) == 0:
+                continue
+            part = obs_only(
+                adata.obs.iloc[idx],
+                {
+                    "X_cellfm": emb[idx],
+                    f"{key}_probabilities": adata.obsm[f"{key}_probabilities"][idx],
+                },
+                {key: adata.uns.get(key, {})},
+            )
+            files[f"{name}_h5ad"] = write_h5ad_atomic(part, work / f"{name}.h5ad")
+    return {
+        "rank": 0,
+        "result": result,
+        "files": {k: out / Path(v).name for k, v in files.items()},
+        "where": where,
+        "elapsed": time.perf_counter() - started,
+        "model": model,
+    }
+
+
+def print_summary(con: Console, facts: dict[str, Any], out: Path) -> None:
+    con.result()
+    con.result(f"done in {facts['elapsed']:.0f} s; evaluated on the {facts['where']}")
+    con.result(str(facts["result"]))
+    con.result()
+    con.result(f"output directory: {out}")
+    files = facts["files"]
+    for key, what in OUTPUT_FILES:
+        if key in files:
+            name = Path(files[key]).name + ("/" if key in ("model", "logs") else "")
+            con.result(f"  {name:<26} {what}")
+    n_ckpt = len(list(out.glob("checkpoint_epoch_*.pth")))
+    if n_ckpt:
+        con.result(f"  {'checkpoint_epoch_*.pth':<26} {n_ckpt} per-epoch checkpoint(s)")
+
+
+def run(args: argparse.Namespace, con: Console) -> int:
+    opts = {k: v for k, v in vars(args).items() if k not in ("handler", "command")}
+    validate_options(opts)
+    facts = finetune(opts, con)
+    if facts["rank"] == 0:
+        print_summary(con, facts, Path(opts["output_dir"]).expanduser())
+    return 0

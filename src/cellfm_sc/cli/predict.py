@@ -1,0 +1,150 @@
+"""``cellfm-sc predict`` and ``cellfm-sc embed``: apply a saved model to an ``.h5ad`` file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from cellfm_sc.cli._common import (
+    CLIError,
+    Console,
+    Formatter,
+    add_diagnostics,
+    device_type,
+    drop_scvi_bookkeeping,
+    existing_dir,
+    existing_file,
+    obs_only,
+    positive_int,
+    quiet_libraries,
+    read_h5ad,
+    writable_parent,
+)
+
+__all__ = ["add_parsers", "run_embed", "run_predict"]
+
+
+def add_parsers(sub: Any) -> None:
+    for name, helptext, desc in (
+        (
+            "predict",
+            "annotate an .h5ad file with a fine-tuned model",
+            "Add obs['<key>_prediction'], obs['<key>_confidence'], obs['<key>_split'], "
+            "obsm['<key>_probabilities'] and obsm['X_<key>'] to DATA.h5ad and write the "
+            "result to --output (atomically; with --backed without the count matrix). "
+            "DATA may be query data: its labels column is not read, and another gene set "
+            "works (genes the model does not know are dropped; the model's genes missing "
+            "from DATA count as not expressed).",
+        ),
+        (
+            "embed",
+            "write the CellFM cell embedding of an .h5ad file",
+            "Write obs and obsm['X_cellfm'] (the cls embedding) of DATA.h5ad to --output; "
+            "the output holds no count matrix.",
+        ),
+    ):
+        p = sub.add_parser(name, help=helptext, description=desc, formatter_class=Formatter)
+        p.add_argument(
+            "model_dir", metavar="MODEL_DIR", help="a saved model (OUT/model of finetune)"
+        )
+        p.add_argument("data", metavar="DATA.h5ad", help="input AnnData (.h5ad)")
+        p.add_argument("--output", "-o", metavar="OUT.h5ad", required=True, help="output file")
+        p.add_argument(
+            "--batch-size", metavar="N", type=positive_int, default=64, help="cells per batch"
+        )
+        if name == "predict":
+            p.add_argument(
+                "--key-added",
+                default="cellfm",
+                help="prefix of the obs/obsm keys written",
+            )
+        p.add_argument(
+            "--layer",
+            default=None,
+            help="adata.layers key holding raw counts (default: as the model was set up)",
+        )
+        p.add_argument(
+            "--device",
+            default="auto",
+            type=device_type,
+            help="torch device: auto (a GPU when there is one), cpu, cuda, cuda:1, mps",
+        )
+        p.add_argument(
+            "--backed",
+            action="store_true",
+            help="read DATA.h5ad backed (the count matrix stays on disk); the output then "
+            "holds obs, obsm and uns only, never a copy of the counts",
+        )
+        add_diagnostics(p)
+        p.set_defaults(handler=run_predict if name == "predict" else run_embed)
+
+
+def _load(args: argparse.Namespace, con: Console) -> tuple[Any, Any, Path]:
+    model_dir = existing_dir(args.model_dir, "model directory")
+    data = existing_file(args.data, "data file")
+    output = writable_parent(args.output, "--output")
+    if output.suffix != ".h5ad":
+        raise CLIError(f"--output must end in .h5ad, got {output}")
+    if not (model_dir / "model.pt").is_file():
+        raise CLIError(
+            f"{model_dir} is not a saved cellfm-sc model (no model.pt); pass OUT/model of "
+            "'cellfm-sc finetune'"
+        )
+    quiet_libraries(args.quiet)
+    con.info(f"reading {data}" + (" (backed)" if args.backed else ""))
+    adata = read_h5ad(data, backed=args.backed)
+    from cellfm_sc.model import CellFMClassifier
+
+    con.info(f"loading the model from {model_dir}")
+    model = CellFMClassifier.load(str(model_dir), adata=adata)
+    if args.layer is not None:
+        if args.layer not in adata.layers:
+            raise CLIError(
+                f"--layer {args.layer!r} not in adata.layers; layers: {list(adata.layers)}"
+            )
+        model.layer = args.layer
+    return model, adata, output
+
+
+def run_predict(args: argparse.Namespace, con: Console) -> int:
+    from cellfm_sc._atomic import write_h5ad_atomic
+
+    model, adata, output = _load(args, con)
+    k = args.key_added
+    model.annotate(
+        adata,
+        key_added=k,
+        batch_size=args.batch_size,
+        device=args.device,
+        enable_progress_bar=not args.quiet,
+    )
+    drop_scvi_bookkeeping(adata)
+    if args.backed:  # never copy the counts of a backed file
+        keys = (f"{k}_probabilities", f"X_{k}")
+        write_h5ad_atomic(
+            obs_only(adata.obs, {key: adata.obsm[key] for key in keys}, {k: adata.uns[k]}),
+            output,
+        )
+    else:
+        write_h5ad_atomic(adata, output)
+    counts = adata.obs[f"{k}_prediction"].value_counts()
+    con.result(f"annotated {adata.n_obs:,} cells -> {output}")
+    con.result(
+        f"  obs['{k}_prediction'], obs['{k}_confidence'], obs['{k}_split'], "
+        f"obsm['{k}_probabilities'], obsm['X_{k}']"
+    )
+    con.result("  predicted: " + ", ".join(f"{lab} {n:,}" for lab, n in counts.items() if n > 0))
+    return 0
+
+
+def run_embed(args: argparse.Namespace, con: Console) -> int:
+    from cellfm_sc._atomic import write_h5ad_atomic
+
+    model, adata, output = _load(args, con)
+    emb = model.get_latent_representation(
+        adata, batch_size=args.batch_size, device=args.device, enable_progress_bar=not args.quiet
+    )
+    write_h5ad_atomic(obs_only(adata.obs, {"X_cellfm": emb}), output)
+    con.result(f"embedded {adata.n_obs:,} cells -> {output}: obsm['X_cellfm'] {emb.shape}")
+    return 0
