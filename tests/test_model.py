@@ -144,11 +144,13 @@ def test_donor_split_keeps_donors_whole_and_report(wu2020_path, tmp_path):
 
     import json
 
-    from cellfm_sc.model import write_report
+    from cellfm_sc.report import write_report
 
     from .test_plotting_report import _assert_png_not_blank, _validate
 
-    files = write_report(model, result, tmp_path / "report", umap=True)
+    files = write_report(
+        tmp_path / "report", result, history=model.history, info=model.report_info(), umap=True
+    )
     names = {p.name for p in files.values()}
     assert names == {
         "training_results.json",
@@ -240,11 +242,17 @@ def test_lora_train_save_load(pbmc_small, tmp_path):
     model.train(max_epochs=1, validation_size=0.2, lr=1e-2, enable_progress_bar=False)
     soft = model.predict(soft=True).to_numpy()
     model.save(tmp_path / "lora")
-    # the saved weights are merged: plain trunk names, no adapter tensors
+    # saved with its adapters; it reloads as LoRA with the saved rank
     state = torch.load(tmp_path / "lora" / "model.pt", weights_only=True)["model_state_dict"]
-    assert not [k for k in state if "lora_" in k or "base_layer" in k]
+    assert [k for k in state if "lora_" in k]
     loaded = CellFMClassifier.load(tmp_path / "lora", adata)
+    assert loaded.trainable_ == "lora"
+    trainable = [n for n, p in loaded.module.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
     np.testing.assert_allclose(loaded.predict(soft=True).to_numpy(), soft, atol=1e-5)
+    # the exported weights are merged: plain trunk names, no adapter tensors
+    merged = model.export_state_dict()
+    assert not [k for k in merged if "lora_" in k or "base_layer" in k]
     assert any("lora_" in n for n, _ in model.module.named_parameters())  # original untouched
 
 
@@ -279,9 +287,9 @@ def test_clear_errors_before_training(pbmc_small, golden_dir):
     with pytest.raises(ValueError, match="3 missing"):
         CellFMClassifier.setup_anndata(nan, labels_key="lab")
     CellFMClassifier.setup_anndata(adata, labels_key="celltype")
-    with pytest.raises(ValueError, match="unknown trainable 'encoder'"):
+    with pytest.raises(ValueError, match="trainable must be one of .*got 'encoder'"):
         CellFMClassifier(adata, preset="tiny", trainable="encoder")
-    with pytest.raises(ValueError, match="unknown embedding_init"):
+    with pytest.raises(ValueError, match="embedding_init must be one of"):
         CellFMClassifier(adata, preset="tiny", embedding_init="pretrained")
     ckpt = golden_dir / "model_d48_h4_l2_g37_backbone.ckpt"
     with pytest.raises(ValueError, match="enc_dims is 48 in the checkpoint but 64 in the preset"):
@@ -309,12 +317,15 @@ def test_ddp_two_cpu_processes(pbmc_small, tmp_path):
             from cellfm_sc import CellFMClassifier
             adata = ad.read_h5ad({str(path)!r})
             CellFMClassifier.setup_anndata(adata, labels_key="celltype")
-            model = CellFMClassifier(adata, preset="tiny", max_tokens=64)
+            # "all" trains parameters the forward never uses (decoders): DDP must cope
+            model = CellFMClassifier(adata, preset="tiny", max_tokens=64, trainable="all")
             model.train(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp",
-                        validation_size=0.2, enable_progress_bar=False, patience=5)
+                        batch_size=7, validation_size=0.2, enable_progress_bar=False,
+                        early_stopping=True, patience=5)
             model.save({str(tmp_path / "saved")!r})  # only rank 0 writes
             print("RANK", model.global_rank_, "HISTORY", json.dumps(model.history.to_dict("list")))
             print("WORLD", model.train_settings_["world_size"])
+            print("NVAL", len(model.validation_indices))
             """
         )
     )
@@ -332,6 +343,9 @@ def test_ddp_two_cpu_processes(pbmc_small, tmp_path):
     assert hist["epoch"] == [1, 2]
     assert all(v == v for v in hist["validation_acc"])  # not NaN
     assert "WORLD 2" in res.stdout
+    # every validation cell counted exactly once although ranks are padded to equal batches
+    n_val = int(next(ln for ln in res.stdout.splitlines() if ln.startswith("NVAL")).split()[1])
+    assert hist["validation_n_cells"] == [n_val, n_val]
 
 
 def test_import_is_light():

@@ -283,26 +283,30 @@ class CellFMModel(BaseModelClass):
         names = np.asarray(adata.obs_names)
         self.split_names_ = {s: [str(n) for n in names[split[s]]] for s in SPLITS}
 
-    def _split_for(self, adata: Any) -> DataSplit | None:
-        """The split as positions in ``adata``: mapped by obs name, or an error."""
+    def _split_positions(self, adata: Any, name: str) -> np.ndarray | None:
+        """Positions in ``adata`` of the split ``name``, matched by obs name (or an error)."""
         if self.split_names_ is None:
             return None
         if adata is self.adata and self.split_ is not None:
-            return self.split_
-        parts = {}
-        for s in SPLITS:
-            names = self.split_names_[s]
-            pos = adata.obs_names.get_indexer(pd.Index(names))
-            missing = int((pos < 0).sum())
-            if missing:
-                shown = [names[i] for i in np.flatnonzero(pos < 0)[:3]]
-                raise ValueError(
-                    f"{missing} of the model's {len(names)} {s} cells are not in this AnnData "
-                    f"(by obs name, e.g. {shown}); evaluate these data with indices= or without "
-                    "the saved split"
-                )
-            parts[s] = pos.astype(np.int64)
-        return DataSplit(parts["train"], parts["validation"], parts["test"])
+            return self.split_[name]
+        names = self.split_names_[name]
+        pos = adata.obs_names.get_indexer(pd.Index(names))
+        missing = int((pos < 0).sum())
+        if missing:
+            shown = [names[i] for i in np.flatnonzero(pos < 0)[:3]]
+            raise ValueError(
+                f"{missing} of the model's {len(names)} {name} cells are not in this AnnData "
+                f"(by obs name, e.g. {shown}); score these data with indices= instead"
+            )
+        return pos.astype(np.int64)
+
+    def _split_for(self, adata: Any) -> DataSplit | None:
+        """The whole split as positions in ``adata``, or None when a split cell is absent."""
+        try:
+            parts = [self._split_positions(adata, s) for s in SPLITS]
+        except ValueError:
+            return None
+        return None if parts[0] is None else DataSplit(*parts)
 
     def split_labels(self, adata: Any | None = None) -> np.ndarray:
         """Per cell of ``adata``: ``"train"``, ``"validation"``, ``"test"`` or ``"none"``.
@@ -327,13 +331,13 @@ class CellFMModel(BaseModelClass):
                 raise ValueError(
                     f"indices must be 'train', 'validation', 'test' or an array, got {indices!r}"
                 )
-            split = self._split_for(adata)
-            if split is None or len(split[indices]) == 0:
+            pos = self._split_positions(adata, indices)
+            if pos is None or len(pos) == 0:
                 raise ValueError(
                     f"the model has no {indices} cells (train with a {indices} split first, or "
                     "pass indices=)"
                 )
-            return np.asarray(split[indices], dtype=np.int64)
+            return np.asarray(pos, dtype=np.int64)
         idx = np.asarray(indices)
         if idx.dtype == bool:
             if idx.shape != (adata.n_obs,):
@@ -675,7 +679,7 @@ class CellFMModel(BaseModelClass):
         model.split_names_ = attr.get("split_names_")
         if adata is not None:
             model._gene_id_map(adata)  # raises now when the genes cannot be used
-            split = model._split_for(adata) if model.split_names_ else None
+            split = model._split_for(adata)
             if split is not None:
                 model.split_ = split
                 model.train_indices_ = split.train

@@ -570,6 +570,8 @@ class CellFMClassifier(CellFMModel):
         whose weights the model holds, and ``model.train_indices`` /
         ``validation_indices`` / ``test_indices`` the split (kept by obs name).
         """
+        if isinstance(lr, str) and lr != "auto":
+            raise ValueError(f"lr must be a number > 0 or 'auto', got {lr!r}")
         check_training_numbers(
             max_epochs=max_epochs,
             batch_size=batch_size,
@@ -582,8 +584,6 @@ class CellFMClassifier(CellFMModel):
             warmup_fraction=warmup_fraction,
             masked_value_weight=masked_value_weight,
         )
-        if isinstance(lr, str) and lr != "auto":
-            raise ValueError(f"lr must be a number > 0 or 'auto', got {lr!r}")
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         if early_stopping not in (True, False, "auto"):

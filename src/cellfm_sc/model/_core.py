@@ -335,7 +335,7 @@ class TrainingPlan(pl.LightningModule):
                 "(check the checkpoint with 'cellfm-sc inspect')"
             )
         self._add("train", out.sums)
-        self.log("train_loss", out.loss.detach(), prog_bar=True, batch_size=len(batch))
+        self.log("train_loss_step", out.loss.detach(), prog_bar=True, batch_size=len(batch))
         return out.loss
 
     def validation_step(self, batch: TokenBatch, batch_idx: int) -> None:
@@ -385,9 +385,8 @@ class TrainingPlan(pl.LightningModule):
         row["lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"])
         self.history.append(row)
         for key, value in row.items():
-            if key.startswith("train_") and key != "train_loss":
+            if key.startswith("train_"):  # exact epoch values (reduced sums)
                 self.log(key, value)
-        self.log("train_loss_epoch", row.get("train_loss", math.nan))
 
     # -- optimisation
     def configure_optimizers(self) -> Any:
