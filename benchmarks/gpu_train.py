@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     def step(b: TokenBatch) -> None:
         with ctx:
             out = module(b)
-            loss = module.loss(out.logits, b.labels)
+            loss = module.cell_loss(out.logits, b.labels).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([q for q in module.parameters() if q.requires_grad], 1.0)
         opt.step()
