@@ -9,7 +9,14 @@ from typing import Any
 
 import torch
 
-from cellfm_sc.io.mapping import LoadReport, infer_config, load_trunk_state, split_state
+from cellfm_sc.io import read_mindspore_checkpoint
+from cellfm_sc.io.mapping import (
+    LoadReport,
+    check_state_values,
+    infer_config,
+    load_trunk_state,
+    split_state,
+)
 from cellfm_sc.nn import CellFMTrunk
 from cellfm_sc.vocab import GeneMapping, GeneVocab, build_gene_embedding, map_genes
 
@@ -80,6 +87,7 @@ def load_pretrained_trunk(
     hgnc_table: str | os.PathLike[str] | None = None,
     seed: int = 0,
     ensembl_ids: Sequence[Any] | None = None,
+    max_abs: float | None = 1e6,
 ) -> tuple[CellFMTrunk, PretrainedReport]:
     """A CellFM trunk for ``var_names`` with every other layer from the checkpoint.
 
@@ -108,6 +116,10 @@ def load_pretrained_trunk(
         Seed of the random rows.
     ensembl_ids
         Optional Ensembl ids aligned with ``var_names`` (last mapping rule).
+    max_abs
+        Refuse a checkpoint tensor (``gene_emb`` included) holding a value with
+        ``|value| > max_abs`` (``None``: no bound); NaN/inf are always refused
+        (:func:`cellfm_sc.io.mapping.check_state_values`).
 
     Returns
     -------
@@ -119,8 +131,6 @@ def load_pretrained_trunk(
     ...     vocabulary_file="expand_gene_info.csv", embedding_init="transfer")  # doctest: +SKIP
     >>> print(report)  # doctest: +SKIP
     """
-    from cellfm_sc.io import read_mindspore_checkpoint
-
     if embedding_init not in EMBEDDING_INITS:
         raise ValueError(
             f"unknown embedding_init {embedding_init!r}; choose one of {EMBEDDING_INITS}"
@@ -135,6 +145,7 @@ def load_pretrained_trunk(
         GeneVocab.from_cellfm_file(vocabulary_file) if vocabulary_file is not None else None
     )
     state = read_mindspore_checkpoint(checkpoint)
+    check_state_values(state, max_abs=max_abs, source=checkpoint)
     model, _, _ = split_state(state)
     config, rows = infer_config(model, num_heads=num_heads)
     if pretrained_vocab is not None and pretrained_vocab.n_genes + 1 > rows:
@@ -144,7 +155,9 @@ def load_pretrained_trunk(
             "is it the vocabulary of this checkpoint?"
         )
     trunk = CellFMTrunk(config, n_genes=vocab.n_genes)
-    load = load_trunk_state(trunk, state, exclude=("gene_emb",), source=os.fspath(checkpoint))
+    load = load_trunk_state(
+        trunk, state, exclude=("gene_emb",), source=os.fspath(checkpoint), check=False
+    )
     mapping = None
     if pretrained_vocab is not None:
         mapping = map_genes(vocab, pretrained_vocab, hgnc_table=hgnc_table, ensembl_ids=ensembl_ids)

@@ -2,8 +2,10 @@
 
 :func:`read_mindspore_checkpoint` and :func:`write_mindspore_checkpoint` handle the ``.ckpt``
 protobuf format (see :mod:`cellfm_sc.io.checkpoint`); :class:`CheckpointError` is raised for
-files that cannot be read. :mod:`cellfm_sc.io.mapping` maps MindSpore parameter names onto
-the torch trunk and recognises the checkpoint variant.
+files that cannot be read or hold unusable values. :mod:`cellfm_sc.io.mapping` maps MindSpore
+parameter names onto the torch trunk and recognises the checkpoint variant.
+:func:`load_torch_file` is the one place our own torch files (``model.pt``,
+``best_model.pth``, ``checkpoint_epoch_N.pth``) are loaded.
 """
 
 from cellfm_sc.io.checkpoint import (
@@ -13,18 +15,22 @@ from cellfm_sc.io.checkpoint import (
 )
 from cellfm_sc.io.mapping import (
     LoadReport,
+    check_state_values,
     detect_variant,
     infer_config,
     load_trunk_state,
     split_state,
     trunk_from_mindspore,
 )
+from cellfm_sc.io.torchfile import load_torch_file
 
 __all__ = [
     "CheckpointError",
     "LoadReport",
+    "check_state_values",
     "detect_variant",
     "infer_config",
+    "load_torch_file",
     "load_trunk_state",
     "read_mindspore_checkpoint",
     "split_state",

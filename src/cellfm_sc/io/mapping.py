@@ -10,6 +10,7 @@ Variants (recognised by parameter names, never by file name):
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Mapping
@@ -20,11 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from cellfm_sc.io._values import DEFAULT_MAX_ABS, check_values
+from cellfm_sc.io.checkpoint import read_mindspore_checkpoint
 from cellfm_sc.nn.config import CellFMConfig
 from cellfm_sc.nn.trunk import CellFMTrunk
 
 __all__ = [
     "LoadReport",
+    "check_state_values",
     "detect_variant",
     "infer_config",
     "is_bookkeeping",
@@ -249,12 +253,47 @@ class LoadReport:
         return "\n".join(lines)
 
 
+def check_state_values(
+    state: Mapping[str, Any],
+    *,
+    max_abs: float | None = DEFAULT_MAX_ABS,
+    source: str | os.PathLike[str] | None = None,
+) -> None:
+    """Refuse a checkpoint whose model tensors hold NaN/inf or ``|value| > max_abs``.
+
+    Every entry except optimizer state / bookkeeping (:func:`is_bookkeeping`, not checked)
+    is checked, including ``gene_emb`` when a new vocabulary will not load it: a corrupt
+    table means a corrupt file. Cost: a ``min`` and a ``max`` per tensor, no copies.
+
+    Parameters
+    ----------
+    state
+        Checkpoint name -> array/tensor, as read by
+        :func:`~cellfm_sc.io.read_mindspore_checkpoint`.
+    max_abs
+        Bound on ``|value|`` (default ``1e6``); ``None`` skips the magnitude check.
+        Non-finite values are always refused.
+    source
+        The file, for the message.
+
+    Raises
+    ------
+    CheckpointError
+        Naming the tensor (its checkpoint name), the offending value and its index.
+    """
+    for name, value in state.items():
+        if not is_bookkeeping(name):
+            check_values(name, value, max_abs=max_abs, path=source)
+
+
 def load_trunk_state(
     trunk: CellFMTrunk,
     state: Mapping[str, Any],
     *,
     exclude: tuple[str, ...] = (),
     source: str | None = None,
+    max_abs: float | None = DEFAULT_MAX_ABS,
+    check: bool = True,
 ) -> LoadReport:
     """Copy a MindSpore-named state into ``trunk``, strictly.
 
@@ -262,11 +301,30 @@ def load_trunk_state(
     checkpoint entry the trunk has no place for is an error too (unless it is optimizer
     state or bookkeeping, which is skipped and listed).
 
+    Parameters
+    ----------
+    trunk
+        The trunk to fill (its parameters are overwritten in place).
+    state
+        Checkpoint name -> array/tensor (MindSpore names: ``post_norm1.gamma`` ...).
+    exclude
+        torch names of parameters not to take from the checkpoint (e.g. ``("gene_emb",)``).
+    source
+        The file the state came from, for the report and messages.
+    max_abs
+        See :func:`check_state_values`.
+    check
+        Run :func:`check_state_values` first; ``False`` only when the caller already did.
+
     Raises
     ------
     ValueError
         naming the missing/unexpected parameters, or the parameter and both shapes.
+    CheckpointError
+        (a ``ValueError``) for NaN/inf or ``|value| > max_abs`` in a model tensor.
     """
+    if check:
+        check_state_values(state, max_abs=max_abs, source=source)
     model, skipped, prefix = split_state(state)
     own = dict(trunk.named_parameters())
     missing = [k for k in own if k not in model and k not in exclude]
@@ -316,12 +374,35 @@ def load_trunk_state(
 def trunk_from_mindspore(
     path: str | Path,
     num_heads: int | None = None,
+    max_abs: float | None = DEFAULT_MAX_ABS,
     **overrides: Any,
 ) -> tuple[CellFMTrunk, LoadReport]:
     """Read a ``.ckpt`` and build the matching trunk with every parameter loaded.
 
-    Returns ``(trunk, report)``; ``trunk.gene_emb`` keeps the checkpoint's
-    ``(rows, enc_dims)`` table.
+    Parameters
+    ----------
+    path
+        MindSpore checkpoint (variants A, A', B; optimizer entries are skipped).
+    num_heads
+        Retention heads; cannot be read from shapes, defaults to 48 only for
+        ``enc_dims == 1536``.
+    max_abs
+        Refuse a model tensor with ``|value| > max_abs`` (``None``: no magnitude check);
+        NaN/inf are always refused. See :func:`check_state_values`.
+    **overrides
+        :class:`~cellfm_sc.nn.CellFMConfig` fields to override (e.g. ``dropout``).
+
+    Returns
+    -------
+    ``(trunk, report)``; ``trunk.gene_emb`` keeps the checkpoint's ``(rows, enc_dims)``
+    table and ``trunk.load_report`` is ``report``.
+
+    Raises
+    ------
+    CheckpointError
+        Unreadable file, or a tensor with NaN/inf or ``|value| > max_abs``.
+    ValueError
+        Missing parameter or disagreeing shape (naming it and both shapes).
 
     Examples
     --------
@@ -329,13 +410,12 @@ def trunk_from_mindspore(
     >>> print(report)  # doctest: +SKIP
     CellFM checkpoint load: variant A (public MindSpore CellFM)
     """
-    from cellfm_sc.io.checkpoint import read_mindspore_checkpoint
-
     state = read_mindspore_checkpoint(path)
+    check_state_values(state, max_abs=max_abs, source=path)
     model, _, _ = split_state(state)
     cfg, rows = infer_config(model, num_heads=num_heads, **overrides)
     trunk = CellFMTrunk(cfg, n_genes=rows - 1, emb_rows=rows)
-    report = load_trunk_state(trunk, state, source=str(path))
+    report = load_trunk_state(trunk, state, source=str(path), check=False)
     trunk.load_report = report
     if cfg.st_tokens:
         warnings.warn(

@@ -183,17 +183,19 @@ class CellFMTrunk(nn.Module):
         cls,
         path: str | Path,
         num_heads: int | None = None,
+        max_abs: float | None = 1e6,
         **overrides: Any,
     ) -> CellFMTrunk:
         """Build a trunk from a MindSpore ``.ckpt`` (no MindSpore needed).
 
         The variant and dimensions are read from parameter names and shapes; ``num_heads``
-        cannot be, and defaults to 48 only when ``enc_dims`` is 1536. The load report is
-        kept as ``trunk.load_report``.
+        cannot be, and defaults to 48 only when ``enc_dims`` is 1536. A model tensor holding
+        NaN/inf, or a value with ``|value| > max_abs`` (``None``: no bound), is refused with
+        a ``CheckpointError`` naming it. The load report is kept as ``trunk.load_report``.
         """
         from cellfm_sc.io.mapping import trunk_from_mindspore
 
-        trunk, _ = trunk_from_mindspore(path, num_heads=num_heads, **overrides)
+        trunk, _ = trunk_from_mindspore(path, num_heads=num_heads, max_abs=max_abs, **overrides)
         return trunk
 
     def load_mindspore_state(self, state: Mapping[str, np.ndarray | Tensor]) -> LoadReport:
