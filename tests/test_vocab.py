@@ -626,3 +626,38 @@ def test_binary_hgnc_table(tmp_path: Path, golden_dir: Path) -> None:
     pre = GeneVocab.from_var_names(["A", "B"])
     with pytest.raises(ValueError, match=r"HGNC table .*\.ckpt is "):
         map_genes(["A"], pre, hgnc_table=golden_dir / "model_d48_h4_l2_g37_backbone.ckpt")
+
+
+# ---------------------------------------------------------------------------- CellFM CSV writer
+
+
+def test_save_cellfm_file_matches_the_original_format(
+    tmp_path: Path, cellfm_vocab_path: Path
+) -> None:
+    names = ["CD3E", "HLA-DRA", 'odd,"name"', "NA", "ÅBC"]
+    v = GeneVocab.from_var_names(names)
+    path = tmp_path / "vocab.csv"
+    v.save_cellfm_file(path)
+    original_header = cellfm_vocab_path.read_text(encoding="utf-8").split("\n", 1)[0]
+    text = path.read_text(encoding="utf-8")
+    assert text.split("\n", 1)[0] == original_header
+    assert "\r" not in text and text.endswith("\n")
+    assert _first_column(path) == names  # token id = row + 1, read by the csv module
+    df = pd.read_csv(path, keep_default_na=False)  # as a pandas user of the original would
+    assert list(df.columns) == original_header.split(",")
+    assert list(df["HGNC_gene"]) == names
+    back = GeneVocab.from_cellfm_file(path)
+    assert back == v and back.ensembl_ids is None
+    assert not [p for p in tmp_path.iterdir() if p.name != "vocab.csv"], "temp file left behind"
+
+
+def test_save_cellfm_file_keeps_ensembl_ids_and_needs_csv(tmp_path: Path) -> None:
+    v = GeneVocab(["A", "B", "C"], ensembl_ids=["ENSG01.2", None, "ENSG03"])
+    path = tmp_path / "v.csv"
+    v.save_cellfm_file(path)
+    assert path.read_text(encoding="utf-8").split("\n")[0].endswith(",feature,ensembl_id")
+    back = GeneVocab.from_cellfm_file(path)
+    assert list(back.names) == ["A", "B", "C"]
+    assert list(back.ensembl_ids) == ["ENSG01.2", None, "ENSG03"]
+    with pytest.raises(ValueError, match=r"must end in \.csv"):
+        v.save_cellfm_file(tmp_path / "v.txt")

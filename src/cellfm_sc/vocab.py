@@ -15,6 +15,7 @@ This module depends on numpy, pandas and torch only.
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import re
@@ -32,6 +33,7 @@ import torch
 from cellfm_sc.nn.config import padded_rows
 
 __all__ = [
+    "CELLFM_VOCAB_COLUMNS",
     "INIT_METHODS",
     "MAPPING_RULES",
     "GeneMapping",
@@ -42,6 +44,18 @@ __all__ = [
     "padded_table_size",
 ]
 
+#: Header of CellFM's ``expand_gene_info.csv`` (:meth:`GeneVocab.save_cellfm_file` writes it).
+CELLFM_VOCAB_COLUMNS: tuple[str, ...] = (
+    "HGNC_gene",
+    "h5_sample_frequency",
+    "biotype",
+    "gene_length",
+    "exon_count",
+    "exon_length_total",
+    "unique_exon_count",
+    "unique_exon_length_total",
+    "feature",
+)
 #: Rows of an embedding table are padded to a multiple of this.
 ROW_MULTIPLE = 8
 #: Valid ``init=`` values of :func:`build_gene_embedding`.
@@ -293,6 +307,49 @@ class GeneVocab:
         Ensembl ids are not written.
         """
         _atomic_write_text(Path(path), "".join(f"{name}\n" for name in self._names))
+
+    def save_cellfm_file(self, path: str | os.PathLike[str]) -> None:
+        """Write the vocabulary in the format of CellFM's ``expand_gene_info.csv``.
+
+        The file pairs with a checkpoint written by
+        :func:`cellfm_sc.io.save_trunk_mindspore` (row ``i`` of the file owns ``gene_emb``
+        row ``i + 1``), so ``vocabulary_file=`` + ``embedding_init="transfer"`` fine-tune
+        from it and the original CellFM code reads it. UTF-8, ``\\n`` line ends, written
+        atomically. Columns: the header of ``expand_gene_info.csv``
+        (:data:`CELLFM_VOCAB_COLUMNS`: ``HGNC_gene`` = the symbol in token order, the other
+        eight empty), plus a trailing ``ensembl_id`` column when :attr:`ensembl_ids` is set
+        (read back by :meth:`from_cellfm_file`).
+
+        Parameters
+        ----------
+        path
+            Destination; must end in ``.csv`` (how :meth:`from_cellfm_file` recognises the
+            CSV format).
+
+        Examples
+        --------
+        >>> vocab = GeneVocab.from_var_names(["CD3E", "MS4A1"])
+        >>> vocab.save_cellfm_file("vocab.csv")  # doctest: +SKIP
+        """
+        path = Path(path)
+        if path.suffix.lower() != ".csv":
+            raise ValueError(
+                f"a CellFM vocabulary file must end in .csv (how readers recognise the format), "
+                f"got {path.name!r}"
+            )
+        header = list(CELLFM_VOCAB_COLUMNS)
+        extra = [""] * (len(header) - 1)
+        if self._ensembl is not None:
+            header.append("ensembl_id")
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(header)
+        for k, name in enumerate(self._names):
+            row = [name, *extra]
+            if self._ensembl is not None:
+                row.append(self._ensembl[k] or "")
+            writer.writerow(row)
+        _atomic_write_text(path, buf.getvalue())
 
     # ------------------------------------------------------------------ properties
     @property

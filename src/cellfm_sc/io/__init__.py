@@ -4,6 +4,7 @@
 protobuf format (see :mod:`cellfm_sc.io.checkpoint`); :class:`CheckpointError` is raised for
 files that cannot be read or hold unusable values. :mod:`cellfm_sc.io.mapping` maps MindSpore
 parameter names onto the torch trunk and recognises the checkpoint variant.
+:func:`save_trunk_mindspore` exports a trunk as a variant-A checkpoint.
 :func:`load_torch_file` is the one place our own torch files (``model.pt``,
 ``best_model.pth``, ``checkpoint_epoch_N.pth``) are loaded.
 """
@@ -19,6 +20,7 @@ from cellfm_sc.io.mapping import (
     detect_variant,
     infer_config,
     load_trunk_state,
+    save_trunk_mindspore,
     split_state,
     trunk_from_mindspore,
 )
@@ -33,6 +35,7 @@ __all__ = [
     "load_torch_file",
     "load_trunk_state",
     "read_mindspore_checkpoint",
+    "save_trunk_mindspore",
     "split_state",
     "trunk_from_mindspore",
     "write_mindspore_checkpoint",

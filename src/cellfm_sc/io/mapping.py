@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cellfm_sc.io._values import DEFAULT_MAX_ABS, check_values
-from cellfm_sc.io.checkpoint import read_mindspore_checkpoint
+from cellfm_sc.io.checkpoint import read_mindspore_checkpoint, write_mindspore_checkpoint
 from cellfm_sc.nn.config import CellFMConfig
 from cellfm_sc.nn.trunk import CellFMTrunk
 
@@ -33,7 +33,9 @@ __all__ = [
     "infer_config",
     "is_bookkeeping",
     "load_trunk_state",
+    "save_trunk_mindspore",
     "split_state",
+    "to_mindspore_name",
     "to_torch_names",
     "trunk_from_mindspore",
 ]
@@ -70,6 +72,7 @@ _TOP_LEVEL = frozenset(
     }
 )
 _LN_RENAME = re.compile(r"(post_norm\d)\.(gamma|beta)$")
+_LN_RENAME_BACK = re.compile(r"(post_norm\d)\.(weight|bias)$")
 
 
 def is_bookkeeping(name: str) -> bool:
@@ -95,6 +98,21 @@ def to_torch_names(name: str) -> str:
     """MindSpore -> torch parameter name (LayerNorm ``gamma/beta`` -> ``weight/bias``)."""
     return _LN_RENAME.sub(
         lambda m: f"{m.group(1)}.{'weight' if m.group(2) == 'gamma' else 'bias'}", name
+    )
+
+
+def to_mindspore_name(name: str) -> str:
+    """torch -> MindSpore parameter name; the exact inverse of :func:`to_torch_names`.
+
+    Examples
+    --------
+    >>> to_mindspore_name("encoder.1.post_norm2.bias")
+    'encoder.1.post_norm2.beta'
+    >>> to_torch_names(to_mindspore_name("encoder.0.post_norm1.weight"))
+    'encoder.0.post_norm1.weight'
+    """
+    return _LN_RENAME_BACK.sub(
+        lambda m: f"{m.group(1)}.{'gamma' if m.group(2) == 'weight' else 'beta'}", name
     )
 
 
@@ -424,3 +442,70 @@ def trunk_from_mindspore(
             stacklevel=2,
         )
     return trunk, report
+
+
+def save_trunk_mindspore(
+    trunk: CellFMTrunk, path: str | os.PathLike[str], *, crc: bool = False
+) -> None:
+    """Write ``trunk`` as a variant-A MindSpore ``.ckpt`` (what the original code loads).
+
+    Every parameter is written, float32, under its MindSpore name (:func:`to_mindspore_name`:
+    LayerNorm ``weight/bias`` -> ``gamma/beta``; everything else keeps its name), in the
+    order MindSpore's ``parameters_and_names`` lists them for the CellFM class:
+    ``gene_emb (rows, D)``, ``cls_token``, ``zero_emb``, ``value_enc.mask_emb``,
+    ``value_enc.value_enc.{a, w1, w3, table}``, ``encoder.{i}.*``, ``value_dec.*``,
+    ``cellwise_dec.*`` (golden manifests ``manifest_80M_*.json``). A trunk without
+    ``zero_emb``/decoders gives the annotation Backbone's set (variant A'), a variant-B trunk
+    adds ``ST_emb``/``ST_enc.*``. :func:`trunk_from_mindspore` reads the file back into an
+    identical trunk (``num_heads`` must be given unless ``enc_dims == 1536``).
+
+    Parameters
+    ----------
+    trunk
+        The trunk (any device/dtype; values are copied to CPU float32 as written).
+    path
+        Destination, written atomically (:func:`~cellfm_sc.io.write_mindspore_checkpoint`).
+    crc
+        Append MindSpore's ``crc_num`` trailer.
+
+    Raises
+    ------
+    ValueError
+        If the trunk's parameters are not those of a plain :class:`CellFMTrunk` of its config
+        (e.g. LoRA adapters still attached: merge them first), naming the differences.
+
+    Examples
+    --------
+    >>> save_trunk_mindspore(trunk, "pretrained.ckpt")  # doctest: +SKIP
+    >>> trunk2, report = trunk_from_mindspore("pretrained.ckpt", num_heads=4)  # doctest: +SKIP
+    """
+    own = dict(trunk.named_parameters())
+    with torch.device("meta"):  # the expected names and shapes, without allocating
+        ref = CellFMTrunk(trunk.config, n_genes=trunk.n_genes, emb_rows=trunk.emb_rows)
+    expected = {k: tuple(p.shape) for k, p in ref.named_parameters()}
+    unexpected = [k for k in own if k not in expected]
+    missing = [k for k in expected if k not in own]
+    wrong = [
+        f"{k} {tuple(p.shape)} vs {expected[k]}"
+        for k, p in own.items()
+        if k in expected and tuple(p.shape) != expected[k]
+    ]
+    if unexpected or missing or wrong:
+        parts = [
+            f"{what}: {items[:6]}"
+            for what, items in (
+                ("not trunk parameters (LoRA adapters? merge them first)", unexpected),
+                ("missing", missing),
+                ("shape differs from the config's (found vs expected)", wrong),
+            )
+            if items
+        ]
+        raise ValueError(
+            "cannot export the trunk as a MindSpore checkpoint; its parameters are not those "
+            f"of a CellFMTrunk with its config: {'; '.join(parts)}"
+        )
+    tensors = {
+        to_mindspore_name(name): param.detach().to(device="cpu", dtype=torch.float32)
+        for name, param in own.items()
+    }
+    write_mindspore_checkpoint(path, tensors, crc=crc)
