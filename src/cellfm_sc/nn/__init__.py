@@ -1,4 +1,5 @@
-"""Pure-torch CellFM modules (know nothing of AnnData or files)."""
+"""Pure-torch CellFM modules (know nothing of AnnData or file formats; the one file-reading
+convenience, ``CellFMTrunk.from_mindspore``, delegates to :mod:`cellfm_sc.io` when called)."""
 
 from cellfm_sc.nn.config import PRESETS, CellFMConfig, padded_rows
 from cellfm_sc.nn.decoders import CellwiseDecoder, ValueDecoder

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -13,13 +13,6 @@ from torch.utils.checkpoint import checkpoint
 from cellfm_sc.nn.config import CellFMConfig, padded_rows
 from cellfm_sc.nn.decoders import CellwiseDecoder, ValueDecoder
 from cellfm_sc.nn.layers import RetentionLayer, SoftBinEncoder, ValueEncoder
-
-if TYPE_CHECKING:  # pragma: no cover
-    from collections.abc import Mapping
-
-    import numpy as np
-
-    from cellfm_sc.io.mapping import LoadReport
 
 __all__ = ["CellFMOutput", "CellFMTrunk"]
 
@@ -188,22 +181,25 @@ class CellFMTrunk(nn.Module):
     ) -> CellFMTrunk:
         """Build a trunk from a MindSpore ``.ckpt`` (no MindSpore needed).
 
-        The variant and dimensions are read from parameter names and shapes; ``num_heads``
-        cannot be, and defaults to 48 only when ``enc_dims`` is 1536. A model tensor holding
-        NaN/inf, or a value with ``|value| > max_abs`` (``None``: no bound), is refused with
-        a ``CheckpointError`` naming it. The load report is kept as ``trunk.load_report``.
+        A convenience spelling of :func:`cellfm_sc.io.trunk_from_mindspore` (the one home of
+        checkpoint loading; see it for the details), returning the trunk only; the load
+        report is kept as ``trunk.load_report``. The variant and dimensions are read from
+        parameter names and shapes; ``num_heads`` cannot be, and defaults to 48 only when
+        ``enc_dims`` is 1536. A model tensor holding NaN/inf, or a value with
+        ``|value| > max_abs`` (``None``: no bound), is refused with a ``CheckpointError``
+        naming it.
+
+        Notes
+        -----
+        This method is the only place in :mod:`cellfm_sc.nn` that reaches another layer: it
+        imports :mod:`cellfm_sc.io.mapping` when called (never at import time, so
+        ``import cellfm_sc.nn`` loads nothing of :mod:`cellfm_sc.io`). A method of the
+        trunk class that reads a file has to get the reader from somewhere at call time; a
+        registry filled by :mod:`cellfm_sc.io` would fail whenever ``cellfm_sc.io`` has not
+        been imported yet, and any other indirection hides the same dependency.
+        ``tests/test_nn_layering.py`` checks that no other import exists.
         """
-        from cellfm_sc.io.mapping import trunk_from_mindspore
+        from cellfm_sc.io.mapping import trunk_from_mindspore  # the one allowed upward edge
 
         trunk, _ = trunk_from_mindspore(path, num_heads=num_heads, max_abs=max_abs, **overrides)
         return trunk
-
-    def load_mindspore_state(self, state: Mapping[str, np.ndarray | Tensor]) -> LoadReport:
-        """Load a checkpoint's tensors (names as MindSpore writes them) into this trunk.
-
-        Raises ``ValueError`` naming any missing parameter or disagreeing shape (both
-        shapes); optimizer/bookkeeping entries are skipped and listed in the report.
-        """
-        from cellfm_sc.io.mapping import load_trunk_state
-
-        return load_trunk_state(self, state)
