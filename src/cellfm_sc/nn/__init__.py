@@ -13,7 +13,7 @@ from cellfm_sc.nn.layers import (
     srms_norm,
 )
 from cellfm_sc.nn.trainable import TRAINABLE_POLICIES, TrainableSummary, apply_trainable
-from cellfm_sc.nn.trunk import CellFMOutput, CellFMTrunk
+from cellfm_sc.nn.trunk import CellFMOutput, CellFMTrunk, require_valid_tokens
 
 __all__ = [
     "PRESETS",
@@ -32,5 +32,6 @@ __all__ = [
     "ValueEncoder",
     "apply_trainable",
     "padded_rows",
+    "require_valid_tokens",
     "srms_norm",
 ]

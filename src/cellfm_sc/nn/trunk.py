@@ -14,7 +14,35 @@ from cellfm_sc.nn.config import CellFMConfig, padded_rows
 from cellfm_sc.nn.decoders import CellwiseDecoder, ValueDecoder
 from cellfm_sc.nn.layers import RetentionLayer, SoftBinEncoder, ValueEncoder
 
-__all__ = ["CellFMOutput", "CellFMTrunk"]
+__all__ = ["CellFMOutput", "CellFMTrunk", "require_valid_tokens"]
+
+
+def require_valid_tokens(valid: Tensor) -> None:
+    """Raise ``ValueError`` if a cell of the batch has no valid gene token.
+
+    The opt-in form of the precondition of :meth:`CellFMTrunk.forward` (which does not check
+    it). It reads the result back to the CPU, so it synchronises with the GPU: use it in
+    tests, debugging or input validation, not in a training step.
+
+    Parameters
+    ----------
+    valid
+        ``(B, L)`` bool (or 0/1), True at real gene tokens.
+
+    Examples
+    --------
+    >>> require_valid_tokens(torch.tensor([[True, False], [False, False]]))
+    Traceback (most recent call last):
+    ...
+    ValueError: 1 cell(s) at batch positions [1] have no valid gene token; a cell with no expressed gene has no defined embedding
+    """
+    empty = ~valid.bool().any(dim=1)
+    if bool(empty.any()):
+        bad = torch.nonzero(empty).flatten().tolist()
+        raise ValueError(
+            f"{len(bad)} cell(s) at batch positions {bad[:5]}{' ...' if len(bad) > 5 else ''} "
+            "have no valid gene token; a cell with no expressed gene has no defined embedding"
+        )
 
 
 @dataclass
@@ -140,7 +168,12 @@ class CellFMTrunk(nn.Module):
         gene_ids
             ``(B, L)`` int64 token ids (0 = padding).
         valid
-            ``(B, L)`` bool, True at real gene tokens. Every cell needs at least one.
+            ``(B, L)`` bool, True at real gene tokens. Every cell needs at least one: the
+            caller guarantees it (the data path refuses empty cells for training and leaves
+            them out of prediction). It is not checked here, because checking means a
+            GPU -> CPU synchronisation in every forward; a cell without a valid token gets
+            NaN outputs (other cells of the batch are unaffected). Use
+            :func:`require_valid_tokens` for an explicit check.
         unmask
             Optional ``(B, L)`` float/bool, 0 where the value is hidden (masked-value
             objective): those tokens take ``value_enc.mask_emb`` instead of their value's
@@ -152,12 +185,6 @@ class CellFMTrunk(nn.Module):
         """
         valid = valid.bool()
         n_valid = valid.sum(dim=1)
-        if bool((n_valid == 0).any()):
-            bad = torch.nonzero(n_valid == 0).flatten().tolist()[:5]
-            raise ValueError(
-                f"cells at batch positions {bad} have no valid gene token; "
-                "a cell with no expressed gene has no defined embedding"
-            )
         x = self.embed(values, gene_ids, valid, unmask)
         b = x.shape[0]
         n_prefix = self.config.n_prefix
