@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cellfm_sc.io.mapping import infer_config, load_trunk_state, split_state
-from cellfm_sc.nn import CellFMConfig, CellFMTrunk
+from cellfm_sc.nn import CellFMConfig, CellFMTrunk, require_valid_tokens
 
 
 def rel_l2(a, b) -> float:
@@ -213,11 +213,61 @@ def test_bf16_autocast_close_to_float32(golden_dir):
     assert rel_l2(low.float().numpy(), ref.numpy()) <= 2e-2
 
 
-def test_cell_without_valid_gene_is_refused():
-    trunk = CellFMTrunk(CellFMConfig.from_preset("tiny"), n_genes=10)
-    valid = torch.tensor([[True, False], [False, False]])
-    with pytest.raises(ValueError, match=r"\[1\].*no valid gene"):
-        trunk(torch.rand(2, 2), torch.tensor([[1, 2], [3, 4]]), valid)
+def test_cell_without_valid_gene_opt_in_check_and_forward_behaviour():
+    trunk = CellFMTrunk(CellFMConfig.from_preset("tiny"), n_genes=10).eval()
+    valid = torch.tensor([[True, False], [False, False], [True, True]])
+    # the explicit check names the cell
+    with pytest.raises(
+        ValueError, match=r"1 cell\(s\) at batch positions \[1\] have no valid gene"
+    ):
+        require_valid_tokens(valid)
+    require_valid_tokens(valid[[0, 2]])
+    # forward does not check (no GPU sync): the empty cell is NaN, the others are unaffected
+    values, ids = torch.rand(3, 2), torch.tensor([[1, 2], [3, 4], [5, 6]])
+    with torch.no_grad():
+        out = trunk(values, ids, valid)
+        alone = trunk(values[[0, 2]], ids[[0, 2]], valid[[0, 2]])
+    assert torch.isnan(out.cls[1]).all()
+    torch.testing.assert_close(out.cls[[0, 2]], alone.cls, atol=1e-6, rtol=0)
+
+
+def _forbid_host_reads(monkeypatch):
+    """Make every device -> host read of a tensor value raise (what would sync a GPU)."""
+
+    def refuse(name):
+        def f(self, *args, **kwargs):
+            raise AssertionError(f"Tensor.{name} called in a forward: a GPU -> CPU sync")
+
+        return f
+
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_forward_reads_no_tensor_value_back_to_the_host(monkeypatch, training):
+    from cellfm_sc.nn import ClassificationHead
+
+    torch.manual_seed(0)
+    trunk = CellFMTrunk(CellFMConfig.from_preset("tiny", zero_logit=True), n_genes=30)
+    head = ClassificationHead(64, 3)
+    trunk.train(training)
+    head.train(training)
+    trunk.gradient_checkpointing = training
+    values = torch.rand(4, 6)
+    ids = torch.randint(1, 31, (4, 6))
+    valid = torch.rand(4, 6) > 0.3
+    valid[:, 0] = True
+    unmask = (torch.rand(4, 6) > 0.2).float()
+    _forbid_host_reads(monkeypatch)
+    with pytest.raises(AssertionError, match="sync"):  # the guard is live
+        bool(valid.any())
+    out = trunk(values, ids, valid, unmask)
+    logits = head(out.cls)
+    trunk.value_dec(out.hidden)
+    trunk.cellwise_dec(out.cls, trunk.gene_emb[ids])
+    if training:
+        logits.sum().backward()
 
 
 def test_padded_table_rows_and_zero_padding_row():

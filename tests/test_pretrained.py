@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +114,75 @@ def test_errors(case):
     big = golden_dir.parent.parent / "cellfm" / "expand_gene_info.csv"
     with pytest.raises(ValueError, match=r"27855 genes.*40 rows"):
         load_pretrained_trunk(golden_dir / CKPT, names, vocabulary_file=big, num_heads=4)
+
+
+def test_transfer_with_no_mapped_gene_is_an_error_before_the_checkpoint_is_read(case, tmp_path):
+    _, vocab_path, _, _, _, _ = case
+    ensembl = [f"ENSG{i:011d}" for i in range(1, 21)]
+    missing = tmp_path / "not_read.ckpt"  # never opened: the mapping is checked first
+    with pytest.raises(ValueError) as err:
+        load_pretrained_trunk(
+            missing, ensembl, vocabulary_file=vocab_path, embedding_init="transfer"
+        )
+    msg = str(err.value)
+    assert "maps 0 of 20 dataset genes" in msg
+    assert "look like Ensembl ids (e.g. ENSG00000000001" in msg and "gene_symbols=" in msg
+    with pytest.raises(ValueError, match=r"maps 0 of 3 .*same species"):
+        load_pretrained_trunk(
+            missing, ["Foo1", "Bar2", "Baz3"], vocabulary_file=vocab_path, embedding_init="transfer"
+        )
+
+
+def test_low_coverage_warns_with_the_numbers(case):
+    golden_dir, vocab_path, _, _, _, _ = case
+    symbols = _first_column(vocab_path)
+    names = symbols[:3] + [f"UNKNOWN{i}" for i in range(7)]
+    with pytest.warns(UserWarning, match=r"only 3 of 10 dataset genes \(30\.0%\) map"):
+        _, report = load_pretrained_trunk(
+            golden_dir / CKPT,
+            names,
+            vocabulary_file=vocab_path,
+            embedding_init="transfer",
+            num_heads=4,
+        )
+    assert report.mapping.n_mapped == 3
+    # at 50% or more: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_pretrained_trunk(
+            golden_dir / CKPT,
+            names[:6],
+            vocabulary_file=vocab_path,
+            embedding_init="transfer",
+            num_heads=4,
+        )
+
+
+def test_tenx_gene_symbols_with_repeats_transfer_first_occurrence(case):
+    """The model layer's call with gene_symbols=: symbols (repeating) + unique Ensembl ids."""
+    golden_dir, vocab_path, _, _, _, original = case
+    s = _first_column(vocab_path)
+    symbols = [s[0], s[5], s[0], s[9], "NOTAGENE", s[5], s[12]]
+    ids = [f"ENSG{i:011d}" for i in range(len(symbols))]
+    with pytest.warns(UserWarning, match="Ensembl rule was skipped"):
+        trunk, report = load_pretrained_trunk(
+            golden_dir / CKPT,
+            symbols,
+            vocabulary_file=vocab_path,
+            embedding_init="transfer",
+            num_heads=4,
+            ensembl_ids=ids,
+        )
+    old = original.gene_emb.detach().numpy()
+    new = trunk.gene_emb.detach().numpy()
+    assert new.shape == (8, 48)
+    for pos, row in ((0, 1), (1, 6), (3, 10), (6, 13)):  # first occurrences: pretrained rows
+        np.testing.assert_array_equal(new[pos + 1], old[row])
+    for pos in (2, 4, 5):  # repeats and the unknown gene: random rows
+        assert not (new[pos + 1] == old).all(axis=1).any()
+    assert report.mapping.duplicate_symbols == {s[0]: [2], s[5]: [5]}
+    assert report.to_dict()["duplicate_symbols"] == {s[0]: [2], s[5]: [5]}
+    assert "occur more than once" in str(report)
+    # without ids to tell the genes apart, repeated names are still refused
+    with pytest.raises(ValueError, match="duplicated gene name"):
+        load_pretrained_trunk(golden_dir / CKPT, symbols, num_heads=4)

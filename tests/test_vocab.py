@@ -253,13 +253,61 @@ def test_real_vocabulary_ensembl_ids(cellfm_vocab_path: Path, pbmc_var: pd.DataF
         assert m.n_mapped >= map_genes(names, pre).n_mapped
 
 
-def test_real_duplicated_var_name_raises(cellfm_vocab_path: Path, pbmc_var: pd.DataFrame) -> None:
+def _tenx_symbols(var: pd.DataFrame) -> list[str]:
+    """The 10x ``gene_symbols`` column behind pbmc3k's var_names: the ``-1``/``-2`` suffixes
+    that ``var_names_make_unique`` added to repeated symbols are taken off again."""
+    names = list(var.index)
+    seen: set[str] = set()
+    out = []
+    for name in names:
+        head, dash, tail = name.rpartition("-")
+        out.append(head if dash and tail.isdigit() and head in seen else name)
+        seen.add(out[-1])
+    return out
+
+
+def test_real_10x_gene_symbols_with_repeats(
+    cellfm_vocab_path: Path, pbmc_var: pd.DataFrame
+) -> None:
     pre = GeneVocab.from_cellfm_file(cellfm_vocab_path)
-    names = list(pbmc_var.index)
-    names[100] = names[5000]
-    with pytest.raises(ValueError) as err:
-        map_genes(names, pre)
-    assert f"{names[5000]!r} at positions [100, 5000]" in str(err.value)
+    symbols = _tenx_symbols(pbmc_var)
+    repeated = pd.Index(symbols).duplicated(keep="first")
+    assert 10 <= repeated.sum() <= 60  # pbmc3k: a few dozen symbols that 10x repeats
+    m = map_genes(symbols, pre)  # used to raise: "duplicated gene name(s)"
+    # every later occurrence is listed, under its symbol, with its position
+    listed = sorted(p for pos in m.duplicate_symbols.values() for p in pos)
+    assert listed == list(np.flatnonzero(repeated))
+    for sym, pos in m.duplicate_symbols.items():
+        assert all(symbols[p] == sym for p in pos)
+        assert symbols.index(sym) < min(pos)
+    # first occurrence wins: it maps exactly like the symbol alone; later ones stay unmapped
+    first = ~repeated
+    alone = map_genes([s for s, f in zip(symbols, first) if f], pre)
+    np.testing.assert_array_equal(m.pretrained_ids[first], alone.pretrained_ids)
+    assert not m.pretrained_ids[repeated].any()
+    assert m.counts["duplicate_symbol"] == int(repeated.sum())
+    assert "repeated symbol" in str(m) and "occur more than once" in str(m)
+    # the model layer's call: symbols for mapping, unique Ensembl ids beside them
+    with pytest.warns(UserWarning, match="Ensembl rule was skipped"):
+        m2 = map_genes(symbols, pre, ensembl_ids=pbmc_var["gene_ids"])
+    np.testing.assert_array_equal(m2.pretrained_ids, m.pretrained_ids)
+
+
+def test_repeated_symbols_map_by_ensembl_id_only() -> None:
+    pre = GeneVocab(["TBCE", "GAPDH", "ACTB"], ensembl_ids=["ENSG01", "ENSG02", "ENSG09"])
+    symbols = ["TBCE", "GAPDH", "TBCE", "TBCE", "XYZ"]
+    ids = ["ENSG05", "ENSG02", "ENSG09.4", "ENSG07", "ENSG03"]
+    m = map_genes(symbols, pre, ensembl_ids=ids)
+    # position 2 repeats TBCE but its Ensembl id is ACTB's: mapped by id, not by symbol
+    np.testing.assert_array_equal(m.pretrained_ids, [1, 2, 3, 0, 0])
+    assert list(m.rule) == ["exact", "exact", "ensembl", "", ""]
+    assert m.duplicate_symbols == {"TBCE": [2, 3]}
+    assert m.counts["duplicate_symbol"] == 1  # position 3: its id maps nowhere
+    assert m.counts["unmapped"] == 2
+    # the symbol rules never see a later occurrence, even case-insensitively
+    m2 = map_genes(["tbce", "TBCE", "tbce"], pre)
+    np.testing.assert_array_equal(m2.pretrained_ids, [0, 1, 0])
+    assert m2.counts["duplicate_target"] == 1 and m2.counts["duplicate_symbol"] == 1
 
 
 def test_case_rule_and_exact_priority() -> None:
@@ -523,3 +571,93 @@ def test_80m_shapes() -> None:
     assert tuple(table.shape) == (36608, 1536) and table.dtype == torch.float32
     assert not table[0].any() and not table[36602:].any()
     assert table[1:36602].abs().sum(dim=1).gt(0).all()
+
+
+# ---------------------------------------------------------------------------- unusable files
+
+
+def test_checkpoint_passed_as_vocabulary_file(golden_dir: Path) -> None:
+    ckpt = golden_dir / "model_d48_h4_l2_g37_backbone.ckpt"
+    with pytest.raises(ValueError) as err:
+        GeneVocab.from_cellfm_file(ckpt)
+    msg = str(err.value)
+    assert msg.startswith(f"vocabulary file {ckpt} is ")
+    assert "checkpoint (.ckpt)" in msg and "offset" in msg
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "needle"),
+    [
+        ("empty.csv", b"", "is empty"),
+        ("empty.txt", b"\n\n  \n", "is empty"),
+        ("header.csv", b"HGNC_gene,h5_sample_frequency,biotype\n", "only the header line"),
+        ("latin1.txt", "A1BG\nÅBC\n".encode("latin-1"), "not UTF-8 text (byte 0xc5 at offset 5)"),
+        ("nul.txt", b"A1BG\n\x00\x01", "binary, not text (a NUL byte at offset 5)"),
+    ],
+)
+def test_unusable_vocabulary_files(tmp_path: Path, name: str, content: bytes, needle: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        GeneVocab.from_cellfm_file(path)
+    assert str(path) in str(err.value) and needle in str(err.value)
+    if name.endswith(".txt"):
+        with pytest.raises(ValueError, match="vocabulary file"):
+            GeneVocab.load(path)
+
+
+def test_unreadable_vocabulary_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"vocabulary file .*nope\.csv cannot be read"):
+        GeneVocab.from_cellfm_file(tmp_path / "nope.csv")
+    with pytest.raises(IsADirectoryError, match=r"vocabulary file .* cannot be read"):
+        GeneVocab.from_cellfm_file(tmp_path)
+
+
+def test_byte_order_mark_is_not_part_of_the_first_symbol(tmp_path: Path) -> None:
+    p = tmp_path / "excel.csv"
+    p.write_bytes("HGNC_gene,x\r\nA1BG,1\r\nTP53,2\r\n".encode("utf-8-sig"))
+    assert list(GeneVocab.from_cellfm_file(p).names) == ["A1BG", "TP53"]
+    q = tmp_path / "plain.txt"
+    q.write_bytes("A1BG\r\nTP53\r\n".encode("utf-8-sig"))
+    assert list(GeneVocab.from_cellfm_file(q).names) == ["A1BG", "TP53"]
+
+
+def test_binary_hgnc_table(tmp_path: Path, golden_dir: Path) -> None:
+    pre = GeneVocab.from_var_names(["A", "B"])
+    with pytest.raises(ValueError, match=r"HGNC table .*\.ckpt is "):
+        map_genes(["A"], pre, hgnc_table=golden_dir / "model_d48_h4_l2_g37_backbone.ckpt")
+
+
+# ---------------------------------------------------------------------------- CellFM CSV writer
+
+
+def test_save_cellfm_file_matches_the_original_format(
+    tmp_path: Path, cellfm_vocab_path: Path
+) -> None:
+    names = ["CD3E", "HLA-DRA", 'odd,"name"', "NA", "ÅBC"]
+    v = GeneVocab.from_var_names(names)
+    path = tmp_path / "vocab.csv"
+    v.save_cellfm_file(path)
+    original_header = cellfm_vocab_path.read_text(encoding="utf-8").split("\n", 1)[0]
+    text = path.read_text(encoding="utf-8")
+    assert text.split("\n", 1)[0] == original_header
+    assert "\r" not in text and text.endswith("\n")
+    assert _first_column(path) == names  # token id = row + 1, read by the csv module
+    df = pd.read_csv(path, keep_default_na=False)  # as a pandas user of the original would
+    assert list(df.columns) == original_header.split(",")
+    assert list(df["HGNC_gene"]) == names
+    back = GeneVocab.from_cellfm_file(path)
+    assert back == v and back.ensembl_ids is None
+    assert not [p for p in tmp_path.iterdir() if p.name != "vocab.csv"], "temp file left behind"
+
+
+def test_save_cellfm_file_keeps_ensembl_ids_and_needs_csv(tmp_path: Path) -> None:
+    v = GeneVocab(["A", "B", "C"], ensembl_ids=["ENSG01.2", None, "ENSG03"])
+    path = tmp_path / "v.csv"
+    v.save_cellfm_file(path)
+    assert path.read_text(encoding="utf-8").split("\n")[0].endswith(",feature,ensembl_id")
+    back = GeneVocab.from_cellfm_file(path)
+    assert list(back.names) == ["A", "B", "C"]
+    assert list(back.ensembl_ids) == ["ENSG01.2", None, "ENSG03"]
+    with pytest.raises(ValueError, match=r"must end in \.csv"):
+        v.save_cellfm_file(tmp_path / "v.txt")

@@ -9,9 +9,22 @@ from typing import Any
 
 import torch
 
-from cellfm_sc.io.mapping import LoadReport, infer_config, load_trunk_state, split_state
+from cellfm_sc.io import read_mindspore_checkpoint
+from cellfm_sc.io.mapping import (
+    LoadReport,
+    check_state_values,
+    infer_config,
+    load_trunk_state,
+    split_state,
+)
 from cellfm_sc.nn import CellFMTrunk
-from cellfm_sc.vocab import GeneMapping, GeneVocab, build_gene_embedding, map_genes
+from cellfm_sc.vocab import (
+    GeneMapping,
+    GeneVocab,
+    build_gene_embedding,
+    check_transfer_mapping,
+    map_genes,
+)
 
 __all__ = ["EMBEDDING_INITS", "PretrainedReport", "load_pretrained_trunk"]
 
@@ -27,7 +40,8 @@ class PretrainedReport:
     load
         the checkpoint load report (variant, loaded, skipped entries).
     embedding_init
-        ``"random"`` or ``"transfer"``.
+        ``"random"`` or ``"transfer"``. ``"transfer"`` refuses a mapping of 0 genes and
+        warns below 50% coverage (:func:`cellfm_sc.vocab.check_transfer_mapping`).
     old_shape, new_shape
         gene-embedding table shape in the checkpoint and in the new trunk.
     mapping
@@ -58,6 +72,9 @@ class PretrainedReport:
             out["coverage"] = float(self.mapping.coverage)
             out["n_mapped"] = int(self.mapping.n_mapped)
             out["mapping_counts"] = {k: int(v) for k, v in self.mapping.counts.items()}
+            out["duplicate_symbols"] = {
+                k: list(v) for k, v in self.mapping.duplicate_symbols.items()
+            }
         return out
 
     def __str__(self) -> str:
@@ -80,6 +97,7 @@ def load_pretrained_trunk(
     hgnc_table: str | os.PathLike[str] | None = None,
     seed: int = 0,
     ensembl_ids: Sequence[Any] | None = None,
+    max_abs: float | None = 1e6,
 ) -> tuple[CellFMTrunk, PretrainedReport]:
     """A CellFM trunk for ``var_names`` with every other layer from the checkpoint.
 
@@ -94,12 +112,17 @@ def load_pretrained_trunk(
     checkpoint
         MindSpore ``.ckpt`` (variants A, A', B).
     var_names
-        The dataset's genes, in column order.
+        The dataset's genes, in column order: gene ``var_names[i]`` gets token id ``i + 1``.
+        Unique, unless ``ensembl_ids`` is given: then these are the gene symbols used for
+        mapping (e.g. a 10x ``gene_symbols`` column) and may repeat; a repeated symbol's
+        first occurrence takes its pretrained row, the later ones map by Ensembl id only and
+        are listed in ``report.mapping.duplicate_symbols``.
     vocabulary_file
         The checkpoint's vocabulary (CellFM's ``expand_gene_info.csv``); required for
         ``"transfer"``, optional otherwise (then the report gives the coverage).
     embedding_init
-        ``"random"`` or ``"transfer"``.
+        ``"random"`` or ``"transfer"``. ``"transfer"`` refuses a mapping of 0 genes and
+        warns below 50% coverage (:func:`cellfm_sc.vocab.check_transfer_mapping`).
     num_heads
         Retention heads (48 by default for the released 1536-wide models).
     hgnc_table
@@ -108,6 +131,10 @@ def load_pretrained_trunk(
         Seed of the random rows.
     ensembl_ids
         Optional Ensembl ids aligned with ``var_names`` (last mapping rule).
+    max_abs
+        Refuse a checkpoint tensor (``gene_emb`` included) holding a value with
+        ``|value| > max_abs`` (``None``: no bound); NaN/inf are always refused
+        (:func:`cellfm_sc.io.mapping.check_state_values`).
 
     Returns
     -------
@@ -119,8 +146,6 @@ def load_pretrained_trunk(
     ...     vocabulary_file="expand_gene_info.csv", embedding_init="transfer")  # doctest: +SKIP
     >>> print(report)  # doctest: +SKIP
     """
-    from cellfm_sc.io import read_mindspore_checkpoint
-
     if embedding_init not in EMBEDDING_INITS:
         raise ValueError(
             f"unknown embedding_init {embedding_init!r}; choose one of {EMBEDDING_INITS}"
@@ -130,11 +155,20 @@ def load_pretrained_trunk(
             "embedding_init='transfer' needs the checkpoint's gene vocabulary: pass "
             "vocabulary_file= (CellFM's expand_gene_info.csv for the released models)"
         )
-    vocab = GeneVocab.from_var_names(var_names)
+    if ensembl_ids is None:
+        vocab = GeneVocab.from_var_names(var_names)
+    else:  # the ids identify the genes, so the names (symbols) may repeat (10x references)
+        vocab = GeneVocab(var_names, ensembl_ids=ensembl_ids, allow_duplicates=True)
     pretrained_vocab = (
         GeneVocab.from_cellfm_file(vocabulary_file) if vocabulary_file is not None else None
     )
+    mapping = None
+    if pretrained_vocab is not None:  # cheap: before the checkpoint is read
+        mapping = map_genes(vocab, pretrained_vocab, hgnc_table=hgnc_table, ensembl_ids=ensembl_ids)
+        if embedding_init == "transfer":
+            check_transfer_mapping(mapping, vocab.names)
     state = read_mindspore_checkpoint(checkpoint)
+    check_state_values(state, max_abs=max_abs, source=checkpoint)
     model, _, _ = split_state(state)
     config, rows = infer_config(model, num_heads=num_heads)
     if pretrained_vocab is not None and pretrained_vocab.n_genes + 1 > rows:
@@ -144,10 +178,9 @@ def load_pretrained_trunk(
             "is it the vocabulary of this checkpoint?"
         )
     trunk = CellFMTrunk(config, n_genes=vocab.n_genes)
-    load = load_trunk_state(trunk, state, exclude=("gene_emb",), source=os.fspath(checkpoint))
-    mapping = None
-    if pretrained_vocab is not None:
-        mapping = map_genes(vocab, pretrained_vocab, hgnc_table=hgnc_table, ensembl_ids=ensembl_ids)
+    load = load_trunk_state(
+        trunk, state, exclude=("gene_emb",), source=os.fspath(checkpoint), check=False
+    )
     table = build_gene_embedding(
         vocab,
         pretrained=model["gene_emb"],

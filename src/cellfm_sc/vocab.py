@@ -15,7 +15,10 @@ This module depends on numpy, pandas and torch only.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
@@ -30,15 +33,29 @@ import torch
 from cellfm_sc.nn.config import padded_rows
 
 __all__ = [
+    "CELLFM_VOCAB_COLUMNS",
     "INIT_METHODS",
     "MAPPING_RULES",
     "GeneMapping",
     "GeneVocab",
     "build_gene_embedding",
+    "check_transfer_mapping",
     "map_genes",
     "padded_table_size",
 ]
 
+#: Header of CellFM's ``expand_gene_info.csv`` (:meth:`GeneVocab.save_cellfm_file` writes it).
+CELLFM_VOCAB_COLUMNS: tuple[str, ...] = (
+    "HGNC_gene",
+    "h5_sample_frequency",
+    "biotype",
+    "gene_length",
+    "exon_count",
+    "exon_length_total",
+    "unique_exon_count",
+    "unique_exon_length_total",
+    "feature",
+)
 #: Rows of an embedding table are padded to a multiple of this.
 ROW_MULTIPLE = 8
 #: Valid ``init=`` values of :func:`build_gene_embedding`.
@@ -228,37 +245,50 @@ class GeneVocab:
 
         Two formats are recognised:
 
-        * CellFM's ``expand_gene_info.csv``: a ``.csv`` whose first line contains a comma is read
-          as CSV with a header; the first column holds the symbols (token id = data row + 1). A
-          column named ``ensembl``/``ensembl_id``/``ensembl_gene_id``/``gene_id``/``gene_ids``
-          (any case) is kept as :attr:`ensembl_ids`. (CellFM's public 80M file has no such column.)
+        * CellFM's ``expand_gene_info.csv`` (and what :meth:`save_cellfm_file` writes): a
+          ``.csv`` whose first line contains a comma is read as CSV with a header; the first
+          column holds the symbols (token id = data row + 1). A column named
+          ``ensembl``/``ensembl_id``/``ensembl_gene_id``/``gene_id``/``gene_ids`` (any case) is
+          kept as :attr:`ensembl_ids`. (CellFM's public 80M file has no such column.)
         * anything else: one symbol per line, no header (blank trailing lines ignored).
 
         Repeated symbols are accepted with a ``UserWarning`` because every row owns a checkpoint
         row; lookups resolve to the first occurrence. (CellFM's public 80M file has none.)
+
+        Raises
+        ------
+        ValueError
+            Naming the file: it is empty, holds no symbol (a header only), is binary (for
+            example a ``.ckpt`` passed by mistake) or not UTF-8 text, or has invalid symbols.
+        FileNotFoundError, PermissionError, IsADirectoryError
+            If it cannot be opened (the message names it as the vocabulary file).
         """
         path = Path(path)
-        with open(path, encoding="utf-8") as fh:
-            first_line = fh.readline()
+        what = "vocabulary file"
+        text = _read_text(path, what)
+        first_line = text.split("\n", 1)[0]
         ensembl = None
         if path.suffix.lower() == ".csv" and "," in first_line:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-            if df.shape[1] == 0:
-                raise ValueError(f"{path}: no columns found")
+            df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""])
             names = [x.strip() if isinstance(x, str) else x for x in df.iloc[:, 0]]
             for col in df.columns[1:]:
                 if str(col).strip().lower() in _ENSEMBL_COLUMNS:
                     ensembl = df[col].tolist()
                     break
+            if not names:
+                raise ValueError(
+                    f"{what} {path} holds no gene symbols: only the header line "
+                    f"{first_line.strip()[:80]!r}"
+                )
         else:
-            names = _read_lines(path)
+            names = _text_lines(text)
         arr = _as_object_array(names)
-        _validate_names(arr, what=f"vocabulary file {path}", allow_duplicates=True)
+        _validate_names(arr, what=f"{what} {path}", allow_duplicates=True)
         dup = pd.Index(arr).duplicated(keep="first")
         if dup.any():
             shown = [f"{arr[p]!r} (row {p})" for p in np.flatnonzero(dup)]
             warnings.warn(
-                f"vocabulary file {path} repeats {int(dup.sum())} symbol(s): "
+                f"{what} {path} repeats {int(dup.sum())} symbol(s): "
                 f"{_format_examples(shown, len(shown))}; lookups use the first occurrence",
                 UserWarning,
                 stacklevel=2,
@@ -268,24 +298,58 @@ class GeneVocab:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> GeneVocab:
         """Read a vocabulary written by :meth:`save` (one symbol per line, UTF-8)."""
-        return cls.from_var_names(_read_lines(Path(path)))
+        path = Path(path)
+        return cls.from_var_names(_text_lines(_read_text(path, "vocabulary file")))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write one symbol per line (UTF-8), atomically (temp file + ``os.replace``).
 
         Ensembl ids are not written.
         """
+        _atomic_write_text(Path(path), "".join(f"{name}\n" for name in self._names))
+
+    def save_cellfm_file(self, path: str | os.PathLike[str]) -> None:
+        """Write the vocabulary in the format of CellFM's ``expand_gene_info.csv``.
+
+        The file pairs with a checkpoint written by
+        :func:`cellfm_sc.io.save_trunk_mindspore` (row ``i`` of the file owns ``gene_emb``
+        row ``i + 1``), so ``vocabulary_file=`` + ``embedding_init="transfer"`` fine-tune
+        from it and the original CellFM code reads it. UTF-8, ``\\n`` line ends, written
+        atomically. Columns: the header of ``expand_gene_info.csv``
+        (:data:`CELLFM_VOCAB_COLUMNS`: ``HGNC_gene`` = the symbol in token order, the other
+        eight empty), plus a trailing ``ensembl_id`` column when :attr:`ensembl_ids` is set
+        (read back by :meth:`from_cellfm_file`).
+
+        Parameters
+        ----------
+        path
+            Destination; must end in ``.csv`` (how :meth:`from_cellfm_file` recognises the
+            CSV format).
+
+        Examples
+        --------
+        >>> vocab = GeneVocab.from_var_names(["CD3E", "MS4A1"])
+        >>> vocab.save_cellfm_file("vocab.csv")  # doctest: +SKIP
+        """
         path = Path(path)
-        text = "".join(f"{name}\n" for name in self._names)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-                fh.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        if path.suffix.lower() != ".csv":
+            raise ValueError(
+                f"a CellFM vocabulary file must end in .csv (how readers recognise the format), "
+                f"got {path.name!r}"
+            )
+        header = list(CELLFM_VOCAB_COLUMNS)
+        extra = [""] * (len(header) - 1)
+        if self._ensembl is not None:
+            header.append("ensembl_id")
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(header)
+        for k, name in enumerate(self._names):
+            row = [name, *extra]
+            if self._ensembl is not None:
+                row.append(self._ensembl[k] or "")
+            writer.writerow(row)
+        _atomic_write_text(path, buf.getvalue())
 
     # ------------------------------------------------------------------ properties
     @property
@@ -369,12 +433,59 @@ class GeneVocab:
         return f"GeneVocab(n_genes={self.n_genes}, padded_size={self.padded_size}, [{head}{more}])"
 
 
-def _read_lines(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as fh:
-        lines = [line.rstrip("\r\n") for line in fh]
+#: bytes looked at for NUL bytes before a file is decoded as text
+_SNIFF_BYTES = 8192
+
+
+def _read_text(path: Path, what: str) -> str:
+    """A whole UTF-8 text file (BOM stripped); clear errors for unusable files.
+
+    Raises ``ValueError`` naming ``what`` and ``path`` for an empty, binary or non-UTF-8 file,
+    and the ``OSError`` subclass of the failure, with a message naming them, when the file
+    cannot be opened or read.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise type(err)(f"{what} {path} cannot be read: {reason}") from err
+    if not data.strip():
+        raise ValueError(f"{what} {path} is empty: it holds no gene symbols")
+    zero = data.find(b"\x00", 0, _SNIFF_BYTES)
+    hint = (
+        "; is it a checkpoint (.ckpt) or another binary file passed by mistake? A vocabulary "
+        "file holds one gene symbol per line, or is a CSV like CellFM's expand_gene_info.csv"
+    )
+    if zero >= 0:
+        raise ValueError(f"{what} {path} is binary, not text (a NUL byte at offset {zero}){hint}")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{what} {path} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+            f"{err.start}){hint}"
+        ) from None
+
+
+def _text_lines(text: str) -> list[str]:
+    """Stripped lines of a one-symbol-per-line file, trailing blank lines dropped."""
+    lines = [line.rstrip("\r") for line in text.split("\n")]
     while lines and not lines[-1].strip():
         lines.pop()
     return [line.strip() for line in lines]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8, ``\\n`` line ends) to ``path`` via a temp file + ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 # ---------------------------------------------------------------------------- mapping
@@ -393,16 +504,22 @@ class GeneMapping:
     counts
         Genes per rule, plus ``"unmapped"`` and its breakdown ``"ambiguous_alias"`` (a symbol that
         is an alias/previous symbol of several approved genes), ``"ambiguous_case"`` (matches
-        several pretrained symbols case-insensitively) and ``"duplicate_target"`` (its target was
-        taken by another dataset gene).
+        several pretrained symbols case-insensitively), ``"duplicate_target"`` (its target was
+        taken by another dataset gene) and ``"duplicate_symbol"`` (its symbol repeats an earlier
+        dataset gene's, see ``duplicate_symbols``, and no Ensembl id mapped it).
     unmapped_examples
         The first 10 unmapped dataset genes (dataset order).
+    duplicate_symbols
+        Symbols that occur more than once among the dataset genes (a 10x ``gene_symbols``
+        column has some) -> 0-based positions of the later occurrences. The first occurrence
+        goes through the symbol rules; the later ones can only map by Ensembl id.
     """
 
     pretrained_ids: np.ndarray
     rule: np.ndarray
     counts: dict[str, int]
     unmapped_examples: list[str] = field(default_factory=list)
+    duplicate_symbols: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def n_dataset(self) -> int:
@@ -427,10 +544,20 @@ class GeneMapping:
             f"the pretrained vocabulary: {rules}; unmapped {c.get('unmapped', 0):,} "
             f"(ambiguous alias {c.get('ambiguous_alias', 0):,}, "
             f"ambiguous case {c.get('ambiguous_case', 0):,}, "
-            f"duplicate target {c.get('duplicate_target', 0):,})"
+            f"duplicate target {c.get('duplicate_target', 0):,}, "
+            f"repeated symbol {c.get('duplicate_symbol', 0):,})"
         )
         if self.unmapped_examples:
             text += ", e.g. " + ", ".join(self.unmapped_examples)
+        if self.duplicate_symbols:
+            n_later = sum(len(v) for v in self.duplicate_symbols.values())
+            shown = [f"{sym} at {pos}" for sym, pos in self.duplicate_symbols.items()]
+            text += (
+                f"\n{len(self.duplicate_symbols):,} symbol(s) occur more than once among the "
+                f"dataset genes ({n_later:,} later occurrence(s); the first occurrence takes the "
+                f"symbol's row, later ones map by Ensembl id only): "
+                f"{_format_examples(shown, len(shown))}"
+            )
         return text
 
 
@@ -441,7 +568,8 @@ def _split_symbols(cell: Any) -> list[str]:
 
 
 def _read_hgnc(path: str | os.PathLike[str]) -> pd.DataFrame:
-    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=[""])
+    text = _read_text(Path(path), "HGNC table")
+    df = pd.read_csv(io.StringIO(text), sep="\t", dtype=str, keep_default_na=False, na_values=[""])
     df.columns = [str(c).strip() for c in df.columns]
     if "Approved symbol" not in df.columns:
         raise ValueError(
@@ -495,10 +623,16 @@ def map_genes(
     first dataset gene (dataset order) wins. The losers are left unmapped and counted
     ``"duplicate_target"``.
 
+    A symbol that occurs several times among the dataset genes (10x references have a few, e.g.
+    two Ensembl genes named ``TBCE``) is mapped by symbol at its first occurrence only; the later
+    occurrences can map by Ensembl id alone (rule 4), are otherwise counted
+    ``"duplicate_symbol"``, and are all listed in :attr:`GeneMapping.duplicate_symbols`.
+
     Parameters
     ----------
     dataset
-        The dataset's :class:`GeneVocab` or its gene names (``adata.var_names``; must be unique).
+        The dataset's :class:`GeneVocab` or its gene symbols, shape ``(n_dataset_genes,)``
+        (``adata.var_names`` or a ``gene_symbols`` column; repeats allowed, see above).
     pretrained
         The pretrained vocabulary, e.g. ``GeneVocab.from_cellfm_file("expand_gene_info.csv")``.
     hgnc_table
@@ -514,7 +648,9 @@ def map_genes(
     -------
     GeneMapping
     """
-    dvocab = dataset if isinstance(dataset, GeneVocab) else GeneVocab.from_var_names(dataset)
+    dvocab = (
+        dataset if isinstance(dataset, GeneVocab) else GeneVocab(dataset, allow_duplicates=True)
+    )
     names = dvocab.names
     n = dvocab.n_genes
     ids = np.zeros(n, dtype=np.int64)
@@ -522,6 +658,13 @@ def map_genes(
     taken = np.zeros(pretrained.n_genes + 1, dtype=bool)
     reason = np.full(n, "", dtype=object)  # why an unmapped gene is unmapped
     counts: dict[str, int] = dict.fromkeys(MAPPING_RULES, 0)
+    # only the first occurrence of a repeated dataset symbol goes through the symbol rules
+    later = pd.Index(names).duplicated(keep="first")
+    by_symbol = ~later
+    reason[later] = "duplicate_symbol"
+    duplicate_symbols: dict[str, list[int]] = {}
+    for pos in np.flatnonzero(later):
+        duplicate_symbols.setdefault(str(names[pos]), []).append(int(pos))
 
     def assign(cand: np.ndarray, rule_name: str) -> None:
         """Assign candidate targets (0 = none) of still-unmapped genes under one rule."""
@@ -545,7 +688,7 @@ def map_genes(
         return (ids > 0) | (reason == "duplicate_target")
 
     # 1. exact
-    assign(pretrained.ids(names, missing="zero"), "exact")
+    assign(np.where(by_symbol, pretrained.ids(names, missing="zero"), 0), "exact")
 
     # 2. case-insensitive: upper-cased pretrained symbol -> id, ambiguous when several
     p_upper = pd.Series(
@@ -563,7 +706,7 @@ def map_genes(
         pos = upper_index.get_indexer(np.asarray([q.upper() for q in query], dtype=object))
         return np.where(pos >= 0, upper_ids[pos], 0).astype(np.int64)
 
-    todo = ~resolved()
+    todo = ~resolved() & by_symbol
     cand = np.zeros(n, dtype=np.int64)
     if todo.any():
         cand[todo] = lookup_case(names[todo])
@@ -588,7 +731,7 @@ def map_genes(
         }
         for rule_name, column in (("previous", "Previous symbols"), ("alias", "Alias symbols")):
             table = _synonym_targets(hgnc, column)
-            todo = np.flatnonzero(~resolved())
+            todo = np.flatnonzero(~resolved() & by_symbol)
             cand = np.zeros(n, dtype=np.int64)
             hit_pos: list[int] = []
             hit_sym: list[str] = []
@@ -661,13 +804,78 @@ def map_genes(
 
     unmapped = ids == 0
     counts["unmapped"] = int(unmapped.sum())
-    for key in ("ambiguous_alias", "ambiguous_case", "duplicate_target"):
+    for key in ("ambiguous_alias", "ambiguous_case", "duplicate_target", "duplicate_symbol"):
         counts[key] = int(np.count_nonzero(unmapped & (reason == key)))
     examples = [str(s) for s in names[unmapped][:10]]
     rule_arr = rule.astype(str)
     ids.setflags(write=False)
     rule_arr.setflags(write=False)
-    return GeneMapping(pretrained_ids=ids, rule=rule_arr, counts=counts, unmapped_examples=examples)
+    return GeneMapping(
+        pretrained_ids=ids,
+        rule=rule_arr,
+        counts=counts,
+        unmapped_examples=examples,
+        duplicate_symbols=duplicate_symbols,
+    )
+
+
+#: ``embedding_init="transfer"`` warns when fewer than this fraction of dataset genes map.
+TRANSFER_MIN_COVERAGE = 0.5
+_ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+
+
+def _ensembl_hint(names: np.ndarray) -> str:
+    """A hint when most dataset gene names look like Ensembl gene ids (else ``""``)."""
+    looks = [str(x) for x in names if isinstance(x, str) and _ENSEMBL_RE.match(x.strip())]
+    if not names.size or len(looks) < 0.5 * names.size:
+        return ""
+    return (
+        f"; the dataset's gene names look like Ensembl ids (e.g. {', '.join(looks[:3])}) while "
+        "the vocabulary holds symbols: map by symbol with gene_symbols= (the adata.var column "
+        "holding gene symbols, e.g. setup_anndata(..., gene_symbols='gene_symbols')), or pass "
+        "the symbols as var_names and the ids as ensembl_ids="
+    )
+
+
+def check_transfer_mapping(mapping: GeneMapping, names: Iterable[Any]) -> None:
+    """Refuse a ``"transfer"`` that would transfer nothing; warn when it transfers little.
+
+    Parameters
+    ----------
+    mapping
+        From :func:`map_genes`, length ``n_dataset_genes``.
+    names
+        The dataset gene names that were mapped, shape ``(n_dataset_genes,)`` (for the hint
+        given when they look like Ensembl ids).
+
+    Raises
+    ------
+    ValueError
+        When no dataset gene maps (naming the counts).
+
+    Warns
+    -----
+    UserWarning
+        When fewer than ``TRANSFER_MIN_COVERAGE`` (50%) of the dataset genes map, with the
+        numbers.
+    """
+    arr = _as_object_array(names)
+    n, k = mapping.n_dataset, mapping.n_mapped
+    if k == 0:
+        examples = ", ".join(str(x) for x in arr[:3])
+        raise ValueError(
+            f"embedding_init='transfer' maps 0 of {n:,} dataset genes onto the pretrained "
+            f"vocabulary, so no pretrained gene row would be used (dataset genes e.g. "
+            f"{examples})" + (_ensembl_hint(arr) or "; are they gene symbols of the same species?")
+        )
+    if k < TRANSFER_MIN_COVERAGE * n:
+        warnings.warn(
+            f"embedding_init='transfer': only {k:,} of {n:,} dataset genes "
+            f"({100 * k / n:.1f}%) map to the pretrained vocabulary; the other {n - k:,} get "
+            f"random rows" + _ensembl_hint(arr),
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 # ---------------------------------------------------------------------------- embedding table

@@ -2,8 +2,11 @@
 
 :func:`read_mindspore_checkpoint` and :func:`write_mindspore_checkpoint` handle the ``.ckpt``
 protobuf format (see :mod:`cellfm_sc.io.checkpoint`); :class:`CheckpointError` is raised for
-files that cannot be read. :mod:`cellfm_sc.io.mapping` maps MindSpore parameter names onto
-the torch trunk and recognises the checkpoint variant.
+files that cannot be read or hold unusable values. :mod:`cellfm_sc.io.mapping` maps MindSpore
+parameter names onto the torch trunk and recognises the checkpoint variant.
+:func:`save_trunk_mindspore` exports a trunk as a variant-A checkpoint.
+:func:`load_torch_file` is the one place our own torch files (``model.pt``,
+``best_model.pth``, ``checkpoint_epoch_N.pth``) are loaded.
 """
 
 from cellfm_sc.io.checkpoint import (
@@ -13,20 +16,26 @@ from cellfm_sc.io.checkpoint import (
 )
 from cellfm_sc.io.mapping import (
     LoadReport,
+    check_state_values,
     detect_variant,
     infer_config,
     load_trunk_state,
+    save_trunk_mindspore,
     split_state,
     trunk_from_mindspore,
 )
+from cellfm_sc.io.torchfile import load_torch_file
 
 __all__ = [
     "CheckpointError",
     "LoadReport",
+    "check_state_values",
     "detect_variant",
     "infer_config",
+    "load_torch_file",
     "load_trunk_state",
     "read_mindspore_checkpoint",
+    "save_trunk_mindspore",
     "split_state",
     "trunk_from_mindspore",
     "write_mindspore_checkpoint",

@@ -94,22 +94,32 @@ class CheckpointError(ValueError):
     whose length disagrees with its shape, unknown tensor type), encrypted or foreign files.
     The message names the problem, the byte offset where it was found and the path.
 
+    Also raised for a readable file whose content is unusable: a weight holding NaN/inf or
+    an implausibly large value (see ``max_abs`` of the loaders), a torch file that cannot be
+    unpickled with ``weights_only=True``.
+
     Parameters
     ----------
     problem
         What is wrong, as a sentence fragment.
     path
-        The file concerned.
+        The file concerned (``None`` for an in-memory state).
     offset
         Byte offset in the file where the problem was found, if it has one.
     """
 
-    def __init__(self, problem: str, path: str | os.PathLike[str], offset: int | None = None):
+    def __init__(
+        self,
+        problem: str,
+        path: str | os.PathLike[str] | None = None,
+        offset: int | None = None,
+    ):
         self.problem = problem
-        self.path = os.fspath(path)
+        self.path = os.fspath(path) if path is not None else None
         self.offset = offset
         where = f" at byte offset {offset}" if offset is not None else ""
-        super().__init__(f"{self.path}: {problem}{where}.")
+        head = f"{self.path}: " if self.path is not None else ""
+        super().__init__(f"{head}{problem}{where}.")
 
 
 # --------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Variants (recognised by parameter names, never by file name):
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Mapping
@@ -20,16 +21,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from cellfm_sc.io._values import DEFAULT_MAX_ABS, check_values
+from cellfm_sc.io.checkpoint import read_mindspore_checkpoint, write_mindspore_checkpoint
 from cellfm_sc.nn.config import CellFMConfig
 from cellfm_sc.nn.trunk import CellFMTrunk
 
 __all__ = [
     "LoadReport",
+    "check_state_values",
     "detect_variant",
     "infer_config",
     "is_bookkeeping",
     "load_trunk_state",
+    "save_trunk_mindspore",
     "split_state",
+    "to_mindspore_name",
     "to_torch_names",
     "trunk_from_mindspore",
 ]
@@ -66,6 +72,7 @@ _TOP_LEVEL = frozenset(
     }
 )
 _LN_RENAME = re.compile(r"(post_norm\d)\.(gamma|beta)$")
+_LN_RENAME_BACK = re.compile(r"(post_norm\d)\.(weight|bias)$")
 
 
 def is_bookkeeping(name: str) -> bool:
@@ -91,6 +98,21 @@ def to_torch_names(name: str) -> str:
     """MindSpore -> torch parameter name (LayerNorm ``gamma/beta`` -> ``weight/bias``)."""
     return _LN_RENAME.sub(
         lambda m: f"{m.group(1)}.{'weight' if m.group(2) == 'gamma' else 'bias'}", name
+    )
+
+
+def to_mindspore_name(name: str) -> str:
+    """torch -> MindSpore parameter name; the exact inverse of :func:`to_torch_names`.
+
+    Examples
+    --------
+    >>> to_mindspore_name("encoder.1.post_norm2.bias")
+    'encoder.1.post_norm2.beta'
+    >>> to_torch_names(to_mindspore_name("encoder.0.post_norm1.weight"))
+    'encoder.0.post_norm1.weight'
+    """
+    return _LN_RENAME_BACK.sub(
+        lambda m: f"{m.group(1)}.{'gamma' if m.group(2) == 'weight' else 'beta'}", name
     )
 
 
@@ -249,12 +271,47 @@ class LoadReport:
         return "\n".join(lines)
 
 
+def check_state_values(
+    state: Mapping[str, Any],
+    *,
+    max_abs: float | None = DEFAULT_MAX_ABS,
+    source: str | os.PathLike[str] | None = None,
+) -> None:
+    """Refuse a checkpoint whose model tensors hold NaN/inf or ``|value| > max_abs``.
+
+    Every entry except optimizer state / bookkeeping (:func:`is_bookkeeping`, not checked)
+    is checked, including ``gene_emb`` when a new vocabulary will not load it: a corrupt
+    table means a corrupt file. Cost: a ``min`` and a ``max`` per tensor, no copies.
+
+    Parameters
+    ----------
+    state
+        Checkpoint name -> array/tensor, as read by
+        :func:`~cellfm_sc.io.read_mindspore_checkpoint`.
+    max_abs
+        Bound on ``|value|`` (default ``1e6``); ``None`` skips the magnitude check.
+        Non-finite values are always refused.
+    source
+        The file, for the message.
+
+    Raises
+    ------
+    CheckpointError
+        Naming the tensor (its checkpoint name), the offending value and its index.
+    """
+    for name, value in state.items():
+        if not is_bookkeeping(name):
+            check_values(name, value, max_abs=max_abs, path=source)
+
+
 def load_trunk_state(
     trunk: CellFMTrunk,
     state: Mapping[str, Any],
     *,
     exclude: tuple[str, ...] = (),
     source: str | None = None,
+    max_abs: float | None = DEFAULT_MAX_ABS,
+    check: bool = True,
 ) -> LoadReport:
     """Copy a MindSpore-named state into ``trunk``, strictly.
 
@@ -262,11 +319,30 @@ def load_trunk_state(
     checkpoint entry the trunk has no place for is an error too (unless it is optimizer
     state or bookkeeping, which is skipped and listed).
 
+    Parameters
+    ----------
+    trunk
+        The trunk to fill (its parameters are overwritten in place).
+    state
+        Checkpoint name -> array/tensor (MindSpore names: ``post_norm1.gamma`` ...).
+    exclude
+        torch names of parameters not to take from the checkpoint (e.g. ``("gene_emb",)``).
+    source
+        The file the state came from, for the report and messages.
+    max_abs
+        See :func:`check_state_values`.
+    check
+        Run :func:`check_state_values` first; ``False`` only when the caller already did.
+
     Raises
     ------
     ValueError
         naming the missing/unexpected parameters, or the parameter and both shapes.
+    CheckpointError
+        (a ``ValueError``) for NaN/inf or ``|value| > max_abs`` in a model tensor.
     """
+    if check:
+        check_state_values(state, max_abs=max_abs, source=source)
     model, skipped, prefix = split_state(state)
     own = dict(trunk.named_parameters())
     missing = [k for k in own if k not in model and k not in exclude]
@@ -316,12 +392,35 @@ def load_trunk_state(
 def trunk_from_mindspore(
     path: str | Path,
     num_heads: int | None = None,
+    max_abs: float | None = DEFAULT_MAX_ABS,
     **overrides: Any,
 ) -> tuple[CellFMTrunk, LoadReport]:
     """Read a ``.ckpt`` and build the matching trunk with every parameter loaded.
 
-    Returns ``(trunk, report)``; ``trunk.gene_emb`` keeps the checkpoint's
-    ``(rows, enc_dims)`` table.
+    Parameters
+    ----------
+    path
+        MindSpore checkpoint (variants A, A', B; optimizer entries are skipped).
+    num_heads
+        Retention heads; cannot be read from shapes, defaults to 48 only for
+        ``enc_dims == 1536``.
+    max_abs
+        Refuse a model tensor with ``|value| > max_abs`` (``None``: no magnitude check);
+        NaN/inf are always refused. See :func:`check_state_values`.
+    **overrides
+        :class:`~cellfm_sc.nn.CellFMConfig` fields to override (e.g. ``dropout``).
+
+    Returns
+    -------
+    ``(trunk, report)``; ``trunk.gene_emb`` keeps the checkpoint's ``(rows, enc_dims)``
+    table and ``trunk.load_report`` is ``report``.
+
+    Raises
+    ------
+    CheckpointError
+        Unreadable file, or a tensor with NaN/inf or ``|value| > max_abs``.
+    ValueError
+        Missing parameter or disagreeing shape (naming it and both shapes).
 
     Examples
     --------
@@ -329,13 +428,12 @@ def trunk_from_mindspore(
     >>> print(report)  # doctest: +SKIP
     CellFM checkpoint load: variant A (public MindSpore CellFM)
     """
-    from cellfm_sc.io.checkpoint import read_mindspore_checkpoint
-
     state = read_mindspore_checkpoint(path)
+    check_state_values(state, max_abs=max_abs, source=path)
     model, _, _ = split_state(state)
     cfg, rows = infer_config(model, num_heads=num_heads, **overrides)
     trunk = CellFMTrunk(cfg, n_genes=rows - 1, emb_rows=rows)
-    report = load_trunk_state(trunk, state, source=str(path))
+    report = load_trunk_state(trunk, state, source=str(path), check=False)
     trunk.load_report = report
     if cfg.st_tokens:
         warnings.warn(
@@ -344,3 +442,70 @@ def trunk_from_mindspore(
             stacklevel=2,
         )
     return trunk, report
+
+
+def save_trunk_mindspore(
+    trunk: CellFMTrunk, path: str | os.PathLike[str], *, crc: bool = False
+) -> None:
+    """Write ``trunk`` as a variant-A MindSpore ``.ckpt`` (what the original code loads).
+
+    Every parameter is written, float32, under its MindSpore name (:func:`to_mindspore_name`:
+    LayerNorm ``weight/bias`` -> ``gamma/beta``; everything else keeps its name), in the
+    order MindSpore's ``parameters_and_names`` lists them for the CellFM class:
+    ``gene_emb (rows, D)``, ``cls_token``, ``zero_emb``, ``value_enc.mask_emb``,
+    ``value_enc.value_enc.{a, w1, w3, table}``, ``encoder.{i}.*``, ``value_dec.*``,
+    ``cellwise_dec.*`` (golden manifests ``manifest_80M_*.json``). A trunk without
+    ``zero_emb``/decoders gives the annotation Backbone's set (variant A'), a variant-B trunk
+    adds ``ST_emb``/``ST_enc.*``. :func:`trunk_from_mindspore` reads the file back into an
+    identical trunk (``num_heads`` must be given unless ``enc_dims == 1536``).
+
+    Parameters
+    ----------
+    trunk
+        The trunk (any device/dtype; values are copied to CPU float32 as written).
+    path
+        Destination, written atomically (:func:`~cellfm_sc.io.write_mindspore_checkpoint`).
+    crc
+        Append MindSpore's ``crc_num`` trailer.
+
+    Raises
+    ------
+    ValueError
+        If the trunk's parameters are not those of a plain :class:`CellFMTrunk` of its config
+        (e.g. LoRA adapters still attached: merge them first), naming the differences.
+
+    Examples
+    --------
+    >>> save_trunk_mindspore(trunk, "pretrained.ckpt")  # doctest: +SKIP
+    >>> trunk2, report = trunk_from_mindspore("pretrained.ckpt", num_heads=4)  # doctest: +SKIP
+    """
+    own = dict(trunk.named_parameters())
+    with torch.device("meta"):  # the expected names and shapes, without allocating
+        ref = CellFMTrunk(trunk.config, n_genes=trunk.n_genes, emb_rows=trunk.emb_rows)
+    expected = {k: tuple(p.shape) for k, p in ref.named_parameters()}
+    unexpected = [k for k in own if k not in expected]
+    missing = [k for k in expected if k not in own]
+    wrong = [
+        f"{k} {tuple(p.shape)} vs {expected[k]}"
+        for k, p in own.items()
+        if k in expected and tuple(p.shape) != expected[k]
+    ]
+    if unexpected or missing or wrong:
+        parts = [
+            f"{what}: {items[:6]}"
+            for what, items in (
+                ("not trunk parameters (LoRA adapters? merge them first)", unexpected),
+                ("missing", missing),
+                ("shape differs from the config's (found vs expected)", wrong),
+            )
+            if items
+        ]
+        raise ValueError(
+            "cannot export the trunk as a MindSpore checkpoint; its parameters are not those "
+            f"of a CellFMTrunk with its config: {'; '.join(parts)}"
+        )
+    tensors = {
+        to_mindspore_name(name): param.detach().to(device="cpu", dtype=torch.float32)
+        for name, param in own.items()
+    }
+    write_mindspore_checkpoint(path, tensors, crc=crc)

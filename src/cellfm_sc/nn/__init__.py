@@ -1,4 +1,5 @@
-"""Pure-torch CellFM modules (know nothing of AnnData or files)."""
+"""Pure-torch CellFM modules (know nothing of AnnData or file formats; the one file-reading
+convenience, ``CellFMTrunk.from_mindspore``, delegates to :mod:`cellfm_sc.io` when called)."""
 
 from cellfm_sc.nn.config import PRESETS, CellFMConfig, padded_rows
 from cellfm_sc.nn.decoders import CellwiseDecoder, ValueDecoder
@@ -12,7 +13,7 @@ from cellfm_sc.nn.layers import (
     srms_norm,
 )
 from cellfm_sc.nn.trainable import TRAINABLE_POLICIES, TrainableSummary, apply_trainable
-from cellfm_sc.nn.trunk import CellFMOutput, CellFMTrunk
+from cellfm_sc.nn.trunk import CellFMOutput, CellFMTrunk, require_valid_tokens
 
 __all__ = [
     "PRESETS",
@@ -31,5 +32,6 @@ __all__ = [
     "ValueEncoder",
     "apply_trainable",
     "padded_rows",
+    "require_valid_tokens",
     "srms_norm",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -14,14 +14,35 @@ from cellfm_sc.nn.config import CellFMConfig, padded_rows
 from cellfm_sc.nn.decoders import CellwiseDecoder, ValueDecoder
 from cellfm_sc.nn.layers import RetentionLayer, SoftBinEncoder, ValueEncoder
 
-if TYPE_CHECKING:  # pragma: no cover
-    from collections.abc import Mapping
+__all__ = ["CellFMOutput", "CellFMTrunk", "require_valid_tokens"]
 
-    import numpy as np
 
-    from cellfm_sc.io.mapping import LoadReport
+def require_valid_tokens(valid: Tensor) -> None:
+    """Raise ``ValueError`` if a cell of the batch has no valid gene token.
 
-__all__ = ["CellFMOutput", "CellFMTrunk"]
+    The opt-in form of the precondition of :meth:`CellFMTrunk.forward` (which does not check
+    it). It reads the result back to the CPU, so it synchronises with the GPU: use it in
+    tests, debugging or input validation, not in a training step.
+
+    Parameters
+    ----------
+    valid
+        ``(B, L)`` bool (or 0/1), True at real gene tokens.
+
+    Examples
+    --------
+    >>> require_valid_tokens(torch.tensor([[True, False], [False, False]]))
+    Traceback (most recent call last):
+    ...
+    ValueError: 1 cell(s) at batch positions [1] have no valid gene token; a cell with no expressed gene has no defined embedding
+    """
+    empty = ~valid.bool().any(dim=1)
+    if bool(empty.any()):
+        bad = torch.nonzero(empty).flatten().tolist()
+        raise ValueError(
+            f"{len(bad)} cell(s) at batch positions {bad[:5]}{' ...' if len(bad) > 5 else ''} "
+            "have no valid gene token; a cell with no expressed gene has no defined embedding"
+        )
 
 
 @dataclass
@@ -147,7 +168,12 @@ class CellFMTrunk(nn.Module):
         gene_ids
             ``(B, L)`` int64 token ids (0 = padding).
         valid
-            ``(B, L)`` bool, True at real gene tokens. Every cell needs at least one.
+            ``(B, L)`` bool, True at real gene tokens. Every cell needs at least one: the
+            caller guarantees it (the data path refuses empty cells for training and leaves
+            them out of prediction). It is not checked here, because checking means a
+            GPU -> CPU synchronisation in every forward; a cell without a valid token gets
+            NaN outputs (other cells of the batch are unaffected). Use
+            :func:`require_valid_tokens` for an explicit check.
         unmask
             Optional ``(B, L)`` float/bool, 0 where the value is hidden (masked-value
             objective): those tokens take ``value_enc.mask_emb`` instead of their value's
@@ -159,12 +185,6 @@ class CellFMTrunk(nn.Module):
         """
         valid = valid.bool()
         n_valid = valid.sum(dim=1)
-        if bool((n_valid == 0).any()):
-            bad = torch.nonzero(n_valid == 0).flatten().tolist()[:5]
-            raise ValueError(
-                f"cells at batch positions {bad} have no valid gene token; "
-                "a cell with no expressed gene has no defined embedding"
-            )
         x = self.embed(values, gene_ids, valid, unmask)
         b = x.shape[0]
         n_prefix = self.config.n_prefix
@@ -183,25 +203,30 @@ class CellFMTrunk(nn.Module):
         cls,
         path: str | Path,
         num_heads: int | None = None,
+        max_abs: float | None = 1e6,
         **overrides: Any,
     ) -> CellFMTrunk:
         """Build a trunk from a MindSpore ``.ckpt`` (no MindSpore needed).
 
-        The variant and dimensions are read from parameter names and shapes; ``num_heads``
-        cannot be, and defaults to 48 only when ``enc_dims`` is 1536. The load report is
-        kept as ``trunk.load_report``.
-        """
-        from cellfm_sc.io.mapping import trunk_from_mindspore
+        A convenience spelling of :func:`cellfm_sc.io.trunk_from_mindspore` (the one home of
+        checkpoint loading; see it for the details), returning the trunk only; the load
+        report is kept as ``trunk.load_report``. The variant and dimensions are read from
+        parameter names and shapes; ``num_heads`` cannot be, and defaults to 48 only when
+        ``enc_dims`` is 1536. A model tensor holding NaN/inf, or a value with
+        ``|value| > max_abs`` (``None``: no bound), is refused with a ``CheckpointError``
+        naming it.
 
-        trunk, _ = trunk_from_mindspore(path, num_heads=num_heads, **overrides)
+        Notes
+        -----
+        This method is the only place in :mod:`cellfm_sc.nn` that reaches another layer: it
+        imports :mod:`cellfm_sc.io.mapping` when called (never at import time, so
+        ``import cellfm_sc.nn`` loads nothing of :mod:`cellfm_sc.io`). A method of the
+        trunk class that reads a file has to get the reader from somewhere at call time; a
+        registry filled by :mod:`cellfm_sc.io` would fail whenever ``cellfm_sc.io`` has not
+        been imported yet, and any other indirection hides the same dependency.
+        ``tests/test_nn_layering.py`` checks that no other import exists.
+        """
+        from cellfm_sc.io.mapping import trunk_from_mindspore  # the one allowed upward edge
+
+        trunk, _ = trunk_from_mindspore(path, num_heads=num_heads, max_abs=max_abs, **overrides)
         return trunk
-
-    def load_mindspore_state(self, state: Mapping[str, np.ndarray | Tensor]) -> LoadReport:
-        """Load a checkpoint's tensors (names as MindSpore writes them) into this trunk.
-
-        Raises ``ValueError`` naming any missing parameter or disagreeing shape (both
-        shapes); optimizer/bookkeeping entries are skipped and listed in the report.
-        """
-        from cellfm_sc.io.mapping import load_trunk_state
-
-        return load_trunk_state(self, state)
