@@ -13,7 +13,7 @@ from .checks import (
     row_source,
     validate_count_values,
 )
-from .loader import CellBatchSampler, CellDataset, batches, make_dataloader
+from .loader import BUCKET_BATCHES, CellBatchSampler, CellDataset, batches, make_dataloader
 from .normalize import NormalizedRows, cellfm_normalize
 from .splits import (
     DataSplit,
@@ -27,6 +27,7 @@ from .splits import (
 from .tokenize import DEFAULT_MAX_TOKENS, TokenBatch, name_keys, tokenize, train_keys
 
 __all__ = [
+    "BUCKET_BATCHES",
     "DEFAULT_MAX_TOKENS",
     "CellBatchSampler",
     "CellDataset",

@@ -154,8 +154,14 @@ class TokenBatch:
         int64 ``(B,)`` label codes, or None.
     total_counts
         float32 ``(B,)``: capped total ``T`` of each cell (over all genes), or None.
+    weight
+        float32 ``(B,)``: weight of each cell in evaluation metrics; 1.0 for real cells, 0.0
+        for the padding copies that even out distributed ranks (an evaluation loader with
+        ``world_size > 1``). Default (None at construction): all ones.
 
-    ``L`` is the longest cell of the batch (at most ``max_tokens``).
+    ``L`` is the longest cell of the batch (at most ``max_tokens``). Weighted metrics
+    (``sum(weight * metric) / sum(weight)``, summed over ranks) count every cell exactly once;
+    select with ``weight > 0`` rather than multiplying when a padding cell's output may be NaN.
     """
 
     values: torch.Tensor
@@ -165,6 +171,11 @@ class TokenBatch:
     obs_index: torch.Tensor
     labels: torch.Tensor | None = None
     total_counts: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight is None:
+            self.weight = torch.ones(self.values.shape[0], dtype=torch.float32)
 
     def __len__(self) -> int:
         return int(self.values.shape[0])
