@@ -6,8 +6,10 @@
 """
 
 from .checks import (
+    CountSummary,
     MissingLayerError,
     check_counts,
+    count_fix_hint,
     empty_cells,
     get_matrix,
     row_source,
@@ -31,6 +33,7 @@ __all__ = [
     "DEFAULT_MAX_TOKENS",
     "CellBatchSampler",
     "CellDataset",
+    "CountSummary",
     "DataSplit",
     "MissingLayerError",
     "NormalizedRows",
@@ -39,6 +42,7 @@ __all__ = [
     "cellfm_normalize",
     "check_counts",
     "check_donors_disjoint",
+    "count_fix_hint",
     "donor_labels",
     "empty_cells",
     "get_matrix",

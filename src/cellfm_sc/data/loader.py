@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ._rows import RowSource, element_path, layer_label
-from .checks import check_counts, row_source, validate_count_values
+from .checks import check_counts, count_fix_hint, row_source, validate_count_values
 from .tokenize import DEFAULT_MAX_TOKENS, TokenBatch, name_keys, tokenize
 
 __all__ = ["BUCKET_BATCHES", "CellBatchSampler", "CellDataset", "batches", "make_dataloader"]
@@ -255,6 +255,7 @@ class CellDataset(Dataset):
             backed = anndata.read_h5ad(path, backed="r")
             try:
                 obs_names = backed.obs_names
+                self._fix = count_fix_hint(backed, layer)
                 self.source = RowSource(path=path, element=element_path(layer))
             except KeyError:
                 from .checks import get_matrix
@@ -266,6 +267,7 @@ class CellDataset(Dataset):
         else:
             obs_names = adata.obs_names
             self.source = row_source(adata, layer)
+            self._fix = count_fix_hint(adata, layer)
         self.layer = layer
         self.n_obs, self.n_vars = self.source.n_obs, self.source.n_vars
         self.indices = (
@@ -323,7 +325,12 @@ class CellDataset(Dataset):
         block = self.source.read(rows)
         if self.check_values:
             validate_count_values(
-                block.data, block.indptr, rows, layer=self.layer, obs_name=self.obs_names
+                block.data,
+                block.indptr,
+                rows,
+                layer=self.layer,
+                obs_name=self.obs_names,
+                fix=self._fix,
             )
         batch = tokenize(
             block,
@@ -389,10 +396,13 @@ def _prepare(
     drop_last: bool,
     chunk_size: int,
     buffer_size: int,
-    check: bool,
+    check: bool | str,
 ) -> tuple[CellDataset, CellBatchSampler]:
-    if check and not isinstance(adata, str | Path):
-        check_counts(adata, layer, indices=indices, forbid_empty=train)
+    mode = {True: "sample", False: "none"}.get(check, check)  # type: ignore[call-overload]
+    if mode not in ("sample", "full", "none"):
+        raise ValueError(f"check must be True, False, 'sample', 'full' or 'none', got {check!r}")
+    if mode != "none" and not isinstance(adata, str | Path):
+        check_counts(adata, layer, indices=indices, full=mode == "full", forbid_empty=train)
     dataset = CellDataset(
         adata,
         indices,
@@ -442,7 +452,7 @@ def make_dataloader(
     chunk_size: int = 64,
     buffer_size: int = 2048,
     persistent_workers: bool = False,
-    check: bool = True,
+    check: bool | str = True,
 ) -> DataLoader:
     """A ``DataLoader`` of :class:`TokenBatch` over cells ``indices`` of ``adata``.
 
@@ -470,8 +480,10 @@ def make_dataloader(
         sorted window (default 32 batches), see :class:`CellBatchSampler`. The batch order then
         differs from ``indices``: results go back through ``batch.obs_index``.
     check
-        Run :func:`check_counts` first (a sample of rows; with ``train``, also cells without
-        counts).
+        :func:`check_counts` before the first batch: ``True``/``"sample"`` (a sample of rows;
+        with ``train``, also cells without counts), ``"full"`` (one streaming pass over every
+        cell of ``indices``: all values, and empty cells), ``False``/``"none"``. Every batch's
+        values are validated as it is read in any case.
 
     Returns
     -------
@@ -532,7 +544,7 @@ def batches(
     bucket_size: int | None = None,
     chunk_size: int = 64,
     buffer_size: int = 2048,
-    check: bool = True,
+    check: bool | str = True,
 ) -> Iterator[TokenBatch]:
     """Yield :class:`TokenBatch` es over ``adata`` in this process (one epoch).
 
