@@ -186,7 +186,7 @@ def test_full_pass_names_log_normalised_data_and_the_fix(tmp_path):
     check_counts(adata, layer="counts", full=True)
     # no other layer to name: a generic suggestion, same keyword form
     bare = ad.AnnData(adata.X.copy())
-    with pytest.raises(ValueError, match=r'e\.g\. layer="counts"$'):
+    with pytest.raises(ValueError, match=r'e\.g\. layer="counts" or use_raw=True$'):
         check_counts(bare, full=True)
 
 

@@ -12,6 +12,7 @@ from .checks import (
     count_fix_hint,
     empty_cells,
     get_matrix,
+    matrix_var_names,
     row_source,
     validate_count_values,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "empty_cells",
     "get_matrix",
     "make_dataloader",
+    "matrix_var_names",
     "name_keys",
     "row_source",
     "split_by_donor",

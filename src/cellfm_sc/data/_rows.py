@@ -23,13 +23,18 @@ _MAX_GAP = 8
 _MAX_GAP_VALUES = 16_384
 
 
-def layer_label(layer: str | None) -> str:
-    """How a matrix is named in messages: ``adata.X`` or ``adata.layers['counts']``."""
+def layer_label(layer: str | None, use_raw: bool = False) -> str:
+    """How a matrix is named in messages: ``adata.X``, ``adata.layers['counts']`` or
+    ``adata.raw.X``."""
+    if use_raw:
+        return "adata.raw.X"
     return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
 
 
-def element_path(layer: str | None) -> str:
-    """Path of the matrix inside an ``.h5ad`` file."""
+def element_path(layer: str | None, use_raw: bool = False) -> str:
+    """Path of the matrix inside an ``.h5ad`` file (``X``, ``layers/<name>`` or ``raw/X``)."""
+    if use_raw:
+        return "raw/X"
     return "X" if layer is None else f"layers/{layer}"
 
 
@@ -55,7 +60,7 @@ class RowSource:
         A ``.h5ad`` file; the matrix at ``element`` is opened lazily (and reopened after
         unpickling, so the source is safe to send to DataLoader workers).
     element
-        Path of the matrix in the file (``"X"`` or ``"layers/<name>"``).
+        Path of the matrix in the file (``"X"``, ``"layers/<name>"`` or ``"raw/X"``).
     """
 
     def __init__(self, matrix: Any = None, *, path: str | None = None, element: str = "X"):

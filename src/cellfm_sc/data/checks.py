@@ -1,4 +1,4 @@
-"""Checks that a matrix holds raw counts, and access to ``adata.X`` / ``adata.layers[layer]``.
+"""Checks that a matrix holds raw counts; access to ``adata.X`` / ``layers[layer]`` / ``raw.X``.
 
 The matrix must hold non-negative integer counts. :func:`check_counts` looks at a sample of
 rows (contiguous blocks, so backed files are read sequentially) for a cheap set-up, or with
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from ._rows import RowSource, element_path, layer_label
 
@@ -25,6 +26,7 @@ __all__ = [
     "count_fix_hint",
     "empty_cells",
     "get_matrix",
+    "matrix_var_names",
     "row_source",
     "validate_count_values",
 ]
@@ -43,8 +45,16 @@ class MissingLayerError(KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
-def get_matrix(adata: Any, layer: str | None = None) -> Any:
-    """Return ``adata.X`` or ``adata.layers[layer]`` (scanpy's ``layer=`` convention).
+def _check_choice(layer: str | None, use_raw: bool) -> None:
+    if use_raw and layer is not None:
+        raise ValueError(
+            f"layer={layer!r} and use_raw=True both given; pass one of them: layer= reads "
+            f"adata.layers[{layer!r}], use_raw=True reads adata.raw.X"
+        )
+
+
+def get_matrix(adata: Any, layer: str | None = None, *, use_raw: bool = False) -> Any:
+    """Return ``adata.X``, ``adata.layers[layer]`` or ``adata.raw.X`` (scanpy's conventions).
 
     Parameters
     ----------
@@ -52,16 +62,34 @@ def get_matrix(adata: Any, layer: str | None = None) -> Any:
         An AnnData, in memory or backed.
     layer
         None for ``adata.X``, else a key of ``adata.layers``.
+    use_raw
+        Read ``adata.raw.X`` (CELLxGENE layout: normalised values in ``X`` over a gene subset,
+        raw counts in ``raw.X`` over all genes; its genes are :func:`matrix_var_names`).
+        Cannot be combined with ``layer``.
 
     Returns
     -------
-    The matrix ``(n_obs, n_vars)``: scipy sparse, numpy, or a backed dataset.
+    The matrix ``(n_obs, n_vars)`` (``n_vars`` of ``adata.raw`` with ``use_raw``): scipy
+    sparse, numpy, or a backed dataset; never a copy.
 
     Raises
     ------
     MissingLayerError
-        (a ``KeyError`` and a ``ValueError``) naming the missing layer and listing the layers.
+        (a ``KeyError`` and a ``ValueError``) naming the missing layer and listing the layers,
+        or saying that ``adata.raw`` is None.
+    ValueError
+        ``layer`` and ``use_raw`` together.
     """
+    _check_choice(layer, use_raw)
+    if use_raw:
+        if adata.raw is None:
+            existing = list(adata.layers.keys())
+            raise MissingLayerError(
+                "adata.raw is None: use_raw=True reads counts from adata.raw.X, which this "
+                f"AnnData does not have; layers: {existing if existing else 'none'} "
+                "(pass layer=... naming one, or use_raw=False for adata.X)"
+            )
+        return adata.raw.X
     if layer is None:
         if adata.X is None:
             raise MissingLayerError(
@@ -78,11 +106,32 @@ def get_matrix(adata: Any, layer: str | None = None) -> Any:
     return adata.layers[layer]
 
 
-def row_source(adata: Any, layer: str | None = None) -> RowSource:
-    """A :class:`RowSource` over the counts of ``adata`` (``X`` or ``layers[layer]``).
+def matrix_var_names(adata: Any, *, use_raw: bool = False) -> pd.Index:
+    """Gene names of the columns of the count matrix in use (build the vocabulary from these).
 
-    A backed AnnData is read from its file (``adata.filename``), so the source pickles to a path
-    and never loads the matrix; an in-memory matrix is read in place.
+    ``adata.raw.var_names`` with ``use_raw`` (``adata.raw`` may hold more genes than
+    ``adata.var``), else ``adata.var_names`` (layers share ``adata.var``).
+
+    Returns
+    -------
+    ``pandas.Index`` of ``n_vars`` names, in column order.
+
+    Examples
+    --------
+    >>> vocab = GeneVocab.from_var_names(matrix_var_names(adata, use_raw=True))  # doctest: +SKIP
+    """
+    if use_raw:
+        get_matrix(adata, use_raw=True)  # the error when adata.raw is None
+        return adata.raw.var_names
+    return adata.var_names
+
+
+def row_source(adata: Any, layer: str | None = None, *, use_raw: bool = False) -> RowSource:
+    """A :class:`RowSource` over the counts of ``adata`` (``X``, ``layers[layer]`` or ``raw.X``).
+
+    A backed AnnData is read from its file (``adata.filename``; ``raw/X`` for ``use_raw``), so
+    the source pickles to a path and never loads the matrix; an in-memory matrix is read in
+    place (no copy).
 
     Examples
     --------
@@ -90,15 +139,16 @@ def row_source(adata: Any, layer: str | None = None) -> RowSource:
     >>> source.read(np.array([0, 5, 9])).shape  # doctest: +SKIP
     (3, 36601)
     """
-    matrix = get_matrix(adata, layer)
+    matrix = get_matrix(adata, layer, use_raw=use_raw)
     if getattr(adata, "isbacked", False):
         import h5py
 
         path = str(adata.filename)
+        element = element_path(layer, use_raw)
         with h5py.File(path, "r") as f:
-            in_file = element_path(layer) in f
+            in_file = element in f
         if in_file:
-            return RowSource(path=path, element=element_path(layer))
+            return RowSource(path=path, element=element)
     return RowSource(matrix)
 
 
@@ -107,23 +157,26 @@ def _obs_namer(adata: Any) -> Callable[[int], str]:
     return lambda i: str(names[int(i)])
 
 
-def count_fix_hint(adata: Any = None, layer: str | None = None) -> str:
+def count_fix_hint(adata: Any = None, layer: str | None = None, use_raw: bool = False) -> str:
     """How to point the data path at raw counts, as keyword arguments (``layer="counts"``).
 
-    Names the layers of ``adata`` (``"counts"`` first) other than the one in use; without
-    ``adata`` (or when it has no other layer) a generic suggestion. Used at the end of the
-    count-check errors; the command line translates ``layer="x"`` into ``--layer x``.
+    Names what ``adata`` offers besides the matrix in use: its layers (``"counts"`` first)
+    and ``use_raw=True`` when ``adata.raw`` exists. Without ``adata`` (or when it offers
+    nothing else) a generic suggestion. Used at the end of the count-check errors; the command
+    line translates ``layer="x"`` into ``--layer x`` (and ``use_raw=True`` into its flag).
     """
     options: list[str] = []
     if adata is not None:
-        layers = [str(k) for k in adata.layers.keys() if k != layer]
+        layers = [str(k) for k in adata.layers.keys() if use_raw or k != layer]
         layers.sort(key=lambda k: k != "counts")
         options += [f'layer="{k}"' for k in layers]
+        if not use_raw and getattr(adata, "raw", None) is not None:
+            options.insert(1 if layers and layers[0] == "counts" else 0, "use_raw=True")
     if options:
         return "pass the matrix that holds raw counts: " + " or ".join(options[:4])
     if layer == "counts":
         return 'pass the layer that holds raw counts (layer="...")'
-    return 'pass the matrix that holds raw counts, e.g. layer="counts"'
+    return 'pass the matrix that holds raw counts, e.g. layer="counts" or use_raw=True'
 
 
 def _bad_values(data: np.ndarray) -> np.ndarray | None:
@@ -151,6 +204,7 @@ def _raise_value_problem(
     layer: str | None,
     obs_name: Callable[[int], str] | Sequence[str] | None,
     fix: str | None,
+    use_raw: bool = False,
 ) -> None:
     """Raise the one ``ValueError`` of the count checks for the bad values ``bad`` (a mask)."""
     indptr = np.asarray(indptr)
@@ -176,10 +230,11 @@ def _raise_value_problem(
         )
     value = data[first]
     head = (
-        f"{layer_label(layer)} must hold raw non-negative integer counts; first offending cell "
+        f"{layer_label(layer, use_raw)} must hold raw non-negative integer counts; first "
+        "offending cell "
         f"{cell_desc}"
     )
-    fix = count_fix_hint(None, layer) if fix is None else fix
+    fix = count_fix_hint(None, layer, use_raw) if fix is None else fix
     if np.isnan(value):
         raise ValueError(f"{head} has a NaN value{more}; {fix}")
     if np.isinf(value):
@@ -205,6 +260,7 @@ def validate_count_values(
     layer: str | None = None,
     obs_name: Callable[[int], str] | Sequence[str] | None = None,
     fix: str | None = None,
+    use_raw: bool = False,
 ) -> None:
     """Raise ``ValueError`` unless the stored values of CSR rows are non-negative integers.
 
@@ -216,8 +272,8 @@ def validate_count_values(
         Row pointer ``(B + 1,)`` into ``data``.
     obs_index
         Int ``(B,)``: the AnnData row of each of the ``B`` rows (for the message).
-    layer
-        The layer being read (for the message).
+    layer, use_raw
+        The matrix being read (for the message).
     obs_name
         Maps an AnnData row to its obs name (callable or sequence), for the message.
     fix
@@ -233,7 +289,9 @@ def validate_count_values(
     data = np.asarray(data)
     bad = _bad_values(data)
     if bad is not None:
-        _raise_value_problem(data, indptr, obs_index, bad, layer=layer, obs_name=obs_name, fix=fix)
+        _raise_value_problem(
+            data, indptr, obs_index, bad, layer=layer, obs_name=obs_name, fix=fix, use_raw=use_raw
+        )
 
 
 def _sample_rows(n_obs: int, n_rows: int, seed: int, block: int = 64) -> np.ndarray:
@@ -270,11 +328,11 @@ class CountSummary:
     empty: np.ndarray | None
 
 
-def _empty_error(adata: Any, layer: str | None, empty: np.ndarray) -> ValueError:
+def _empty_error(adata: Any, layer: str | None, use_raw: bool, empty: np.ndarray) -> ValueError:
     names = [str(adata.obs_names[i]) for i in empty[:5]]
     more = ", ..." if empty.size > 5 else ""
     return ValueError(
-        f"{empty.size} cell(s) have no counts in {layer_label(layer)}: "
+        f"{empty.size} cell(s) have no counts in {layer_label(layer, use_raw)}: "
         f"{', '.join(repr(s) for s in names)}{more} (rows {empty[:5].tolist()}{more}). "
         "A cell without counts has no tokens and cannot be trained on; remove them, "
         "e.g. sc.pp.filter_cells(adata, min_counts=1), or pass indices without them."
@@ -287,6 +345,7 @@ def _scan(
     *,
     validate: bool,
     layer: str | None = None,
+    use_raw: bool = False,
     namer: Callable[[int], str] | None = None,
     fix: str | None = None,
     max_nnz: int = 4_000_000,
@@ -303,7 +362,9 @@ def _scan(
         if validate:
             bad = _bad_values(data)
             if bad is not None:
-                _raise_value_problem(data, indptr, chunk, bad, layer=layer, obs_name=namer, fix=fix)
+                _raise_value_problem(
+                    data, indptr, chunk, bad, layer=layer, obs_name=namer, fix=fix, use_raw=use_raw
+                )
         # a cell is empty when it stores nothing or only zeros (values are >= 0 here):
         # the row maximum, without a temporary the size of the chunk
         indptr = np.asarray(indptr, dtype=np.int64)
@@ -322,12 +383,13 @@ def check_counts(
     layer: str | None = None,
     n_rows: int = 2048,
     *,
+    use_raw: bool = False,
     indices: np.ndarray | None = None,
     full: bool = False,
     forbid_empty: bool = False,
     seed: int = 0,
 ) -> CountSummary:
-    """Check that ``adata.X`` / ``adata.layers[layer]`` holds raw counts.
+    """Check that ``adata.X`` / ``adata.layers[layer]`` / ``adata.raw.X`` holds raw counts.
 
     Two modes:
 
@@ -345,6 +407,8 @@ def check_counts(
         AnnData, in memory or backed.
     layer
         None for ``adata.X``, else a key of ``adata.layers``.
+    use_raw
+        Check ``adata.raw.X`` (see :func:`get_matrix`).
     n_rows
         Size of the sample (ignored with ``full``).
     indices
@@ -365,9 +429,9 @@ def check_counts(
     Raises
     ------
     MissingLayerError
-        The layer does not exist.
+        The layer does not exist, or ``adata.raw`` is None with ``use_raw``.
     ValueError
-        One error naming the matrix, the first offending cell(s) by obs name, the problem
+        ``layer`` together with ``use_raw``. One error naming the matrix, the first offending cell(s) by obs name, the problem
         (NaN, inf, negative, fractional / log-normalised values, or cells without counts with
         ``forbid_empty``) and the fix as keyword arguments (``layer="counts"``).
 
@@ -377,15 +441,17 @@ def check_counts(
     ...              forbid_empty=True)  # doctest: +SKIP
     CountSummary(n_cells=120000, n_values=180000000, full=True, empty=array([], dtype=int64))
     """
-    source = row_source(adata, layer)
+    source = row_source(adata, layer, use_raw=use_raw)
     namer = _obs_namer(adata)
-    fix = count_fix_hint(adata, layer)
+    fix = count_fix_hint(adata, layer, use_raw)
     pool = None if indices is None else np.sort(np.asarray(indices, dtype=np.int64))
     if full:
         rows = np.arange(source.n_obs, dtype=np.int64) if pool is None else pool
-        empty, n_values = _scan(source, rows, validate=True, layer=layer, namer=namer, fix=fix)
+        empty, n_values = _scan(
+            source, rows, validate=True, layer=layer, use_raw=use_raw, namer=namer, fix=fix
+        )
         if forbid_empty and empty.size:
-            raise _empty_error(adata, layer, empty)
+            raise _empty_error(adata, layer, use_raw, empty)
         return CountSummary(int(rows.size), n_values, True, empty)
     n = source.n_obs if pool is None else pool.size
     pos = _sample_rows(n, n_rows, seed)
@@ -394,12 +460,20 @@ def check_counts(
     for part in np.array_split(rows, max(1, rows.size // 64)):  # small reads: flat memory
         block = source.read(part)
         n_values += block.nnz
-        validate_count_values(block.data, block.indptr, part, layer=layer, obs_name=namer, fix=fix)
+        validate_count_values(
+            block.data,
+            block.indptr,
+            part,
+            layer=layer,
+            use_raw=use_raw,
+            obs_name=namer,
+            fix=fix,
+        )
     empty = None
     if forbid_empty:
-        empty = empty_cells(adata, layer, indices, _source=source, _validate=True)
+        empty = empty_cells(adata, layer, indices, use_raw=use_raw, _source=source, _validate=True)
         if empty.size:
-            raise _empty_error(adata, layer, empty)
+            raise _empty_error(adata, layer, use_raw, empty)
     return CountSummary(int(rows.size), n_values, False, empty)
 
 
@@ -408,6 +482,7 @@ def empty_cells(
     layer: str | None = None,
     indices: np.ndarray | None = None,
     *,
+    use_raw: bool = False,
     exact: bool | None = None,
     _source: RowSource | None = None,
     _validate: bool = False,
@@ -422,6 +497,8 @@ def empty_cells(
         None for ``adata.X``, else a key of ``adata.layers``.
     indices
         Rows to scan (default all).
+    use_raw
+        Scan ``adata.raw.X`` (see :func:`get_matrix`).
     exact
         Read the stored values (one streaming pass) rather than only a backed file's
         ``indptr``. Default: exact in memory, ``indptr`` only for a backed CSR file.
@@ -439,18 +516,19 @@ def empty_cells(
     At inference such cells are not an error: they give a row with ``n_tokens == 0`` and
     no valid token; the model layer decides what to output for them.
     """
-    source = row_source(adata, layer) if _source is None else _source
+    source = row_source(adata, layer, use_raw=use_raw) if _source is None else _source
     rows = np.arange(source.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
     if exact is None:
         exact = source.kind != "h5csr"
     if not exact and source.kind in ("csr", "h5csr"):
         return np.unique(rows[source.row_nnz()[rows] == 0])
-    fix = count_fix_hint(adata, layer) if _validate else None
+    fix = count_fix_hint(adata, layer, use_raw) if _validate else None
     empty, _ = _scan(
         source,
         np.sort(rows),
         validate=_validate,
         layer=layer,
+        use_raw=use_raw,
         namer=_obs_namer(adata),
         fix=fix,
     )

@@ -30,7 +30,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ._rows import RowSource, element_path, layer_label
-from .checks import check_counts, count_fix_hint, row_source, validate_count_values
+from .checks import (
+    check_counts,
+    count_fix_hint,
+    get_matrix,
+    row_source,
+    validate_count_values,
+)
 from .tokenize import DEFAULT_MAX_TOKENS, TokenBatch, name_keys, tokenize
 
 __all__ = ["BUCKET_BATCHES", "CellBatchSampler", "CellDataset", "batches", "make_dataloader"]
@@ -212,6 +218,10 @@ class CellDataset(Dataset):
         Int ``(n,)`` obs rows this dataset serves (default all); ``len(dataset) = n``.
     layer
         None for ``adata.X``, else the layer with raw counts.
+    use_raw
+        Read the counts from ``adata.raw.X`` (backed: the file's ``raw/X``); its columns are
+        ``adata.raw.var_names`` (:func:`~cellfm_sc.data.matrix_var_names`), which
+        ``gene_id_map`` then follows. Cannot be combined with ``layer``.
     max_tokens
         Most tokens per cell.
     train
@@ -241,6 +251,7 @@ class CellDataset(Dataset):
         indices: np.ndarray | None = None,
         *,
         layer: str | None = None,
+        use_raw: bool = False,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         train: bool = False,
         seed: int = 0,
@@ -254,21 +265,18 @@ class CellDataset(Dataset):
             path = str(adata)
             backed = anndata.read_h5ad(path, backed="r")
             try:
+                get_matrix(backed, layer, use_raw=use_raw)  # the errors that name the matrix
                 obs_names = backed.obs_names
-                self._fix = count_fix_hint(backed, layer)
-                self.source = RowSource(path=path, element=element_path(layer))
-            except KeyError:
-                from .checks import get_matrix
-
-                get_matrix(backed, layer)  # raises the listing error
-                raise
+                self._fix = count_fix_hint(backed, layer, use_raw)
+                self.source = RowSource(path=path, element=element_path(layer, use_raw))
             finally:
                 backed.file.close()
         else:
             obs_names = adata.obs_names
-            self.source = row_source(adata, layer)
-            self._fix = count_fix_hint(adata, layer)
+            self.source = row_source(adata, layer, use_raw=use_raw)
+            self._fix = count_fix_hint(adata, layer, use_raw)
         self.layer = layer
+        self.use_raw = bool(use_raw)
         self.n_obs, self.n_vars = self.source.n_obs, self.source.n_vars
         self.indices = (
             np.arange(self.n_obs, dtype=np.int64)
@@ -329,6 +337,7 @@ class CellDataset(Dataset):
                 block.indptr,
                 rows,
                 layer=self.layer,
+                use_raw=self.use_raw,
                 obs_name=self.obs_names,
                 fix=self._fix,
             )
@@ -349,7 +358,8 @@ class CellDataset(Dataset):
                 names = [str(self.obs_names[i]) for i in empty[:5]]
                 raise ValueError(
                     f"{empty.size} cell(s) of this training batch have no counts in "
-                    f"{layer_label(self.layer)}: {names}; remove cells without counts before "
+                    f"{layer_label(self.layer, self.use_raw)}: {names}; remove cells without "
+                    "counts before "
                     "training (see cellfm_sc.data.empty_cells)"
                 )
         if weight != 1.0:
@@ -383,6 +393,7 @@ def _prepare(
     batch_size: int,
     *,
     layer: str | None,
+    use_raw: bool,
     max_tokens: int,
     train: bool,
     shuffle: bool,
@@ -402,11 +413,19 @@ def _prepare(
     if mode not in ("sample", "full", "none"):
         raise ValueError(f"check must be True, False, 'sample', 'full' or 'none', got {check!r}")
     if mode != "none" and not isinstance(adata, str | Path):
-        check_counts(adata, layer, indices=indices, full=mode == "full", forbid_empty=train)
+        check_counts(
+            adata,
+            layer,
+            use_raw=use_raw,
+            indices=indices,
+            full=mode == "full",
+            forbid_empty=train,
+        )
     dataset = CellDataset(
         adata,
         indices,
         layer=layer,
+        use_raw=use_raw,
         max_tokens=max_tokens,
         train=train,
         seed=seed,
@@ -436,6 +455,7 @@ def make_dataloader(
     batch_size: int = 16,
     *,
     layer: str | None = None,
+    use_raw: bool = False,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     train: bool = False,
     shuffle: bool | None = None,
@@ -464,8 +484,8 @@ def make_dataloader(
         Obs rows to load (default all).
     batch_size
         Cells per batch.
-    layer, max_tokens, train, seed, labels, gene_id_map
-        See :class:`CellDataset`.
+    layer, use_raw, max_tokens, train, seed, labels, gene_id_map
+        See :class:`CellDataset` (``use_raw``: counts from ``adata.raw.X``).
     shuffle
         Default: ``train``.
     num_workers, pin_memory, persistent_workers
@@ -502,6 +522,7 @@ def make_dataloader(
         indices,
         batch_size,
         layer=layer,
+        use_raw=use_raw,
         max_tokens=max_tokens,
         train=train,
         shuffle=train if shuffle is None else shuffle,
@@ -537,6 +558,7 @@ def batches(
     seed: int = 0,
     indices: np.ndarray | None = None,
     *,
+    use_raw: bool = False,
     epoch: int = 0,
     labels: np.ndarray | None = None,
     gene_id_map: np.ndarray | None = None,
@@ -566,6 +588,7 @@ def batches(
         indices,
         batch_size,
         layer=layer,
+        use_raw=use_raw,
         max_tokens=max_tokens,
         train=train,
         shuffle=shuffle,
