@@ -16,6 +16,7 @@ from .checks import (
     row_source,
     validate_count_values,
 )
+from .genes import GeneAlignment, align_genes
 from .loader import BUCKET_BATCHES, CellBatchSampler, CellDataset, batches, make_dataloader
 from .normalize import NormalizedRows, cellfm_normalize
 from .splits import (
@@ -36,9 +37,11 @@ __all__ = [
     "CellDataset",
     "CountSummary",
     "DataSplit",
+    "GeneAlignment",
     "MissingLayerError",
     "NormalizedRows",
     "TokenBatch",
+    "align_genes",
     "batches",
     "cellfm_normalize",
     "check_counts",

@@ -232,7 +232,8 @@ class CellDataset(Dataset):
     labels
         Int label codes ``(n_obs,)`` (one per AnnData row), or None.
     gene_id_map
-        int64 ``(n_vars,)``: gene id of each column; default ``column + 1``.
+        int64 ``(n_vars,)``: gene id of each column; default ``column + 1``; 0 drops the
+        column (a gene the model does not know), see :func:`~cellfm_sc.data.align_genes`.
     check_values
         Validate the stored values of every batch (cheap: the data array of its rows).
 
@@ -304,8 +305,11 @@ class CellDataset(Dataset):
             gene_id_map = np.asarray(gene_id_map, dtype=np.int64)
             if gene_id_map.shape != (self.n_vars,):
                 raise ValueError(
-                    f"gene_id_map has shape {gene_id_map.shape}, expected ({self.n_vars},)"
+                    f"gene_id_map has shape {gene_id_map.shape}, expected ({self.n_vars},): "
+                    f"one gene id per column of {layer_label(layer, use_raw)}"
                 )
+            if gene_id_map.size and gene_id_map.min() < 0:
+                raise ValueError("gene_id_map holds negative ids (0 = a gene without a token)")
         self.gene_id_map = gene_id_map
         # evaluation keys depend on (seed, obs name) only: one uint64 per cell
         self._eval_keys = None if self.train else name_keys(np.asarray(obs_names), self.seed)
@@ -318,7 +322,12 @@ class CellDataset(Dataset):
         self.epoch = int(epoch)
 
     def lengths(self) -> np.ndarray:
-        """Stored values per cell of ``indices``, int64 ``(n,)`` (reads only ``indptr``)."""
+        """Bucketing lengths: stored values per cell of ``indices``, capped at ``max_tokens``.
+
+        int64 ``(n,)``, from ``indptr`` alone (no value is read), so it counts columns that give
+        no token (explicit zeros, genes with gene id 0) too: an upper bound of ``n_tokens``
+        that sorts cells well enough for bucketing.
+        """
         return np.minimum(self.source.row_nnz()[self.indices], self.max_tokens)
 
     def __getitem__(self, request: Any) -> TokenBatch:
