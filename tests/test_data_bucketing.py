@@ -120,6 +120,14 @@ def test_drop_last_training_ranks_are_disjoint(n, batch_size, world_size):
     assert n - cells.size < batch_size * world_size
 
 
+def test_exact_padding_uses_the_shortest_cell_with_tokens():
+    lengths = np.array([0, 5, 3, 0, 9, 7, 4])
+    s = CellBatchSampler(np.arange(10, 17), 2, lengths=lengths, rank=1, world_size=3, exact=True)
+    got = list(s.iter_weighted())  # 4 batches over 3 ranks: rank 1 gets batch 1 and a pad
+    assert [w for _, w in got] == [1.0, 0.0]
+    assert got[1][0].tolist() == [12]  # length 3: the shortest cell that has tokens
+
+
 def test_exact_refuses_drop_last():
     with pytest.raises(ValueError, match="drop_last=False"):
         CellBatchSampler(np.arange(10), 3, exact=True, drop_last=True)

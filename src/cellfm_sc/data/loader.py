@@ -185,7 +185,8 @@ class CellBatchSampler(Sampler):
 
     def iter_weighted(self) -> Iterator[tuple[np.ndarray, float]]:
         """Yield ``(rows, weight)`` for this rank: ``weight`` is 1.0 for real batches, 0.0 for
-        the padding batches of ``exact`` mode (a copy of one cell, to be left out of metrics).
+        the padding batches of ``exact`` mode (a copy of one cell, to be left out of metrics;
+        the shortest non-empty cell when ``lengths`` are known).
         """
         batches_ = self.global_batches()
         if self.world_size == 1:
@@ -198,9 +199,18 @@ class CellBatchSampler(Sampler):
             if i < n_b:
                 yield batches_[i], 1.0
             elif self.exact:
-                yield batches_[0][:1], 0.0
+                yield self._padding_cell(batches_), 0.0
             else:
                 yield batches_[i % n_b], 1.0
+
+    def _padding_cell(self, batches_: list[np.ndarray]) -> np.ndarray:
+        """The one cell of an ``exact`` padding batch: the shortest cell with a token when
+        lengths are known (cheapest to run, and never a cell without counts), else the first."""
+        if self.lengths is not None:
+            pos = np.flatnonzero(self.lengths > 0)
+            if pos.size:
+                return self.indices[[pos[np.argmin(self.lengths[pos])]]]
+        return batches_[0][:1]
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for rows, _ in self.iter_weighted():
