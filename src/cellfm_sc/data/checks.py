@@ -176,6 +176,8 @@ def count_fix_hint(adata: Any = None, layer: str | None = None, use_raw: bool = 
         return "pass the matrix that holds raw counts: " + " or ".join(options[:4])
     if layer == "counts":
         return 'pass the layer that holds raw counts (layer="...")'
+    if use_raw:
+        return 'pass the matrix that holds raw counts, e.g. layer="counts"'
     return 'pass the matrix that holds raw counts, e.g. layer="counts" or use_raw=True'
 
 
@@ -229,11 +231,8 @@ def _raise_value_problem(
             f" (and {bad_rows.size - 1} more cell(s) of the {obs_index.size} read: {shown}{extra})"
         )
     value = data[first]
-    head = (
-        f"{layer_label(layer, use_raw)} must hold raw non-negative integer counts; first "
-        "offending cell "
-        f"{cell_desc}"
-    )
+    where = layer_label(layer, use_raw)
+    head = f"{where} must hold raw non-negative integer counts; first offending cell {cell_desc}"
     fix = count_fix_hint(None, layer, use_raw) if fix is None else fix
     if np.isnan(value):
         raise ValueError(f"{head} has a NaN value{more}; {fix}")
