@@ -52,7 +52,10 @@ def test_log_normalised_matrix_is_refused_with_hint():
     x = adata.X.toarray()
     x = np.log1p(x / x.sum(1, keepdims=True) * 1e4)
     adata.X = sp.csr_matrix(x)
-    with pytest.raises(ValueError, match=r"looks log-normalised; pass layer='counts'") as err:
+    with pytest.raises(
+        ValueError,
+        match=r'looks log-normalised; pass the matrix that holds raw counts: layer="counts"',
+    ) as err:
         check_counts(adata)
     msg = str(err.value)
     assert "adata.X" in msg and "'cell" in msg
@@ -131,3 +134,114 @@ def test_validate_count_values_without_names():
     with pytest.raises(ValueError, match=r"row 11"):
         validate_count_values(data, np.array([0, 2, 3]), np.array([10, 11]))
     validate_count_values(np.array([1, 2], dtype=np.int64), np.array([0, 2]), np.array([0]))
+
+
+def _write_backed(tmp_path, adata: ad.AnnData, name: str = "a.h5ad") -> ad.AnnData:
+    path = tmp_path / name
+    adata.write_h5ad(path)
+    return ad.read_h5ad(path, backed="r")
+
+
+@pytest.mark.parametrize("backed", [False, True])
+@pytest.mark.parametrize(
+    ("value", "pattern"),
+    [(-2.0, "negative value"), (np.nan, "NaN"), (np.inf, "infinite"), (0.5, "fractional")],
+)
+def test_full_pass_finds_every_bad_value(tmp_path, backed, value, pattern):
+    adata = _adata(n_obs=6000, n_vars=20, seed=3)
+    adata.layers["counts"] = adata.X.copy()
+    _set(adata, 4321, 5, value)
+    _set(adata, 5000, 2, value)
+    data = _write_backed(tmp_path, adata) if backed else adata
+    try:
+        check_counts(data, n_rows=64, seed=1)  # the sample misses both
+        with pytest.raises(ValueError, match=pattern) as err:
+            check_counts(data, full=True, n_rows=64, seed=1)
+        msg = str(err.value)
+        assert "adata.X" in msg and "'cell4321' (row 4321)" in msg
+        assert "'cell5000' (row 5000)" in msg  # the other bad cell of the chunk is named too
+        assert 'layer="counts"' in msg  # the fix, as a keyword argument
+        # only the cells that will be read are checked
+        fine = np.setdiff1d(np.arange(6000), [4321, 5000])
+        summary = check_counts(data, indices=fine, full=True)
+        assert summary.full and summary.n_cells == fine.size and summary.empty.size == 0
+        assert summary.n_values == int(adata.X[fine].nnz)
+    finally:
+        if backed:
+            data.file.close()
+
+
+def test_full_pass_names_log_normalised_data_and_the_fix(tmp_path):
+    adata = _adata(n_obs=500)
+    adata.layers["counts"] = adata.X.copy()
+    adata.layers["spliced"] = adata.X.copy()
+    x = adata.X.toarray()
+    adata.X = sp.csr_matrix(np.log1p(x / x.sum(1, keepdims=True) * 1e4))
+    with pytest.raises(ValueError) as err:
+        check_counts(adata, full=True)
+    msg = str(err.value)
+    assert msg.startswith("adata.X must hold raw non-negative integer counts")
+    assert "'cell0' (row 0) has a fractional value" in msg and "looks log-normalised" in msg
+    assert msg.endswith('pass the matrix that holds raw counts: layer="counts" or layer="spliced"')
+    check_counts(adata, layer="counts", full=True)
+    # no other layer to name: a generic suggestion, same keyword form
+    bare = ad.AnnData(adata.X.copy())
+    with pytest.raises(ValueError, match=r'e\.g\. layer="counts" or use_raw=True$'):
+        check_counts(bare, full=True)
+
+
+@pytest.mark.parametrize("backed", [False, True])
+def test_full_pass_finds_empty_cells_including_stored_zeros(tmp_path, backed):
+    adata = _adata(n_obs=400)
+    dense = adata.X.toarray()
+    dense[7] = 0
+    x = sp.csr_matrix(dense)  # row 7: nothing stored
+    for r in (9, 300):
+        a, b = x.indptr[r], x.indptr[r + 1]
+        x.data[a:b] = 0  # rows 9 and 300: values stored, all zero
+    adata.X = x
+    data = _write_backed(tmp_path, adata) if backed else adata
+    try:
+        summary = check_counts(data, full=True)
+        np.testing.assert_array_equal(summary.empty, [7, 9, 300])
+        np.testing.assert_array_equal(empty_cells(data, exact=True), [7, 9, 300])
+        if backed:  # indptr alone sees only the row with nothing stored
+            np.testing.assert_array_equal(empty_cells(data), [7])
+        with pytest.raises(ValueError, match=r"3 cell\(s\) have no counts.*'cell7', 'cell9'"):
+            check_counts(data, full=True, forbid_empty=True)
+        summary = check_counts(data, indices=np.arange(10, 300), full=True, forbid_empty=True)
+        assert summary.empty.size == 0
+    finally:
+        if backed:
+            data.file.close()
+
+
+@pytest.mark.parametrize("fmt", ["csr", "dense", "h5csr", "h5dense"])
+def test_iter_values_matches_row_reads_in_bounded_chunks(tmp_path, fmt):
+    from cellfm_sc.data._rows import RowSource
+
+    rng = np.random.default_rng(0)
+    dense = rng.poisson(0.3, size=(700, 50)).astype(np.float32)
+    if fmt == "csr":
+        source = RowSource(sp.csr_matrix(dense))
+    elif fmt == "dense":
+        source = RowSource(dense)
+    else:
+        path = tmp_path / "m.h5ad"
+        ad.AnnData(sp.csr_matrix(dense) if fmt == "h5csr" else dense).write_h5ad(path)
+        source = RowSource(path=str(path), element="X")
+    assert source.kind == fmt
+    for rows in (np.arange(700), np.sort(rng.choice(700, 250, replace=False))):
+        seen = []
+        for chunk, data, indptr in source.iter_values(rows, max_nnz=200):
+            ref = sp.csr_matrix(dense[chunk])
+            ref.eliminate_zeros()
+            np.testing.assert_array_equal(np.asarray(data)[np.asarray(data) != 0], ref.data)
+            assert indptr[0] == 0 and indptr[-1] == len(data) and indptr.size == chunk.size + 1
+            if fmt in ("csr", "h5csr"):
+                assert len(data) <= 200 or chunk.size == 1
+            else:
+                assert chunk.size <= 200 // 50
+            seen.append(chunk)
+        np.testing.assert_array_equal(np.concatenate(seen), rows)
+    source.close()

@@ -212,7 +212,9 @@ def test_backed_dataset_pickles_without_handle_and_reads_layers(tmp_path):
     adata.write_h5ad(path)
     backed = ad.read_h5ad(path, backed="r")
     try:
-        with pytest.raises(ValueError, match="pass layer='counts'"):
+        with pytest.raises(
+            ValueError, match='pass the matrix that holds raw counts: layer="counts"'
+        ):
             next(batches(backed))
         ds = CellDataset(backed, layer="counts", max_tokens=10)
         assert ds.source.path is not None  # read from the file, not from memory

@@ -1,20 +1,29 @@
 """Data path: count checks, CellFM normalisation, token batches, loaders, donor-aware splits.
 
-``AnnData (raw counts; CSR / CSC / dense / backed)`` -> rows of a batch -> cap & normalise
-(:func:`cellfm_normalize`) -> per-cell nonzero tokens, at most ``max_tokens`` drawn by
-``log1p(count)`` weight (:func:`tokenize`) -> padded :class:`TokenBatch`.
+``AnnData (raw counts in X, a layer or raw.X; CSR / CSC / dense / backed)`` -> rows of a batch
+-> cap & normalise (:func:`cellfm_normalize`) -> per-cell nonzero tokens, at most ``max_tokens``
+drawn by ``log1p(count)`` weight (:func:`tokenize`) -> padded :class:`TokenBatch`.
+
+Before a run: :func:`check_counts` (``full=True``: one streaming pass over every cell that will
+be read); :func:`matrix_var_names` + :func:`align_genes` map the columns onto a model's genes.
+Loaders (:func:`make_dataloader`, :func:`batches`) bucket cells by length (``bucket=True``) and
+count every cell once in distributed evaluation (:attr:`TokenBatch.weight`).
 """
 
 from ._obs import obs_column
 from .checks import (
+    CountSummary,
     MissingLayerError,
     check_counts,
+    count_fix_hint,
     empty_cells,
     get_matrix,
+    matrix_var_names,
     row_source,
     validate_count_values,
 )
-from .loader import CellBatchSampler, CellDataset, batches, make_dataloader
+from .genes import GeneAlignment, align_genes
+from .loader import BUCKET_BATCHES, CellBatchSampler, CellDataset, batches, make_dataloader
 from .normalize import NormalizedRows, cellfm_normalize
 from .splits import (
     DataSplit,
@@ -28,21 +37,27 @@ from .splits import (
 from .tokenize import DEFAULT_MAX_TOKENS, TokenBatch, name_keys, tokenize, train_keys
 
 __all__ = [
+    "BUCKET_BATCHES",
     "DEFAULT_MAX_TOKENS",
     "CellBatchSampler",
     "CellDataset",
+    "CountSummary",
     "DataSplit",
+    "GeneAlignment",
     "MissingLayerError",
     "NormalizedRows",
     "TokenBatch",
+    "align_genes",
     "batches",
     "cellfm_normalize",
     "check_counts",
     "check_donors_disjoint",
+    "count_fix_hint",
     "donor_labels",
     "empty_cells",
     "get_matrix",
     "make_dataloader",
+    "matrix_var_names",
     "name_keys",
     "obs_column",
     "row_source",

@@ -3,7 +3,9 @@
 Every expressed gene of a cell (capped count > 0, see :mod:`.normalize`) is a token: the gene id
 of its matrix column and its normalised value. Tokens are in ascending **gene id** order (with
 the default gene-id map, ``column + 1``, that is the order of ``var_names``; with a map, a column
-permutation of the same genes gives the same tokens). A cell with more than ``max_tokens`` expressed genes keeps ``max_tokens`` of them, drawn
+permutation of the same genes gives the same tokens). Columns whose gene id is 0 (genes the model
+does not know) give no token, but their counts stay in the cell's total (:mod:`.genes` explains
+why). A cell with more than ``max_tokens`` expressed genes keeps ``max_tokens`` of them, drawn
 without replacement with probability proportional to ``log1p(capped count)`` by Gumbel top-k.
 
 The Gumbel noise comes from a counter-based generator (splitmix64 over
@@ -154,8 +156,14 @@ class TokenBatch:
         int64 ``(B,)`` label codes, or None.
     total_counts
         float32 ``(B,)``: capped total ``T`` of each cell (over all genes), or None.
+    weight
+        float32 ``(B,)``: weight of each cell in evaluation metrics; 1.0 for real cells, 0.0
+        for the padding copies that even out distributed ranks (an evaluation loader with
+        ``world_size > 1``). Default (None at construction): all ones.
 
-    ``L`` is the longest cell of the batch (at most ``max_tokens``).
+    ``L`` is the longest cell of the batch (at most ``max_tokens``). Weighted metrics
+    (``sum(weight * metric) / sum(weight)``, summed over ranks) count every cell exactly once;
+    select with ``weight > 0`` rather than multiplying when a padding cell's output may be NaN.
     """
 
     values: torch.Tensor
@@ -165,6 +173,11 @@ class TokenBatch:
     obs_index: torch.Tensor
     labels: torch.Tensor | None = None
     total_counts: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight is None:
+            self.weight = torch.ones(self.values.shape[0], dtype=torch.float32)
 
     def __len__(self) -> int:
         return int(self.values.shape[0])
@@ -223,7 +236,9 @@ def tokenize(
     labels
         ``(B,)`` int label codes of these cells, or None.
     gene_id_map
-        int64 ``(n_vars,)``: gene id of each column; default ``column + 1``.
+        int64 ``(n_vars,)``: gene id of each column; default ``column + 1``. A column with id
+        0 (a gene the model does not know, see :func:`~cellfm_sc.data.align_genes`) gives no
+        token but its counts stay in the cell's total ``T``.
 
     Returns
     -------
@@ -239,20 +254,25 @@ def tokenize(
     if obs_index.shape != (n_rows,):
         raise ValueError(f"obs_index has shape {obs_index.shape}, expected ({n_rows},)")
 
+    # totals over every column, also those without a gene id (see the module notes)
     norm = cellfm_normalize(csr.data, csr.indptr)
     keep = norm.counts > 0
-    row, col = norm.row[keep], csr.indices[keep].astype(np.int64)
-    values, counts = norm.values[keep], norm.counts[keep]
-    n_expr = np.bincount(row, minlength=n_rows)
-    if gene_id_map is None:
-        gid = col + 1
-    else:
+    if gene_id_map is not None:
         gene_id_map = np.asarray(gene_id_map, dtype=np.int64)
         if gene_id_map.shape != (csr.shape[1],):
             raise ValueError(
                 f"gene_id_map has shape {gene_id_map.shape}, expected ({csr.shape[1]},) "
                 "(one gene id per matrix column)"
             )
+        if gene_id_map.size and gene_id_map.min() < 0:
+            raise ValueError("gene_id_map holds negative ids (0 = column without a gene id)")
+        keep &= gene_id_map[csr.indices] > 0  # genes the model does not know: no token
+    row, col = norm.row[keep], csr.indices[keep].astype(np.int64)
+    values, counts = norm.values[keep], norm.counts[keep]
+    n_expr = np.bincount(row, minlength=n_rows)
+    if gene_id_map is None:
+        gid = col + 1
+    else:
         gid = gene_id_map[col]
         # tokens in ascending gene-id order, so a column permutation of the same genes
         # gives the same tokens in the same order
