@@ -71,7 +71,7 @@ def test_labels_with_nan_report_the_count():
     adnc = adata.obs["adnc"].copy()
     adnc.iloc[[0, 5, 9]] = np.nan
     adata.obs["adnc"] = adnc
-    with pytest.raises(ValueError, match=r"labels column 'adnc' has 3 missing value"):
+    with pytest.raises(ValueError, match=r"labels_key='adnc': the column has 3 missing value"):
         split_by_donor(adata, "donor", "adnc")
     with pytest.raises(ValueError, match=r"has 3 missing value"):
         split_stratified(adata, "adnc")

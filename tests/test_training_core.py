@@ -40,7 +40,12 @@ def _model(adata, **kw):
 def test_auto_policy_trains_what_the_classification_uses(cells):
     model = _model(cells.copy())
     train = {n for n, p in model.module.named_parameters() if p.requires_grad}
-    for name in ("trunk.gene_emb", "trunk.cls_token", "trunk.value_enc.value_enc.w1.weight", "head."):
+    for name in (
+        "trunk.gene_emb",
+        "trunk.cls_token",
+        "trunk.value_enc.value_enc.w1.weight",
+        "head.",
+    ):
         assert any(n.startswith(name) for n in train), name
     assert any(n.startswith("trunk.encoder.") for n in train)
     for frozen in ("trunk.value_dec.", "trunk.cellwise_dec.", "trunk.zero_emb"):

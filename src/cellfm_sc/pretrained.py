@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from cellfm_sc._constants import EMBEDDING_INITS
 from cellfm_sc.io import read_mindspore_checkpoint
 from cellfm_sc.io.mapping import (
     LoadReport,
@@ -27,8 +28,6 @@ from cellfm_sc.vocab import (
 )
 
 __all__ = ["EMBEDDING_INITS", "PretrainedReport", "load_pretrained_trunk"]
-
-EMBEDDING_INITS = ("random", "transfer")
 
 
 @dataclass

@@ -54,6 +54,14 @@ positive_float = number_type(float, 0, True, "a positive number")
 non_negative_float = number_type(float, 0, False, "a number >= 0")
 
 
+def fraction_type(text: str) -> float:
+    """A number in [0, 1]."""
+    value = non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    return value
+
+
 def lr_type(text: str) -> float | str:
     """``auto`` or a positive number."""
     if str(text).strip() == "auto":
@@ -225,8 +233,8 @@ def in_flags(message: str) -> str:
 
     Examples
     --------
-    >>> in_flags("counts look log-normalised; pass layer='counts'")
-    "counts look log-normalised; pass --layer counts"
+    >>> print(in_flags('counts look log-normalised; pass layer="counts" or use_raw=True'))
+    counts look log-normalised; pass --layer counts or --use-raw
     >>> in_flags("set use_raw=True")
     'set --use-raw'
     """

@@ -48,6 +48,7 @@ FINETUNE_KEYS = (
     "donor_key",
     "label_order",
     "layer",
+    "use_raw",
     "gene_symbols",
     "backed",
     "split_json",
@@ -281,6 +282,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "--layer", default=None, help="adata.layers key holding raw counts (default: X)"
     )
     data.add_argument(
+        "--use-raw",
+        action="store_true",
+        help="raw counts are in adata.raw.X (the CELLxGENE layout; X holds normalised "
+        "values); the genes are adata.raw.var_names",
+    )
+    data.add_argument(
         "--gene-symbols",
         metavar="COLUMN",
         default=None,
@@ -458,18 +465,17 @@ def check_checkpoint(path: str) -> None:
 
 
 def check_resume_file(path: Path) -> None:
-    """Fail early on a resume file that is empty, truncated or not ours."""
-    import torch
+    """Fail early on a resume file that is empty, truncated, corrupt or not ours."""
+    from cellfm_sc.io import CheckpointError, load_torch_file
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for broken files
+        state = load_torch_file(path, what="--resume checkpoint")
+    except CheckpointError as exc:
         raise CLIError(
-            f"--resume: {path} is not a readable checkpoint ({type(exc).__name__}: "
-            f"{message_of(exc)[:200]}); delete it to resume from the epoch before"
+            f"{exc}; delete it to resume from the epoch before, or start without --resume"
         ) from exc
-    if not isinstance(state, dict) or "state_dict" not in state:
-        raise CLIError(f"--resume: {path} is not a cellfm-sc epoch checkpoint")
+    if "state_dict" not in state or "cellfm_history" not in state:
+        raise CLIError(f"--resume: {path} is not an epoch checkpoint of cellfm-sc finetune")
 
 
 def split_from_options(opts: dict[str, Any], adata: Any) -> Any:
@@ -581,6 +587,7 @@ def _run(
         layer=opts.get("layer"),
         gene_symbols=opts.get("gene_symbols"),
         label_order=opts.get("label_order"),
+        use_raw=bool(opts.get("use_raw")),
     )
     if not opts.get("checkpoint"):
         con.info(

@@ -15,6 +15,7 @@ from cellfm_sc.cli._common import (
     drop_scvi_bookkeeping,
     existing_dir,
     existing_file,
+    fraction_type,
     obs_only,
     positive_int,
     quiet_libraries,
@@ -65,6 +66,19 @@ def add_parsers(sub: Any) -> None:
             help="adata.layers key holding raw counts (default: as the model was set up)",
         )
         p.add_argument(
+            "--use-raw",
+            action="store_true",
+            help="read the counts from adata.raw.X (default: as the model was set up)",
+        )
+        p.add_argument(
+            "--min-gene-coverage",
+            metavar="F",
+            type=fraction_type,
+            default=0.5,
+            help="least fraction of the model's genes DATA must hold (query data may hold "
+            "another gene set; missing genes count as not expressed)",
+        )
+        p.add_argument(
             "--device",
             default="auto",
             type=device_type,
@@ -98,12 +112,16 @@ def _load(args: argparse.Namespace, con: Console) -> tuple[Any, Any, Path]:
 
     con.info(f"loading the model from {model_dir}")
     model = CellFMClassifier.load(str(model_dir), adata=adata)
+    if args.layer is not None and args.use_raw:
+        raise CLIError("pass either --layer or --use-raw: the counts are in one of them")
     if args.layer is not None:
         if args.layer not in adata.layers:
             raise CLIError(
                 f"--layer {args.layer!r} not in adata.layers; layers: {list(adata.layers)}"
             )
-        model.layer = args.layer
+        model.layer, model.use_raw = args.layer, False
+    elif args.use_raw:
+        model.layer, model.use_raw = None, True
     return model, adata, output
 
 
@@ -118,6 +136,7 @@ def run_predict(args: argparse.Namespace, con: Console) -> int:
         batch_size=args.batch_size,
         device=args.device,
         enable_progress_bar=not args.quiet,
+        min_gene_coverage=args.min_gene_coverage,
     )
     drop_scvi_bookkeeping(adata)
     if args.backed:  # never copy the counts of a backed file
@@ -143,7 +162,11 @@ def run_embed(args: argparse.Namespace, con: Console) -> int:
 
     model, adata, output = _load(args, con)
     emb = model.get_latent_representation(
-        adata, batch_size=args.batch_size, device=args.device, enable_progress_bar=not args.quiet
+        adata,
+        batch_size=args.batch_size,
+        device=args.device,
+        enable_progress_bar=not args.quiet,
+        min_gene_coverage=args.min_gene_coverage,
     )
     write_h5ad_atomic(obs_only(adata.obs, {"X_cellfm": emb}), output)
     con.result(f"embedded {adata.n_obs:,} cells -> {output}: obsm['X_cellfm'] {emb.shape}")

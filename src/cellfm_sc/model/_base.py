@@ -26,7 +26,13 @@ from scvi.model.base import BaseModelClass
 from cellfm_sc._atomic import atomic_dir
 from cellfm_sc._constants import EMBEDDING_INITS, TRAINABLE_POLICIES
 from cellfm_sc._json import to_plain
-from cellfm_sc.data import DataSplit, batches, check_counts, empty_cells
+from cellfm_sc.data import (
+    DataSplit,
+    align_genes,
+    batches,
+    check_counts,
+    matrix_var_names,
+)
 from cellfm_sc.nn import CellFMConfig, CellFMTrunk, apply_trainable
 from cellfm_sc.nn.trainable import merge_lora
 from cellfm_sc.pretrained import PretrainedReport, load_pretrained_trunk
@@ -228,15 +234,17 @@ class CellFMModel(BaseModelClass):
     # ------------------------------------------------------------------ data access
     def _data_kwargs(self) -> dict[str, Any]:
         """Where the counts are, for the data path."""
-        return {"layer": self.layer}
+        return {"layer": self.layer, "use_raw": self.use_raw}
 
     def _gene_names(self, adata: Any) -> list[str]:
-        return [str(v) for v in adata.var_names]
+        """Genes of the count matrix in use (``adata.raw.var_names`` with ``use_raw``)."""
+        return [str(v) for v in matrix_var_names(adata, use_raw=self.use_raw)]
 
     def _gene_symbols(self, adata: Any) -> list[str] | None:
         if self.gene_symbols_key is None:
             return None
-        return [str(s) for s in adata.var[self.gene_symbols_key]]
+        var = adata.raw.var if self.use_raw else adata.var
+        return [str(s) for s in var[self.gene_symbols_key]]
 
     def _adata_or_default(self, adata: Any | None) -> Any:
         if adata is None:
@@ -245,21 +253,31 @@ class CellFMModel(BaseModelClass):
             return self.adata
         return adata
 
-    def _gene_id_map(self, adata: Any) -> np.ndarray | None:
-        """``None`` when ``adata``'s genes are the vocabulary; a map for a permutation."""
+    def _gene_id_map(
+        self, adata: Any, min_gene_coverage: float = 0.5, *, strict: bool = False
+    ) -> np.ndarray | None:
+        """Map ``adata``'s genes onto the model's vocabulary (``None`` when identical).
+
+        Query data may hold another gene set: genes the model does not know are dropped,
+        the model's genes absent from ``adata`` count as not expressed; a warning gives the
+        coverage, and below ``min_gene_coverage`` it is an error. With ``strict`` (training)
+        the genes must be the model's, in any order.
+        """
         names = self._gene_names(adata)
         if names == list(self.vocab.names):
             return None
-        theirs, ours = set(names), set(self.vocab.names)
-        if theirs != ours:
-            missing = sorted(ours - theirs)
-            extra = sorted(theirs - ours)
+        if strict and set(names) != set(self.vocab.names):
             raise ValueError(
-                f"adata.var_names differ from the model's {self.vocab.n_genes} genes: "
-                f"{len(missing)} missing (e.g. {missing[:5]}), {len(extra)} unknown "
-                f"(e.g. {extra[:5]}); subset or reorder the AnnData to the model's genes"
+                f"adata's {len(names)} genes are not the model's {self.vocab.n_genes} genes; "
+                "training needs the genes the model was built for (query data can be predicted)"
             )
-        return self.vocab.ids(names)
+        alignment = align_genes(
+            self.vocab,
+            names,
+            min_gene_coverage=min_gene_coverage,
+            what="adata.raw.var_names" if self.use_raw else "adata.var_names",
+        )
+        return None if alignment.is_identity else alignment.gene_id_map
 
     @property
     def device(self) -> torch.device:
@@ -361,15 +379,8 @@ class CellFMModel(BaseModelClass):
 
     # ------------------------------------------------------------------ checks
     def _check_cells(self, adata: Any, indices: np.ndarray) -> None:
-        """Every cell that training will read has valid counts and is not empty."""
-        check_counts(adata, self.layer)
-        empty = empty_cells(adata, self.layer, indices)
-        if len(empty):
-            names = [str(adata.obs_names[i]) for i in empty[:5]]
-            raise ValueError(
-                f"{len(empty)} cell(s) have no counts (e.g. {names}); remove them before "
-                "training (a cell without expressed genes has no embedding)"
-            )
+        """Every cell that training will read holds counts and is not empty (one pass)."""
+        check_counts(adata, indices=indices, full=True, forbid_empty=True, **self._data_kwargs())
 
     # ------------------------------------------------------------------ training
     def _fit(
@@ -453,14 +464,17 @@ class CellFMModel(BaseModelClass):
         outputs: dict[str, tuple[int, ...]],
         forward: Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]],
         enable_progress_bar: bool = False,
+        min_gene_coverage: float = 0.5,
     ) -> dict[str, np.ndarray]:
         """Run ``forward(module, batch)`` over cells ``idx``; rows in the order of ``idx``.
 
         ``outputs`` maps each output name to its per-cell shape; arrays are float32
         ``(len(idx), *shape)``, NaN for cells without counts (with a warning). With
-        ``enable_progress_bar`` a bar over the cells is shown on stderr.
+        ``enable_progress_bar`` a bar over the cells is shown on stderr. Every cell's counts
+        are checked first, in one pass, so a bad cell is named before any work.
         """
-        gene_id_map = self._gene_id_map(adata)
+        gene_id_map = self._gene_id_map(adata, min_gene_coverage)
+        check_counts(adata, indices=idx, full=True, **self._data_kwargs())
         dev = self._inference_device(device)
         module = self.module.to(dev).eval()
         arrays = {
@@ -605,7 +619,9 @@ class CellFMModel(BaseModelClass):
             raise FileNotFoundError(f"no saved model at {folder} (not a folder)")
         if not path.is_file():
             raise FileNotFoundError(f"no {MODEL_FILE} in {folder}: not a saved cellfm-sc model")
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        from cellfm_sc.io import load_torch_file
+
+        saved = load_torch_file(path, what="saved model")
         name = saved.get("attr_dict", {}).get("class_name", "CellFMClassifier")
         if name != cls.__name__:
             raise ValueError(f"{folder} holds a {name}, not a {cls.__name__}: use {name}.load")
@@ -678,7 +694,7 @@ class CellFMModel(BaseModelClass):
         model.train_settings_ = attr.get("train_settings_")
         model.split_names_ = attr.get("split_names_")
         if adata is not None:
-            model._gene_id_map(adata)  # raises now when the genes cannot be used
+            model._gene_id_map(adata)  # warns or raises now when the genes cannot be used
             split = model._split_for(adata)
             if split is not None:
                 model.split_ = split

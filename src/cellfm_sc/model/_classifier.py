@@ -322,6 +322,7 @@ class CellFMClassifier(CellFMModel):
         layer: str | None = None,
         gene_symbols: str | None = None,
         label_order: Sequence[str] | None = None,
+        use_raw: bool = False,
         **kwargs: Any,
     ) -> None:
         """Register an AnnData: raw counts, labels (and their order), donors.
@@ -342,9 +343,13 @@ class CellFMClassifier(CellFMModel):
             Layer with the raw counts (default ``.X``).
         gene_symbols
             ``var`` column with gene symbols when ``var_names`` are Ensembl ids (used for
-            the ``"transfer"`` mapping).
+            the ``"transfer"`` mapping; ``raw.var`` with ``use_raw``).
         label_order
             Class order (ordinal stages), e.g. ``["Not AD", "Low", "Intermediate", "High"]``.
+        use_raw
+            Counts in ``adata.raw.X`` (scanpy's keyword; the CELLxGENE layout, where ``X``
+            holds normalised values of a gene subset): the genes are ``adata.raw.var_names``.
+            The matrix is read in place, never copied.
 
         Examples
         --------
@@ -357,12 +362,18 @@ class CellFMClassifier(CellFMModel):
         labels = obs_column(adata, labels_key, keyword="labels_key")
         if donor_key is not None:
             obs_column(adata, donor_key, keyword="donor_key")
-        if gene_symbols is not None and gene_symbols not in adata.var.columns:
-            raise KeyError(
-                f"gene_symbols={gene_symbols!r} is not a column of adata.var; columns are: "
-                f"{list(map(str, adata.var.columns))}"
+        if use_raw and layer is not None:
+            raise ValueError(
+                f"pass either layer={layer!r} or use_raw=True: the counts are in one of them"
             )
-        get_matrix(adata, layer)  # names a missing layer and lists the existing ones
+        get_matrix(adata, layer, use_raw=use_raw)  # names a missing layer / raw
+        var = adata.raw.var if use_raw else adata.var
+        if gene_symbols is not None and gene_symbols not in var.columns:
+            where = "adata.raw.var" if use_raw else "adata.var"
+            raise KeyError(
+                f"gene_symbols={gene_symbols!r} is not a column of {where}; columns are: "
+                f"{list(map(str, var.columns))}"
+            )
         present = sorted(set(labels.astype(str)))
         if label_order is not None:
             if len(set(label_order)) != len(label_order):
@@ -378,9 +389,10 @@ class CellFMClassifier(CellFMModel):
                 f"labels_key={labels_key!r} has a single class ({present}); a classifier "
                 "needs at least two"
             )
-        check_counts(adata, layer)
+        check_counts(adata, layer, use_raw=use_raw)
         fields = [
-            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            # the registry's X field (raw counts are checked by cellfm-sc itself, also in raw)
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=not use_raw),
             CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
         ]
         if donor_key is not None:
@@ -603,7 +615,7 @@ class CellFMClassifier(CellFMModel):
                 f"{type(self).__name__}.setup_anndata(adata, ...) and create the model on it"
             )
         adata = self.adata
-        gene_id_map = self._gene_id_map(adata)
+        gene_id_map = self._gene_id_map(adata, strict=True)
         codes = self._label_codes(adata)
         donors = self._donors(adata)
         split = self._make_split(adata, split, validation_size, test_size)
@@ -706,8 +718,14 @@ class CellFMClassifier(CellFMModel):
                 p.requires_grad_(name in trained_before)
 
     def _check_resume_file(self, path: str | os.PathLike[str]) -> None:
+        """Refuse a missing, empty, truncated or corrupt resume file before any work."""
+        from cellfm_sc.io import CheckpointError, load_torch_file
+
         if not os.path.isfile(path):
             raise FileNotFoundError(f"resume_from={os.fspath(path)!r} does not exist")
+        state = load_torch_file(path, what="resume checkpoint")
+        if "state_dict" not in state or "cellfm_history" not in state:
+            raise CheckpointError("not an epoch checkpoint of cellfm-sc's training", path)
 
     # ----------------------------------------------------------------- inference
     def _infer(
@@ -717,6 +735,7 @@ class CellFMClassifier(CellFMModel):
         batch_size: int,
         device: str | torch.device | None = None,
         enable_progress_bar: bool = False,
+        min_gene_coverage: float = 0.5,
     ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
         """``(adata, idx, probabilities (n, K), embeddings (n, D))``; NaN rows for cells
         without counts."""
@@ -730,6 +749,7 @@ class CellFMClassifier(CellFMModel):
             {"probs": (len(self.classes_),), "emb": (self.module.trunk.config.enc_dims,)},
             _probs_and_embedding,
             enable_progress_bar,
+            min_gene_coverage,
         )
         return adata, idx, out["probs"], out["emb"]
 
@@ -741,6 +761,7 @@ class CellFMClassifier(CellFMModel):
         batch_size: int = 64,
         device: str | torch.device | None = None,
         enable_progress_bar: bool = False,
+        min_gene_coverage: float = 0.5,
     ) -> np.ndarray | pd.DataFrame:
         """Predicted labels ``(n,)``, or with ``soft=True`` a DataFrame of class probabilities.
 
@@ -762,8 +783,12 @@ class CellFMClassifier(CellFMModel):
         batch_size: int = 64,
         device: str | torch.device | None = None,
         enable_progress_bar: bool = False,
+        min_gene_coverage: float = 0.5,
     ) -> np.ndarray:
-        """Cell embeddings (the cls token), float32 ``(n_cells, D)``."""
+        """Cell embeddings (the cls token), float32 ``(n_cells, D)``.
+
+        Query data with another gene set work as in :meth:`predict`.
+        """
         adata = self._adata_or_default(adata)
         idx = self._indices(adata, indices)
         return self._forward_cells(
@@ -784,6 +809,7 @@ class CellFMClassifier(CellFMModel):
         batch_size: int = 64,
         device: str | torch.device | None = None,
         enable_progress_bar: bool = False,
+        min_gene_coverage: float = 0.5,
     ) -> None:
         """Write predictions and the embedding into the AnnData (all cells).
 
@@ -794,7 +820,9 @@ class CellFMClassifier(CellFMModel):
         ``(n, D)``. Works on ``backed="r"`` AnnData without loading ``X``; the labels column
         is never read.
         """
-        adata, _, probs, emb = self._infer(adata, None, batch_size, device, enable_progress_bar)
+        adata, _, probs, emb = self._infer(
+            adata, None, batch_size, device, enable_progress_bar, min_gene_coverage
+        )
         empty = np.isnan(probs[:, 0])
         codes = np.where(empty, -1, np.nan_to_num(probs).argmax(1))
         adata.obs[f"{key_added}_prediction"] = pd.Categorical.from_codes(
@@ -829,6 +857,7 @@ class CellFMClassifier(CellFMModel):
         donor_method: str = "mean_probability",
         device: str | torch.device | None = None,
         enable_progress_bar: bool = False,
+        min_gene_coverage: float = 0.5,
     ):
         """Cell- and donor-level metrics on held-out cells.
 
@@ -859,7 +888,7 @@ class CellFMClassifier(CellFMModel):
 
         adata = self._adata_or_default(adata)
         adata, idx, probs, emb = self._infer(
-            adata, indices, batch_size, device, enable_progress_bar
+            adata, indices, batch_size, device, enable_progress_bar, min_gene_coverage
         )
         codes = self._label_codes(adata, strict=False)[idx]
         known = (codes >= 0) & ~np.isnan(probs[:, 0])

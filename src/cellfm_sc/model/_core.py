@@ -670,7 +670,7 @@ def fit(
     enable_progress_bar
         Show the progress bar (stderr).
     **trainer_kwargs
-        Passed to :class:`lightning.pytorch.Trainer`.
+        Passed to :class:`lightning.pytorch.Trainer` (``callbacks`` are added to ours).
     """
     from lightning.pytorch.callbacks import EarlyStopping
 
@@ -679,7 +679,7 @@ def fit(
     if str(precision) not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     best = BestStateCallback(monitor=monitor, mode=mode)
-    callbacks: list[Any] = [best]
+    callbacks: list[Any] = [best, *trainer_kwargs.pop("callbacks", [])]
     if enable_progress_bar:
         callbacks.append(ProgressBar())
     if early_stopping and has_validation:
