@@ -1,7 +1,9 @@
 """Layering: ``cellfm_sc.nn`` imports nothing of ours (DESIGN.md section 3).
 
-The one exception is the façade ``CellFMTrunk.from_mindspore``, which imports
-``cellfm_sc.io.mapping`` when called (see its docstring for why). Every other import of a
+The exceptions: the façade ``CellFMTrunk.from_mindspore``, which imports
+``cellfm_sc.io.mapping`` when called (see its docstring for why), and
+``cellfm_sc._constants``, the package's leaf of shared choice lists (it imports nothing), which
+sits below every layer. Every other import of a
 ``cellfm_sc`` module outside ``cellfm_sc.nn`` -- at module level, inside a function, under
 ``TYPE_CHECKING``, relative, or through ``importlib`` -- fails this test.
 """
@@ -28,9 +30,15 @@ def _resolve(node: ast.ImportFrom, package: str) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
+#: leaf modules below every layer (they import nothing of ours)
+LEAVES = ("cellfm_sc._constants",)
+
+
 def _is_ours_outside_nn(target: str) -> bool:
-    return (target == "cellfm_sc" or target.startswith("cellfm_sc.")) and not (
-        target == "cellfm_sc.nn" or target.startswith("cellfm_sc.nn.")
+    return (
+        (target == "cellfm_sc" or target.startswith("cellfm_sc."))
+        and not (target == "cellfm_sc.nn" or target.startswith("cellfm_sc.nn."))
+        and target not in LEAVES
     )
 
 
@@ -117,4 +125,4 @@ def test_importing_and_running_nn_loads_no_other_layer():
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
-    assert out.stdout.strip() == "['cellfm_sc']"
+    assert out.stdout.strip() == "['cellfm_sc', 'cellfm_sc._constants']"
