@@ -543,38 +543,16 @@ def finetune(
             obs_column(adata, opts[key], keyword=keyword, allow_missing=True)
     split = split_from_options(opts, adata)
 
+    model = build_model(opts, con, adata)
     run_dir = RunDirectory(out)
     with run_dir.transaction(sys.argv[1:]):
-        return _run(opts, con, adata, split, run_dir, resume_from, started, demo)
+        return _run(opts, con, model, adata, split, run_dir, resume_from, started, demo)
 
 
-def _run(
-    opts: dict[str, Any],
-    con: Console,
-    adata: Any,
-    split: Any,
-    run_dir: RunDirectory,
-    resume_from: Path | None,
-    started: float,
-    demo: bool,
-) -> dict[str, Any]:
-    import torch
-
-    from cellfm_sc._atomic import atomic_path, write_h5ad_atomic, write_json_atomic
+def build_model(opts: dict[str, Any], con: Console, adata: Any) -> Any:
+    """Set the data up and build the model: every data and model error comes before any
+    file is written."""
     from cellfm_sc.model import CellFMClassifier
-    from cellfm_sc.report import write_report
-
-    work, out = run_dir.work, run_dir.out
-    resolved = {k: opts.get(k) for k in FINETUNE_KEYS if k in opts}
-    resolved.update(
-        {
-            "command": "demo" if demo else "finetune",
-            "config": opts.get("config"),
-            "cellfm_sc_version": __version__,
-            "resume_from": str(resume_from) if resume_from else None,
-        }
-    )
-    write_json_atomic(work / "config_resolved.json", resolved)
 
     con.info(
         f"data: {adata.n_obs:,} cells x {adata.n_vars:,} genes; labels obs[{opts['labels_key']!r}]"
@@ -607,6 +585,36 @@ def _run(
         hgnc_table=opts.get("hgnc_table"),
     )
     con.info(str(model.summary))
+    return model
+
+
+def _run(
+    opts: dict[str, Any],
+    con: Console,
+    model: Any,
+    adata: Any,
+    split: Any,
+    run_dir: RunDirectory,
+    resume_from: Path | None,
+    started: float,
+    demo: bool,
+) -> dict[str, Any]:
+    import torch
+
+    from cellfm_sc._atomic import atomic_path, write_h5ad_atomic, write_json_atomic
+    from cellfm_sc.report import write_report
+
+    work, out = run_dir.work, run_dir.out
+    resolved = {k: opts.get(k) for k in FINETUNE_KEYS if k in opts}
+    resolved.update(
+        {
+            "command": "demo" if demo else "finetune",
+            "config": opts.get("config"),
+            "cellfm_sc_version": __version__,
+            "resume_from": str(resume_from) if resume_from else None,
+        }
+    )
+    write_json_atomic(work / "config_resolved.json", resolved)
 
     patience = opts.get("patience", 3)
     early = {"auto": "auto", "on": True, "off": False}[opts.get("early_stopping", "auto")]

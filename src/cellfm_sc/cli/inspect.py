@@ -133,9 +133,16 @@ def run(args: argparse.Namespace, con: Console) -> int:
         "skipped": list(skipped),
         "skipped_mb": _mb(skipped_bytes),
     }
+    from cellfm_sc.io.mapping import check_state_values
+
+    try:  # the values a load would refuse (non-finite, or beyond max_abs)
+        check_state_values(model, source=path)
+        facts["values_problem"] = None
+    except CheckpointError as exc:
+        facts["values_problem"] = str(exc)
     if args.json:
         con.result(json.dumps(facts, indent=2))
-        return 0
+        return _verdict(facts)
 
     c = facts["config"]
     heads_txt = (
@@ -178,4 +185,11 @@ def run(args: argparse.Namespace, con: Console) -> int:
         )
     else:
         con.result("a load would skip 0 entries (no optimizer state or bookkeeping)")
+    return _verdict(facts)
+
+
+def _verdict(facts: dict[str, Any]) -> int:
+    """0 for a sound file; a data error (exit 2) when a load would refuse its values."""
+    if facts["values_problem"]:
+        raise CLIError(f"a load refuses this checkpoint: {facts['values_problem']}")
     return 0

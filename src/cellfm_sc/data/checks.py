@@ -430,7 +430,8 @@ def check_counts(
     MissingLayerError
         The layer does not exist, or ``adata.raw`` is None with ``use_raw``.
     ValueError
-        ``layer`` together with ``use_raw``. One error naming the matrix, the first offending cell(s) by obs name, the problem
+        ``layer`` together with ``use_raw``; a matrix with 0 cells or 0 genes. One error
+        naming the matrix, the first offending cell(s) by obs name, the problem
         (NaN, inf, negative, fractional / log-normalised values, or cells without counts with
         ``forbid_empty``) and the fix as keyword arguments (``layer="counts"``).
 
@@ -441,6 +442,11 @@ def check_counts(
     CountSummary(n_cells=120000, n_values=180000000, full=True, empty=array([], dtype=int64))
     """
     source = row_source(adata, layer, use_raw=use_raw)
+    if source.n_obs == 0 or source.n_vars == 0:
+        raise ValueError(
+            f"{layer_label(layer, use_raw)} has {source.n_obs} cells x {source.n_vars} genes: there is nothing to "
+            "train on or predict; check the file (an empty subset?)"
+        )
     namer = _obs_namer(adata)
     fix = count_fix_hint(adata, layer, use_raw)
     pool = None if indices is None else np.sort(np.asarray(indices, dtype=np.int64))

@@ -22,7 +22,6 @@ from cellfm_sc.data import (
     check_counts,
     check_donors_disjoint,
     donor_labels,
-    get_matrix,
     obs_column,
     split_by_donor,
     split_stratified,
@@ -359,14 +358,14 @@ class CellFMClassifier(CellFMModel):
         if label_order is not None:
             label_order = [str(c) for c in label_order]
         setup_method_args = cls._get_setup_method_args(**locals())
-        labels = obs_column(adata, labels_key, keyword="labels_key")
-        if donor_key is not None:
-            obs_column(adata, donor_key, keyword="donor_key")
         if use_raw and layer is not None:
             raise ValueError(
                 f"pass either layer={layer!r} or use_raw=True: the counts are in one of them"
             )
-        get_matrix(adata, layer, use_raw=use_raw)  # names a missing layer / raw
+        check_counts(adata, layer, use_raw=use_raw)  # also names an empty matrix or a bad layer
+        labels = obs_column(adata, labels_key, keyword="labels_key")
+        if donor_key is not None:
+            obs_column(adata, donor_key, keyword="donor_key")
         var = adata.raw.var if use_raw else adata.var
         if gene_symbols is not None and gene_symbols not in var.columns:
             where = "adata.raw.var" if use_raw else "adata.var"
@@ -389,7 +388,6 @@ class CellFMClassifier(CellFMModel):
                 f"labels_key={labels_key!r} has a single class ({present}); a classifier "
                 "needs at least two"
             )
-        check_counts(adata, layer, use_raw=use_raw)
         fields = [
             # the registry's X field (raw counts are checked by cellfm-sc itself, also in raw)
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=not use_raw),
