@@ -16,7 +16,7 @@ from cellfm_sc.cli._common import (
     existing_dir,
     existing_file,
     fraction_type,
-    obs_only,
+    non_negative_int,
     positive_int,
     quiet_libraries,
     read_h5ad,
@@ -50,7 +50,14 @@ def add_parsers(sub: Any) -> None:
             "model_dir", metavar="MODEL_DIR", help="a saved model (OUT/model of finetune)"
         )
         p.add_argument("data", metavar="DATA.h5ad", help="input AnnData (.h5ad)")
-        p.add_argument("--output", "-o", metavar="OUT.h5ad", required=True, help="output file")
+        p.add_argument(
+            "--output",
+            "-o",
+            metavar="OUT",
+            required=True,
+            help="output file: OUT.h5ad, or an OUT.zarr folder"
+            + (" (with --backed)" if name == "predict" else ""),
+        )
         p.add_argument(
             "--batch-size", metavar="N", type=positive_int, default=64, help="cells per batch"
         )
@@ -85,6 +92,19 @@ def add_parsers(sub: Any) -> None:
             help="torch device: auto (a GPU when there is one), cpu, cuda, cuda:1, mps",
         )
         p.add_argument(
+            "--dtype",
+            choices=("float32", "float16"),
+            default="float32",
+            help="storage type of the embedding written to the output (float16 halves it)",
+        )
+        p.add_argument(
+            "--num-workers",
+            metavar="N",
+            type=non_negative_int,
+            default=0,
+            help="data-loader worker processes reading and tokenising ahead of the model",
+        )
+        p.add_argument(
             "--backed",
             action="store_true",
             help="read DATA.h5ad backed (the count matrix stays on disk); the output then "
@@ -98,8 +118,9 @@ def _load(args: argparse.Namespace, con: Console) -> tuple[Any, Any, Path]:
     model_dir = existing_dir(args.model_dir, "model directory")
     data = existing_file(args.data, "data file")
     output = writable_parent(args.output, "--output")
-    if output.suffix != ".h5ad":
-        raise CLIError(f"--output must end in .h5ad, got {output}")
+    streamed = args.command == "embed" or args.backed
+    if output.suffix not in ((".h5ad", ".zarr") if streamed else (".h5ad",)):
+        raise CLIError(f"--output must end in .h5ad{' or .zarr' if streamed else ''}, got {output}")
     if not (model_dir / "model.pt").is_file():
         raise CLIError(
             f"{model_dir} is not a saved cellfm-sc model (no model.pt); pass OUT/model of "
@@ -125,27 +146,35 @@ def _load(args: argparse.Namespace, con: Console) -> tuple[Any, Any, Path]:
     return model, adata, output
 
 
+def _clean_obs(adata: Any) -> Any:
+    return adata.obs.drop(columns=[c for c in adata.obs.columns if str(c).startswith("_scvi")])
+
+
 def run_predict(args: argparse.Namespace, con: Console) -> int:
     from cellfm_sc._atomic import write_h5ad_atomic
+    from cellfm_sc._stores import output_store
 
     model, adata, output = _load(args, con)
     k = args.key_added
-    model.annotate(
-        adata,
+    kwargs = dict(
         key_added=k,
         batch_size=args.batch_size,
         device=args.device,
         enable_progress_bar=not args.quiet,
         min_gene_coverage=args.min_gene_coverage,
     )
-    drop_scvi_bookkeeping(adata)
-    if args.backed:  # never copy the counts of a backed file
-        keys = (f"{k}_probabilities", f"X_{k}")
-        write_h5ad_atomic(
-            obs_only(adata.obs, {key: adata.obsm[key] for key in keys}, {k: adata.uns[k]}),
-            output,
-        )
+    if args.backed:  # never copy the counts of a backed file; stream the embedding
+        with output_store(output, _clean_obs(adata)) as store:
+            width = model.module.trunk.config.enc_dims
+            model.annotate(adata, embedding_out=store.dense(f"X_{k}", width, args.dtype), **kwargs)
+            store.write("obs", _clean_obs(adata))
+            store.write(f"obsm/{k}_probabilities", adata.obsm[f"{k}_probabilities"])
+            store.write("uns", {k: adata.uns[k]})
     else:
+        model.annotate(adata, **kwargs)
+        drop_scvi_bookkeeping(adata)
+        if args.dtype == "float16":
+            adata.obsm[f"X_{k}"] = adata.obsm[f"X_{k}"].astype("float16")
         write_h5ad_atomic(adata, output)
     counts = adata.obs[f"{k}_prediction"].value_counts()
     con.result(f"annotated {adata.n_obs:,} cells -> {output}")
@@ -158,16 +187,22 @@ def run_predict(args: argparse.Namespace, con: Console) -> int:
 
 
 def run_embed(args: argparse.Namespace, con: Console) -> int:
-    from cellfm_sc._atomic import write_h5ad_atomic
+    from cellfm_sc._stores import output_store
 
     model, adata, output = _load(args, con)
-    emb = model.get_latent_representation(
-        adata,
-        batch_size=args.batch_size,
-        device=args.device,
-        enable_progress_bar=not args.quiet,
-        min_gene_coverage=args.min_gene_coverage,
+    width = model.module.trunk.config.enc_dims
+    with output_store(output, _clean_obs(adata)) as store:
+        model.get_latent_representation(
+            adata,
+            batch_size=args.batch_size,
+            device=args.device,
+            enable_progress_bar=not args.quiet,
+            min_gene_coverage=args.min_gene_coverage,
+            out=store.dense("X_cellfm", width, args.dtype),
+            num_workers=args.num_workers,
+        )
+    con.result(
+        f"embedded {adata.n_obs:,} cells -> {output}: obsm['X_cellfm'] ({adata.n_obs}, {width}) "
+        f"{args.dtype}"
     )
-    write_h5ad_atomic(obs_only(adata.obs, {"X_cellfm": emb}), output)
-    con.result(f"embedded {adata.n_obs:,} cells -> {output}: obsm['X_cellfm'] {emb.shape}")
     return 0

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,7 +29,6 @@ from cellfm_sc._json import to_plain
 from cellfm_sc.data import (
     DataSplit,
     align_genes,
-    batches,
     check_counts,
     matrix_var_names,
 )
@@ -434,23 +433,30 @@ class CellFMModel(BaseModelClass):
         return self.best_epoch_
 
     # ------------------------------------------------------------------ inference
-    def _batches(
+    def _loader(
         self,
         adata: Any,
         idx: np.ndarray,
         batch_size: int,
         gene_id_map: np.ndarray | None,
-    ) -> Iterator[Any]:
-        yield from batches(
+        num_workers: int = 0,
+    ) -> Any:
+        """Evaluation batches over ``idx``, bucketed by length (each cell once)."""
+        from cellfm_sc.data import make_dataloader
+
+        return make_dataloader(
             adata,
-            batch_size=batch_size,
+            idx,
+            batch_size,
             max_tokens=self.max_tokens,
             train=False,
             shuffle=False,
             seed=self.seed,
-            indices=idx,
             gene_id_map=gene_id_map,
             bucket=True,
+            num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(),
+            check=False,  # checked once, in full, by the caller
             **self._data_kwargs(),
         )
 
@@ -465,21 +471,37 @@ class CellFMModel(BaseModelClass):
         forward: Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]],
         enable_progress_bar: bool = False,
         min_gene_coverage: float = 0.5,
-    ) -> dict[str, np.ndarray]:
+        sinks: dict[str, Any] | None = None,
+        num_workers: int = 0,
+    ) -> dict[str, Any]:
         """Run ``forward(module, batch)`` over cells ``idx``; rows in the order of ``idx``.
 
-        ``outputs`` maps each output name to its per-cell shape; arrays are float32
-        ``(len(idx), *shape)``, NaN for cells without counts (with a warning). With
-        ``enable_progress_bar`` a bar over the cells is shown on stderr. Every cell's counts
-        are checked first, in one pass, so a bad cell is named before any work.
+        ``outputs`` maps each output name to its per-cell shape. By default each output is a
+        float32 array ``(len(idx), *shape)``; a ``sinks`` entry instead receives the rows as
+        they are computed (any array-like that takes ``sink[sorted_rows] = values``: a numpy
+        array or memmap, an h5py or zarr dataset), so no ``(n, D)`` array is ever held.
+        Cells without counts get NaN rows (with a warning). Every cell's counts are checked
+        first, in one pass, so a bad cell is named before any work. ``num_workers`` loader
+        processes read and tokenise ahead of the model; ``enable_progress_bar`` shows a bar
+        over the cells on stderr.
         """
+        sinks = dict(sinks or {})
         gene_id_map = self._gene_id_map(adata, min_gene_coverage)
-        check_counts(adata, indices=idx, full=True, **self._data_kwargs())
+        summary = check_counts(adata, indices=idx, full=True, **self._data_kwargs())
         dev = self._inference_device(device)
         module = self.module.to(dev).eval()
-        arrays = {
-            k: np.full((len(idx), *shape), np.nan, np.float32) for k, shape in outputs.items()
-        }
+        arrays: dict[str, Any] = {}
+        for key, shape in outputs.items():
+            if key in sinks:
+                want = (len(idx), *shape)
+                if tuple(sinks[key].shape) != want:
+                    raise ValueError(
+                        f"the output for {key!r} has shape {tuple(sinks[key].shape)}, "
+                        f"expected {want}"
+                    )
+                arrays[key] = sinks[key]
+            else:
+                arrays[key] = np.full((len(idx), *shape), np.nan, np.float32)
         order = np.argsort(idx, kind="stable")
         sorted_idx = idx[order]
         use_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -487,11 +509,13 @@ class CellFMModel(BaseModelClass):
             torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         )
         bar = _progress(len(idx), enable_progress_bar)
-        for batch in self._batches(adata, idx, batch_size, gene_id_map):
+        empty_rows: list[np.ndarray] = []
+        for batch in self._loader(adata, idx, batch_size, gene_id_map, num_workers):
             bar.update(len(batch))
             ok = (batch.n_tokens > 0).numpy()
             rows = order[np.searchsorted(sorted_idx, batch.obs_index.numpy())]
             if not ok.all():
+                empty_rows.append(rows[~ok])
                 rows = rows[ok]
                 if len(rows) == 0:
                     continue
@@ -499,18 +523,26 @@ class CellFMModel(BaseModelClass):
             batch = batch.to(dev, non_blocking=True)
             with autocast:
                 result = forward(module, batch)
+            rank = np.argsort(rows)  # increasing rows: what h5py and zarr accept
             for key, value in result.items():
-                arrays[key][rows] = value.float().cpu().numpy()
+                target = arrays[key]
+                values = value.float().cpu().numpy()[rank]
+                target[rows[rank]] = values.astype(getattr(target, "dtype", np.float32))
         bar.close()
-        first = next(iter(arrays.values()), None)
-        if first is not None:
-            n_empty = int(np.isnan(first.reshape(len(idx), -1)[:, 0]).sum()) if len(idx) else 0
-            if n_empty:
-                warnings.warn(
-                    f"{n_empty} cell(s) have no counts: their outputs are NaN",
-                    UserWarning,
-                    stacklevel=3,
-                )
+        if empty_rows:
+            rows = np.sort(np.concatenate(empty_rows))
+            for key, target in arrays.items():
+                if key in sinks:  # a sink may hold anything where nothing was written
+                    for start in range(0, len(rows), 4096):
+                        part = rows[start : start + 4096]
+                        target[part] = np.full((len(part), *outputs[key]), np.nan)
+        n_empty = len(summary.empty) if summary.empty is not None else 0
+        if n_empty:
+            warnings.warn(
+                f"{n_empty} cell(s) have no counts: their outputs are NaN",
+                UserWarning,
+                stacklevel=3,
+            )
         return arrays
 
     # ------------------------------------------------------------------ save / load

@@ -734,9 +734,10 @@ class CellFMClassifier(CellFMModel):
         device: str | torch.device | None = None,
         enable_progress_bar: bool = False,
         min_gene_coverage: float = 0.5,
-    ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+        embedding_out: Any = None,
+    ) -> tuple[Any, np.ndarray, np.ndarray, Any]:
         """``(adata, idx, probabilities (n, K), embeddings (n, D))``; NaN rows for cells
-        without counts."""
+        without counts. The embeddings go to ``embedding_out`` when given (streamed)."""
         adata = self._adata_or_default(adata)
         idx = self._indices(adata, indices)
         out = self._forward_cells(
@@ -748,6 +749,7 @@ class CellFMClassifier(CellFMModel):
             _probs_and_embedding,
             enable_progress_bar,
             min_gene_coverage,
+            sinks=None if embedding_out is None else {"emb": embedding_out},
         )
         return adata, idx, out["probs"], out["emb"]
 
@@ -782,10 +784,16 @@ class CellFMClassifier(CellFMModel):
         device: str | torch.device | None = None,
         enable_progress_bar: bool = False,
         min_gene_coverage: float = 0.5,
-    ) -> np.ndarray:
+        out: Any = None,
+        num_workers: int = 0,
+    ) -> Any:
         """Cell embeddings (the cls token), float32 ``(n_cells, D)``.
 
-        Query data with another gene set work as in :meth:`predict`.
+        Query data with another gene set work as in :meth:`predict`. For atlases, pass
+        ``out``: an array-like ``(n_cells, D)`` (an h5py or zarr dataset, a numpy memmap, in
+        float32 or float16) that the rows are written into as they are computed, so memory
+        does not grow with the number of cells; ``out`` is returned. ``num_workers`` loader
+        processes read and tokenise ahead of the model.
         """
         adata = self._adata_or_default(adata)
         idx = self._indices(adata, indices)
@@ -795,9 +803,11 @@ class CellFMClassifier(CellFMModel):
             batch_size,
             device,
             {"emb": (self.module.trunk.config.enc_dims,)},
-            lambda module, batch: {
-                "emb": module.trunk(batch.values, batch.gene_ids, batch.valid).cls
-            },
+            _embedding,
+            enable_progress_bar,
+            min_gene_coverage,
+            sinks=None if out is None else {"emb": out},
+            num_workers=num_workers,
         )["emb"]
 
     def annotate(
@@ -808,6 +818,7 @@ class CellFMClassifier(CellFMModel):
         device: str | torch.device | None = None,
         enable_progress_bar: bool = False,
         min_gene_coverage: float = 0.5,
+        embedding_out: Any = None,
     ) -> None:
         """Write predictions and the embedding into the AnnData (all cells).
 
@@ -816,10 +827,12 @@ class CellFMClassifier(CellFMModel):
         ``validation`` / ``test`` / ``none``, matched by obs name), ``obsm[f"{key_added}_probabilities"]``
         ``(n, K)`` (columns in ``uns[key_added]["classes"]``) and ``obsm[f"X_{key_added}"]``
         ``(n, D)``. Works on ``backed="r"`` AnnData without loading ``X``; the labels column
-        is never read.
+        is never read. With ``embedding_out`` (an array-like ``(n, D)``, e.g. an h5py or
+        zarr dataset) the embedding is streamed there instead of ``obsm``, so memory does
+        not grow with ``n`` times ``D``.
         """
         adata, _, probs, emb = self._infer(
-            adata, None, batch_size, device, enable_progress_bar, min_gene_coverage
+            adata, None, batch_size, device, enable_progress_bar, min_gene_coverage, embedding_out
         )
         empty = np.isnan(probs[:, 0])
         codes = np.where(empty, -1, np.nan_to_num(probs).argmax(1))
@@ -832,7 +845,8 @@ class CellFMClassifier(CellFMModel):
             self.split_labels(adata), categories=["train", "validation", "test", "none"]
         )
         adata.obsm[f"{key_added}_probabilities"] = probs
-        adata.obsm[f"X_{key_added}"] = emb
+        if embedding_out is None:
+            adata.obsm[f"X_{key_added}"] = emb
         adata.uns[key_added] = {
             "classes": list(self.classes_),
             "ordinal": bool(self.ordinal_),
