@@ -66,19 +66,21 @@ def write_h5ad(path: Path, n_cells: int, nnz: int, seed: int = 0, chunk: int = 2
             ad.io.write_elem(f, name, {})
 
 
+def status_mb(field: str) -> float:
+    """A memory figure of this process from ``/proc/self/status`` (``VmRSS``, ``VmHWM``), MiB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def run_epoch(path: str) -> None:
     """Child process: one training epoch over the backed file; prints a JSON line."""
     import anndata as ad
     import torch  # noqa: F401  (imported before the baseline so it is not counted as data path)
 
     from cellfm_sc.data import make_dataloader
-
-    def status_mb(field: str) -> float:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
 
     base = status_mb("VmRSS")
     t = time.perf_counter()

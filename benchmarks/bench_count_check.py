@@ -26,15 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_backed_memory import write_h5ad  # the one synthetic writer
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from bench_backed_memory import status_mb, write_h5ad  # the one synthetic writer
 
 
 def drop_cache(path: str) -> None:
@@ -53,9 +45,9 @@ def run(path: str, cold: bool) -> None:
 
     from cellfm_sc.data import check_counts
 
-    base = _status_mb("VmRSS")
+    base = status_mb("VmRSS")
     adata = ad.read_h5ad(path, backed="r")
-    opened = _status_mb("VmRSS")
+    opened = status_mb("VmRSS")
     t = time.perf_counter()
     check_counts(adata)
     t_sample = time.perf_counter() - t
@@ -74,7 +66,7 @@ def run(path: str, cold: bool) -> None:
                 "sample_s": t_sample,
                 "rss_after_imports_mb": base,
                 "rss_after_open_mb": opened,
-                "peak_rss_mb": _status_mb("VmHWM"),
+                "peak_rss_mb": status_mb("VmHWM"),
             }
         )
     )

@@ -37,10 +37,8 @@ import numpy as np, anndata as ad, torch
 torch.set_num_threads(2)
 from cellfm_sc import CellFMClassifier
 mode, model_dir, data, out = sys.argv[1:5]
-def mb(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
+sys.path.insert(0, sys.argv[5])
+from bench_backed_memory import status_mb as mb
 adata = ad.read_h5ad(data, backed="r")
 model = CellFMClassifier.load(model_dir, adata)
 base = mb("VmRSS")
@@ -103,7 +101,16 @@ def main() -> None:
         for mode in ("streamed", "in-memory"):
             out = work / f"emb_{mode}_{n}.h5ad"
             proc = subprocess.run(
-                [sys.executable, "-c", CHILD, mode, str(model), str(data), str(out)],
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD,
+                    mode,
+                    str(model),
+                    str(data),
+                    str(out),
+                    str(Path(__file__).resolve().parent),
+                ],
                 capture_output=True,
                 text=True,
                 check=True,
