@@ -54,6 +54,7 @@ from cellfm_sc.cli._common import (
     Parser,
     data_errors,
     message_of,
+    warnings_as_lines,
 )
 from cellfm_sc.cli._config import apply_config
 
@@ -117,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     con = Console(quiet=getattr(args, "quiet", False))
+    warnings_as_lines()
     debug = getattr(args, "debug", False)
     handler: Callable[[argparse.Namespace, Console], int] = args.handler
     try:

@@ -298,6 +298,27 @@ class Console:
         print(message, flush=True)
 
 
+def warnings_as_lines() -> None:
+    """Show each distinct warning once, as one ``cellfm-sc: warning: ...`` line on stderr
+    (no source line, no Python file path)."""
+    import warnings
+
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = (
+            message_of(message)
+            if isinstance(message, BaseException)
+            else in_flags(one_line(message))
+        )
+        if text in seen:
+            return
+        seen.add(text)
+        print(f"{PROG}: warning: {text}", file=sys.stderr, flush=True)
+
+    warnings.showwarning = show
+
+
 def quiet_libraries(quiet: bool) -> None:
     """Silence what a command-line user cannot act on; under ``--quiet`` all info chatter.
 
@@ -315,6 +336,8 @@ def quiet_libraries(quiet: bool) -> None:
         ".*litlogger.*",
         ".*sync_dist=True.*",
         ".*no checkpoint given.*",  # the command line says it in its own words
+        ".*smaller than the logging interval.*",
+        ".*GPU available but not used.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
     import lightning.pytorch  # noqa: F401

@@ -184,7 +184,11 @@ def align_genes(
             f"gene(s) are unknown to the model, e.g. {_examples(alignment.unknown_genes)}; "
             f"model genes missing, e.g. {_examples(alignment.missing_genes)}. Check that both "
             "use the same identifiers (gene symbols vs Ensembl ids, species, case)"
-            + (", or lower min_gene_coverage" if alignment.n_found else "")
+            + (
+                f", or accept it: min_gene_coverage={np.floor(alignment.coverage * 100) / 100:g}"
+                if alignment.n_found
+                else ""
+            )
         )
     if alignment.coverage < 1.0:
         warnings.warn(alignment.describe(), UserWarning, stacklevel=2)

@@ -725,8 +725,7 @@ class CellFMModel(BaseModelClass):
         model.best_score_ = attr.get("best_score_")
         model.train_settings_ = attr.get("train_settings_")
         model.split_names_ = attr.get("split_names_")
-        if adata is not None:
-            model._gene_id_map(adata)  # warns or raises now when the genes cannot be used
+        if adata is not None:  # genes are aligned (and coverage checked) when cells are read
             split = model._split_for(adata)
             if split is not None:
                 model.split_ = split

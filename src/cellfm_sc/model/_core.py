@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -726,12 +727,15 @@ def fit(
         )
         plan.module.train()  # Lightning keeps the module's mode
         try:
-            trainer.fit(
-                plan,
-                datamodule=datamodule,
-                ckpt_path=os.fspath(resume_from) if resume_from else None,
-                weights_only=True,  # our checkpoints hold tensors and plain Python only
-            )
+            with warnings.catch_warnings():
+                # our epoch metrics are logged once per epoch, whatever the logging interval
+                warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+                trainer.fit(
+                    plan,
+                    datamodule=datamodule,
+                    ckpt_path=os.fspath(resume_from) if resume_from else None,
+                    weights_only=True,  # our checkpoints hold tensors and plain Python only
+                )
         finally:
             plan.module.eval()
     best.restore(plan.module)
