@@ -126,6 +126,47 @@ def matrix_var_names(adata: Any, *, use_raw: bool = False) -> pd.Index:
     return adata.var_names
 
 
+def matrix_gene_symbols(adata: Any, key: str, *, use_raw: bool = False) -> pd.Series:
+    """Gene symbols of the columns of the count matrix in use, from the ``var`` column ``key``.
+
+    With ``use_raw`` the column is read from ``adata.raw.var``; when ``adata.raw.var`` lacks
+    it but ``adata.var`` has it for every gene of ``adata.raw`` (the CELLxGENE layout, where
+    ``var`` and ``raw.var`` list the same genes), it is read from ``adata.var``, aligned to
+    ``adata.raw.var_names``.
+
+    Returns
+    -------
+    ``pandas.Series`` of ``n_vars`` symbols (strings), indexed by the matrix's gene names.
+
+    Raises
+    ------
+    KeyError
+        ``key`` is not a column where it is needed; the message names the columns there are.
+
+    Examples
+    --------
+    >>> symbols = matrix_gene_symbols(adata, "feature_name", use_raw=True)  # doctest: +SKIP
+    """
+    names = matrix_var_names(adata, use_raw=use_raw)
+    var = adata.raw.var if use_raw else adata.var
+    if key in var.columns:
+        return pd.Series(var[key].astype(str).to_numpy(), index=names)
+    if use_raw and key in adata.var.columns and names.isin(adata.var_names).all():
+        return pd.Series(adata.var[key].astype(str).reindex(names).to_numpy(), index=names)
+    where = "adata.raw.var" if use_raw else "adata.var"
+    hint = ""
+    if use_raw and key in adata.var.columns:
+        missing = int((~names.isin(adata.var_names)).sum())
+        hint = (
+            f"; adata.var has it, but not for {missing} of the {len(names)} genes of "
+            "adata.raw (copy it into adata.raw.var before subsetting genes)"
+        )
+    raise KeyError(
+        f"gene_symbols={key!r} is not a column of {where}; columns are: "
+        f"{list(map(str, var.columns))}{hint}"
+    )
+
+
 def row_source(adata: Any, layer: str | None = None, *, use_raw: bool = False) -> RowSource:
     """A :class:`RowSource` over the counts of ``adata`` (``X``, ``layers[layer]`` or ``raw.X``).
 

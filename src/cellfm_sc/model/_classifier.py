@@ -23,6 +23,7 @@ from cellfm_sc.data import (
     check_donors_disjoint,
     donor_labels,
     get_matrix,
+    matrix_gene_symbols,
     obs_column,
     split_by_donor,
     split_stratified,
@@ -343,7 +344,8 @@ class CellFMClassifier(CellFMModel):
             Layer with the raw counts (default ``.X``).
         gene_symbols
             ``var`` column with gene symbols when ``var_names`` are Ensembl ids (used for
-            the ``"transfer"`` mapping; ``raw.var`` with ``use_raw``).
+            the ``"transfer"`` mapping; ``raw.var`` with ``use_raw``, or ``var`` when it
+            lists every gene of ``raw``, as CELLxGENE files do).
         label_order
             Class order (ordinal stages), e.g. ``["Not AD", "Low", "Intermediate", "High"]``.
         use_raw
@@ -367,13 +369,8 @@ class CellFMClassifier(CellFMModel):
                 f"pass either layer={layer!r} or use_raw=True: the counts are in one of them"
             )
         get_matrix(adata, layer, use_raw=use_raw)  # names a missing layer / raw
-        var = adata.raw.var if use_raw else adata.var
-        if gene_symbols is not None and gene_symbols not in var.columns:
-            where = "adata.raw.var" if use_raw else "adata.var"
-            raise KeyError(
-                f"gene_symbols={gene_symbols!r} is not a column of {where}; columns are: "
-                f"{list(map(str, var.columns))}"
-            )
+        if gene_symbols is not None:
+            matrix_gene_symbols(adata, gene_symbols, use_raw=use_raw)  # names a missing column
         present = sorted(set(labels.astype(str)))
         if label_order is not None:
             if len(set(label_order)) != len(label_order):
