@@ -60,7 +60,7 @@ WIDE = 1024
 def auto_lr(pretrained: bool, config: CellFMConfig) -> float:
     """The learning rate ``lr="auto"`` resolves to.
 
-    A randomly initialised trunk: :data:`LR_RANDOM` (1e-3). A pretrained trunk: 1e-4 when
+    A randomly initialised trunk: 1e-3. A pretrained trunk: 1e-4 when
     it is as wide as the released CellFM models (``enc_dims >= 1024``: the original scripts'
     rate for the 80M model), 1e-3 for narrower trunks (a 64-wide trunk pretrained here
     fine-tuned to 0.62 macro-F1 at 1e-3 and 0.39 at 1e-4).
@@ -420,13 +420,13 @@ class CellFMModel(BaseModelClass):
 
     @property
     def step_history(self) -> pd.DataFrame | None:
-        """One row per validation run: ``epoch`` (0-based), ``step``, the epoch-to-date
+        """A table with one row per validation run, with ``epoch`` (0-based), ``step``, the epoch-to-date
         training metrics and the validation metrics."""
         return self.step_history_
 
     @property
     def split(self) -> DataSplit | None:
-        """The split of the last training, as positions in :attr:`adata`."""
+        """The split of the last training, as row positions in the model's AnnData."""
         return self.split_
 
     @property

@@ -965,6 +965,7 @@ class CellFMClassifier(CellFMModel):
 
     @property
     def summary(self) -> str:
+        """A few lines on the model (pretrained or random trunk, gene coverage, what trains)."""
         cfg = self.module.trunk.config
         rep = self.pretrained_report_
         lines = [f"CellFMClassifier ({'trained' if self.is_trained_ else 'not trained'})"]
