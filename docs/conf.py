@@ -27,9 +27,10 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE / "_ext"))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import cellfm_sc  # noqa: E402
-from inventories import PROJECTS, write_inventories  # noqa: E402
 from bench_summary import write_benchmark_summary  # noqa: E402
+from inventories import PROJECTS, write_inventories  # noqa: E402
+
+import cellfm_sc  # noqa: E402
 
 project = "cellfm-sc"
 author = "cellfm-sc developers"
@@ -163,7 +164,7 @@ def _owner_module(obj: object) -> str | None:
     return module if isinstance(module, str) else None
 
 
-def _skip_foreign(app, what, name, obj, skip, options):  # noqa: ANN001, ARG001
+def _skip_foreign(app, what, name, obj, skip, options):
     """Skip class members that come from scvi-tools, PyTorch or Python (not ours).
 
     autodoc passes ``what="class"``, autosummary the member's own type; both are handled.
@@ -180,5 +181,5 @@ def _skip_foreign(app, what, name, obj, skip, options):  # noqa: ANN001, ARG001
     return None
 
 
-def setup(app):  # noqa: ANN001, ANN201
+def setup(app):
     app.connect("autodoc-skip-member", _skip_foreign)

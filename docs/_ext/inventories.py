@@ -93,7 +93,10 @@ PROJECTS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
                 "reference/generated/scipy.sparse.csc_matrix.html",
             ),
             "scipy.sparse.spmatrix": ("py:class", "reference/generated/scipy.sparse.spmatrix.html"),
-            "scipy.stats.spearmanr": ("py:function", "reference/generated/scipy.stats.spearmanr.html"),
+            "scipy.stats.spearmanr": (
+                "py:function",
+                "reference/generated/scipy.stats.spearmanr.html",
+            ),
         },
     ),
     "pandas": (
