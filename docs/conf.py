@@ -56,6 +56,7 @@ exclude_patterns = [
     "generated/cli_reference.md",
     "generated/benchmark_summary.md",
     "generated/sea_ad_epoch.md",
+    "generated/benchmark_reading.md",
     "tutorials/sea_ad_example/*.md",
     "Thumbs.db",
     ".DS_Store",
