@@ -62,6 +62,8 @@ exclude_patterns = [
     ".DS_Store",
 ]
 nitpicky = True
+# the page's table of contents names members without their class and module
+toc_object_entries_show_parents = "hide"
 nitpick_ignore = [
     # the return type of ``load``, a classmethod of the base every model class shares: it
     # returns the class it is called on (documented there), the base itself is internal

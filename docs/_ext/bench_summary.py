@@ -148,7 +148,7 @@ def reading_markdown(results: str) -> str:
                 f"(GPUs without bfloat16) is {slower_fp32:.1f} times slower ({fp32['epoch']}).",
                 f"- **Larger batches** buy little: batch 64 is {gain_big:.0%} faster than 16 and "
                 f"needs {big['peak']}.",
-                f"- **800M** does not fit as is ({rows[('800M', 'bf16-mixed', '16', 'encoder+head')]['peak'].replace('out of memory ', '')}); "
+                f"- **800M** does not fit as is {rows[('800M', 'bf16-mixed', '16', 'encoder+head')]['peak'].replace('out of memory ', '')}; "
                 f"with gradient checkpointing (`train(gradient_checkpointing=True)`) it fits a "
                 f"{gc800['gpu']} GPU and is {slower_800:.0f} times slower than 80M "
                 f"({gc800['epoch']} per SEA-AD epoch).",
