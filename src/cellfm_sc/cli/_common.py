@@ -171,7 +171,9 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text:
+        # identity, not ==: a default of 0 (== False) is a real default and is shown
+        unset = action.default is None or action.default is False
+        if unset or action.default is argparse.SUPPRESS or "%(default)" in text:
             return text
         return super()._get_help_string(action)
 
