@@ -69,8 +69,7 @@ nitpick_ignore = [
     # returns the class it is called on (documented there), the base itself is internal
     ("py:class", "cellfm_sc.model._base.CellFMModel"),
 ]
-# toctree globs that match nothing yet: pages other branches add (pretraining, donor-level)
-suppress_warnings = ["toc.empty_glob"]
+
 
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
