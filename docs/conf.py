@@ -119,7 +119,7 @@ def _write_cli_reference() -> None:
     from cellfm_sc.cli import build_parser
 
     old_columns = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "92"
+    os.environ["COLUMNS"] = "86"  # fits the code box at 1280 px
     try:
         parser = build_parser()
         parts = ["## `cellfm-sc`", "", "```text", parser.format_help().rstrip(), "```", ""]
