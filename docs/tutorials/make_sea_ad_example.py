@@ -68,9 +68,7 @@ def synthetic_counts(seed: int = 0) -> tuple[np.ndarray, pd.DataFrame, list[str]
     rate[:, :N_SIGNAL] *= np.exp(0.35 * stage + donor_shift[donor])[:, None]
     counts = rng.poisson(rate).astype(np.float32)
     counts[:, N_SIGNAL] += 1  # no empty nucleus
-    symbols = [f"SIG{j}" for j in range(N_SIGNAL)] + [
-        f"GENE{j}" for j in range(N_SIGNAL, N_GENES)
-    ]
+    symbols = [f"SIG{j}" for j in range(N_SIGNAL)] + [f"GENE{j}" for j in range(N_SIGNAL, N_GENES)]
     ensembl = [f"ENSG{j + 1:011d}" for j in range(N_GENES)]
     donors = pd.DataFrame(
         {
