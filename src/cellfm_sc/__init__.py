@@ -38,6 +38,9 @@ _MODULES: dict[str, str] = {
     "data": "cellfm_sc.data",
     "io": "cellfm_sc.io",
     "nn": "cellfm_sc.nn",
+    "report": "cellfm_sc.report",
+    "vocab": "cellfm_sc.vocab",
+    "pretrained": "cellfm_sc.pretrained",
 }
 
 __all__ = ["__version__", *sorted(_LAZY), *sorted(_MODULES)]

@@ -32,7 +32,7 @@ __all__ = ["EMBEDDING_INITS", "PretrainedReport", "load_pretrained_trunk"]
 
 @dataclass
 class PretrainedReport:
-    """What :func:`load_pretrained_trunk` did.
+    """What :func:`~cellfm_sc.pretrained.load_pretrained_trunk` did.
 
     Attributes
     ----------
@@ -55,9 +55,11 @@ class PretrainedReport:
 
     @property
     def variant(self) -> str:
+        """The checkpoint variant (``"A"``, ``"A'"`` or ``"B"``)."""
         return self.load.variant
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain-Python summary (JSON-ready): variant, source, counts, shapes, coverage."""
         out: dict[str, Any] = {
             "variant": self.load.variant,
             "source": self.load.source,
@@ -133,7 +135,7 @@ def load_pretrained_trunk(
     max_abs
         Refuse a checkpoint tensor (``gene_emb`` included) holding a value with
         ``|value| > max_abs`` (``None``: no bound); NaN/inf are always refused
-        (:func:`cellfm_sc.io.mapping.check_state_values`).
+        (:func:`cellfm_sc.io.check_state_values`).
 
     Returns
     -------

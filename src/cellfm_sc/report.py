@@ -164,7 +164,7 @@ def write_report(
         Keys computed here (metrics, histories, ``files`` ...) may not be set.
     umap
         ``True``: always draw the UMAP; ``False``: never; ``None``: only up to
-        :data:`UMAP_MAX_CELLS` cells.
+        ``UMAP_MAX_CELLS`` cells.
 
     Returns
     -------

@@ -1,11 +1,11 @@
 """Gene vocabularies, dataset -> pretrained gene mapping, and the new gene-embedding table.
 
-Three pieces (DESIGN.md section 1, steps 1-2):
+Three pieces:
 
 * :class:`GeneVocab` -- an immutable gene vocabulary. Token id = position + 1, id 0 is padding,
   and an embedding table for it has :attr:`GeneVocab.padded_size` rows (``n_genes + 1`` rounded up
   to a multiple of 8, as in CellFM's checkpoints: 27,855 genes -> 27,856 rows).
-* :func:`map_genes` -> :class:`GeneMapping` -- which dataset gene maps to which pretrained gene
+* :func:`~cellfm_sc.vocab.map_genes` -> :class:`~cellfm_sc.vocab.GeneMapping` -- which dataset gene maps to which pretrained gene
   (exact symbol, case-insensitive symbol, HGNC previous/alias symbol, Ensembl id).
 * :func:`build_gene_embedding` -- a ``(padded_size, D)`` float32 table, Xavier-normal ("random")
   or with the pretrained rows of mapped genes copied in ("transfer").
@@ -60,7 +60,7 @@ CELLFM_VOCAB_COLUMNS: tuple[str, ...] = (
 ROW_MULTIPLE = 8
 #: Valid ``init=`` values of :func:`build_gene_embedding`.
 INIT_METHODS: tuple[str, ...] = ("random", "transfer")
-#: Mapping rules of :func:`map_genes`, in the order they are tried.
+#: Mapping rules of :func:`~cellfm_sc.vocab.map_genes`, in the order they are tried.
 MAPPING_RULES: tuple[str, ...] = ("exact", "case", "previous", "alias", "ensembl")
 
 _N_EXAMPLES = 5
@@ -316,7 +316,7 @@ class GeneVocab:
         row ``i + 1``), so ``vocabulary_file=`` + ``embedding_init="transfer"`` fine-tune
         from it and the original CellFM code reads it. UTF-8, ``\\n`` line ends, written
         atomically. Columns: the header of ``expand_gene_info.csv``
-        (:data:`CELLFM_VOCAB_COLUMNS`: ``HGNC_gene`` = the symbol in token order, the other
+        (``CELLFM_VOCAB_COLUMNS``: ``HGNC_gene`` = the symbol in token order, the other
         eight empty), plus a trailing ``ensembl_id`` column when :attr:`ensembl_ids` is set
         (read back by :meth:`from_cellfm_file`).
 
@@ -359,7 +359,7 @@ class GeneVocab:
 
     @property
     def padded_size(self) -> int:
-        """Rows of an embedding table: ``n_genes + 1`` rounded up to a multiple of 8."""
+        """Rows of an embedding table, ``n_genes + 1`` rounded up to a multiple of 8."""
         return padded_table_size(self.n_genes)
 
     @property
@@ -491,7 +491,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 # ---------------------------------------------------------------------------- mapping
 @dataclass(frozen=True)
 class GeneMapping:
-    """Dataset gene -> pretrained gene, as computed by :func:`map_genes`.
+    """Dataset gene -> pretrained gene, as computed by :func:`~cellfm_sc.vocab.map_genes`.
 
     Attributes
     ----------
@@ -843,7 +843,7 @@ def check_transfer_mapping(mapping: GeneMapping, names: Iterable[Any]) -> None:
     Parameters
     ----------
     mapping
-        From :func:`map_genes`, length ``n_dataset_genes``.
+        From :func:`~cellfm_sc.vocab.map_genes`, length ``n_dataset_genes``.
     names
         The dataset gene names that were mapped, shape ``(n_dataset_genes,)`` (for the hint
         given when they look like Ensembl ids).
@@ -903,7 +903,7 @@ def build_gene_embedding(
         Pretrained table, shape ``(P, D)`` (torch tensor or numpy array; cast to float32).
         Required for ``"transfer"``; for ``"random"`` it only gives ``D``.
     mapping
-        From :func:`map_genes`, length ``vocab.n_genes``. Required for ``"transfer"``.
+        From :func:`~cellfm_sc.vocab.map_genes`, length ``vocab.n_genes``. Required for ``"transfer"``.
     init
         ``"random"`` or ``"transfer"``.
     seed

@@ -171,7 +171,9 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text:
+        # identity, not ==: a default of 0 (== False) is a real default and is shown
+        unset = action.default is None or action.default is False
+        if unset or action.default is argparse.SUPPRESS or "%(default)" in text:
             return text
         return super()._get_help_string(action)
 
@@ -223,6 +225,8 @@ KEYWORD_FLAGS = {
     "bag_size": "--bag-size",
     "mask_ratio": "--mask-ratio",
 }
+#: flags that have a ``--no-`` form (``keyword=False`` rewords to it)
+NEGATABLE_FLAGS = frozenset({"--use-raw"})
 _KEYWORD_RE = re.compile(
     r"\b(" + "|".join(map(re.escape, KEYWORD_FLAGS)) + r")=('(?:[^']*)'|\"(?:[^\"]*)\"|[^\s,;:)]+)"
 )
@@ -237,12 +241,16 @@ def in_flags(message: str) -> str:
     counts look log-normalised; pass --layer counts or --use-raw
     >>> in_flags("set use_raw=True")
     'set --use-raw'
+    >>> in_flags("or use_raw=False for adata.X")
+    'or --no-use-raw for adata.X'
     """
 
     def swap(m: re.Match[str]) -> str:
         flag, value = KEYWORD_FLAGS[m.group(1)], m.group(2)
         if value in ("True", "False", "None"):
-            return flag if value == "True" else f"no {flag}"
+            if value == "True":
+                return flag
+            return f"--no-{flag[2:]}" if flag in NEGATABLE_FLAGS else f"no {flag}"
         if value[:1] in "'\"":
             value = value[1:-1]
             if not value or re.search(r"\s", value):

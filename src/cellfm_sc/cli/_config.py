@@ -73,7 +73,7 @@ def apply_config(
 
 def _convert_config_value(action: argparse.Action, key: str, value: Any, path: Path) -> Any:
     where = f"--config {path}: {key}"
-    if isinstance(action, argparse._StoreTrueAction):
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise CLIError(f"{where} must be true or false, got {value!r}")
         return value

@@ -283,9 +283,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     data.add_argument(
         "--use-raw",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="raw counts are in adata.raw.X (the CELLxGENE layout; X holds normalised "
-        "values); the genes are adata.raw.var_names",
+        "values of a gene subset); the genes are adata.raw.var_names",
     )
     data.add_argument(
         "--gene-symbols",

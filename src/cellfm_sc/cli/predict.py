@@ -74,8 +74,10 @@ def add_parsers(sub: Any) -> None:
         )
         p.add_argument(
             "--use-raw",
-            action="store_true",
-            help="read the counts from adata.raw.X (default: as the model was set up)",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="--use-raw reads the counts from adata.raw.X (the CELLxGENE layout), "
+            "--no-use-raw from adata.X (default: where the model's training data had them)",
         )
         p.add_argument(
             "--min-gene-coverage",
@@ -129,20 +131,16 @@ def _load(args: argparse.Namespace, con: Console) -> tuple[Any, Any, Path]:
     quiet_libraries(args.quiet)
     con.info(f"reading {data}" + (" (backed)" if args.backed else ""))
     adata = read_h5ad(data, backed=args.backed)
+    if args.layer is not None and args.use_raw:
+        raise CLIError("pass either --layer or --use-raw: the counts are in one of them")
+    if args.layer is not None and args.layer not in adata.layers:
+        raise CLIError(f"--layer {args.layer!r} not in adata.layers; layers: {list(adata.layers)}")
     from cellfm_sc.model import CellFMClassifier
 
     con.info(f"loading the model from {model_dir}")
-    model = CellFMClassifier.load(str(model_dir), adata=adata)
-    if args.layer is not None and args.use_raw:
-        raise CLIError("pass either --layer or --use-raw: the counts are in one of them")
-    if args.layer is not None:
-        if args.layer not in adata.layers:
-            raise CLIError(
-                f"--layer {args.layer!r} not in adata.layers; layers: {list(adata.layers)}"
-            )
-        model.layer, model.use_raw = args.layer, False
-    elif args.use_raw:
-        model.layer, model.use_raw = None, True
+    model = CellFMClassifier.load(
+        str(model_dir), adata=adata, layer=args.layer, use_raw=args.use_raw
+    )
     return model, adata, output
 
 

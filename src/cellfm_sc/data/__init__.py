@@ -2,9 +2,9 @@
 
 ``AnnData (raw counts in X, a layer or raw.X; CSR / CSC / dense / backed)`` -> rows of a batch
 -> cap & normalise (:func:`cellfm_normalize`) -> per-cell nonzero tokens, at most ``max_tokens``
-drawn by ``log1p(count)`` weight (:func:`tokenize`) -> padded :class:`TokenBatch`.
+drawn by ``log1p(count)`` weight (:func:`~cellfm_sc.data.tokenize`) -> padded :class:`~cellfm_sc.data.TokenBatch`.
 
-Before a run: :func:`check_counts` (``full=True``: one streaming pass over every cell that will
+Before a run: :func:`~cellfm_sc.data.check_counts` (``full=True``: one streaming pass over every cell that will
 be read); :func:`matrix_var_names` + :func:`align_genes` map the columns onto a model's genes.
 Loaders (:func:`make_dataloader`, :func:`batches`) bucket cells by length (``bucket=True``) and
 count every cell once in distributed evaluation (:attr:`TokenBatch.weight`).
@@ -18,6 +18,7 @@ from .checks import (
     count_fix_hint,
     empty_cells,
     get_matrix,
+    matrix_gene_symbols,
     matrix_var_names,
     row_source,
     validate_count_values,
@@ -57,6 +58,7 @@ __all__ = [
     "empty_cells",
     "get_matrix",
     "make_dataloader",
+    "matrix_gene_symbols",
     "matrix_var_names",
     "name_keys",
     "obs_column",

@@ -1,11 +1,11 @@
 """Checks that a matrix holds raw counts; access to ``adata.X`` / ``layers[layer]`` / ``raw.X``.
 
-The matrix must hold non-negative integer counts. :func:`check_counts` looks at a sample of
+The matrix must hold non-negative integer counts. :func:`~cellfm_sc.data.check_counts` looks at a sample of
 rows (contiguous blocks, so backed files are read sequentially) for a cheap set-up, or with
 ``full=True`` streams once over every cell that will be read (values and empty cells);
-:func:`validate_count_values` is the cheap check every loader batch runs as it streams.
+:func:`~cellfm_sc.data.validate_count_values` is the cheap check every loader batch runs as it streams.
 All of them raise one error naming the matrix, the first bad cell(s), the problem and the fix
-as keyword arguments (``layer="counts"``), see :func:`count_fix_hint`.
+as keyword arguments (``layer="counts"``), see ``count_fix_hint``.
 """
 
 from __future__ import annotations
@@ -126,8 +126,49 @@ def matrix_var_names(adata: Any, *, use_raw: bool = False) -> pd.Index:
     return adata.var_names
 
 
+def matrix_gene_symbols(adata: Any, key: str, *, use_raw: bool = False) -> pd.Series:
+    """Gene symbols of the columns of the count matrix in use, from the ``var`` column ``key``.
+
+    With ``use_raw`` the column is read from ``adata.raw.var``; when ``adata.raw.var`` lacks
+    it but ``adata.var`` has it for every gene of ``adata.raw`` (the CELLxGENE layout, where
+    ``var`` and ``raw.var`` list the same genes), it is read from ``adata.var``, aligned to
+    ``adata.raw.var_names``.
+
+    Returns
+    -------
+    ``pandas.Series`` of ``n_vars`` symbols (strings), indexed by the matrix's gene names.
+
+    Raises
+    ------
+    KeyError
+        ``key`` is not a column where it is needed; the message names the columns there are.
+
+    Examples
+    --------
+    >>> symbols = matrix_gene_symbols(adata, "feature_name", use_raw=True)  # doctest: +SKIP
+    """
+    names = matrix_var_names(adata, use_raw=use_raw)
+    var = adata.raw.var if use_raw else adata.var
+    if key in var.columns:
+        return pd.Series(var[key].astype(str).to_numpy(), index=names)
+    if use_raw and key in adata.var.columns and names.isin(adata.var_names).all():
+        return pd.Series(adata.var[key].astype(str).reindex(names).to_numpy(), index=names)
+    where = "adata.raw.var" if use_raw else "adata.var"
+    hint = ""
+    if use_raw and key in adata.var.columns:
+        missing = int((~names.isin(adata.var_names)).sum())
+        hint = (
+            f"; adata.var has it, but not for {missing} of the {len(names)} genes of "
+            "adata.raw (copy it into adata.raw.var before subsetting genes)"
+        )
+    raise KeyError(
+        f"gene_symbols={key!r} is not a column of {where}; columns are: "
+        f"{list(map(str, var.columns))}{hint}"
+    )
+
+
 def row_source(adata: Any, layer: str | None = None, *, use_raw: bool = False) -> RowSource:
-    """A :class:`RowSource` over the counts of ``adata`` (``X``, ``layers[layer]`` or ``raw.X``).
+    """A row source (internal reader) over the counts of ``adata`` (``X``, ``layers[layer]`` or ``raw.X``).
 
     A backed AnnData is read from its file (``adata.filename``; ``raw/X`` for ``use_raw``), so
     the source pickles to a path and never loads the matrix; an in-memory matrix is read in
@@ -276,7 +317,7 @@ def validate_count_values(
     obs_name
         Maps an AnnData row to its obs name (callable or sequence), for the message.
     fix
-        The remedy that ends the message (default: :func:`count_fix_hint` without an AnnData).
+        The remedy that ends the message (default: ``count_fix_hint`` without an AnnData).
 
     Raises
     ------
@@ -306,7 +347,7 @@ def _sample_rows(n_obs: int, n_rows: int, seed: int, block: int = 64) -> np.ndar
 
 @dataclass(frozen=True)
 class CountSummary:
-    """What :func:`check_counts` looked at.
+    """What :func:`~cellfm_sc.data.check_counts` looked at.
 
     Attributes
     ----------
@@ -393,9 +434,9 @@ def check_counts(
     Two modes:
 
     - sample (default, cheap set-up): about ``n_rows`` rows in random contiguous blocks (every
-      row when the data are smaller) are validated with :func:`validate_count_values`;
+      row when the data are smaller) are validated with :func:`~cellfm_sc.data.validate_count_values`;
     - ``full=True``: one streaming pass over every cell of ``indices`` (chunks of about 4M
-      stored values through :class:`RowSource`, in memory or backed, never densified) checks
+      stored values in place, in memory or backed, never densified) checks
       every stored value (negative, NaN/inf, non-integer) and finds every cell with no counts
       (including backed rows whose stored values are all zero). Run it once before training
       or inference on the cells that will be read.
@@ -407,7 +448,7 @@ def check_counts(
     layer
         None for ``adata.X``, else a key of ``adata.layers``.
     use_raw
-        Check ``adata.raw.X`` (see :func:`get_matrix`).
+        Check ``adata.raw.X`` (see :func:`~cellfm_sc.data.get_matrix`).
     n_rows
         Size of the sample (ignored with ``full``).
     indices
@@ -416,7 +457,7 @@ def check_counts(
         Check every cell of ``indices`` (see above).
     forbid_empty
         Raise when a cell of ``indices`` has no counts (training refuses such cells). Without
-        ``full`` they are found by :func:`empty_cells`.
+        ``full`` they are found by :func:`~cellfm_sc.data.empty_cells`.
     seed
         Seed of the sample.
 
@@ -503,7 +544,7 @@ def empty_cells(
     indices
         Rows to scan (default all).
     use_raw
-        Scan ``adata.raw.X`` (see :func:`get_matrix`).
+        Scan ``adata.raw.X`` (see :func:`~cellfm_sc.data.get_matrix`).
     exact
         Read the stored values (one streaming pass) rather than only a backed file's
         ``indptr``. Default: exact in memory, ``indptr`` only for a backed CSR file.

@@ -121,7 +121,7 @@ def align_genes(
     Parameters
     ----------
     model_genes
-        The model's genes in token order (token id = position + 1), or its :class:`GeneVocab`.
+        The model's genes in token order (token id = position + 1), or its :class:`~cellfm_sc.vocab.GeneVocab`.
     var_names
         ``(n_query_genes,)`` names of the query matrix's columns, e.g.
         :func:`~cellfm_sc.data.matrix_var_names` (``adata.raw.var_names`` with ``use_raw``).
@@ -147,7 +147,7 @@ def align_genes(
     Warns
     -----
     UserWarning
-        When the coverage is below 100%: :meth:`GeneAlignment.describe`.
+        When the coverage is below 100%: :meth:`GeneAlignment.describe() <cellfm_sc.data.GeneAlignment.describe>`.
 
     Examples
     --------

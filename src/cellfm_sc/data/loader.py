@@ -493,7 +493,7 @@ def make_dataloader(
     persistent_workers: bool = False,
     check: bool | str = True,
 ) -> DataLoader:
-    """A ``DataLoader`` of :class:`TokenBatch` over cells ``indices`` of ``adata``.
+    """A ``DataLoader`` of :class:`~cellfm_sc.data.TokenBatch` over cells ``indices`` of ``adata``.
 
     Parameters
     ----------
@@ -519,7 +519,7 @@ def make_dataloader(
         sorted window (default 32 batches), see :class:`CellBatchSampler`. The batch order then
         differs from ``indices``: results go back through ``batch.obs_index``.
     check
-        :func:`check_counts` before the first batch: ``True``/``"sample"`` (a sample of rows;
+        :func:`~cellfm_sc.data.check_counts` before the first batch: ``True``/``"sample"`` (a sample of rows;
         with ``train``, also cells without counts), ``"full"`` (one streaming pass over every
         cell of ``indices``: all values, and empty cells), ``False``/``"none"``. Every batch's
         values are validated as it is read in any case.
@@ -527,7 +527,7 @@ def make_dataloader(
     Returns
     -------
     DataLoader whose ``sampler`` has ``set_epoch`` (Lightning calls it each epoch); each item
-    is a :class:`TokenBatch` with ``values``/``gene_ids``/``valid`` of shape ``(B, L)``.
+    is a :class:`~cellfm_sc.data.TokenBatch` with ``values``/``gene_ids``/``valid`` of shape ``(B, L)``.
 
     Examples
     --------
@@ -587,7 +587,7 @@ def batches(
     buffer_size: int = 2048,
     check: bool | str = True,
 ) -> Iterator[TokenBatch]:
-    """Yield :class:`TokenBatch` es over ``adata`` in this process (one epoch).
+    """Yield :class:`~cellfm_sc.data.TokenBatch` es over ``adata`` in this process (one epoch).
 
     Parameters are those of :func:`make_dataloader`; ``epoch`` selects the training draw and
     the shuffle. Checks run before the first batch is yielded. Each batch holds ``(B, L)``

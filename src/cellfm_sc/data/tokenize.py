@@ -1,4 +1,4 @@
-"""Sparse count rows -> padded token batches (:class:`TokenBatch`), fully vectorised.
+"""Sparse count rows -> padded token batches (:class:`~cellfm_sc.data.TokenBatch`), fully vectorised.
 
 Every expressed gene of a cell (capped count > 0, see :mod:`.normalize`) is a token: the gene id
 of its matrix column and its normalised value. Tokens are in ascending **gene id** order (with
@@ -14,7 +14,7 @@ rest of its batch, with no Python loop per cell:
 
 - training (``train=True``): cell key from ``(seed, epoch, obs index)``; a fresh draw each epoch;
 - evaluation: cell key from ``(seed, obs name)`` (a stable byte hash of the UTF-8 name, see
-  :func:`name_keys`), so a cell's tokens never depend on its batch, order or worker.
+  :func:`~cellfm_sc.data.name_keys`), so a cell's tokens never depend on its batch, order or worker.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def tokenize(
     labels: np.ndarray | None = None,
     gene_id_map: np.ndarray | None = None,
 ) -> TokenBatch:
-    """Normalise and tokenise count rows into a padded :class:`TokenBatch`.
+    """Normalise and tokenise count rows into a padded :class:`~cellfm_sc.data.TokenBatch`.
 
     Parameters
     ----------
@@ -232,7 +232,7 @@ def tokenize(
         ``(B,)`` obs names for evaluation keys; without them (and without ``cell_keys``) the
         evaluation key uses ``obs_index``.
     cell_keys
-        uint64 ``(B,)`` precomputed keys (overrides the above), e.g. from :func:`name_keys`.
+        uint64 ``(B,)`` precomputed keys (overrides the above), e.g. from :func:`~cellfm_sc.data.name_keys`.
     labels
         ``(B,)`` int label codes of these cells, or None.
     gene_id_map

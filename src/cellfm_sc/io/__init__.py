@@ -1,8 +1,8 @@
 """MindSpore checkpoint input/output without MindSpore.
 
 :func:`read_mindspore_checkpoint` and :func:`write_mindspore_checkpoint` handle the ``.ckpt``
-protobuf format (see :mod:`cellfm_sc.io.checkpoint`); :class:`CheckpointError` is raised for
-files that cannot be read or hold unusable values. :mod:`cellfm_sc.io.mapping` maps MindSpore
+protobuf format (see ``cellfm_sc.io.checkpoint``); :class:`CheckpointError` is raised for
+files that cannot be read or hold unusable values. ``cellfm_sc.io.mapping`` maps MindSpore
 parameter names onto the torch trunk and recognises the checkpoint variant.
 :func:`save_trunk_mindspore` exports a trunk as a variant-A checkpoint.
 :func:`load_torch_file` is the one place our own torch files (``model.pt``,

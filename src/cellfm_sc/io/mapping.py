@@ -245,6 +245,7 @@ class LoadReport:
 
     @property
     def variant_description(self) -> str:
+        """The variant in words (e.g. ``"public MindSpore CellFM"``)."""
         return {
             "A": "public MindSpore CellFM",
             "A'": "CellFM annotation Backbone (no zero_emb, no decoders)",
@@ -279,7 +280,7 @@ def check_state_values(
 ) -> None:
     """Refuse a checkpoint whose model tensors hold NaN/inf or ``|value| > max_abs``.
 
-    Every entry except optimizer state / bookkeeping (:func:`is_bookkeeping`, not checked)
+    Every entry except optimizer state / bookkeeping (``is_bookkeeping``, not checked)
     is checked, including ``gene_emb`` when a new vocabulary will not load it: a corrupt
     table means a corrupt file. Cost: a ``min`` and a ``max`` per tensor, no copies.
 
@@ -449,14 +450,14 @@ def save_trunk_mindspore(
 ) -> None:
     """Write ``trunk`` as a variant-A MindSpore ``.ckpt`` (what the original code loads).
 
-    Every parameter is written, float32, under its MindSpore name (:func:`to_mindspore_name`:
+    Every parameter is written, float32, under its MindSpore name (``to_mindspore_name``:
     LayerNorm ``weight/bias`` -> ``gamma/beta``; everything else keeps its name), in the
     order MindSpore's ``parameters_and_names`` lists them for the CellFM class:
     ``gene_emb (rows, D)``, ``cls_token``, ``zero_emb``, ``value_enc.mask_emb``,
     ``value_enc.value_enc.{a, w1, w3, table}``, ``encoder.{i}.*``, ``value_dec.*``,
     ``cellwise_dec.*`` (golden manifests ``manifest_80M_*.json``). A trunk without
     ``zero_emb``/decoders gives the annotation Backbone's set (variant A'), a variant-B trunk
-    adds ``ST_emb``/``ST_enc.*``. :func:`trunk_from_mindspore` reads the file back into an
+    adds ``ST_emb``/``ST_enc.*``. :func:`~cellfm_sc.io.trunk_from_mindspore` reads the file back into an
     identical trunk (``num_heads`` must be given unless ``enc_dims == 1536``).
 
     Parameters
@@ -471,7 +472,7 @@ def save_trunk_mindspore(
     Raises
     ------
     ValueError
-        If the trunk's parameters are not those of a plain :class:`CellFMTrunk` of its config
+        If the trunk's parameters are not those of a plain :class:`~cellfm_sc.nn.CellFMTrunk` of its config
         (e.g. LoRA adapters still attached: merge them first), naming the differences.
 
     Examples

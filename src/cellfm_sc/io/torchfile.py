@@ -1,7 +1,7 @@
 """Loading our own torch files (``model.pt``, ``best_model.pth``, ``checkpoint_epoch_N.pth``).
 
 One home for ``torch.load`` of the files this package writes: always
-``map_location="cpu", weights_only=True`` (never arbitrary unpickling, DESIGN.md section 6),
+``map_location="cpu", weights_only=True`` (never arbitrary unpickling),
 every failure turned into one :class:`~cellfm_sc.io.CheckpointError` line that names the
 file and what is wrong, and every floating tensor in the result checked for NaN/inf and
 implausible magnitudes.
@@ -78,7 +78,7 @@ def load_torch_file(
 ) -> dict[str, Any]:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with clear errors.
 
-    For the files this package writes: ``model.pt`` (:meth:`CellFMClassifier.save`),
+    For the files this package writes: ``model.pt`` (:meth:`CellFMClassifier.save <cellfm_sc.model.CellFMClassifier.save>`),
     ``best_model.pth`` (a state dict) and Lightning's resumable ``checkpoint_epoch_N.pth``.
 
     Every floating tensor found in the result, recursively through dicts, lists and tuples

@@ -30,6 +30,7 @@ from cellfm_sc.data import (
     DataSplit,
     align_genes,
     check_counts,
+    matrix_gene_symbols,
     matrix_var_names,
 )
 from cellfm_sc.nn import CellFMConfig, CellFMTrunk, apply_trainable
@@ -58,7 +59,7 @@ WIDE = 1024
 def auto_lr(pretrained: bool, config: CellFMConfig) -> float:
     """The learning rate ``lr="auto"`` resolves to.
 
-    A randomly initialised trunk: :data:`LR_RANDOM` (1e-3). A pretrained trunk: 1e-4 when
+    A randomly initialised trunk: 1e-3. A pretrained trunk: 1e-4 when
     it is as wide as the released CellFM models (``enc_dims >= 1024``: the original scripts'
     rate for the 80M model), 1e-3 for narrower trunks (a 64-wide trunk pretrained here
     fine-tuned to 0.62 macro-F1 at 1e-3 and 0.39 at 1e-4).
@@ -242,8 +243,8 @@ class CellFMModel(BaseModelClass):
     def _gene_symbols(self, adata: Any) -> list[str] | None:
         if self.gene_symbols_key is None:
             return None
-        var = adata.raw.var if self.use_raw else adata.var
-        return [str(s) for s in var[self.gene_symbols_key]]
+        symbols = matrix_gene_symbols(adata, self.gene_symbols_key, use_raw=self.use_raw)
+        return [str(s) for s in symbols]
 
     def _adata_or_default(self, adata: Any | None) -> Any:
         if adata is None:
@@ -418,13 +419,13 @@ class CellFMModel(BaseModelClass):
 
     @property
     def step_history(self) -> pd.DataFrame | None:
-        """One row per validation run: ``epoch`` (0-based), ``step``, the epoch-to-date
+        """A table with one row per validation run, with ``epoch`` (0-based), ``step``, the epoch-to-date
         training metrics and the validation metrics."""
         return self.step_history_
 
     @property
     def split(self) -> DataSplit | None:
-        """The split of the last training, as positions in :attr:`adata`."""
+        """The split of the last training, as row positions in the model's AnnData."""
         return self.split_
 
     @property
@@ -667,6 +668,9 @@ class CellFMModel(BaseModelClass):
         accelerator: str = "auto",
         device: int | str | torch.device = "auto",
         prefix: str | None = None,
+        *,
+        layer: str | None = None,
+        use_raw: bool | None = None,
     ) -> CellFMModel:
         """Load a model saved with :meth:`save` (``torch.load(weights_only=True)``).
 
@@ -683,7 +687,22 @@ class CellFMModel(BaseModelClass):
             ``"gpu"`` / ``"auto"``, ``device`` an index, ``"cuda:1"`` or ``"auto"``.
         prefix
             File-name prefix used at save time.
+        layer, use_raw
+            Where ``adata``'s counts are when they are not where the model's training data
+            had them (default: as the model was set up): ``layer="counts"`` reads
+            ``adata.layers["counts"]``, ``use_raw=True`` reads ``adata.raw.X`` (the CELLxGENE
+            layout), ``use_raw=False`` without ``layer`` reads ``adata.X``. A model trained on
+            ``adata.raw`` can so annotate a query whose counts are in ``X``, and the reverse.
+
+        Examples
+        --------
+        >>> model = CellFMClassifier.load("runs/adnc/model", query)  # doctest: +SKIP
+        >>> model = CellFMClassifier.load("runs/adnc/model", query, use_raw=False)  # doctest: +SKIP
         """
+        if layer is not None and use_raw:
+            raise ValueError(
+                f"pass either layer={layer!r} or use_raw=True: the counts are in one of them"
+            )
         folder = Path(dir_path)
         prefix = prefix or ""
         saved = cls._read_saved(folder, prefix)
@@ -708,7 +727,11 @@ class CellFMModel(BaseModelClass):
         model.preset_ = attr["preset_"]
         model.pretrained_report_ = attr.get("pretrained_report_")
         model._pretrained_report = None
-        model._restore_attrs(attr)
+        model._restore_attrs(attr)  # reads the setup args too
+        if layer is not None:
+            model.layer, model.use_raw = layer, False
+        elif use_raw is not None:
+            model.layer, model.use_raw = None, bool(use_raw)
         config = CellFMConfig.from_dict(attr["config"])
         trunk = CellFMTrunk(config, n_genes=int(attr["n_genes"]))
         module = cls._make_module(trunk, attr)

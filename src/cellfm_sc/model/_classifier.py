@@ -22,6 +22,7 @@ from cellfm_sc.data import (
     check_counts,
     check_donors_disjoint,
     donor_labels,
+    matrix_gene_symbols,
     obs_column,
     split_by_donor,
     split_stratified,
@@ -342,7 +343,8 @@ class CellFMClassifier(CellFMModel):
             Layer with the raw counts (default ``.X``).
         gene_symbols
             ``var`` column with gene symbols when ``var_names`` are Ensembl ids (used for
-            the ``"transfer"`` mapping; ``raw.var`` with ``use_raw``).
+            the ``"transfer"`` mapping; ``raw.var`` with ``use_raw``, or ``var`` when it
+            lists every gene of ``raw``, as CELLxGENE files do).
         label_order
             Class order (ordinal stages), e.g. ``["Not AD", "Low", "Intermediate", "High"]``.
         use_raw
@@ -366,13 +368,8 @@ class CellFMClassifier(CellFMModel):
         labels = obs_column(adata, labels_key, keyword="labels_key")
         if donor_key is not None:
             obs_column(adata, donor_key, keyword="donor_key")
-        var = adata.raw.var if use_raw else adata.var
-        if gene_symbols is not None and gene_symbols not in var.columns:
-            where = "adata.raw.var" if use_raw else "adata.var"
-            raise KeyError(
-                f"gene_symbols={gene_symbols!r} is not a column of {where}; columns are: "
-                f"{list(map(str, var.columns))}"
-            )
+        if gene_symbols is not None:
+            matrix_gene_symbols(adata, gene_symbols, use_raw=use_raw)  # names a missing column
         present = sorted(set(labels.astype(str)))
         if label_order is not None:
             if len(set(label_order)) != len(label_order):
@@ -980,6 +977,7 @@ class CellFMClassifier(CellFMModel):
 
     @property
     def summary(self) -> str:
+        """A few lines on the model (pretrained or random trunk, gene coverage, what trains)."""
         cfg = self.module.trunk.config
         rep = self.pretrained_report_
         lines = [f"CellFMClassifier ({'trained' if self.is_trained_ else 'not trained'})"]

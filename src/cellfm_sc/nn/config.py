@@ -28,7 +28,7 @@ def padded_rows(n_genes: int, multiple: int = 8) -> int:
 
 @dataclass(frozen=True)
 class CellFMConfig:
-    """Hyper-parameters of the CellFM trunk (DESIGN.md section 4).
+    """Hyper-parameters of the CellFM trunk.
 
     Parameters
     ----------
@@ -89,7 +89,7 @@ class CellFMConfig:
 
     @property
     def n_prefix(self) -> int:
-        """Tokens before the genes: cls, plus the two ST tokens of variant B."""
+        """Number of tokens before the genes (cls, plus the two ST tokens of variant B)."""
         return 3 if self.st_tokens else 1
 
     @classmethod
@@ -110,10 +110,12 @@ class CellFMConfig:
         return replace(base, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (what saved models store in ``config.json``)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CellFMConfig:
+        """The configuration of :meth:`to_dict`'s dict (unknown keys are ignored)."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -41,6 +41,11 @@ class ClassificationHead(nn.Module):
             self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, n_classes))
 
     def forward(self, cls: Tensor) -> Tensor:
+        """Class logits ``(B, n_classes)`` of cls embeddings ``(B, in_dim)``.
+
+        A training batch of one cell uses the running BatchNorm statistics (batch
+        statistics of a single sample are undefined).
+        """
         if not (self.training and cls.shape[0] == 1 and len(self.net) == 5):
             return self.net(cls)
         linear, norm, act, drop, out = self.net

@@ -1,4 +1,4 @@
-"""Building blocks of the CellFM trunk (DESIGN.md section 4), one block per class."""
+"""Building blocks of the CellFM trunk, one block per class."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ LORA_TARGETS = r".*encoder\.\d+\.(attn\.[qkvuo]_proj|ffn\.[uvo]_proj)"
 
 @dataclass
 class TrainableSummary:
-    """Result of :func:`apply_trainable`.
+    """Result of :func:`~cellfm_sc.nn.apply_trainable`.
 
     Examples
     --------

@@ -63,7 +63,7 @@ class CellFMOutput:
 
 
 class CellFMTrunk(nn.Module):
-    """PyTorch CellFM encoder that reproduces the MindSpore original (DESIGN.md section 4).
+    """PyTorch CellFM encoder that reproduces the MindSpore original.
 
     Parameters
     ----------
@@ -119,6 +119,7 @@ class CellFMTrunk(nn.Module):
 
     @property
     def emb_rows(self) -> int:
+        """Rows of the gene-embedding table (``n_genes`` + padding, rounded up)."""
         return self.gene_emb.shape[0]
 
     def reset_parameters(self) -> None:
@@ -173,7 +174,7 @@ class CellFMTrunk(nn.Module):
             them out of prediction). It is not checked here, because checking means a
             GPU -> CPU synchronisation in every forward; a cell without a valid token gets
             NaN outputs (other cells of the batch are unaffected). Use
-            :func:`require_valid_tokens` for an explicit check.
+            :func:`~cellfm_sc.nn.require_valid_tokens` for an explicit check.
         unmask
             Optional ``(B, L)`` float/bool, 0 where the value is hidden (masked-value
             objective): those tokens take ``value_enc.mask_emb`` instead of their value's
@@ -219,7 +220,7 @@ class CellFMTrunk(nn.Module):
         Notes
         -----
         This method is the only place in :mod:`cellfm_sc.nn` that reaches another layer: it
-        imports :mod:`cellfm_sc.io.mapping` when called (never at import time, so
+        imports ``cellfm_sc.io.mapping`` when called (never at import time, so
         ``import cellfm_sc.nn`` loads nothing of :mod:`cellfm_sc.io`). A method of the
         trunk class that reads a file has to get the reader from somewhere at call time; a
         registry filled by :mod:`cellfm_sc.io` would fail whenever ``cellfm_sc.io`` has not
