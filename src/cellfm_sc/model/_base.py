@@ -30,6 +30,7 @@ from cellfm_sc.data import (
     DataSplit,
     align_genes,
     check_counts,
+    get_matrix,
     matrix_gene_symbols,
     matrix_var_names,
 )
@@ -749,6 +750,8 @@ class CellFMModel(BaseModelClass):
         model.train_settings_ = attr.get("train_settings_")
         model.split_names_ = attr.get("split_names_")
         if adata is not None:  # genes are aligned (and coverage checked) when cells are read
+            # the counts must be where the model reads them (raw / layer / X): say so now
+            get_matrix(adata, layer=model.layer, use_raw=model.use_raw)
             split = model._split_for(adata)
             if split is not None:
                 model.split_ = split
