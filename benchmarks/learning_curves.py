@@ -35,7 +35,6 @@ import argparse
 import ast
 import json
 import logging
-import os
 import platform
 import sys
 import time
@@ -69,9 +68,14 @@ OLD_TRAIN = {
 
 
 def stratified_subset(
-    idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int
+    idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int, leave_one: bool = False
 ) -> np.ndarray:
-    """Sorted rows: ``round(fraction * n_k)`` (at least 1) random rows of each class ``k``."""
+    """Sorted rows: ``round(fraction * n_k)`` (at least 1) random rows of each class ``k``.
+
+    With ``leave_one`` at least one row of each class stays out of the subset (a class with
+    a single row contributes none): a validation subset never takes a class's only
+    training cell.
+    """
     if fraction >= 1.0:
         return np.sort(idx)
     rng = np.random.default_rng(seed)
@@ -79,6 +83,8 @@ def stratified_subset(
     for k in np.unique(labels[idx]):
         rows = idx[labels[idx] == k]
         n = max(1, round(fraction * len(rows)))
+        if leave_one:
+            n = min(n, len(rows) - 1)
         keep.append(rng.choice(rows, size=n, replace=False))
     return np.sort(np.concatenate(keep))
 
@@ -97,7 +103,9 @@ def labelled_split(
     from cellfm_sc.data import DataSplit
 
     labelled = stratified_subset(pool, labels, fraction, seed)
-    validation = stratified_subset(labelled, labels, VALIDATION_FRACTION, seed + 1000)
+    validation = stratified_subset(
+        labelled, labels, VALIDATION_FRACTION, seed + 1000, leave_one=True
+    )
     train = np.setdiff1d(labelled, validation)
     return DataSplit(train=train, validation=validation, test=test, labels_key=LABELS)
 
@@ -309,6 +317,49 @@ def _parse_variant(text: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
 
 
 CLASSES: list[str] = []
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(data: str, threads: int) -> None:
+    """Load the data once per process; quiet the libraries; fix torch's thread count."""
+    import anndata as ad
+    import torch
+
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "cellfm_sc", "scvi"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from cellfm_sc import CellFMClassifier
+
+    adata = ad.read_h5ad(data)
+    labels = adata.obs[LABELS].astype(str).to_numpy()
+    CLASSES[:] = sorted(set(labels))
+    CellFMClassifier.setup_anndata(adata, labels_key=LABELS)
+    _STATE.update(adata=adata, labels=labels, heldout=heldout(labels))
+
+
+def _run_task(task: dict[str, Any]) -> dict[str, Any]:
+    """One method on one (fraction, seed): a result row."""
+    adata, labels = _STATE["adata"], _STATE["labels"]
+    pool, test = _STATE["heldout"]
+    fraction, seed, spec = task["fraction"], task["seed"], task["spec"]
+    split = labelled_split(labels, pool, test, fraction, seed)
+    if spec is None:
+        res = run_logreg(adata, labels, split)
+    else:
+        res = run_cellfm(adata, labels, split, seed, task["max_tokens"], *spec, trace=task["trace"])
+    return {
+        "config": task["config"],
+        "fraction": fraction,
+        "seed": seed,
+        "n_train": len(split.train),
+        "n_validation": len(split.validation),
+        "n_test": len(split.test),
+        "max_tokens": task["max_tokens"],
+        "threads": task["threads"],
+        "jobs": task["jobs"],
+        **res,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[], help="NAME:key=value,...")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=None, help="batch size passed to 'new'")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
     p.add_argument("--out", default=None, help="append one JSON line per run to this file")
     p.add_argument("--table-from", default=None, help="only print the table of a JSONL file")
     p.add_argument("--markdown", action="store_true")
@@ -341,22 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             print(analyse(rows))
         return 0
 
-    import anndata as ad
     import torch
-
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "cellfm_sc", "scvi"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-    from cellfm_sc import CellFMClassifier
-
-    adata = ad.read_h5ad(args.data)
-    labels = adata.obs[LABELS].astype(str).to_numpy()
-    CLASSES[:] = sorted(set(labels))
-    CellFMClassifier.setup_anndata(adata, labels_key=LABELS)
-    pool, test = heldout(labels)
 
     new_train: dict[str, Any] = {}
     if args.batch_size is not None:
@@ -367,47 +404,50 @@ def main(argv: list[str] | None = None) -> int:
     for text in args.variant:
         name, init, train = _parse_variant(text)
         configs[name] = (init, {**new_train, **train})
-
+    common = {"max_tokens": args.max_tokens, "trace": args.trace}
+    common.update(threads=args.threads, jobs=args.jobs)
+    tasks = [
+        {"config": name, "spec": spec, "fraction": f, "seed": seed, **common}
+        for f in args.fractions
+        for seed in args.seeds
+        for name, spec in configs.items()
+    ]
+    # longest first (most labelled cells, CellFM before logistic regression): even load
+    tasks.sort(key=lambda t: (-t["fraction"], t["spec"] is None))
     print(
-        f"pbmc3k: {adata.n_obs} cells, {len(test)} held out; max_tokens={args.max_tokens}, "
-        f"torch threads {args.threads}, {platform.python_version()}, torch {torch.__version__}",
+        f"pbmc3k: {len(tasks)} runs, {args.jobs} at a time; max_tokens={args.max_tokens}, "
+        f"torch threads {args.threads} per run, Python {platform.python_version()}, "
+        f"torch {torch.__version__}",
         file=sys.stderr,
     )
-    rows = []
-    for fraction in args.fractions:
-        for seed in args.seeds:
-            split = labelled_split(labels, pool, test, fraction, seed)
-            for name, spec in configs.items():
-                if spec is None:
-                    res = run_logreg(adata, labels, split)
-                else:
-                    res = run_cellfm(
-                        adata, labels, split, seed, args.max_tokens, *spec, trace=args.trace
-                    )
-                row = {
-                    "config": name,
-                    "fraction": fraction,
-                    "seed": seed,
-                    "n_train": len(split.train),
-                    "n_validation": len(split.validation),
-                    "n_test": len(split.test),
-                    "max_tokens": args.max_tokens,
-                    "threads": args.threads,
-                    **res,
-                }
-                rows.append(row)
-                brief = {k: row[k] for k in ("epochs_run", "best_epoch", "monitor") if k in row}
-                print(
-                    f"{name:>10} labels {100 * fraction:g}% seed {seed}: macro-F1 "
-                    f"{row['macro_f1']:.3f}, {row['wall_s']:.0f} s {brief}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                if args.out:
-                    with open(args.out, "a") as fh:
-                        fh.write(json.dumps(row) + "\n")
+    t0 = time.perf_counter()
+    if args.jobs > 1:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(args.jobs, _init_worker, (args.data, args.threads)) as pool:
+            results = pool.imap_unordered(_run_task, tasks)
+            rows = [_report(row, args.out) for row in results]
+    else:
+        _init_worker(args.data, args.threads)
+        rows = [_report(_run_task(task), args.out) for task in tasks]
+    print(f"total wall time {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print(table(rows, list(configs), args.markdown))
     return 0
+
+
+def _report(row: dict[str, Any], out: str | None) -> dict[str, Any]:
+    brief = {k: row[k] for k in ("epochs_run", "best_epoch", "monitor") if k in row}
+    print(
+        f"{row['config']:>10} labels {100 * row['fraction']:g}% seed {row['seed']}: macro-F1 "
+        f"{row['macro_f1']:.3f}, {row['wall_s']:.0f} s {brief}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if out:
+        with open(out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+    return row
 
 
 if __name__ == "__main__":
