@@ -270,25 +270,40 @@ MONITOR_TRACES = {
 }
 
 
-def analyse(rows: list[dict[str, Any]], patiences: tuple[int | None, ...] = (None, 3)) -> str:
-    """Held-out macro-F1 each monitor / early-stopping rule would have kept, per traced run
-    (exact: early stopping only truncates a run and the kept weights are one epoch's)."""
-    head = ["config", "labels", "seed", "last", "oracle (ep)"]
-    for m in MONITOR_TRACES:
-        for pat in patiences:
-            head.append(f"{m}{'' if pat is None else f' es{pat}'}")
+def analyse(
+    rows: list[dict[str, Any]],
+    patiences: tuple[int | None, ...] = (None, 3),
+    markdown: bool = False,
+) -> str:
+    """Held-out macro-F1 of the weights each rule would have kept, per traced run, and the
+    mean per (config, labels): ``last`` (no selection), ``oracle`` (best epoch on the test
+    cells, a bound), and each monitor without / with early stopping (``es3`` = patience 3).
+    Exact: early stopping only truncates a run, and the kept weights are one epoch's."""
+    rules = ["last", "oracle"] + [
+        f"{m}{'' if pat is None else f' es{pat}'}" for m in MONITOR_TRACES for pat in patiences
+    ]
+    scored: dict[tuple[str, float], list[list[float]]] = {}
     lines = []
     for r in rows:
         test = r.get("test_macro_f1_per_epoch")
         if not test:
             continue
-        line = [r["config"], f"{100 * r['fraction']:g}%", str(r["seed"]), f"{test[-1]:.3f}"]
-        line.append(f"{max(test):.3f} ({int(np.argmax(test)) + 1})")
+        picks = [len(test) - 1, int(np.argmax(test))]
         for key, mode in MONITOR_TRACES.values():
-            for pat in patiences:
-                i = _chosen_epoch(r[key], mode, pat)
-                line.append(f"{test[i]:.3f} ({i + 1})")
-        lines.append(line)
+            picks += [_chosen_epoch(r[key], mode, pat) for pat in patiences]
+        scored.setdefault((r["config"], r["fraction"]), []).append([test[i] for i in picks])
+        lines.append(
+            [r["config"], f"{100 * r['fraction']:g}%", str(r["seed"])]
+            + [f"{test[i]:.3f} ({i + 1})" for i in picks]
+        )
+    for (config, fraction), values in scored.items():
+        mean = np.mean(values, axis=0)
+        lines.append([config, f"{100 * fraction:g}%", f"mean of {len(values)}"])
+        lines[-1] += [f"{v:.3f}" for v in mean]
+    head = ["config", "labels", "seed", *rules]
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join(fmt.format(*line) for line in [head, *lines])
@@ -390,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows, configs, args.markdown))
         if any(r.get("test_macro_f1_per_epoch") for r in rows):
             print()
-            print(analyse(rows))
+            print(analyse(rows, markdown=args.markdown))
         return 0
 
     import torch
