@@ -113,7 +113,7 @@ def add_training_options(p: argparse.ArgumentParser, *, demo: bool = False) -> N
         "--epochs",
         metavar="N",
         type=positive_int,
-        default=5 if demo else 10,
+        default=5 if demo else 20,
         help="maximum epochs",
     )
     if demo:
