@@ -160,14 +160,23 @@ class CellFMModel(BaseModelClass):
         dropout: float,
         seed: int,
         hgnc_table: str | os.PathLike[str] | None,
+        genes: list[str] | None = None,
     ) -> CellFMTrunk:
-        """The trunk for ``adata``'s genes: from a checkpoint, or random of ``preset``."""
+        """The trunk for ``adata``'s genes: from a checkpoint, or random of ``preset``.
+
+        ``genes`` overrides the vocabulary (default: the genes of ``adata``'s count matrix,
+        with ``gene_symbols`` used for the transfer mapping); the pretrainer passes the union
+        of its corpus' gene symbols.
+        """
         if embedding_init not in EMBEDDING_INITS:
             raise ValueError(
                 f"embedding_init must be one of {EMBEDDING_INITS}, got {embedding_init!r}"
             )
-        var_names = self._gene_names(adata)
-        symbols = self._gene_symbols(adata)
+        if genes is None:
+            var_names = self._gene_names(adata)
+            symbols = self._gene_symbols(adata)
+        else:
+            var_names, symbols = [str(g) for g in genes], None
         torch.manual_seed(seed)
         report: PretrainedReport | None = None
         if checkpoint is not None:
