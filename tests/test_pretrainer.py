@@ -153,7 +153,7 @@ def test_corpus_errors(corpus_files, pbmc, tmp_path):
     pbmc_path, lung_path = corpus_files
     with pytest.raises(ValueError, match=r"'lung.h5ad' names its genes by Ensembl id.*gene_names"):
         CellFMPretrainer([pbmc_path, lung_path], preset="tiny")
-    with pytest.raises(FileNotFoundError, match="missing.h5ad"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.h5ad"):
         CellFMPretrainer([pbmc_path, tmp_path / "missing.h5ad"], preset="tiny")
     with pytest.raises(ValueError, match="listed twice"):
         CellFMPretrainer([pbmc_path, str(pbmc_path)], preset="tiny")
