@@ -6,8 +6,8 @@
    (2,700 cells, its labels unused), read backed, one vocabulary over the union of their genes.
    ``export_mindspore`` writes ``cellfm.ckpt`` + ``gene_info.csv``.
 2. On pbmc3k, hold out 20% of the cells (stratified, fixed) for the test; from the other 80%,
-   take 1%, 10% or 100% as labelled cells (stratified, at least one per class; 10% of them
-   validate). For each of ``--seeds``:
+   take 1%, 10% or 100% as labelled cells (stratified, at least one per class; all train,
+   the last epoch is kept unless ``--validation``). For each of ``--seeds``:
 
    * random start: ``CellFMClassifier(adata, preset=PRESET)``, library defaults;
    * pretrained start: ``CellFMClassifier(adata, checkpoint=ckpt, vocabulary_file=vocab,
@@ -62,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="folder with cellfm.ckpt + gene_info.csv to use instead of pretraining",
     )
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    p.add_argument(
+        "--validation",
+        type=float,
+        default=0.0,
+        help="share of the labelled cells that validate (model selection); 0: the last "
+        "epoch's weights are kept",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument(
         "--epochs",
@@ -79,7 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME:key=value,...",
-        help="a pretrained-start recipe with other settings, e.g. 'lr3e-4:lr=3e-4'",
+        help="a recipe with other settings, e.g. 'lr3e-4:lr=3e-4' (pretrained start unless "
+        "start=random; max_epochs= overrides --epochs)",
     )
     p.add_argument(
         "--threads",
@@ -158,9 +166,10 @@ def pretrain(args: argparse.Namespace) -> tuple[Path, Path, dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 
 
-def pbmc_split(adata: Any, fraction: float, seed: int) -> Any:
-    """Fixed 20% test; ``fraction`` of the rest labelled (stratified, >= 1 per class), 10% of
-    the labelled cells validate (at least 1)."""
+def pbmc_split(adata: Any, fraction: float, seed: int, validation: float = 0.0) -> Any:
+    """Fixed 20% test; ``fraction`` of the rest labelled (stratified, >= 1 per class); a
+    ``validation`` share of the labelled cells validates (none by default: with a few labels
+    a validation score of a handful of cells only adds noise to the kept epoch)."""
     from cellfm_sc.data import DataSplit
 
     labels = adata.obs["celltype"].astype(str).to_numpy()
@@ -178,7 +187,7 @@ def pbmc_split(adata: Any, fraction: float, seed: int) -> Any:
         idx = rng.permutation(pool[labels[pool] == c])
         labelled.extend(idx[: max(1, round(fraction * idx.size))])
     labelled = rng.permutation(np.asarray(labelled))
-    n_val = max(1, round(0.1 * labelled.size))
+    n_val = max(1, round(validation * labelled.size)) if validation > 0 else 0
     return DataSplit(np.sort(labelled[n_val:]), np.sort(labelled[:n_val]), np.sort(test))
 
 
@@ -212,6 +221,9 @@ def finetune(
     from cellfm_sc import CellFMClassifier
 
     init_keys = {"trainable", "head_hidden", "dropout", "max_tokens", "embedding_init"}
+    extra = dict(extra)
+    start = extra.pop("start", start)
+    epochs = extra.pop("max_epochs", epochs)
     init = {k: v for k, v in extra.items() if k in init_keys}
     train = {k: v for k, v in extra.items() if k not in init_keys}
     init.setdefault("max_tokens", args.max_tokens)
@@ -296,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     pbmc = ad.read_h5ad(args.data_dir / PBMC)
     for fraction in args.fractions:
         for seed in args.seeds:
-            split = pbmc_split(pbmc, fraction, seed)
+            split = pbmc_split(pbmc, fraction, seed, args.validation)
             for config in args.configs:
                 if (config, fraction, seed) in done:
                     continue

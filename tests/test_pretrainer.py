@@ -239,6 +239,19 @@ def test_export_round_trip_and_classifier_transfer(pbmc, tmp_path):
     for k, v in model.module.trunk.state_dict().items():
         if k != "gene_emb":
             assert torch.equal(clf.module.trunk.state_dict()[k], v), k
+    # the defaults after a checkpoint are the recipe that kept the pretraining gain:
+    # lr="auto" is 1e-3 for this narrow trunk (1e-4 at the released width) and everything
+    # the classification uses trains, the transferred gene embedding included
+    from cellfm_sc.model import auto_lr
+
+    assert clf.pretrained and auto_lr(clf.pretrained, clf.module.trunk.config) == 1e-3
+    trained = set(clf.trainable_summary.trainable)
+    assert {
+        "trunk.gene_emb",
+        "trunk.value_enc.value_enc.table.weight",
+        "trunk.cls_token",
+    } <= trained
+    assert any(n.startswith("head.") for n in trained)
     with pytest.raises(ValueError, match="contradicts the checkpoint"):
         CellFMClassifier(query, checkpoint=ckpt, num_heads=8)
 
