@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument(
         "--epochs",
-        default="0.01:40,0.1:15,1.0:5",
+        default="0.01:60,0.1:20,1.0:5",
         help="fine-tuning epochs per label fraction, 'fraction:epochs,...'",
     )
     p.add_argument(

@@ -208,6 +208,8 @@ def test_export_round_trip_and_classifier_transfer(pbmc, tmp_path):
     assert state["gene_emb"].shape == (16640, 64)
     rows = pd.read_csv(vocab)
     assert rows.columns[0] == "HGNC_gene" and list(rows.iloc[:, 0]) == list(model.vocab.names)
+    # pbmc3k's var["gene_ids"] travel as the vocabulary's Ensembl ids
+    assert list(rows["ensembl_id"]) == list(adata.var["gene_ids"])
 
     # reader -> trunk: the same parameters and the same outputs, no num_heads= needed
     trunk, report = trunk_from_mindspore(ckpt)
@@ -252,6 +254,18 @@ def test_export_round_trip_and_classifier_transfer(pbmc, tmp_path):
         "trunk.cls_token",
     } <= trained
     assert any(n.startswith("head.") for n in trained)
+    # a query with Ensembl var_names and partly renamed symbols maps the renamed genes by id
+    by_id = pbmc[:, :400].copy()
+    by_id.var["symbol"] = [
+        f"RENAMED{i}" if i % 4 == 0 else s for i, s in enumerate(by_id.var_names)
+    ]
+    by_id.var_names = by_id.var["gene_ids"].astype(str).to_numpy()
+    CellFMClassifier.setup_anndata(by_id, labels_key="celltype", gene_symbols="symbol")
+    clf2 = CellFMClassifier(
+        by_id, checkpoint=ckpt, vocabulary_file=vocab, embedding_init="transfer"
+    )
+    assert clf2.pretrained_report_["coverage"] == 1.0
+    assert clf2.pretrained_report_["mapping_counts"]["ensembl"] == 100
     with pytest.raises(ValueError, match="contradicts the checkpoint"):
         CellFMClassifier(query, checkpoint=ckpt, num_heads=8)
 

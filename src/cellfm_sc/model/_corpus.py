@@ -3,6 +3,9 @@
 * :func:`member_gene_names`: the vocabulary name of every column of one member's count matrix
   (its gene symbols; a column without a symbol, or repeating an earlier column's symbol, keeps
   its ``var_name``, so no column is dropped and no two columns share a token);
+* :func:`member_ensembl_ids`: the Ensembl id of every column where the member has them (its
+  ``var_names`` when symbols come from a column, else a ``gene_ids``-like column), so the
+  exported vocabulary can carry them;
 * :func:`union_genes`: the corpus vocabulary, the union of the members' names in order of
   first appearance;
 * :class:`CorpusDataModule`: training and validation loaders over every member, each batch
@@ -30,6 +33,7 @@ __all__ = [
     "CorpusDataModule",
     "CorpusMember",
     "looks_ensembl",
+    "member_ensembl_ids",
     "member_gene_names",
     "union_genes",
 ]
@@ -78,6 +82,32 @@ def member_gene_names(
     if clash.any():
         names = np.where(clash, [f"{v}#{i}" for i, v in enumerate(var_names)], names)
     return names.astype(object)
+
+
+#: ``var`` columns that commonly hold Ensembl ids beside symbol ``var_names`` (10x: gene_ids)
+_ENSEMBL_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_ids", "ensembl")
+
+
+def member_ensembl_ids(
+    adata: Any, *, use_raw: bool = False, gene_symbols: str | None = None
+) -> np.ndarray | None:
+    """Ensembl id of every column of ``adata``'s count matrix, or ``None`` when unknown.
+
+    With ``gene_symbols`` the ``var_names`` are the ids if they look like Ensembl ids;
+    otherwise the first of ``gene_ids``, ``gene_id``, ``ensembl_id``, ``ensembl_ids``,
+    ``ensembl`` (``var`` columns) whose values look like Ensembl ids. Object array
+    ``(n_vars,)`` (``None`` where an entry is missing).
+    """
+    var = adata.raw.var if use_raw else adata.var
+    candidates = []
+    if gene_symbols is not None:
+        candidates.append(np.asarray(matrix_var_names(adata, use_raw=use_raw), dtype=object))
+    candidates += [var[c].to_numpy(dtype=object) for c in _ENSEMBL_COLUMNS if c in var.columns]
+    for values in candidates:
+        text = np.asarray(["" if pd.isna(v) else str(v) for v in values], dtype=object)
+        if looks_ensembl(text):
+            return np.where(text == "", None, text)
+    return None
 
 
 def union_genes(name_lists: Sequence[np.ndarray]) -> list[str]:

@@ -26,11 +26,13 @@ from cellfm_sc.model._corpus import (
     CorpusDataModule,
     CorpusMember,
     looks_ensembl,
+    member_ensembl_ids,
     member_gene_names,
     union_genes,
 )
 from cellfm_sc.model._pretrain_module import CellFMPretrainModule
 from cellfm_sc.nn import CellFMConfig, CellFMTrunk
+from cellfm_sc.vocab import GeneVocab
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +222,7 @@ class CellFMPretrainer(CellFMModel):
             hgnc_table=hgnc_table,
             genes=genes,
         )
+        self.vocab = _with_ensembl_ids(self.vocab, corpus)
         self.members_ = []
         for member, names in corpus:
             member.gene_id_map = self.vocab.ids(names)
@@ -766,16 +769,20 @@ class CellFMPretrainer(CellFMModel):
 
     # ----------------------------------------------------------------- save / load parts
     def _save_attrs(self) -> dict[str, Any]:
+        ens = self.vocab.ensembl_ids
         return {
             "mask_ratio": self.mask_ratio_,
             "dropout": self.dropout_,
             "corpus_names_": list(self.corpus_names_),
+            "ensembl_ids": None if ens is None else list(ens),
         }
 
     def _restore_attrs(self, attrs: dict[str, Any]) -> None:
         self.mask_ratio_ = float(attrs["mask_ratio"])
         self.dropout_ = float(attrs.get("dropout", 0.1))
         self.corpus_names_ = list(attrs.get("corpus_names_", []))
+        if attrs.get("ensembl_ids") is not None:
+            self.vocab = GeneVocab(self.vocab.names, ensembl_ids=attrs["ensembl_ids"])
         adata = self._adata
         self.members_ = []
         if adata is not None and not model_not_set_up(type(self), adata):
@@ -790,6 +797,26 @@ class CellFMPretrainer(CellFMModel):
 
 def _embedding(module: CellFMPretrainModule, batch: TokenBatch) -> dict[str, torch.Tensor]:
     return {"emb": module.trunk(batch.values, batch.gene_ids, batch.valid).cls}
+
+
+def _with_ensembl_ids(
+    vocab: GeneVocab, corpus: Sequence[tuple[CorpusMember, np.ndarray]]
+) -> GeneVocab:
+    """``vocab`` with the Ensembl id of every gene some member knows (first one found), so
+    the exported vocabulary maps query genes by Ensembl id too; unchanged if none is known."""
+    found: dict[str, str] = {}
+    for member, names in corpus:
+        ids = member_ensembl_ids(
+            member.adata, use_raw=member.use_raw, gene_symbols=member.gene_symbols
+        )
+        if ids is None:
+            continue
+        for name, ens in zip(names, ids):
+            if ens is not None:
+                found.setdefault(str(name), ens)
+    if not found:
+        return vocab
+    return GeneVocab(vocab.names, ensembl_ids=[found.get(str(n)) for n in vocab.names])
 
 
 def _check_identifiers(corpus: Sequence[tuple[CorpusMember, np.ndarray]]) -> None:
