@@ -349,3 +349,19 @@ def test_cli_pretrain_resume_inspect(corpus_files, tmp_path):
         == 2
     )
     assert not (tmp_path / "y").exists()
+
+
+def test_cli_pretrain_help_and_symbol_columns(tmp_path, capsys):
+    from pathlib import Path
+
+    from cellfm_sc.cli import main
+    from cellfm_sc.cli._common import CLIError
+    from cellfm_sc.cli.pretrain import gene_symbol_columns
+
+    assert main(["pretrain", "--help"]) == 0
+    assert "--gene-symbols" in capsys.readouterr().out
+    files = [Path("data/a.h5ad"), Path("other/b.h5ad")]
+    per_file, everywhere = gene_symbol_columns(["b.h5ad=gene_names", "symbol"], files)
+    assert per_file == {files[1]: "gene_names"} and everywhere == ["symbol"]
+    with pytest.raises(CLIError, match="not one of the input files"):
+        gene_symbol_columns(["c.h5ad=gene_names"], files)
