@@ -35,7 +35,13 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["confusion_matrix", "embedding", "save_figure", "training_curves"]
+__all__ = [
+    "confusion_matrix",
+    "embedding",
+    "pretraining_curves",
+    "save_figure",
+    "training_curves",
+]
 
 _NON_INTERACTIVE = {"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"}
 
@@ -269,6 +275,72 @@ def training_curves(
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
         if panel == "accuracy" and drawn:
             ax.set_ylim(-0.02, 1.02)
+        if len(epochs) and len(epochs) <= 20:
+            ax.set_xticks(np.unique(epochs))
+    if title:
+        fig.suptitle(title)
+    return _finish(fig, show, save)
+
+
+_PRETRAINING_PANELS = (
+    ("loss", "masked-value loss"),
+    ("value_mse", "value decoder MSE"),
+    ("cellwise_mse", "cellwise decoder MSE"),
+)
+
+
+def pretraining_curves(
+    history: pd.DataFrame | Mapping[str, Sequence[float]],
+    *,
+    title: str | None = None,
+    show: bool | None = None,
+    save: str | os.PathLike[str] | None = None,
+) -> Figure | None:
+    """Masked-value loss and its two parts per epoch, train vs validation (three panels).
+
+    Parameters
+    ----------
+    history
+        :attr:`CellFMPretrainer.history <cellfm_sc.CellFMPretrainer.history>`: one row per
+        epoch with ``epoch`` (optional), ``train_loss``, ``validation_loss``,
+        ``train_value_mse``, ``validation_value_mse``, ``train_cellwise_mse``,
+        ``validation_cellwise_mse``. Missing columns and NaN entries are skipped.
+    title, show, save
+        See the module docstring.
+
+    Examples
+    --------
+    >>> h = pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.5]})
+    >>> fig = pretraining_curves(h, show=False)
+    >>> [a.get_title() for a in fig.axes]
+    ['masked-value loss', 'value decoder MSE', 'cellwise decoder MSE']
+    """
+    import matplotlib.pyplot as plt
+
+    hist = pd.DataFrame(history)
+    epochs = hist["epoch"].to_numpy() if "epoch" in hist else np.arange(1, len(hist) + 1)
+    fig, axes = plt.subplots(1, 3, figsize=(12.0, 3.6), layout="constrained")
+    colours = {"train": "tab:blue", "validation": "tab:orange"}
+    for ax, (key, panel) in zip(axes, _PRETRAINING_PANELS):
+        drawn = 0
+        for part in ("train", "validation"):
+            column = f"{part}_{key}"
+            if column not in hist:
+                continue
+            y = pd.to_numeric(hist[column], errors="coerce").to_numpy(dtype=float)
+            ok = np.isfinite(y)
+            if ok.any():
+                ax.plot(
+                    epochs[ok], y[ok], marker="o", markersize=3, label=part, color=colours[part]
+                )
+                drawn += 1
+        ax.set_title(panel)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(frameon=False)
+        else:
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
         if len(epochs) and len(epochs) <= 20:
             ax.set_xticks(np.unique(epochs))
     if title:

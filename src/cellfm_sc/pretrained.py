@@ -17,6 +17,7 @@ from cellfm_sc.io.mapping import (
     infer_config,
     load_trunk_state,
     split_state,
+    stored_num_heads,
 )
 from cellfm_sc.nn import CellFMTrunk
 from cellfm_sc.vocab import (
@@ -125,7 +126,9 @@ def load_pretrained_trunk(
         ``"random"`` or ``"transfer"``. ``"transfer"`` refuses a mapping of 0 genes and
         warns below 50% coverage (:func:`cellfm_sc.vocab.check_transfer_mapping`).
     num_heads
-        Retention heads (48 by default for the released 1536-wide models).
+        Retention heads: by default the number the checkpoint records (cellfm-sc's exports,
+        e.g. :meth:`~cellfm_sc.CellFMPretrainer.export_mindspore`), else 48 for the released
+        1536-wide models.
     hgnc_table
         Optional HGNC table for alias / previous-symbol mapping.
     seed
@@ -171,7 +174,7 @@ def load_pretrained_trunk(
     state = read_mindspore_checkpoint(checkpoint)
     check_state_values(state, max_abs=max_abs, source=checkpoint)
     model, _, _ = split_state(state)
-    config, rows = infer_config(model, num_heads=num_heads)
+    config, rows = infer_config(model, num_heads=num_heads, stored_heads=stored_num_heads(state))
     if pretrained_vocab is not None and pretrained_vocab.n_genes + 1 > rows:
         raise ValueError(
             f"vocabulary file {os.fspath(vocabulary_file)!r} has {pretrained_vocab.n_genes} "

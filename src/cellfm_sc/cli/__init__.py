@@ -8,6 +8,9 @@ Subcommands
 ``finetune``
     Fine-tune CellFM on an ``.h5ad`` file and write the model, checkpoints, predictions,
     metrics and plots into an output directory.
+``pretrain``
+    Pretrain CellFM (masked values) on unlabelled ``.h5ad`` files, from scratch or continued
+    from a checkpoint, and export a MindSpore checkpoint + vocabulary to fine-tune from.
 ``predict``
     Annotate an ``.h5ad`` file with a fine-tuned model (predictions, confidence, class
     probabilities and the cell embedding).
@@ -33,6 +36,8 @@ Examples
         --label-order "Not AD,Low,Intermediate,High" \\
         --checkpoint CellFM_80M_weight.ckpt --vocabulary expand_gene_info.csv \\
         --output-dir runs/adnc
+    cellfm-sc pretrain atlas.h5ad lung.h5ad --gene-symbols lung.h5ad=gene_names \\
+        --preset small --epochs 5 --output-dir runs/pretrain
     cellfm-sc predict runs/adnc/model query.h5ad --output query_annotated.h5ad
     cellfm-sc demo
 """
@@ -45,7 +50,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from cellfm_sc import __version__
-from cellfm_sc.cli import demo, finetune, inspect, predict
+from cellfm_sc.cli import demo, finetune, inspect, predict, pretrain
 from cellfm_sc.cli._common import (
     PROG,
     CLIError,
@@ -67,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     Returns
     -------
     argparse.ArgumentParser
-        With subcommands ``inspect``, ``finetune``, ``predict``, ``embed`` and ``demo``.
+        With subcommands ``inspect``, ``finetune``, ``pretrain``, ``predict``, ``embed`` and
+        ``demo``.
 
     Examples
     --------
@@ -87,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     inspect.add_parser(sub)
     finetune.add_parser(sub)
+    pretrain.add_parser(sub)
     predict.add_parsers(sub)
     demo.add_parser(sub)
     return parser

@@ -36,8 +36,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         type=positive_int,
         default=None,
         metavar="N",
-        help="retention heads (cannot be read from shapes; 48 is assumed for 1536-wide "
-        "released models)",
+        help="retention heads (cannot be read from shapes; default: the number the checkpoint "
+        "records (cellfm-sc's exports), else 48 for 1536-wide released models)",
     )
     p.add_argument("--json", action="store_true", help="print the facts as JSON instead of tables")
     add_diagnostics(p)
@@ -65,7 +65,7 @@ def _skip_groups(names: Sequence[str]) -> list[tuple[str, int]]:
 def run(args: argparse.Namespace, con: Console) -> int:
     path = existing_file(args.checkpoint, "checkpoint")
     from cellfm_sc.io import CheckpointError, read_mindspore_checkpoint
-    from cellfm_sc.io.mapping import detect_variant, infer_config, split_state
+    from cellfm_sc.io.mapping import detect_variant, infer_config, split_state, stored_num_heads
 
     try:
         state = read_mindspore_checkpoint(path)
@@ -85,10 +85,11 @@ def run(args: argparse.Namespace, con: Console) -> int:
             f"parameters (first names: {shown})"
         )
     dims = int(model["gene_emb"].shape[1])
-    heads_known = args.num_heads is not None or dims == 1536
-    heads = args.num_heads if args.num_heads is not None else (48 if dims == 1536 else 1)
     try:
-        config, rows = infer_config(model, num_heads=heads)
+        stored = stored_num_heads(state)
+        heads_known = args.num_heads is not None or stored is not None or dims == 1536
+        heads = args.num_heads or stored or (48 if dims == 1536 else 1)
+        config, rows = infer_config(model, num_heads=heads, stored_heads=stored)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
 
@@ -145,9 +146,15 @@ def run(args: argparse.Namespace, con: Console) -> int:
         return _verdict(facts)
 
     c = facts["config"]
+    heads_how = (
+        ""
+        if args.num_heads is not None
+        else ", recorded in the checkpoint"
+        if stored is not None
+        else ", assumed for a released 1536-wide model"
+    )
     heads_txt = (
-        f"{c['num_heads']} (head dim {c['head_dim']})"
-        + ("" if args.num_heads is not None else ", assumed for a released 1536-wide model")
+        f"{c['num_heads']} (head dim {c['head_dim']}){heads_how}"
         if heads_known
         else "unknown: pass --num-heads (cannot be read from the shapes)"
     )

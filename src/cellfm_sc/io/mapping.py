@@ -27,6 +27,7 @@ from cellfm_sc.nn.config import CellFMConfig
 from cellfm_sc.nn.trunk import CellFMTrunk
 
 __all__ = [
+    "NUM_HEADS_ENTRY",
     "LoadReport",
     "check_state_values",
     "detect_variant",
@@ -35,6 +36,7 @@ __all__ = [
     "load_trunk_state",
     "save_trunk_mindspore",
     "split_state",
+    "stored_num_heads",
     "to_mindspore_name",
     "to_torch_names",
     "trunk_from_mindspore",
@@ -54,8 +56,12 @@ _BOOKKEEPING_NAMES = frozenset(
         "last_overflow_iterator_step",
         "loss_scale",
         "accum_step",
+        "num_heads",
     }
 )
+#: bookkeeping entry (an integer scalar) in which cellfm-sc's exports record the number of
+#: retention heads, which the shapes cannot tell; MindSpore's loaders leave it unloaded
+NUM_HEADS_ENTRY = "num_heads"
 _BOOKKEEPING_PREFIXES = ("moment1.", "moment2.", "moments.", "accum.", "adam_m.", "adam_v.")
 # top-level names of a trunk parameter (after any wrapper prefix is stripped)
 _TOP_LEVEL = frozenset(
@@ -167,14 +173,49 @@ def _shape(t: Any) -> tuple[int, ...]:
     return tuple(int(s) for s in t.shape)
 
 
+def stored_num_heads(state: Mapping[str, Any]) -> int | None:
+    """The retention heads recorded in a checkpoint's ``num_heads`` entry, or ``None``.
+
+    cellfm-sc writes that entry when it exports a trunk
+    (``save_trunk_mindspore(..., record_num_heads=True)``); other checkpoints lack it.
+
+    Raises
+    ------
+    ValueError
+        If the entry is not one positive integer.
+    """
+    if NUM_HEADS_ENTRY not in state:
+        return None
+    arr = np.asarray(state[NUM_HEADS_ENTRY])
+    if arr.size != 1 or arr.dtype.kind not in "iu" or int(arr.reshape(-1)[0]) < 1:
+        raise ValueError(
+            f"the checkpoint's {NUM_HEADS_ENTRY!r} entry should be one positive integer, got "
+            f"{arr.dtype} of shape {arr.shape}"
+        )
+    return int(arr.reshape(-1)[0])
+
+
 def infer_config(
-    model: Mapping[str, Any], num_heads: int | None = None, **overrides: Any
+    model: Mapping[str, Any],
+    num_heads: int | None = None,
+    *,
+    stored_heads: int | None = None,
+    **overrides: Any,
 ) -> tuple[CellFMConfig, int]:
     """Config and gene-embedding rows from torch-named model tensors.
 
-    ``num_heads`` cannot be read from shapes: it defaults to 48 when ``enc_dims`` is 1536
-    (both released models) and is required otherwise.
+    ``num_heads`` cannot be read from shapes: it defaults to the heads the checkpoint
+    records (``stored_heads``, see :func:`stored_num_heads`), else to 48 when ``enc_dims`` is
+    1536 (both released models), and is required otherwise. A ``num_heads`` that contradicts
+    ``stored_heads`` is an error.
     """
+    if num_heads is not None and stored_heads is not None and int(num_heads) != stored_heads:
+        raise ValueError(
+            f"num_heads={num_heads} contradicts the checkpoint, which records {stored_heads} "
+            "retention heads; leave num_heads unset"
+        )
+    if num_heads is None:
+        num_heads = stored_heads
     for required in ("gene_emb", "cls_token"):
         if required not in model:
             raise ValueError(
@@ -403,7 +444,8 @@ def trunk_from_mindspore(
     path
         MindSpore checkpoint (variants A, A', B; optimizer entries are skipped).
     num_heads
-        Retention heads; cannot be read from shapes, defaults to 48 only for
+        Retention heads; cannot be read from shapes, defaults to the checkpoint's recorded
+        ``num_heads`` entry (:func:`stored_num_heads`), else to 48 only for
         ``enc_dims == 1536``.
     max_abs
         Refuse a model tensor with ``|value| > max_abs`` (``None``: no magnitude check);
@@ -432,7 +474,9 @@ def trunk_from_mindspore(
     state = read_mindspore_checkpoint(path)
     check_state_values(state, max_abs=max_abs, source=path)
     model, _, _ = split_state(state)
-    cfg, rows = infer_config(model, num_heads=num_heads, **overrides)
+    cfg, rows = infer_config(
+        model, num_heads=num_heads, stored_heads=stored_num_heads(state), **overrides
+    )
     trunk = CellFMTrunk(cfg, n_genes=rows - 1, emb_rows=rows)
     report = load_trunk_state(trunk, state, source=str(path), check=False)
     trunk.load_report = report
@@ -446,7 +490,11 @@ def trunk_from_mindspore(
 
 
 def save_trunk_mindspore(
-    trunk: CellFMTrunk, path: str | os.PathLike[str], *, crc: bool = False
+    trunk: CellFMTrunk,
+    path: str | os.PathLike[str],
+    *,
+    crc: bool = False,
+    record_num_heads: bool = False,
 ) -> None:
     """Write ``trunk`` as a variant-A MindSpore ``.ckpt`` (what the original code loads).
 
@@ -457,8 +505,9 @@ def save_trunk_mindspore(
     ``value_enc.value_enc.{a, w1, w3, table}``, ``encoder.{i}.*``, ``value_dec.*``,
     ``cellwise_dec.*`` (golden manifests ``manifest_80M_*.json``). A trunk without
     ``zero_emb``/decoders gives the annotation Backbone's set (variant A'), a variant-B trunk
-    adds ``ST_emb``/``ST_enc.*``. :func:`~cellfm_sc.io.trunk_from_mindspore` reads the file back into an
-    identical trunk (``num_heads`` must be given unless ``enc_dims == 1536``).
+    adds ``ST_emb``/``ST_enc.*``. :func:`~cellfm_sc.io.trunk_from_mindspore` reads the file
+    back into an identical trunk (``num_heads`` must be given unless ``enc_dims == 1536`` or the
+    file records it, see ``record_num_heads``).
 
     Parameters
     ----------
@@ -468,6 +517,11 @@ def save_trunk_mindspore(
         Destination, written atomically (:func:`~cellfm_sc.io.write_mindspore_checkpoint`).
     crc
         Append MindSpore's ``crc_num`` trailer.
+    record_num_heads
+        Also write the integer entry ``num_heads`` (:data:`NUM_HEADS_ENTRY`, after the
+        parameters), so that readers need no ``num_heads=`` for a trunk of another width than
+        the released 1536 (:func:`stored_num_heads`). MindSpore's ``load_param_into_net``
+        leaves it unloaded, as it does the ``epoch_num`` entries of ``append_dict``.
 
     Raises
     ------
@@ -509,4 +563,6 @@ def save_trunk_mindspore(
         to_mindspore_name(name): param.detach().to(device="cpu", dtype=torch.float32)
         for name, param in own.items()
     }
+    if record_num_heads:
+        tensors[NUM_HEADS_ENTRY] = np.asarray(int(trunk.config.num_heads), dtype=np.int64)
     write_mindspore_checkpoint(path, tensors, crc=crc)

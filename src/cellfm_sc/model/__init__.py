@@ -1,8 +1,8 @@
 """The model classes, their torch modules and the training core they share.
 
-``CellFMClassifier`` (which imports scvi-tools and Lightning) is resolved on first access,
-so the torch module can be used where scvi-tools is not installed (e.g. a bare GPU benchmark
-machine).
+``CellFMClassifier`` and ``CellFMPretrainer`` (which import scvi-tools and Lightning) are
+resolved on first access, so the torch modules can be used where scvi-tools is not installed
+(e.g. a bare GPU benchmark machine).
 """
 
 from __future__ import annotations
@@ -10,15 +10,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from cellfm_sc.model._module import CellFMClassifierModule
+from cellfm_sc.model._pretrain_module import CellFMPretrainModule, select_masked_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from cellfm_sc.model._base import auto_lr
     from cellfm_sc.model._classifier import CellFMClassifier
+    from cellfm_sc.model._pretrainer import CellFMPretrainer
 
-__all__ = ["CellFMClassifier", "CellFMClassifierModule", "auto_lr"]
+__all__ = [
+    "CellFMClassifier",
+    "CellFMClassifierModule",
+    "CellFMPretrainModule",
+    "CellFMPretrainer",
+    "auto_lr",
+    "select_masked_tokens",
+]
 
 _LAZY = {
     "CellFMClassifier": "cellfm_sc.model._classifier",
+    "CellFMPretrainer": "cellfm_sc.model._pretrainer",
     "auto_lr": "cellfm_sc.model._base",
 }
 

@@ -1,0 +1,415 @@
+"""``cellfm-sc pretrain``: CellFM's masked-value pretraining on unlabelled ``.h5ad`` files."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cellfm_sc import __version__
+from cellfm_sc._constants import EMBEDDING_INITS, LR_SCHEDULES, PRECISIONS, PRESET_NAMES
+from cellfm_sc.cli._common import (
+    CLIError,
+    Console,
+    Formatter,
+    RunDirectory,
+    add_diagnostics,
+    devices_type,
+    existing_file,
+    fraction_type,
+    lr_type,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    quiet_libraries,
+    read_h5ad,
+    writable_dir,
+)
+
+__all__ = ["add_parser", "gene_symbol_columns", "run"]
+
+OUTPUT_FILES = (
+    ("cellfm.ckpt", "MindSpore checkpoint (variant A; --checkpoint of finetune)"),
+    ("gene_info.csv", "its gene vocabulary (--vocabulary of finetune)"),
+    ("model/", "saved model (CellFMPretrainer.load)"),
+    ("history.json", "masked loss per epoch and run facts"),
+    ("loss_curve.png", "loss curves"),
+    ("config_resolved.json", "options used"),
+)
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain CellFM on unlabelled .h5ad files (masked values) and export a checkpoint",
+        description="Pretrain CellFM with its masked-value objective on one or more unlabelled "
+        ".h5ad files (raw counts; read backed, never concatenated; one gene vocabulary over "
+        "the union of their gene symbols), from scratch (--preset) or continued from a "
+        "checkpoint (--checkpoint, --vocabulary), and write into --output-dir:\n"
+        "  cellfm.ckpt               MindSpore checkpoint (variant A)\n"
+        "  gene_info.csv             its vocabulary (symbol first; token id = row + 1)\n"
+        "  model/                    the saved model (CellFMPretrainer.load)\n"
+        "  history.json              masked loss per epoch, run facts\n"
+        "  loss_curve.png            loss curves\n"
+        "  checkpoint_epoch_N.pth    one per epoch (for --resume)\n"
+        "Fine-tune from it with: cellfm-sc finetune DATA.h5ad --checkpoint OUT/cellfm.ckpt "
+        "--vocabulary OUT/gene_info.csv --embedding-init transfer ...\n"
+        "Example:\n"
+        "  cellfm-sc pretrain atlas_a.h5ad atlas_b.h5ad --gene-symbols "
+        "atlas_b.h5ad=gene_names --preset small --epochs 5 -o runs/pretrain",
+        formatter_class=Formatter,
+    )
+    p.add_argument("data", metavar="DATA.h5ad", nargs="+", help="input AnnData files (.h5ad)")
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--layer", default=None, help="adata.layers key holding raw counts in every file"
+    )
+    data.add_argument(
+        "--use-raw",
+        action="store_true",
+        help="raw counts are in adata.raw.X in every file (the CELLxGENE layout)",
+    )
+    data.add_argument(
+        "--gene-symbols",
+        metavar="[FILE=]COLUMN",
+        action="append",
+        default=[],
+        help="var column of gene symbols: FILE=COLUMN for one file (e.g. Ensembl var_names "
+        "with symbols in var['gene_names']), or COLUMN for every file that has that column; "
+        "repeatable. Other files use their var_names",
+    )
+    model = p.add_argument_group("model")
+    model.add_argument(
+        "--preset",
+        choices=PRESET_NAMES,
+        default=None,
+        help="trunk size to pretrain from scratch (randomly initialised)",
+    )
+    model.add_argument(
+        "--checkpoint",
+        metavar="CKPT",
+        default=None,
+        help="MindSpore CellFM checkpoint to continue pretraining from",
+    )
+    model.add_argument(
+        "--vocabulary", metavar="CSV", default=None, help="the checkpoint's gene vocabulary"
+    )
+    model.add_argument(
+        "--embedding-init",
+        choices=EMBEDDING_INITS,
+        default=None,
+        help="gene embedding of the corpus' genes: transfer the checkpoint's rows (default "
+        "with --vocabulary) or random",
+    )
+    model.add_argument(
+        "--num-heads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="retention heads of the checkpoint (default: recorded in it, or 48 at width 1536)",
+    )
+    model.add_argument(
+        "--max-tokens",
+        metavar="N",
+        type=positive_int,
+        default=2048,
+        help="expressed genes per cell fed to the model (sampled when a cell has more)",
+    )
+    model.add_argument(
+        "--mask-ratio",
+        metavar="R",
+        type=fraction_type,
+        default=0.2,
+        help="share of each cell's genes whose values are predicted (80%% of them hidden)",
+    )
+    train = p.add_argument_group("training")
+    train.add_argument("--epochs", metavar="N", type=positive_int, default=10, help="epochs")
+    train.add_argument(
+        "--batch-size", metavar="N", type=positive_int, default=32, help="cells per batch"
+    )
+    train.add_argument(
+        "--lr",
+        type=lr_type,
+        default="auto",
+        help="learning rate (AdamW); auto: 1e-3 from scratch, the checkpoint's fine-tuning "
+        "rate when continuing",
+    )
+    train.add_argument(
+        "--lr-schedule", choices=LR_SCHEDULES, default="warmup_cosine", help="schedule"
+    )
+    train.add_argument(
+        "--weight-decay", metavar="WD", type=non_negative_float, default=1e-5, help="AdamW"
+    )
+    train.add_argument(
+        "--validation-size",
+        metavar="F",
+        type=fraction_type,
+        default=0.05,
+        help="fraction of every file's cells held out to score the masked loss",
+    )
+    train.add_argument(
+        "--early-stopping", action="store_true", help="stop when the validation loss stalls"
+    )
+    train.add_argument(
+        "--patience", metavar="N", type=non_negative_int, default=3, help="early stopping"
+    )
+    train.add_argument("--seed", metavar="N", type=int, default=0, help="seed of everything")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint_epoch_*.pth in --output-dir",
+    )
+    hw = p.add_argument_group("hardware")
+    hw.add_argument(
+        "--accelerator",
+        default="auto",
+        choices=("auto", "cpu", "gpu", "cuda", "mps", "tpu"),
+        help="Lightning accelerator",
+    )
+    hw.add_argument(
+        "--devices", metavar="D", type=devices_type, default="auto", help="devices (DDP if >1)"
+    )
+    hw.add_argument("--strategy", metavar="NAME", default=None, help="Lightning strategy")
+    hw.add_argument(
+        "--precision",
+        default=None,
+        choices=PRECISIONS,
+        help="default: bf16-mixed on GPUs that support it, else 32",
+    )
+    hw.add_argument(
+        "--num-workers", metavar="N", type=non_negative_int, default=0, help="loader workers"
+    )
+    hw.add_argument(
+        "--gradient-checkpointing", action="store_true", help="less GPU memory, more time"
+    )
+    out = p.add_argument_group("output")
+    out.add_argument("--output-dir", "-o", metavar="OUT", required=True, help="output directory")
+    add_diagnostics(p)
+    p.set_defaults(handler=run)
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# validation before any work
+# --------------------------------------------------------------------------------------------
+
+
+def gene_symbol_columns(specs: list[str], files: list[Path]) -> tuple[dict[Path, str], list[str]]:
+    """``--gene-symbols`` values: ``({file: column}, [columns for every file that has them])``."""
+    per_file: dict[Path, str] = {}
+    everywhere: list[str] = []
+    for spec in specs:
+        name, sep, column = spec.rpartition("=")
+        if not sep:
+            everywhere.append(spec)
+            continue
+        if not column or not name:
+            raise CLIError(f"--gene-symbols {spec!r}: expected FILE=COLUMN or COLUMN")
+        target = Path(name).expanduser()
+        hits = [
+            f
+            for f in files
+            if f == target or f.resolve() == target.resolve() or f.name == target.name
+        ]
+        if not hits:
+            raise CLIError(
+                f"--gene-symbols {spec!r}: {name} is not one of the input files "
+                f"({', '.join(f.name for f in files)})"
+            )
+        for f in hits:
+            per_file[f] = column
+    return per_file, everywhere
+
+
+def _newest_checkpoint(out: Path) -> Path | None:
+    from cellfm_sc.cli.finetune import newest_checkpoint
+
+    return newest_checkpoint(out)
+
+
+def validate(opts: dict[str, Any]) -> tuple[list[Path], Path | None]:
+    if opts.get("checkpoint") is None and opts.get("preset") is None:
+        raise CLIError(
+            "pass --preset {" + ",".join(PRESET_NAMES) + "} (pretrain from scratch) or "
+            "--checkpoint CKPT (continue a CellFM checkpoint)"
+        )
+    if opts.get("checkpoint") is not None:
+        existing_file(opts["checkpoint"], "checkpoint")
+    if opts.get("vocabulary") is not None:
+        if opts.get("checkpoint") is None:
+            raise CLIError("--vocabulary belongs to a --checkpoint; pass both")
+        existing_file(opts["vocabulary"], "vocabulary file")
+    if opts.get("embedding_init") == "transfer" and opts.get("vocabulary") is None:
+        raise CLIError("--embedding-init transfer needs --checkpoint and --vocabulary")
+    if opts.get("mask_ratio") == 0:
+        raise CLIError("--mask-ratio must be above 0")
+    if opts.get("layer") and opts.get("use_raw"):
+        raise CLIError("pass either --layer or --use-raw: the counts are in one of them")
+    files = [existing_file(f, "data file") for f in opts["data"]]
+    seen: dict[Path, Path] = {}
+    for f in files:
+        key = f.resolve()
+        if key in seen:
+            raise CLIError(f"data file {f} is given twice")
+        seen[key] = f
+    out = writable_dir(opts["output_dir"], "--output-dir")
+    resume = None
+    if opts.get("resume"):
+        resume = _newest_checkpoint(out) if out.is_dir() else None
+        if resume is None:
+            raise CLIError(f"--resume: no checkpoint_epoch_*.pth in {out} to continue from")
+        from cellfm_sc.cli.finetune import check_resume_file
+
+        check_resume_file(resume)
+    return files, resume
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------
+
+
+def _open(files: list[Path], opts: dict[str, Any], con: Console) -> list[Any]:
+    """Open every file backed and set it up (layer, raw, its gene symbols column)."""
+    from cellfm_sc.model import CellFMPretrainer
+
+    per_file, everywhere = gene_symbol_columns(list(opts.get("gene_symbols") or []), files)
+    members = []
+    for f in files:
+        adata = read_h5ad(f, backed=True)
+        var = adata.raw.var if opts.get("use_raw") and adata.raw is not None else adata.var
+        column = per_file.get(f)
+        if column is None:
+            column = next((c for c in everywhere if c in var.columns), None)
+        elif column not in var.columns:
+            raise CLIError(
+                f"--gene-symbols {f.name}={column}: no var column {column!r} in {f}; columns: "
+                f"{list(map(str, var.columns))}"
+            )
+        try:
+            CellFMPretrainer.setup_anndata(
+                adata,
+                layer=opts.get("layer"),
+                use_raw=bool(opts.get("use_raw")),
+                gene_symbols=column,
+            )
+        except (ValueError, KeyError) as exc:
+            raise type(exc)(f"{f.name}: {exc.args[0] if exc.args else exc}") from exc
+        con.info(
+            f"{f.name}: {adata.n_obs:,} cells x {adata.n_vars:,} genes"
+            + (f", symbols from var[{column!r}]" if column else "")
+        )
+        members.append(adata)
+    return members
+
+
+def run(args: argparse.Namespace, con: Console) -> int:
+    opts = {k: v for k, v in vars(args).items() if k not in ("handler", "command")}
+    started = time.perf_counter()
+    files, resume = validate(opts)
+    out = Path(opts["output_dir"]).expanduser()
+    if opts.get("checkpoint"):
+        from cellfm_sc.cli.finetune import check_checkpoint
+
+        check_checkpoint(opts["checkpoint"])
+    quiet_libraries(bool(opts.get("quiet")))
+    members = _open(files, opts, con)
+    run_dir = RunDirectory(out)
+    with run_dir.transaction(sys.argv[1:]):
+        facts = _run(opts, con, members, run_dir, resume)
+    con.result(f"done in {time.perf_counter() - started:.0f} s; {facts['summary']}")
+    con.result(f"output directory: {out}")
+    for name, what in OUTPUT_FILES:
+        con.result(f"  {name:<26} {what}")
+    n_ckpt = len(list(out.glob("checkpoint_epoch_*.pth")))
+    if n_ckpt:
+        con.result(f"  {'checkpoint_epoch_*.pth':<26} {n_ckpt} per-epoch checkpoint(s)")
+    return 0
+
+
+def _run(
+    opts: dict[str, Any],
+    con: Console,
+    members: list[Any],
+    run_dir: RunDirectory,
+    resume: Path | None,
+) -> dict[str, Any]:
+    from cellfm_sc._atomic import write_json_atomic
+    from cellfm_sc._json import to_plain
+    from cellfm_sc.model import CellFMPretrainer
+    from cellfm_sc.plotting import pretraining_curves
+
+    work, out = run_dir.work, run_dir.out
+    resolved = {k: v for k, v in opts.items() if k != "data"}
+    resolved.update(
+        data=[str(f) for f in opts["data"]],
+        command="pretrain",
+        cellfm_sc_version=__version__,
+        resume_from=str(resume) if resume else None,
+    )
+    write_json_atomic(work / "config_resolved.json", to_plain(resolved))
+    embedding_init = opts.get("embedding_init") or (
+        "transfer" if opts.get("vocabulary") else "random"
+    )
+    model = CellFMPretrainer(
+        members,
+        checkpoint=opts.get("checkpoint"),
+        vocabulary_file=opts.get("vocabulary"),
+        embedding_init=embedding_init,
+        preset=opts.get("preset") if not opts.get("checkpoint") else None,
+        num_heads=opts.get("num_heads"),
+        max_tokens=opts["max_tokens"],
+        mask_ratio=opts["mask_ratio"],
+        seed=opts["seed"],
+    )
+    con.info(model.summary)
+    patience = opts.get("patience", 3)
+    model.train(
+        max_epochs=opts["epochs"],
+        batch_size=opts["batch_size"],
+        lr=opts["lr"],
+        weight_decay=opts["weight_decay"],
+        validation_size=opts["validation_size"],
+        early_stopping=bool(opts.get("early_stopping")) and patience > 0,
+        patience=max(patience, 1),
+        lr_schedule=opts["lr_schedule"],
+        precision=opts.get("precision"),
+        accelerator=opts["accelerator"],
+        devices=opts["devices"],
+        strategy=opts.get("strategy"),
+        num_workers=opts["num_workers"],
+        gradient_checkpointing=bool(opts.get("gradient_checkpointing")),
+        checkpoint_dir=str(out),
+        resume_from=str(resume) if resume else None,
+        logger=False,
+        enable_progress_bar=not opts.get("quiet"),
+    )
+    if model.global_rank_ != 0:
+        return {"summary": f"rank {model.global_rank_}"}
+    model.export_mindspore(work, overwrite=True)
+    model.save(str(work / "model"), overwrite=True)
+    history = model.history
+    facts = {
+        "history": history.to_dict("list"),
+        "best_epoch": model.best_epoch_,
+        "train_settings": model.train_settings_,
+        "n_genes": int(model.vocab.n_genes),
+        "config": model.module.trunk.config.to_dict(),
+        "corpus": [str(f) for f in opts["data"]],
+        "checkpoint": model.pretrained_report_,
+    }
+    write_json_atomic(work / "history.json", to_plain(facts, finite=False))
+    pretraining_curves(
+        history, title="masked-value pretraining", show=False, save=work / "loss_curve.png"
+    )
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    last = history.iloc[-1]
+    val = last.get("validation_loss")
+    summary = f"{len(history)} epoch(s), final train loss {last['train_loss']:.4f}"
+    if val is not None and val == val:
+        summary += f", validation loss {val:.4f} (best epoch {model.best_epoch_})"
+    return {"summary": summary}

@@ -1,0 +1,284 @@
+"""A pretraining corpus: several AnnData (files read in place) over one gene vocabulary.
+
+* :func:`member_gene_names`: the vocabulary name of every column of one member's count matrix
+  (its gene symbols; a column without a symbol, or repeating an earlier column's symbol, keeps
+  its ``var_name``, so no column is dropped and no two columns share a token);
+* :func:`member_ensembl_ids`: the Ensembl id of every column where the member has them (its
+  ``var_names`` when symbols come from a column, else a ``gene_ids``-like column), so the
+  exported vocabulary can carry them;
+* :func:`union_genes`: the corpus vocabulary, the union of the members' names in order of
+  first appearance;
+* :class:`CorpusDataModule`: training and validation loaders over every member, each batch
+  from one member (its own :class:`~cellfm_sc.data.CellDataset` with the member's
+  ``gene_id_map`` into the union vocabulary), batches of all members interleaved at random
+  every epoch. Nothing is concatenated or copied: memory holds the index arrays only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from cellfm_sc.data import CellBatchSampler, CellDataset, TokenBatch, matrix_var_names
+
+__all__ = [
+    "CorpusDataModule",
+    "CorpusMember",
+    "looks_ensembl",
+    "member_ensembl_ids",
+    "member_gene_names",
+    "union_genes",
+]
+
+_ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+
+
+def looks_ensembl(names: Sequence[str] | np.ndarray) -> bool:
+    """Whether most names (> 50%) are Ensembl gene ids (``ENSG00000141510``, ``ENSMUSG...``)."""
+    names = [str(n) for n in names]
+    if not names:
+        return False
+    hits = sum(bool(_ENSEMBL_RE.match(n)) for n in names)
+    return hits > len(names) / 2
+
+
+def member_gene_names(
+    adata: Any, *, use_raw: bool = False, gene_symbols: str | None = None
+) -> np.ndarray:
+    """Vocabulary name of every column of ``adata``'s count matrix, unique, object ``(n_vars,)``.
+
+    Parameters
+    ----------
+    adata
+        AnnData (in memory or backed).
+    use_raw
+        The counts are in ``adata.raw.X`` (names from ``adata.raw.var``).
+    gene_symbols
+        ``var`` column holding gene symbols (e.g. ``"gene_names"`` when ``var_names`` are
+        Ensembl ids). A column whose symbol is missing, empty, or repeats an earlier
+        column's symbol keeps its ``var_name`` instead. Default: the ``var_names``.
+    """
+    var_names = np.asarray([str(v) for v in matrix_var_names(adata, use_raw=use_raw)], dtype=object)
+    if gene_symbols is None:
+        return var_names
+    var = adata.raw.var if use_raw else adata.var
+    symbols = var[gene_symbols]
+    missing = symbols.isna().to_numpy()
+    text = np.asarray([str(s).strip() for s in symbols], dtype=object)
+    missing |= text == ""
+    names = np.where(missing, var_names, text)
+    repeated = pd.Index(names).duplicated(keep="first")
+    names = np.where(repeated, var_names, names)
+    # a var_name equal to another column's symbol would still collide: keep the first
+    clash = pd.Index(names).duplicated(keep="first")
+    if clash.any():
+        names = np.where(clash, [f"{v}#{i}" for i, v in enumerate(var_names)], names)
+    return names.astype(object)
+
+
+#: ``var`` columns that commonly hold Ensembl ids beside symbol ``var_names`` (10x: gene_ids)
+_ENSEMBL_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_ids", "ensembl")
+
+
+def member_ensembl_ids(
+    adata: Any, *, use_raw: bool = False, gene_symbols: str | None = None
+) -> np.ndarray | None:
+    """Ensembl id of every column of ``adata``'s count matrix, or ``None`` when unknown.
+
+    With ``gene_symbols`` the ``var_names`` are the ids if they look like Ensembl ids;
+    otherwise the first of ``gene_ids``, ``gene_id``, ``ensembl_id``, ``ensembl_ids``,
+    ``ensembl`` (``var`` columns) whose values look like Ensembl ids. Object array
+    ``(n_vars,)`` (``None`` where an entry is missing).
+    """
+    var = adata.raw.var if use_raw else adata.var
+    candidates = []
+    if gene_symbols is not None:
+        candidates.append(np.asarray(matrix_var_names(adata, use_raw=use_raw), dtype=object))
+    candidates += [var[c].to_numpy(dtype=object) for c in _ENSEMBL_COLUMNS if c in var.columns]
+    for values in candidates:
+        text = np.asarray(["" if pd.isna(v) else str(v) for v in values], dtype=object)
+        if looks_ensembl(text):
+            return np.where(text == "", None, text)
+    return None
+
+
+def union_genes(name_lists: Sequence[np.ndarray]) -> list[str]:
+    """The genes of every list, each once, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for names in name_lists:
+        for n in names:
+            seen.setdefault(str(n), None)
+    return list(seen)
+
+
+@dataclass
+class CorpusMember:
+    """One AnnData of a corpus and how it is read.
+
+    Attributes
+    ----------
+    adata
+        The AnnData (in memory or backed); never modified.
+    name
+        How messages call it (its file name, or ``adata[i]``).
+    layer, use_raw, gene_symbols
+        Where its counts and gene symbols are (its ``setup_anndata`` arguments).
+    gene_id_map
+        int64 ``(n_vars,)``: token id in the corpus vocabulary of every matrix column.
+    train, validation
+        int64 obs rows of the member in each part of the split (set by ``train()``).
+    """
+
+    adata: Any
+    name: str
+    layer: str | None
+    use_raw: bool
+    gene_symbols: str | None
+    gene_id_map: np.ndarray
+    train: np.ndarray | None = None
+    validation: np.ndarray | None = None
+
+    @property
+    def n_obs(self) -> int:
+        return int(self.adata.n_obs)
+
+
+class _CorpusDataset(Dataset):
+    """``dataset[(member, epoch, rows, weight)] -> TokenBatch`` of that member's rows."""
+
+    def __init__(self, datasets: Sequence[CellDataset]) -> None:
+        self.datasets = list(datasets)
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.datasets)
+
+    def __getitem__(self, request: tuple[int, int, np.ndarray, float]) -> TokenBatch:
+        member, epoch, rows, weight = request
+        return self.datasets[member][(epoch, rows, weight)]
+
+
+class _CorpusSampler(Sampler):
+    """Every member's batches (each member's own :class:`CellBatchSampler`), interleaved.
+
+    Training: the batches of all members are permuted at random every epoch (seeded by
+    ``(seed, epoch)``). Evaluation: member by member, in order. Under distributed training
+    each member's sampler already gives every rank the same number of batches, so the ranks
+    run the same number of steps.
+    """
+
+    def __init__(self, samplers: Sequence[CellBatchSampler], shuffle: bool, seed: int) -> None:
+        self.samplers = list(samplers)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        for s in self.samplers:
+            s.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.samplers)
+
+    def __iter__(self) -> Iterator[tuple[int, int, np.ndarray, float]]:
+        items = [
+            (m, self.epoch, rows, weight)
+            for m, s in enumerate(self.samplers)
+            for rows, weight in s.iter_weighted()
+        ]
+        if self.shuffle and items:
+            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, 0x636F])
+            items = [items[i] for i in rng.permutation(len(items))]
+        yield from items
+
+
+class CorpusDataModule(pl.LightningDataModule):
+    """Train/validation loaders over a corpus, built at fit time, sharded by rank.
+
+    Parameters
+    ----------
+    members
+        The corpus (each with ``train`` / ``validation`` rows and ``gene_id_map``).
+    batch_size, max_tokens, seed
+        As for :func:`~cellfm_sc.data.make_dataloader`. Member ``i`` draws its tokens with
+        seed ``seed + i`` (distinct streams for equal row numbers in different files).
+    num_workers
+        DataLoader worker processes (backed files are reopened in each worker).
+    """
+
+    def __init__(
+        self,
+        members: Sequence[CorpusMember],
+        *,
+        batch_size: int,
+        max_tokens: int,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.members = list(members)
+        self.batch_size = int(batch_size)
+        self.max_tokens = int(max_tokens)
+        self.seed = int(seed)
+        self.num_workers = int(num_workers)
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def loader(self, train: bool) -> DataLoader:
+        """The training (``train=True``) or validation loader."""
+        rank, world = self._rank()
+        datasets, samplers = [], []
+        for i, m in enumerate(self.members):
+            rows = m.train if train else m.validation
+            rows = np.zeros(0, dtype=np.int64) if rows is None else rows
+            ds = CellDataset(
+                m.adata,
+                rows,
+                layer=m.layer,
+                use_raw=m.use_raw,
+                max_tokens=self.max_tokens,
+                train=train,
+                seed=self.seed + i,
+                gene_id_map=m.gene_id_map,
+            )
+            datasets.append(ds)
+            samplers.append(
+                CellBatchSampler(
+                    ds.indices,
+                    self.batch_size,
+                    shuffle=train,
+                    seed=self.seed + i,
+                    lengths=ds.lengths(),
+                    rank=rank,
+                    world_size=world,
+                    exact=not train,
+                )
+            )
+        return DataLoader(
+            _CorpusDataset(datasets),
+            batch_size=None,
+            sampler=_CorpusSampler(samplers, shuffle=train, seed=self.seed),
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader(train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader(train=False)
+
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        return batch.to(device, non_blocking=True) if hasattr(batch, "to") else batch

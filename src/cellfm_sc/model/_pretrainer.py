@@ -1,0 +1,837 @@
+"""``CellFMPretrainer``: CellFM's masked-value objective on unlabelled cells (module + plan +
+user API), over one AnnData or a corpus of several files read in place."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import LayerField
+
+from cellfm_sc._constants import LR_SCHEDULES
+from cellfm_sc.data import DataSplit, TokenBatch, check_counts, get_matrix
+from cellfm_sc.model._base import CellFMModel, auto_lr, model_not_set_up
+from cellfm_sc.model._core import StepOutput, TrainingPlan, check_training_numbers
+from cellfm_sc.model._corpus import (
+    CorpusDataModule,
+    CorpusMember,
+    looks_ensembl,
+    member_ensembl_ids,
+    member_gene_names,
+    union_genes,
+)
+from cellfm_sc.model._pretrain_module import CellFMPretrainModule
+from cellfm_sc.nn import CellFMConfig, CellFMTrunk
+from cellfm_sc.vocab import GeneVocab
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CHECKPOINT_FILE", "VOCABULARY_FILE", "CellFMPretrainer", "PretrainingPlan"]
+
+#: file names written by :meth:`CellFMPretrainer.export_mindspore`
+CHECKPOINT_FILE = "cellfm.ckpt"
+VOCABULARY_FILE = "gene_info.csv"
+#: seed offset of the validation masks (fixed, so validation losses compare across epochs)
+_VALIDATION_STREAM = 0x5EED
+
+
+# --------------------------------------------------------------------------------------------
+# training plan: the masked-value loss and its metrics
+# --------------------------------------------------------------------------------------------
+
+
+class PretrainingPlan(TrainingPlan):
+    """Masked-value loss; exact epoch metrics over every selected token.
+
+    Training draws fresh masks every step; validation draws them from a generator reset to
+    ``seed`` at the start of every validation run, so each validation cell gets the same
+    masks every epoch and the validation loss is comparable across epochs.
+
+    Metrics (history columns ``train_<k>`` / ``validation_<k>``): ``loss`` (value MSE +
+    cellwise MSE, plus the zero BCE terms when they apply), ``value_mse``, ``cellwise_mse``,
+    all over the selected tokens of the epoch (sums, reduced across processes). The sums
+    ``"loss"``/``"tokens"`` are token sums, not cell sums; ``"n"`` counts cells.
+
+    Parameters
+    ----------
+    module
+        The pretraining module.
+    seed
+        Seed of the validation masks.
+    **kwargs
+        :class:`~cellfm_sc.model._core.TrainingPlan` settings (lr, schedule, ...).
+    """
+
+    def __init__(self, module: CellFMPretrainModule, *, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(module, **kwargs)
+        self.seed = int(seed)
+        self._generator: torch.Generator | None = None
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._generator = torch.Generator(device=self.device)
+        self._generator.manual_seed(self.seed + _VALIDATION_STREAM)
+
+    def step(self, batch: TokenBatch, stage: str) -> StepOutput:
+        generator = None if stage == "train" else self._generator
+        _, parts = self.module.masked_loss(batch, generator)
+        weight = batch.weight.to(parts.loss.dtype)
+        sums = {
+            "loss": (parts.se_value + parts.se_cell + parts.bce).detach(),
+            "se_value": parts.se_value.detach(),
+            "se_cell": parts.se_cell.detach(),
+            "tokens": parts.n_selected.detach(),
+            "n": weight.sum(),
+        }
+        return StepOutput(loss=parts.loss, sums=sums)
+
+    def metrics_from_sums(self, sums: Mapping[str, float]) -> dict[str, float]:
+        tokens = sums.get("tokens", 0.0)
+        if not tokens:
+            return {"loss": float("nan"), "value_mse": float("nan"), "cellwise_mse": float("nan")}
+        return {
+            "loss": sums["loss"] / tokens,
+            "value_mse": sums["se_value"] / tokens,
+            "cellwise_mse": sums["se_cell"] / tokens,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# the model class
+# --------------------------------------------------------------------------------------------
+
+
+class CellFMPretrainer(CellFMModel):
+    """Pretrain CellFM (or continue its pretraining) on unlabelled cells.
+
+    The objective is CellFM's masked-value loss (DESIGN.md section 7): in every cell,
+    ``round(mask_ratio * n_genes)`` expressed genes are selected; 80% of them have their
+    value hidden (the gene stays), and the value decoder (per token) and the cellwise
+    decoder (from the cell embedding) predict the normalised values of the selected genes.
+    :meth:`export_mindspore` writes the result as a CellFM checkpoint + vocabulary that
+    :class:`~cellfm_sc.CellFMClassifier` fine-tunes from (``embedding_init="transfer"``).
+
+    Parameters
+    ----------
+    adata
+        One AnnData registered with :meth:`setup_anndata`, an ``.h5ad`` path, or a list of
+        them: a corpus. Paths are opened ``backed="r"`` and set up with the defaults (raw
+        counts in ``X``, gene symbols as ``var_names``); a file that needs other settings
+        (a ``layer``, ``use_raw``, a ``gene_symbols`` column because its ``var_names`` are
+        Ensembl ids) is opened and set up by you and passed as the AnnData::
+
+            lung = anndata.read_h5ad("delorey.h5ad", backed="r")
+            CellFMPretrainer.setup_anndata(lung, gene_symbols="gene_names")
+            model = CellFMPretrainer(["liao.h5ad", lung, "pbmc3k.h5ad"], preset="small")
+
+        The vocabulary is the union of every member's gene symbols (first appearance order).
+        Members are read in place, batch by batch (never concatenated or copied).
+    checkpoint
+        A CellFM MindSpore ``.ckpt`` (variant A, with decoders) to continue pretraining from;
+        without it a randomly initialised trunk of ``preset`` is pretrained from scratch.
+    vocabulary_file
+        The checkpoint's gene vocabulary (needed for ``embedding_init="transfer"``).
+    embedding_init
+        ``"random"`` (default) or ``"transfer"`` (pretrained rows for genes the checkpoint
+        knows; continued pretraining usually wants this).
+    preset
+        Trunk size without a checkpoint: ``"tiny"``, ``"small"``, ``"80M"`` (default),
+        ``"800M"`` or a :class:`~cellfm_sc.nn.CellFMConfig`.
+    num_heads
+        Retention heads of the checkpoint (default: what it records, else 48 at width 1536).
+    max_tokens
+        Most expressed genes per cell (sampled by ``log1p(count)`` weight above it).
+    mask_ratio
+        Share of each cell's expressed genes selected for the loss (0.2 as CellFM).
+    seed
+        Seed of the initialisation, the split, the token draws and the validation masks.
+    trainable
+        What trains (see :class:`~cellfm_sc.CellFMClassifier`); ``"auto"`` (default) is the
+        whole trunk the objective uses: gene embedding, value encoder with its mask
+        embedding, cls token, retention layers and both decoders.
+    dropout
+        Dropout of the retention layers.
+    hgnc_table
+        Optional HGNC table for alias/previous-symbol mapping (``"transfer"``).
+    lora_rank, lora_alpha
+        LoRA settings for ``trainable="lora"``.
+
+    Examples
+    --------
+    >>> import anndata, cellfm_sc
+    >>> adata = anndata.read_h5ad("atlas.h5ad", backed="r")  # doctest: +SKIP
+    >>> cellfm_sc.CellFMPretrainer.setup_anndata(adata)  # doctest: +SKIP
+    >>> model = cellfm_sc.CellFMPretrainer(adata, preset="small", max_tokens=1024)  # doctest: +SKIP
+    >>> model.train(max_epochs=5, batch_size=32)  # doctest: +SKIP
+    >>> ckpt, vocab = model.export_mindspore("pretrained/")  # doctest: +SKIP
+    """
+
+    _module_cls = CellFMPretrainModule
+    _objective_params = ("value_dec.", "cellwise_dec.", "value_enc.mask_emb")
+
+    def __init__(
+        self,
+        adata: Any,
+        checkpoint: str | os.PathLike[str] | None = None,
+        vocabulary_file: str | os.PathLike[str] | None = None,
+        embedding_init: str = "random",
+        preset: str | CellFMConfig | None = None,
+        num_heads: int | None = None,
+        max_tokens: int = 2048,
+        mask_ratio: float = 0.2,
+        seed: int = 0,
+        trainable: str = "auto",
+        dropout: float = 0.1,
+        hgnc_table: str | os.PathLike[str] | None = None,
+        lora_rank: int = 8,
+        lora_alpha: int = 16,
+    ) -> None:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        if not isinstance(mask_ratio, int | float) or not 0.0 < float(mask_ratio) <= 1.0:
+            raise ValueError(f"mask_ratio must be a number in (0, 1], got {mask_ratio!r}")
+        members = self._open_corpus(adata)
+        super().__init__(members[0][0])
+        self._init_common()
+        self._read_setup_args()
+        self.max_tokens = int(max_tokens)
+        self.seed = int(seed)
+        self.mask_ratio_ = float(mask_ratio)
+        corpus = [self._member(a, name) for a, name in members]
+        _check_identifiers(corpus)
+        genes = union_genes([names for _, names in corpus])
+        trunk = self._build_trunk(
+            members[0][0],
+            checkpoint=checkpoint,
+            vocabulary_file=vocabulary_file,
+            num_heads=num_heads,
+            preset=preset,
+            embedding_init=embedding_init,
+            dropout=dropout,
+            seed=seed,
+            hgnc_table=hgnc_table,
+            genes=genes,
+        )
+        self.vocab = _with_ensembl_ids(self.vocab, corpus)
+        self.members_ = []
+        for member, names in corpus:
+            member.gene_id_map = self.vocab.ids(names)
+            self.members_.append(member)
+        self.corpus_names_ = [m.name for m in self.members_]
+        self.dropout_ = float(dropout)
+        module = CellFMPretrainModule(trunk, mask_ratio=self.mask_ratio_)
+        self._attach(module, trainable, lora_rank, lora_alpha)
+        self.init_params_ = self._get_init_params(locals())
+
+    # ----------------------------------------------------------------- setup_anndata
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: Any,
+        layer: str | None = None,
+        gene_symbols: str | None = None,
+        use_raw: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Register an AnnData of unlabelled cells (raw counts) for pretraining.
+
+        Parameters
+        ----------
+        adata
+            AnnData with raw counts in ``.X``, ``.layers[layer]`` or ``.raw.X`` (CSR, CSC,
+            dense or ``backed="r"``).
+        layer
+            Layer with the raw counts (default ``.X``).
+        gene_symbols
+            ``var`` column with gene symbols, when ``var_names`` are not symbols (e.g.
+            Ensembl ids with symbols in ``var["gene_names"]``). The vocabulary is over
+            symbols; a column without a symbol, or repeating an earlier symbol, keeps its
+            ``var_name``.
+        use_raw
+            Counts in ``adata.raw.X`` (the CELLxGENE layout; genes ``adata.raw.var_names``).
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if use_raw and layer is not None:
+            raise ValueError(
+                f"pass either layer={layer!r} or use_raw=True: the counts are in one of them"
+            )
+        get_matrix(adata, layer, use_raw=use_raw)  # names a missing layer / raw
+        var = adata.raw.var if use_raw else adata.var
+        if gene_symbols is not None and gene_symbols not in var.columns:
+            where = "adata.raw.var" if use_raw else "adata.var"
+            raise KeyError(
+                f"gene_symbols={gene_symbols!r} is not a column of {where}; columns are: "
+                f"{list(map(str, var.columns))}"
+            )
+        check_counts(adata, layer, use_raw=use_raw)
+        fields = [LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=not use_raw)]
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*integer.*")
+            warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*")
+            manager.register_fields(adata, **kwargs)
+        cls.register_manager(manager)
+
+    # ----------------------------------------------------------------- the corpus
+    @classmethod
+    def _open_corpus(cls, adata: Any) -> list[tuple[Any, str]]:
+        """``[(AnnData, name)]`` for one AnnData / path or a list of them (paths set up)."""
+        import anndata
+
+        items = list(adata) if isinstance(adata, list | tuple) else [adata]
+        if not items:
+            raise ValueError("the corpus is empty: pass an AnnData, an .h5ad path or a list")
+        out: list[tuple[Any, str]] = []
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            if isinstance(item, str | os.PathLike):
+                path = Path(item)
+                if not path.is_file():
+                    raise FileNotFoundError(f"corpus file {os.fspath(path)!r} does not exist")
+                key = os.fspath(path.resolve())
+                if key in seen:
+                    raise ValueError(f"corpus file {os.fspath(path)!r} is listed twice")
+                seen.add(key)
+                try:
+                    a = anndata.read_h5ad(path, backed="r")
+                except (OSError, KeyError, ValueError, TypeError) as exc:
+                    raise ValueError(f"cannot read corpus file {os.fspath(path)!r}: {exc}") from exc
+                cls.setup_anndata(a)
+                out.append((a, path.name))
+            elif isinstance(item, anndata.AnnData):
+                if model_not_set_up(cls, item):
+                    raise ValueError(
+                        f"corpus member {i} (an AnnData of {item.n_obs} cells) is not set up: "
+                        f"call {cls.__name__}.setup_anndata(adata, ...) first"
+                    )
+                filename = getattr(item, "filename", None)
+                out.append((item, Path(filename).name if filename else f"adata[{i}]"))
+            else:
+                raise TypeError(
+                    f"corpus member {i} must be an AnnData or an .h5ad path, got "
+                    f"{type(item).__name__}"
+                )
+        return out
+
+    @classmethod
+    def _member_args(cls, adata: Any) -> dict[str, Any]:
+        return dict(cls._get_most_recent_anndata_manager(adata).registry["setup_args"])
+
+    def _member(self, adata: Any, name: str) -> tuple[CorpusMember, np.ndarray]:
+        args = self._member_args(adata)
+        use_raw = bool(args.get("use_raw", False))
+        names = member_gene_names(adata, use_raw=use_raw, gene_symbols=args.get("gene_symbols"))
+        member = CorpusMember(
+            adata=adata,
+            name=name,
+            layer=args.get("layer"),
+            use_raw=use_raw,
+            gene_symbols=args.get("gene_symbols"),
+            gene_id_map=np.zeros(len(names), dtype=np.int64),
+        )
+        return member, names
+
+    @property
+    def corpus(self) -> list[str]:
+        """Names of the corpus members (file names, or ``adata[i]``)."""
+        return list(self.corpus_names_)
+
+    # ----------------------------------------------------------------- genes of other data
+    def _settings_of(self, adata: Any) -> tuple[str | None, bool, str | None]:
+        """``(layer, use_raw, gene_symbols)`` of ``adata``: its own registration with this
+        class, else the model's first member's."""
+        if not model_not_set_up(type(self), adata):
+            args = self._member_args(adata)
+            return args.get("layer"), bool(args.get("use_raw", False)), args.get("gene_symbols")
+        return self.layer, self.use_raw, self.gene_symbols_key
+
+    def _gene_id_map(
+        self, adata: Any, min_gene_coverage: float = 0.5, *, strict: bool = False
+    ) -> np.ndarray | None:
+        """Token ids of ``adata``'s columns in the corpus vocabulary (0 = unknown gene).
+
+        The vocabulary is the union of the corpus' genes, so coverage is counted on the
+        query's side: below ``min_gene_coverage`` of ``adata``'s genes known to the model is
+        an error, below 100% a warning.
+        """
+        _, use_raw, symbols = self._settings_of(adata)
+        names = member_gene_names(adata, use_raw=use_raw, gene_symbols=symbols)
+        ids = self.vocab.ids(names, missing="zero")
+        known = int((ids > 0).sum())
+        share = known / max(len(names), 1)
+        if known == 0 or share < min_gene_coverage:
+            hint = (
+                "; its var_names look like Ensembl ids: set it up with "
+                "CellFMPretrainer.setup_anndata(adata, gene_symbols=...)"
+                if looks_ensembl(names)
+                else ""
+            )
+            raise ValueError(
+                f"only {known:,} of the data's {len(names):,} genes ({100 * share:.1f}%) are in "
+                f"the model's vocabulary of {self.vocab.n_genes:,} genes, below "
+                f"min_gene_coverage={min_gene_coverage}{hint}"
+            )
+        if known < len(names):
+            warnings.warn(
+                f"{len(names) - known:,} of the data's {len(names):,} genes are not in the "
+                "model's vocabulary (dropped; they still count toward each cell's total)",
+                UserWarning,
+                stacklevel=3,
+            )
+        if len(names) == self.vocab.n_genes and np.array_equal(ids, np.arange(1, known + 1)):
+            return None
+        return ids
+
+    @contextlib.contextmanager
+    def _reading(self, adata: Any) -> Iterator[None]:
+        """Read ``adata`` with its own settings (layer, raw) for the base's inference loop."""
+        before = (self.layer, self.use_raw)
+        self.layer, self.use_raw, _ = self._settings_of(adata)
+        try:
+            yield
+        finally:
+            self.layer, self.use_raw = before
+
+    # ----------------------------------------------------------------- training
+    def _split_members(self, validation_size: float) -> None:
+        """Drop cells without counts (warning) and draw each member's validation cells."""
+        for i, m in enumerate(self.members_):
+            summary = check_counts(m.adata, m.layer, use_raw=m.use_raw, full=True)
+            empty = summary.empty if summary.empty is not None else np.zeros(0, np.int64)
+            pool = np.setdiff1d(np.arange(m.n_obs, dtype=np.int64), empty)
+            if empty.size:
+                warnings.warn(
+                    f"{m.name}: {empty.size:,} cell(s) without counts are left out of pretraining",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, i, 0x5B17])
+            n_val = round(validation_size * pool.size)
+            if validation_size > 0 and pool.size > 1:
+                n_val = min(max(n_val, 1), pool.size - 1)
+            perm = rng.permutation(pool)
+            m.validation = np.sort(perm[:n_val])
+            m.train = np.sort(perm[n_val:])
+        if sum(m.train.size for m in self.members_) == 0:
+            raise ValueError("the corpus holds no cell with counts to pretrain on")
+
+    def _check_resume(self, path: str | os.PathLike[str]) -> None:
+        from cellfm_sc.io import CheckpointError, load_torch_file
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"resume_from={os.fspath(path)!r} does not exist")
+        state = load_torch_file(path, what="resume checkpoint")
+        if "state_dict" not in state or "cellfm_history" not in state:
+            raise CheckpointError("not an epoch checkpoint of cellfm-sc's training", path)
+
+    def train(
+        self,
+        max_epochs: int = 10,
+        batch_size: int = 32,
+        lr: float | str = "auto",
+        weight_decay: float = 1e-5,
+        validation_size: float = 0.05,
+        early_stopping: bool = False,
+        patience: int = 3,
+        check_val_every_n_steps: int | None = None,
+        lr_schedule: str = "warmup_cosine",
+        warmup_fraction: float = 0.05,
+        precision: str | int | None = None,
+        accelerator: str = "auto",
+        devices: int | str | Sequence[int] = "auto",
+        strategy: str | None = None,
+        gradient_clip_val: float | None = 1.0,
+        num_workers: int = 0,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        resume_from: str | os.PathLike[str] | None = None,
+        logger: Any = None,
+        enable_progress_bar: bool = True,
+        gradient_checkpointing: bool = False,
+        **trainer_kwargs: Any,
+    ) -> None:
+        """Pretrain: AdamW on the masked-value loss; the best validation weights are kept.
+
+        Parameters
+        ----------
+        max_epochs
+            Epochs over the whole corpus (total, also when resuming).
+        batch_size
+            Cells per batch (per device); a batch holds cells of one member.
+        lr
+            AdamW learning rate; ``"auto"`` follows :func:`~cellfm_sc.model.auto_lr` (a
+            random trunk: 1e-3; continued pretraining: the checkpoint's fine-tuning rate).
+        weight_decay
+            AdamW weight decay.
+        validation_size
+            Fraction of every member's cells held out to score the masked loss (model
+            selection and early stopping); 0 keeps the last weights.
+        early_stopping, patience
+            Stop after ``patience`` validations without a lower validation loss.
+        check_val_every_n_steps
+            Validate every N training steps instead of every epoch.
+        lr_schedule, warmup_fraction
+            Schedule (default: linear warm-up over 5% of the steps, then cosine to 0).
+        precision, accelerator, devices, strategy
+            Lightning settings (bf16 on GPUs that support it; ``devices=N,
+            strategy="ddp"`` on several GPUs, see the multi-GPU docs).
+        gradient_clip_val
+            Gradient-norm clipping.
+        num_workers
+            DataLoader worker processes (backed files are reopened in each).
+        checkpoint_dir, resume_from
+            Write a resumable ``checkpoint_epoch_{n}.pth`` after every epoch; continue from one.
+        logger, enable_progress_bar
+            Lightning logger(s) and the progress bar (with the running loss) on stderr.
+        gradient_checkpointing
+            Recompute activations in the backward pass (less GPU memory for deep trunks).
+        **trainer_kwargs
+            Passed to :class:`lightning.pytorch.Trainer`.
+
+        Notes
+        -----
+        Afterwards ``model.history`` has one row per epoch: ``train_loss``,
+        ``train_value_mse``, ``train_cellwise_mse`` and the same for ``validation_``, over
+        every selected token of the epoch; ``model.best_epoch`` is the epoch whose weights
+        the model holds.
+        """
+        if isinstance(lr, str) and lr != "auto":
+            raise ValueError(f"lr must be a number > 0 or 'auto', got {lr!r}")
+        check_training_numbers(
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            lr=None if lr == "auto" else lr,
+            weight_decay=weight_decay,
+            patience=patience,
+            num_workers=num_workers,
+            check_val_every_n_steps=check_val_every_n_steps,
+            gradient_clip_val=gradient_clip_val,
+            warmup_fraction=warmup_fraction,
+        )
+        if not isinstance(validation_size, int | float) or not 0.0 <= validation_size < 1.0:
+            raise ValueError(
+                f"validation_size must be a fraction in [0, 1), got {validation_size!r}"
+            )
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        if early_stopping not in (True, False):
+            raise ValueError(f"early_stopping must be True or False, got {early_stopping!r}")
+        if not getattr(self, "members_", None):
+            raise ValueError(
+                "this model holds no corpus to train on (a loaded model): create a "
+                f"{type(self).__name__} on the data, or load it with adata= set up for it"
+            )
+        if resume_from is not None:
+            self._check_resume(resume_from)
+        self._split_members(float(validation_size))
+        lr_value = auto_lr(self.pretrained, self.module.trunk.config) if lr == "auto" else float(lr)
+        plan = PretrainingPlan(
+            self.module,
+            seed=self.seed,
+            lr=lr_value,
+            weight_decay=weight_decay,
+            lr_schedule=lr_schedule,
+            max_epochs=max_epochs,
+            warmup_fraction=warmup_fraction,
+        )
+        self.module.trunk.gradient_checkpointing = gradient_checkpointing
+        datamodule = CorpusDataModule(
+            self.members_,
+            batch_size=batch_size,
+            max_tokens=self.max_tokens,
+            seed=self.seed,
+            num_workers=num_workers,
+        )
+        has_validation = any(m.validation.size for m in self.members_)
+        settings = {
+            "max_epochs": max_epochs,
+            "batch_size": batch_size,
+            "lr": lr_value,
+            "lr_requested": lr,
+            "weight_decay": weight_decay,
+            "lr_schedule": lr_schedule,
+            "warmup_fraction": warmup_fraction,
+            "validation_size": validation_size,
+            "early_stopping": bool(early_stopping),
+            "patience": patience,
+            "mask_ratio": self.mask_ratio_,
+            "trainable": self.trainable_,
+            "gradient_checkpointing": gradient_checkpointing,
+            "corpus": {
+                m.name: {"train": int(m.train.size), "validation": int(m.validation.size)}
+                for m in self.members_
+            },
+        }
+        self._fit_corpus(
+            plan,
+            datamodule,
+            settings,
+            has_validation=has_validation,
+            max_epochs=max_epochs,
+            monitor="validation_loss",
+            mode="min",
+            early_stopping=bool(early_stopping),
+            patience=patience,
+            check_val_every_n_steps=check_val_every_n_steps,
+            precision=precision,
+            accelerator=accelerator,
+            devices=devices,
+            strategy=strategy,
+            find_unused_parameters=self.trainable_ == "all",
+            gradient_clip_val=gradient_clip_val,
+            checkpoint_dir=checkpoint_dir,
+            resume_from=resume_from,
+            logger=logger,
+            enable_progress_bar=enable_progress_bar,
+            **trainer_kwargs,
+        )
+
+    def _fit_corpus(
+        self,
+        plan: PretrainingPlan,
+        datamodule: CorpusDataModule,
+        settings: dict[str, Any],
+        *,
+        has_validation: bool,
+        **fit_kwargs: Any,
+    ) -> None:
+        """The base's ``_fit`` for a corpus: train through the core, store the results."""
+        from cellfm_sc.model._core import fit
+
+        logger.info("%s", self.trainable_summary)
+        result = fit(plan, datamodule, has_validation=has_validation, **fit_kwargs)
+        self.history_ = pd.DataFrame(result.history)
+        self.step_history_ = pd.DataFrame(result.step_history)
+        self.best_epoch_ = result.best_epoch
+        self.best_score_ = result.best_score
+        if len(self.members_) == 1:  # "train"/"validation" indices of the one AnnData
+            m = self.members_[0]
+            self._set_split(m.adata, DataSplit(m.train, m.validation, np.zeros(0, np.int64)))
+        self.train_settings_ = {
+            **settings,
+            "epochs_run": len(result.history),
+            "best_epoch": result.best_epoch,
+            "best_score": result.best_score,
+            "precision": result.precision,
+            "world_size": result.world_size,
+            "log_dir": result.log_dir,
+        }
+        self.global_rank_ = result.global_rank
+        self.is_trained_ = True
+
+    # ----------------------------------------------------------------- inference
+    def _default_adata(self, adata: Any | None) -> Any:
+        if adata is not None:
+            return adata
+        members = getattr(self, "members_", None) or []
+        if len(members) > 1:
+            raise ValueError(
+                f"the model was trained on a corpus of {len(members)} AnnData: pass adata= "
+                "(any AnnData with these genes)"
+            )
+        return self._adata_or_default(None)
+
+    def get_latent_representation(
+        self,
+        adata: Any | None = None,
+        indices: Any = None,
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+        enable_progress_bar: bool = False,
+        min_gene_coverage: float = 0.5,
+    ) -> np.ndarray:
+        """Cell embeddings (the cls token, no masking), float32 ``(n_cells, D)``.
+
+        Parameters
+        ----------
+        adata
+            Default: the model's AnnData (a corpus of several needs ``adata=``). Data set up
+            with :meth:`setup_anndata` are read with their own settings; others with the
+            first member's.
+        indices
+            Cells (positions, a mask, obs names, ``"train"`` / ``"validation"`` for a
+            one-AnnData model), default all.
+        batch_size, device, enable_progress_bar
+            Inference settings.
+        min_gene_coverage
+            Least share of ``adata``'s genes that the vocabulary must know.
+        """
+        adata = self._default_adata(adata)
+        idx = self._indices(adata, indices)
+        with self._reading(adata):
+            return self._forward_cells(
+                adata,
+                idx,
+                batch_size,
+                device,
+                {"emb": (self.module.trunk.config.enc_dims,)},
+                _embedding,
+                enable_progress_bar,
+                min_gene_coverage,
+            )["emb"]
+
+    # ----------------------------------------------------------------- export
+    def export_trunk(self) -> CellFMTrunk:
+        """The trunk as plain parameters (LoRA adapters merged into a copy), on the CPU."""
+        import copy
+
+        from cellfm_sc.nn.trainable import merge_lora
+
+        module = self.module
+        if self.trainable_ == "lora":
+            module = merge_lora(copy.deepcopy(module))
+        trunk = module.trunk
+        return trunk if trunk.gene_emb.device.type == "cpu" else copy.deepcopy(trunk).cpu()
+
+    def export_mindspore(
+        self, directory: str | os.PathLike[str], overwrite: bool = False
+    ) -> tuple[Path, Path]:
+        """Write the trunk as a CellFM MindSpore checkpoint and its vocabulary.
+
+        ``directory/cellfm.ckpt``: variant-A names (``gene_emb`` ``(rows, D)`` for this
+        model's vocabulary, ``cls_token``, ``zero_emb``, ``value_enc.*`` with ``mask_emb``,
+        ``encoder.*``, ``value_dec.*``, ``cellwise_dec.*``), float32, plus an integer
+        ``num_heads`` entry (so readers need no ``num_heads=``; MindSpore's loaders leave it
+        unloaded). ``directory/gene_info.csv``: the vocabulary in the format of CellFM's
+        ``expand_gene_info.csv`` (first column the gene symbol; token id = row + 1). Both
+        are written atomically. Then::
+
+            CellFMClassifier(adata, checkpoint=ckpt, vocabulary_file=vocab,
+                             embedding_init="transfer")
+
+        fine-tunes from it, and ``cellfm-sc inspect ckpt`` describes it.
+
+        Parameters
+        ----------
+        directory
+            Output folder (created if needed).
+        overwrite
+            Replace existing ``cellfm.ckpt`` / ``gene_info.csv`` there.
+
+        Returns
+        -------
+        ``(checkpoint_path, vocabulary_path)``.
+        """
+        from cellfm_sc.io import save_trunk_mindspore
+
+        out = Path(directory)
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"{out} exists and is not a directory")
+        ckpt, vocab = out / CHECKPOINT_FILE, out / VOCABULARY_FILE
+        existing = [p.name for p in (ckpt, vocab) if p.exists()]
+        if existing and not overwrite:
+            raise FileExistsError(
+                f"{out} already holds {existing}; pass overwrite=True or another directory"
+            )
+        if self.global_rank_ != 0:
+            return ckpt, vocab
+        out.mkdir(parents=True, exist_ok=True)
+        save_trunk_mindspore(self.export_trunk(), ckpt, record_num_heads=True)
+        self.vocab.save_cellfm_file(vocab)
+        return ckpt, vocab
+
+    # ----------------------------------------------------------------- reporting
+    @property
+    def summary(self) -> str:
+        cfg = self.module.trunk.config
+        rep = self.pretrained_report_
+        lines = [f"CellFMPretrainer ({'trained' if self.is_trained_ else 'not trained'})"]
+        if rep is not None:
+            lines.append(f"  continued from: variant {rep.get('variant')}, {rep.get('source')}")
+        else:
+            lines.append(f"  from scratch: random trunk (preset {self.preset_ or 'custom'})")
+        lines.append(
+            f"  trunk: enc_dims={cfg.enc_dims}, num_heads={cfg.num_heads}, n_layers={cfg.n_layers}"
+        )
+        lines.append(
+            f"  vocabulary: {self.vocab.n_genes:,} genes (union of the corpus), gene_emb "
+            f"{tuple(self.module.trunk.gene_emb.shape)}, init '{self.embedding_init_}'"
+        )
+        members = getattr(self, "members_", None) or []
+        if members:
+            total = sum(m.n_obs for m in members)
+            lines.append(f"  corpus: {len(members)} AnnData, {total:,} cells: {self.corpus}")
+        lines.append(f"  objective: masked values, mask_ratio={self.mask_ratio_}")
+        lines.append(f"  {self.trainable_summary}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary
+
+    # ----------------------------------------------------------------- save / load parts
+    def _save_attrs(self) -> dict[str, Any]:
+        ens = self.vocab.ensembl_ids
+        return {
+            "mask_ratio": self.mask_ratio_,
+            "dropout": self.dropout_,
+            "corpus_names_": list(self.corpus_names_),
+            "ensembl_ids": None if ens is None else list(ens),
+        }
+
+    def _restore_attrs(self, attrs: dict[str, Any]) -> None:
+        self.mask_ratio_ = float(attrs["mask_ratio"])
+        self.dropout_ = float(attrs.get("dropout", 0.1))
+        self.corpus_names_ = list(attrs.get("corpus_names_", []))
+        if attrs.get("ensembl_ids") is not None:
+            self.vocab = GeneVocab(self.vocab.names, ensembl_ids=attrs["ensembl_ids"])
+        adata = self._adata
+        self.members_ = []
+        if adata is not None and not model_not_set_up(type(self), adata):
+            member, names = self._member(adata, "adata[0]")
+            member.gene_id_map = self.vocab.ids(names, missing="zero")
+            self.members_ = [member]
+
+    @classmethod
+    def _make_module(cls, trunk: CellFMTrunk, attrs: dict[str, Any]) -> CellFMPretrainModule:
+        return CellFMPretrainModule(trunk, mask_ratio=float(attrs["mask_ratio"]))
+
+
+def _embedding(module: CellFMPretrainModule, batch: TokenBatch) -> dict[str, torch.Tensor]:
+    return {"emb": module.trunk(batch.values, batch.gene_ids, batch.valid).cls}
+
+
+def _with_ensembl_ids(
+    vocab: GeneVocab, corpus: Sequence[tuple[CorpusMember, np.ndarray]]
+) -> GeneVocab:
+    """``vocab`` with the Ensembl id of every gene some member knows (first one found), so
+    the exported vocabulary maps query genes by Ensembl id too; unchanged if none is known."""
+    found: dict[str, str] = {}
+    for member, names in corpus:
+        ids = member_ensembl_ids(
+            member.adata, use_raw=member.use_raw, gene_symbols=member.gene_symbols
+        )
+        if ids is None:
+            continue
+        for name, ens in zip(names, ids):
+            if ens is not None:
+                found.setdefault(str(name), ens)
+    if not found:
+        return vocab
+    return GeneVocab(vocab.names, ensembl_ids=[found.get(str(n)) for n in vocab.names])
+
+
+def _check_identifiers(corpus: Sequence[tuple[CorpusMember, np.ndarray]]) -> None:
+    """Refuse a corpus that mixes Ensembl-keyed and symbol-keyed members."""
+    kinds = [(m, looks_ensembl(names)) for m, names in corpus]
+    ensembl = [m for m, e in kinds if e]
+    if ensembl and len(ensembl) < len(kinds):
+        m = ensembl[0]
+        var = m.adata.raw.var if m.use_raw else m.adata.var
+        columns = [
+            str(c) for c in var.columns if var[c].dtype == object or str(var[c].dtype) == "category"
+        ]
+        raise ValueError(
+            f"corpus member {m.name!r} names its genes by Ensembl id while other members use "
+            "gene symbols, so they would not share a vocabulary: open it and set it up with "
+            "CellFMPretrainer.setup_anndata(adata, gene_symbols=COLUMN), COLUMN a var column "
+            f"of symbols (its text columns: {columns})"
+        )
