@@ -29,6 +29,7 @@ _LAZY: dict[str, str] = {
     "apply_trainable": "cellfm_sc.nn",
     "TokenBatch": "cellfm_sc.data",
     "CellFMClassifier": "cellfm_sc.model",
+    "CellFMDonorClassifier": "cellfm_sc.model",
 }
 # public submodule aliases (``cellfm_sc.pl`` is :mod:`cellfm_sc.plotting`, scanpy style)
 _MODULES: dict[str, str] = {

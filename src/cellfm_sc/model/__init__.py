@@ -14,11 +14,13 @@ from cellfm_sc.model._module import CellFMClassifierModule
 if TYPE_CHECKING:  # pragma: no cover
     from cellfm_sc.model._base import auto_lr
     from cellfm_sc.model._classifier import CellFMClassifier
+    from cellfm_sc.model._donor import CellFMDonorClassifier
 
-__all__ = ["CellFMClassifier", "CellFMClassifierModule", "auto_lr"]
+__all__ = ["CellFMClassifier", "CellFMClassifierModule", "CellFMDonorClassifier", "auto_lr"]
 
 _LAZY = {
     "CellFMClassifier": "cellfm_sc.model._classifier",
+    "CellFMDonorClassifier": "cellfm_sc.model._donor",
     "auto_lr": "cellfm_sc.model._base",
 }
 
