@@ -144,15 +144,22 @@ class BagBatch:
     def __len__(self) -> int:
         return self.n_bags
 
+    def _apply(self, fn: Any) -> BagBatch:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return BagBatch(
+            **{
+                k: fn(v) if isinstance(v, torch.Tensor | TokenBatch) else v
+                for k, v in values.items()
+            }
+        )
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> BagBatch:
         """A new batch with every tensor moved to ``device``."""
-        values: dict[str, Any] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            values[f.name] = (
-                v.to(device, non_blocking=non_blocking) if hasattr(v, "to") and v is not None else v
-            )
-        return BagBatch(**values)
+        return self._apply(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> BagBatch:
+        """A new batch in pinned memory (``DataLoader(pin_memory=True)`` calls this)."""
+        return self._apply(lambda t: t.pin_memory())
 
 
 class BagSampler(Sampler):
