@@ -57,6 +57,9 @@ def make_donor_task(
     adata: ad.AnnData,
     *,
     n_donors: int = 40,
+    cells_per_donor: int | None = 150,
+    composition_alpha: float = 20.0,
+    thinning: float = 0.9,
     cell_type: str = "CD14 Monocytes",
     celltype_key: str = "celltype",
     n_program: int = 30,
@@ -67,21 +70,49 @@ def make_donor_task(
 ) -> tuple[ad.AnnData, np.ndarray]:
     """A pseudo-donor task; returns ``(task AnnData, program gene columns)``.
 
+    With ``cells_per_donor`` each donor draws that many cells (with replacement) from the
+    source, with its own cell-type composition (``Dirichlet(composition_alpha * source
+    proportions)``: donors differ in composition as real donors do) and its own binomial
+    thinning of the counts (each count kept with probability ``thinning``, so no two copies of
+    a source cell are identical). Without it the source cells are dealt to the donors (each
+    used once). Donor ``d`` has stage ``d % len(fractions)``; a fraction ``fractions[stage]``
+    (+- ``jitter``) of its ``cell_type`` cells gets the program.
+
     ``task.obs``: ``donor``, ``stage`` (``"0"`` .. ``"3"``), ``celltype``, ``affected``;
-    ``X``: raw counts (CSR float32) with the program added to the affected cells.
+    ``X``: raw counts (CSR float32).
     """
     rng = np.random.default_rng(seed)
-    x = sp.csr_matrix(adata.X, dtype=np.float32)
+    source = sp.csr_matrix(adata.X, dtype=np.float32)
+    types_all = adata.obs[celltype_key].astype(str).to_numpy()
+    kinds, type_code = np.unique(types_all, return_inverse=True)
+    if cells_per_donor is None:
+        rows = rng.permutation(source.shape[0])
+        donor_of = np.empty(rows.size, dtype=np.int64)
+        for d, chunk in enumerate(np.array_split(np.arange(rows.size), n_donors)):
+            donor_of[chunk] = d
+        x = source[rows]
+    else:
+        share = np.bincount(type_code) / type_code.size
+        members = [np.flatnonzero(type_code == k) for k in range(kinds.size)]
+        picks = []
+        for _ in range(n_donors):
+            p = rng.dirichlet(composition_alpha * share)
+            counts = rng.multinomial(cells_per_donor, p)
+            picks.append(
+                np.concatenate([rng.choice(members[k], c) for k, c in enumerate(counts) if c])
+            )
+        rows = np.concatenate(picks)
+        donor_of = np.repeat(np.arange(n_donors), [p.size for p in picks])
+        x = source[rows].tocsr()
+        x.data = rng.binomial(x.data.astype(np.int64), thinning).astype(np.float32)
+        x.eliminate_zeros()
     n = x.shape[0]
+    types = types_all[rows]
     n_stages = len(fractions)
-    donor_of = np.empty(n, dtype=np.int64)
-    for d, chunk in enumerate(np.array_split(rng.permutation(n), n_donors)):
-        donor_of[chunk] = d
     stage_of_donor = np.arange(n_donors) % n_stages
-    detected = np.asarray((x > 0).mean(axis=0)).ravel()
+    detected = np.asarray((source > 0).mean(axis=0)).ravel()
     candidates = np.flatnonzero((detected > 0.02) & (detected < 0.3))
     program = np.sort(rng.choice(candidates, n_program, replace=False))
-    types = adata.obs[celltype_key].astype(str).to_numpy()
     target = np.flatnonzero(types == cell_type)
     affected = np.zeros(n, dtype=bool)
     for d in range(n_donors):
@@ -90,16 +121,14 @@ def make_donor_task(
             continue
         mine = target[donor_of[target] == d]
         f = float(np.clip(fractions[s] + rng.uniform(-jitter, jitter), 0.0, 1.0))
-        k = round(f * mine.size)
-        affected[rng.choice(mine, k, replace=False)] = True
-    rows = np.flatnonzero(affected)
+        affected[rng.choice(mine, round(f * mine.size), replace=False)] = True
+    hit = np.flatnonzero(affected)
     lib = np.asarray(x.sum(axis=1)).ravel()
-    mean = np.asarray(x[:, program].mean(axis=0)).ravel()
-    lam = strength * (1.0 + 2.0 * mean)[None, :] * (lib[rows] / np.median(lib))[:, None]
+    mean = np.asarray(source[:, program].mean(axis=0)).ravel()
+    lam = strength * (1.0 + 2.0 * mean)[None, :] * (lib[hit] / np.median(lib))[:, None]
     extra = rng.poisson(lam).astype(np.float32)
     add = sp.csr_matrix(
-        (extra.ravel(), (np.repeat(rows, n_program), np.tile(program, rows.size))),
-        shape=x.shape,
+        (extra.ravel(), (np.repeat(hit, n_program), np.tile(program, hit.size))), shape=x.shape
     )
     x = (x + add).tocsr()
     x.eliminate_zeros()
@@ -112,7 +141,7 @@ def make_donor_task(
             "celltype": types,
             "affected": affected,
         },
-        index=adata.obs_names.copy(),
+        index=[f"{adata.obs_names[r]}-{i}" for i, r in enumerate(rows)],
     )
     return ad.AnnData(X=x, obs=obs, var=adata.var.copy()), program
 
@@ -206,6 +235,7 @@ def run_donor(
         max_tokens=args.max_tokens,
         trainable=args.trainable,
         bag_size=args.bag_size,
+        pooling=args.pooling,
         seed=args.seed,
     )
     model.train(
@@ -218,8 +248,58 @@ def run_donor(
         logger=False,
     )
     table = model.evaluate(n_bootstrap=0).donor_table
+    if args.verbose:
+        cols = [
+            c
+            for c in ("epoch", "train_loss", "validation_donor_loss", "validation_donor_qwk")
+            if c in model.history
+        ]
+        print(model.history[cols].round(3).to_string(), file=sys.stderr)
+        print(table.round(2).to_string(), file=sys.stderr)
     out = pd.DataFrame({"true": table["true"].cat.codes, "predicted": table["predicted"].cat.codes})
     return out, model
+
+
+def run_donor_cv(task: ad.AnnData, args: argparse.Namespace, k: int) -> list[pd.DataFrame]:
+    """All ``k`` splits of a frozen-trunk donor model through ``cross_validate`` (the same
+    stratified folds as :func:`donor_folds`; the cell embeddings are computed once)."""
+    from cellfm_sc import CellFMDonorClassifier
+
+    task = task.copy()
+    CellFMDonorClassifier.setup_anndata(
+        task, labels_key="stage", donor_key="donor", label_order=STAGES
+    )
+    model = CellFMDonorClassifier(
+        task,
+        preset=args.preset,
+        max_tokens=args.max_tokens,
+        trainable="head",
+        bag_size=args.bag_size,
+        pooling=args.pooling,
+        seed=args.seed,
+    )
+    cv = model.cross_validate(
+        k=k,
+        n_bootstrap=0,
+        max_epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.bags_per_step,
+        cell_loss_weight=args.cell_loss_weight,
+        enable_progress_bar=False,
+        logger=False,
+    )
+    if args.verbose:
+        print(cv.per_fold.round(3).to_string(), file=sys.stderr)
+    table = cv.donor_table
+    return [
+        pd.DataFrame(
+            {
+                "true": table.loc[table["fold"] == i, "true"].cat.codes,
+                "predicted": table.loc[table["fold"] == i, "predicted"].cat.codes,
+            }
+        )
+        for i in range(k)
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--methods", default="pseudobulk,cell,donor")
     p.add_argument("--donors", type=int, default=40)
+    p.add_argument("--cells-per-donor", type=int, default=150, help="0: deal the cells out")
+    p.add_argument("--composition-alpha", type=float, default=20.0)
     p.add_argument("--splits", default="0,1,2,3,4", help="which of the 5 splits to run")
     p.add_argument("--strength", type=float, default=2.0)
     p.add_argument("--fractions", default="0,0.2,0.4,0.6")
@@ -265,11 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--trainable", default="auto")
     p.add_argument("--bag-size", type=int, default=128)
+    p.add_argument("--pooling", default="gated_attention")
     p.add_argument("--bags-per-step", type=int, default=1)
     p.add_argument("--lr", default="auto")
     p.add_argument("--cell-loss-weight", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--verbose", action="store_true", help="print the donor model's history")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (tests)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
@@ -291,10 +375,13 @@ def main(argv: list[str] | None = None) -> int:
         keep = np.random.default_rng(0).choice(source.n_obs, 480, replace=False)
         source = source[np.sort(keep)].copy()
         args.donors, args.epochs, args.max_tokens = 12, 2, 32
+        args.cells_per_donor = 20
         args.splits = "0"
     task, program = make_donor_task(
         source,
         n_donors=args.donors,
+        cells_per_donor=args.cells_per_donor or None,
+        composition_alpha=args.composition_alpha,
         cell_type=args.cell_type,
         n_program=args.program_genes,
         fractions=tuple(float(f) for f in args.fractions.split(",")),
@@ -308,9 +395,18 @@ def main(argv: list[str] | None = None) -> int:
     splits = [int(s) for s in args.splits.split(",")]
     tables: dict[str, list[pd.DataFrame]] = {m: [] for m in methods}
     seconds: dict[str, float] = {m: 0.0 for m in methods}
+    frozen_cv = None
+    if "donor" in methods and args.trainable == "head" and splits == list(range(k)):
+        t0 = time.perf_counter()
+        frozen_cv = run_donor_cv(task, args, k)
+        seconds["donor"] = time.perf_counter() - t0
+        print(f"donor (frozen trunk, {k} splits): {seconds['donor']:.0f} s", file=sys.stderr)
     for i in splits:
         split = split_column(task, folds, i, k)
         for m in methods:
+            if m == "donor" and frozen_cv is not None:
+                tables[m].append(frozen_cv[i])
+                continue
             t0 = time.perf_counter()
             if m == "pseudobulk":
                 table = run_pseudobulk(task, split)

@@ -222,7 +222,7 @@ def test_ordinal_labels_choose_the_cumulative_link_loss():
 def trunk_model():
     """A model whose trunk trained for one epoch (bags of <= 10 cells: 2 per donor)."""
     adata = setup(toy_donors())
-    model = make_model(adata, bag_size=10)
+    model = make_model(adata, bag_size=10, trainable="all")
     quiet_train(model, max_epochs=1, monitor="validation_donor_loss")
     return model
 
@@ -367,16 +367,62 @@ def test_cross_validate_scores_every_donor_once_and_leaves_the_model_as_it_was()
     assert model.embedding_cache_info["computed"] == adata.n_obs
 
 
+def test_auto_is_the_frozen_trunk_path():
+    model = make_model(setup(toy_donors()))
+    assert model.trainable_ == "head" and model.trainable_requested_ == "auto"
+    assert model._trunk_frozen()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("trainable", ["head", "auto"])
-def test_donor_model_learns_a_donor_signal(trainable):
+def test_donor_model_learns_a_donor_signal():
+    """The acceptance recipe: defaults, tiny preset, 10 epochs, a split from obs."""
     adata = setup(toy_donors(n_donors=24, cells=24, seed=1))
     donor = adata.obs["donor"].str[1:].astype(int).to_numpy()
     split = np.full(adata.n_obs, "train", dtype=object)
     split[np.isin(donor, [0, 5, 10, 15])] = "validation"
     split[np.isin(donor, [2, 7, 9, 12, 17, 22, 19, 20])] = "test"
     adata.obs["split"] = split
-    model = make_model(adata, trainable=trainable)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = CellFMDonorClassifier(adata, preset="tiny", max_tokens=256)
     quiet_train(model, max_epochs=10, split=split_from_obs(adata, "split", donor_key="donor"))
     res = model.evaluate(n_bootstrap=0)
     assert res.donor_metrics["qwk"] > 0.6, model.history
+
+
+def test_chunked_checkpointed_encoding_matches_one_forward_and_its_gradients():
+    from cellfm_sc.model._donor_module import CellFMDonorModule
+    from cellfm_sc.nn import CellFMConfig, CellFMTrunk
+
+    torch.manual_seed(0)
+    trunk = CellFMTrunk(CellFMConfig.from_preset("tiny"), n_genes=50)
+    module = CellFMDonorModule(trunk, 4, "cumulative_link").double().train()
+    for layer in trunk.encoder:  # dropout off: both passes must see the same function
+        layer.dropout1.p = layer.dropout2.p = 0.0
+    module.head.eval()  # nor may head dropout or the running statistics differ
+    n, length = 11, 9
+    n_tok = torch.sort(torch.randint(1, length + 1, (n,))).values
+    valid = torch.arange(length)[None, :] < n_tok[:, None]
+    values = torch.rand(n, length, dtype=torch.float64) * valid
+    ids = torch.randint(1, 51, (n, length)) * valid
+    chunks = tuple(int(n_tok[i : i + 4].max()) for i in range(0, n, 4))
+    bag = torch.tensor([0] * 6 + [1] * 5)
+
+    def run(chunked: bool, ckpt: bool):
+        module.zero_grad()
+        if chunked:
+            emb = module.encode(values, ids, valid, chunks, 4, gradient_checkpointing=ckpt)
+        else:
+            emb = trunk(values, ids, valid).cls
+        out = module(emb, bag, 2)
+        out.logits.sum().backward()
+        grads = {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
+        return emb.detach(), grads
+
+    plain, g_plain = run(False, False)
+    for ckpt in (False, True):
+        emb, grads = run(True, ckpt)
+        torch.testing.assert_close(emb, plain)
+        assert grads.keys() == g_plain.keys()
+        for key in grads:
+            torch.testing.assert_close(grads[key], g_plain[key], msg=key)

@@ -68,6 +68,7 @@ DONOR_LOSSES: tuple[str, ...] = ("auto", "cross_entropy", "cumulative_link", "co
 DONOR_MONITORS: tuple[str, ...] = (
     "auto",
     "validation_loss",
+    "validation_donor_score",
     "validation_donor_loss",
     "validation_donor_qwk",
     "validation_donor_acc",

@@ -56,6 +56,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["CellFMDonorClassifier", "DonorTrainingPlan"]
 
 DONOR_FIELD = "donor"
+#: weight of the validation donor loss in ``validation_donor_score`` (only breaks ties of QWK
+#: or balanced accuracy, which move in steps of about 1 / n_donors)
+SCORE_LOSS_WEIGHT = 1e-3
 #: cells per head call at inference (bags are never split across calls)
 _HEAD_CELLS = 65_536
 
@@ -73,7 +76,10 @@ class DonorTrainingPlan(TrainingPlan):
     logits (across processes, each bag once), averages them per donor (weighted by the bags'
     cell counts, as :meth:`CellFMDonorClassifier.predict_donors` does) and reports
     ``validation_loss`` (per bag), ``validation_donor_loss``, ``validation_donor_acc``,
-    ``validation_donor_balanced_acc`` and, for ordinal labels, ``validation_donor_qwk``.
+    ``validation_donor_balanced_acc``, for ordinal labels ``validation_donor_qwk``, and
+    ``validation_donor_score``: the QWK (ordinal) or balanced accuracy minus ``1e-3`` times
+    the donor loss, i.e. the main score with its ties broken by the loss (what
+    ``monitor="auto"`` follows).
 
     Parameters
     ----------
@@ -177,6 +183,11 @@ class DonorTrainingPlan(TrainingPlan):
         }
         if self.ordinal:
             out["donor_qwk"] = m["qwk"]
+        main = m["qwk"] if self.ordinal else m["balanced_accuracy"]
+        # model selection: the main score, ties (frequent with few donors) broken by the loss
+        out["donor_score"] = (main if np.isfinite(main) else 0.0) - SCORE_LOSS_WEIGHT * out[
+            "donor_loss"
+        ]
         return out
 
 
@@ -222,11 +233,14 @@ class CellFMDonorClassifier(CellFMModel):
     pooling
         ``"gated_attention"`` (Ilse et al. 2018; each cell gets a weight) or ``"mean"``.
     trainable
-        ``"auto"`` (default): the trunk and the head train (a bag is encoded in chunks,
-        with gradient checkpointing on GPUs). ``"head"``: the trunk is frozen, the cell
-        embeddings are computed once and cached, and only pooling + head train (seconds per
-        epoch, whatever the bag size). Also ``"encoder+head"``, ``"encoder+head+embedding"``,
-        ``"all"``, ``"lora"``.
+        ``"auto"`` (default) = ``"head"``: the frozen-trunk fast path. The trunk is frozen,
+        every cell is encoded once (cached), and only the standardisation, pooling and head
+        train (seconds per epoch, whatever the bag size). In our measurements (see
+        ``benchmarks/RESULTS.md``) training the trunk from bags of a few dozen donors
+        learned nothing in 10 epochs where the frozen path did. ``"encoder+head"``,
+        ``"encoder+head+embedding"``, ``"all"`` or ``"lora"`` train the trunk too: a bag is
+        then encoded in chunks of cells (with gradient checkpointing on GPUs, so the bag size
+        does not set the memory).
     loss
         ``"auto"`` (default): ``"cumulative_link"`` (an ordinal model: one score and ordered
         thresholds) when the labels are ordered (``label_order``), ``"cross_entropy"``
@@ -328,7 +342,9 @@ class CellFMDonorClassifier(CellFMModel):
             head_hidden=head_hidden,
             dropout=dropout,
         )
-        self._attach(module, trainable, lora_rank, lora_alpha)
+        #: the policy asked for (``trainable_`` holds the one applied)
+        self.trainable_requested_ = trainable
+        self._attach(module, "head" if trainable == "auto" else trainable, lora_rank, lora_alpha)
         self._cache: dict[str, Any] | None = None
         self.init_params_ = self._get_init_params(locals())
 
@@ -528,7 +544,7 @@ class CellFMDonorClassifier(CellFMModel):
         if monitor not in DONOR_MONITORS:
             raise ValueError(f"monitor must be one of {DONOR_MONITORS}, got {monitor!r}")
         if monitor == "auto":
-            monitor = "validation_donor_qwk" if self.ordinal_ else "validation_donor_balanced_acc"
+            monitor = "validation_donor_score"
         if monitor == "validation_donor_qwk" and not self.ordinal_:
             raise ValueError(
                 "monitor='validation_donor_qwk' needs ordinal labels (label_order= in "
@@ -590,9 +606,11 @@ class CellFMDonorClassifier(CellFMModel):
         weight_decay
             AdamW weight decay.
         monitor
-            What model selection follows: ``"auto"`` = the validation donors' QWK (ordinal)
-            or balanced accuracy; also ``"validation_donor_acc"``,
-            ``"validation_donor_loss"``, ``"validation_loss"`` (per bag).
+            What model selection follows: ``"auto"`` = ``"validation_donor_score"``, the
+            validation donors' QWK (ordinal) or balanced accuracy, ties broken by the lower
+            donor loss; also ``"validation_donor_qwk"``, ``"validation_donor_balanced_acc"``,
+            ``"validation_donor_acc"``, ``"validation_donor_loss"``, ``"validation_loss"``
+            (per bag).
         early_stopping, patience
             Stop after ``patience`` epochs without improvement of ``monitor`` (off by
             default: the best epoch's weights are kept either way).

@@ -103,7 +103,7 @@ class RunningStandardize(nn.Module):
     @torch.no_grad()
     def reset_from(self, h: Tensor) -> RunningStandardize:
         """Set the statistics to those of ``h (n, D)`` (e.g. every cached training cell)."""
-        h = h.float()
+        h = h.to(self.mean.dtype)
         self.mean.copy_(h.mean(0))
         self.var.copy_(h.var(0, unbiased=False) if h.shape[0] > 1 else torch.ones_like(self.var))
         self.initialised.fill_(True)
@@ -111,7 +111,7 @@ class RunningStandardize(nn.Module):
 
     @torch.no_grad()
     def _update(self, h: Tensor) -> None:
-        h = h.float()
+        h = h.to(self.mean.dtype)
         if h.shape[0] < 2:
             return
         mean, var = h.mean(0), h.var(0, unbiased=False)
