@@ -7,6 +7,8 @@ the choices without importing the model code.
 from __future__ import annotations
 
 __all__ = [
+    "DONOR_LOSSES",
+    "DONOR_MONITORS",
     "EMBEDDING_INITS",
     "LR_SCHEDULES",
     "MONITORS",
@@ -58,3 +60,17 @@ MONITORS: tuple[str, ...] = (
 
 #: bag pooling of the donor-level model
 POOLINGS: tuple[str, ...] = ("gated_attention", "mean")
+
+#: losses of the donor-level model (``"auto"``: an ordinal loss when the labels are ordered)
+DONOR_LOSSES: tuple[str, ...] = ("auto", "cross_entropy", "cumulative_link", "corn")
+
+#: validation quantities the donor-level model's selection can follow
+DONOR_MONITORS: tuple[str, ...] = (
+    "auto",
+    "validation_loss",
+    "validation_donor_score",
+    "validation_donor_loss",
+    "validation_donor_qwk",
+    "validation_donor_acc",
+    "validation_donor_balanced_acc",
+)

@@ -63,6 +63,8 @@ FINETUNE_KEYS = (
     "embedding_init",
     "trainable",
     "max_tokens",
+    "level",
+    "bag_size",
     "output_dir",
     "batch_size",
     "epochs",
@@ -98,6 +100,8 @@ OUTPUT_FILES = (
     ("confusion_matrix", "confusion matrix"),
     ("training_curves", "training curves"),
     ("umap", "UMAP of X_cellfm"),
+    ("attention", "per-cell attention within its donor (--level donor)"),
+    ("attention_umap", "UMAP coloured by attention (--level donor)"),
     ("config_resolved", "options used"),
     ("logs", "CSV log of every logged metric"),
     ("train_h5ad", "train cells: obs + X_cellfm"),
@@ -378,6 +382,22 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         default=2048,
         help="expressed genes per cell fed to the model (sampled when a cell has more)",
     )
+    model.add_argument(
+        "--level",
+        choices=("cell", "donor"),
+        default="cell",
+        help="cell: classify cells (CellFMClassifier); donor: learn one label per donor from "
+        "bags of its cells (CellFMDonorClassifier; needs --donor-key and a label that is "
+        "constant within donors; a training step is one bag, --batch-size sets the "
+        "inference batch)",
+    )
+    model.add_argument(
+        "--bag-size",
+        metavar="N",
+        type=positive_int,
+        default=128,
+        help="--level donor: most cells per bag",
+    )
     out = p.add_argument_group("output")
     out.add_argument(
         "--output-dir", "-o", metavar="OUT", default=None, help="output directory (required)"
@@ -426,6 +446,8 @@ def validate_options(opts: dict[str, Any], need_data: bool = True) -> None:
     ]
     if missing:
         raise CLIError(f"finetune needs {', '.join(missing)} (on the command line or in --config)")
+    if opts.get("level", "cell") == "donor" and not opts.get("donor_key"):
+        raise CLIError("--level donor needs --donor-key (the obs column of donors)")
     if opts.get("split_json") and opts.get("split_key"):
         raise CLIError("give either --split-json or --split-key, not both")
     if opts.get("checkpoint") is None and opts.get("preset") is None:
@@ -501,6 +523,24 @@ def split_from_options(opts: dict[str, Any], adata: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+def write_resolved_config(
+    work: Path, opts: dict[str, Any], resume_from: Path | None, demo: bool
+) -> None:
+    """``config_resolved.json``: every finetune option as the run used it."""
+    from cellfm_sc._atomic import write_json_atomic
+
+    resolved = {k: opts.get(k) for k in FINETUNE_KEYS if k in opts}
+    resolved.update(
+        {
+            "command": "demo" if demo else "finetune",
+            "config": opts.get("config"),
+            "cellfm_sc_version": __version__,
+            "resume_from": str(resume_from) if resume_from else None,
+        }
+    )
+    write_json_atomic(work / "config_resolved.json", resolved)
+
+
 def _make_logger(kind: str, folder: Path) -> Any:
     if kind == "none":
         return False
@@ -544,7 +584,12 @@ def finetune(
             obs_column(adata, opts[key], keyword=keyword, allow_missing=True)
     split = split_from_options(opts, adata)
 
-    model = build_model(opts, con, adata)
+    if opts.get("level", "cell") == "donor":
+        from cellfm_sc.cli._donor import build_donor_model
+
+        model = build_donor_model(opts, con, adata)
+    else:
+        model = build_model(opts, con, adata)
     run_dir = RunDirectory(out)
     with run_dir.transaction(sys.argv[1:]):
         return _run(opts, con, model, adata, split, run_dir, resume_from, started, demo)
@@ -602,20 +647,15 @@ def _run(
 ) -> dict[str, Any]:
     import torch
 
-    from cellfm_sc._atomic import atomic_path, write_h5ad_atomic, write_json_atomic
+    from cellfm_sc._atomic import atomic_path, write_h5ad_atomic
     from cellfm_sc.report import write_report
 
+    if opts.get("level", "cell") == "donor":
+        from cellfm_sc.cli._donor import run_donor_level
+
+        return run_donor_level(opts, con, model, adata, split, run_dir, resume_from, started, demo)
     work, out = run_dir.work, run_dir.out
-    resolved = {k: opts.get(k) for k in FINETUNE_KEYS if k in opts}
-    resolved.update(
-        {
-            "command": "demo" if demo else "finetune",
-            "config": opts.get("config"),
-            "cellfm_sc_version": __version__,
-            "resume_from": str(resume_from) if resume_from else None,
-        }
-    )
-    write_json_atomic(work / "config_resolved.json", resolved)
+    write_resolved_config(work, opts, resume_from, demo)
 
     patience = opts.get("patience", 3)
     early = {"auto": "auto", "on": True, "off": False}[opts.get("early_stopping", "auto")]

@@ -15,11 +15,13 @@ from cellfm_sc.model._pretrain_module import CellFMPretrainModule, select_masked
 if TYPE_CHECKING:  # pragma: no cover
     from cellfm_sc.model._base import auto_lr
     from cellfm_sc.model._classifier import CellFMClassifier
+    from cellfm_sc.model._donor import CellFMDonorClassifier
     from cellfm_sc.model._pretrainer import CellFMPretrainer
 
 __all__ = [
     "CellFMClassifier",
     "CellFMClassifierModule",
+    "CellFMDonorClassifier",
     "CellFMPretrainModule",
     "CellFMPretrainer",
     "auto_lr",
@@ -28,6 +30,7 @@ __all__ = [
 
 _LAZY = {
     "CellFMClassifier": "cellfm_sc.model._classifier",
+    "CellFMDonorClassifier": "cellfm_sc.model._donor",
     "CellFMPretrainer": "cellfm_sc.model._pretrainer",
     "auto_lr": "cellfm_sc.model._base",
 }

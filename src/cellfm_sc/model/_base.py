@@ -408,14 +408,21 @@ class CellFMModel(BaseModelClass):
         adata: Any,
         split: DataSplit,
         *,
-        loader_kwargs: dict[str, Any],
+        loader_kwargs: dict[str, Any] | None = None,
         settings: dict[str, Any],
+        datamodule: Any = None,
         **fit_kwargs: Any,
     ) -> Any:
-        """Train ``plan`` on ``split`` through the core; store history, split and settings."""
+        """Train ``plan`` on ``split`` through the core; store history, split and settings.
+
+        The data come from a :class:`~cellfm_sc.model._core.CellFMDataModule` over ``split``
+        built with ``loader_kwargs``, or from ``datamodule`` (a Lightning data module of the
+        class's own batches, e.g. the donor model's bags).
+        """
         from cellfm_sc.model._core import CellFMDataModule, fit
 
-        datamodule = CellFMDataModule(adata, split, **loader_kwargs)
+        if datamodule is None:
+            datamodule = CellFMDataModule(adata, split, **(loader_kwargs or {}))
         logger.info("%s", self.trainable_summary)
         result = fit(plan, datamodule, has_validation=len(split.validation) > 0, **fit_kwargs)
         self.history_ = pd.DataFrame(result.history)

@@ -1,0 +1,209 @@
+"""``cellfm-sc finetune --level donor``: train a :class:`~cellfm_sc.CellFMDonorClassifier`.
+
+Called by :mod:`cellfm_sc.cli.finetune` inside its run-directory transaction; writes, besides
+the usual report (``training_results.json`` with donor metrics and their bootstrap intervals,
+``donor_predictions.csv``, ``predictions.csv``, plots, ``model/``, ``best_model.pth``):
+
+``attention.csv``
+    Every cell: ``obs_name``, ``donor``, ``split``, ``attention`` (its weight within its
+    donor; a donor's weights sum to 1) and ``donor_prediction``.
+``attention_umap.png``
+    UMAP of the cell embeddings coloured by attention (and by the donor's prediction).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from cellfm_sc.cli._common import CLIError, Console, RunDirectory, obs_only
+
+__all__ = ["build_donor_model", "run_donor_level"]
+
+#: the donor model's selection quantities among ``--monitor``'s choices
+_DONOR_MONITORS = (
+    "auto",
+    "validation_loss",
+    "validation_donor_qwk",
+    "validation_donor_balanced_acc",
+)
+
+
+def _check_options(opts: dict[str, Any]) -> None:
+    if opts.get("monitor", "auto") not in _DONOR_MONITORS:
+        raise CLIError(
+            f"--monitor {opts['monitor']} is a cell-level quantity; --level donor follows one of "
+            f"{', '.join(_DONOR_MONITORS)}"
+        )
+    if opts.get("class_weights", "none") != "none":
+        raise CLIError("--class-weights applies to --level cell only (donor bags weigh the same)")
+    if opts.get("eval_every_steps"):
+        raise CLIError("--eval-every-steps applies to --level cell only (donor level: per epoch)")
+
+
+def build_donor_model(opts: dict[str, Any], con: Console, adata: Any) -> Any:
+    """Set the data up and build the donor model: every data and model error comes before
+    any file is written."""
+    from cellfm_sc.model import CellFMDonorClassifier
+
+    _check_options(opts)
+    con.info(
+        f"data: {adata.n_obs:,} cells x {adata.n_vars:,} genes; donor labels "
+        f"obs[{opts['labels_key']!r}], donors obs[{opts['donor_key']!r}]"
+    )
+    CellFMDonorClassifier.setup_anndata(
+        adata,
+        labels_key=opts["labels_key"],
+        donor_key=opts["donor_key"],
+        label_order=opts.get("label_order"),
+        layer=opts.get("layer"),
+        gene_symbols=opts.get("gene_symbols"),
+        use_raw=bool(opts.get("use_raw")),
+    )
+    if not opts.get("checkpoint"):
+        con.info(
+            f"no --checkpoint: a randomly initialised '{opts.get('preset')}' trunk is trained "
+            "(no pretrained CellFM weights)"
+        )
+    model = CellFMDonorClassifier(
+        adata,
+        checkpoint=opts.get("checkpoint"),
+        vocabulary_file=opts.get("vocabulary"),
+        num_heads=opts.get("num_heads"),
+        preset=opts.get("preset"),
+        embedding_init=opts.get("embedding_init", "random"),
+        trainable=opts.get("trainable", "auto"),
+        max_tokens=opts.get("max_tokens", 2048),
+        bag_size=opts.get("bag_size", 128),
+        seed=opts.get("seed", 0),
+        hgnc_table=opts.get("hgnc_table"),
+    )
+    con.info(str(model.summary))
+    return model
+
+
+def run_donor_level(
+    opts: dict[str, Any],
+    con: Console,
+    model: Any,
+    adata: Any,
+    split: Any,
+    run_dir: RunDirectory,
+    resume_from: Path | None,
+    started: float,
+    demo: bool = False,
+) -> dict[str, Any]:
+    """Train, evaluate and write a donor-level run of ``model`` (from
+    :func:`build_donor_model`); returns the run's facts."""
+    import torch
+
+    from cellfm_sc import plotting
+    from cellfm_sc._atomic import atomic_path, write_h5ad_atomic
+    from cellfm_sc.cli.finetune import _make_logger, write_resolved_config
+    from cellfm_sc.report import UMAP_MAX_CELLS, write_report
+
+    work, out = run_dir.work, run_dir.out
+    write_resolved_config(work, opts, resume_from, demo)
+    early = {"auto": False, "on": True, "off": False}[opts.get("early_stopping", "auto")]
+    patience = opts.get("patience", 3)
+    model.train(
+        max_epochs=opts["epochs"],
+        split=split,
+        validation_size=opts.get("validation_size", 0.1),
+        test_size=opts.get("test_size", 0.1),
+        lr=opts.get("lr", "auto"),
+        lr_schedule=opts.get("lr_schedule", "warmup_cosine"),
+        weight_decay=opts.get("weight_decay", 1e-5),
+        monitor=opts.get("monitor", "auto"),
+        early_stopping=early and patience > 0,
+        patience=max(patience, 1),
+        precision=opts.get("precision"),
+        accelerator=opts.get("accelerator", "auto"),
+        devices=opts.get("devices", "auto"),
+        strategy=opts.get("strategy"),
+        num_workers=opts.get("num_workers", 0),
+        gradient_checkpointing=True if opts.get("gradient_checkpointing") else "auto",
+        checkpoint_dir=str(out),
+        resume_from=str(resume_from) if resume_from else None,
+        logger=_make_logger(opts.get("logger", "csv"), work / "logs"),
+        enable_progress_bar=not opts.get("quiet"),
+        **({"num_nodes": opts["num_nodes"]} if opts.get("num_nodes", 1) > 1 else {}),
+    )
+    if model.global_rank_ != 0:
+        return {"rank": model.global_rank_}
+
+    with atomic_path(work / "best_model.pth") as tmp:
+        torch.save(model.export_state_dict(), tmp)
+    batch = max(opts.get("batch_size", 16), 64)
+    n_test, n_val = len(model.test_indices), len(model.validation_indices)
+    if n_test:
+        where, indices = f"test donors ({n_test:,} cells)", "test"
+    elif n_val:
+        where, indices = "validation donors (no test split: optimistic)", "validation"
+        con.warn("no test split (--test-size 0): the report scores the validation donors")
+    else:
+        where, indices = "training donors (nothing held out: optimistic)", "train"
+        con.warn("nothing was held out; the report scores the training donors")
+    con.info(f"evaluating on the {where}")
+    result = model.evaluate(
+        indices=indices, batch_size=batch, enable_progress_bar=not opts.get("quiet")
+    )
+    files = dict(write_report(work, result, history=model.history, info=model.report_info()))
+
+    # every cell's attention within its donor, and the UMAP coloured by it
+    model.annotate(adata, batch_size=batch, enable_progress_bar=not opts.get("quiet"))
+    table = adata.obs[[opts["donor_key"]]].copy()
+    table.columns = ["donor"]
+    table["split"] = adata.obs["cellfm_split"].astype(str)
+    table["attention"] = adata.obs["cellfm_attention"]
+    table["donor_prediction"] = adata.obs["cellfm_donor_prediction"]
+    with atomic_path(work / "attention.csv") as tmp:
+        table.to_csv(tmp, index_label="obs_name")
+    files["attention"] = work / "attention.csv"
+    if adata.n_obs <= UMAP_MAX_CELLS:
+        import matplotlib.pyplot as plt
+
+        obs = table[["attention", "donor_prediction"]].copy()
+        fig = plotting.embedding(
+            adata.obsm["X_cellfm"],
+            color=["attention", "donor_prediction"],
+            obs=obs,
+            show=False,
+            wspace=0.35,
+        )
+        try:
+            plotting.save_figure(fig, work / "attention_umap.png")
+        finally:
+            plt.close(fig)
+        files["attention_umap"] = work / "attention_umap.png"
+    else:
+        con.warn(f"attention_umap.png skipped: {adata.n_obs:,} cells > {UMAP_MAX_CELLS:,}")
+
+    model.save(str(work / "model"), overwrite=True)
+    files["model"] = work / "model"
+    files["best_model"] = work / "best_model.pth"
+    files["config_resolved"] = work / "config_resolved.json"
+    if (work / "logs").is_dir():
+        files["logs"] = work / "logs"
+    if opts.get("write_split_h5ad"):
+        emb = adata.obsm["X_cellfm"]
+        for name, idx in (
+            ("train", model.train_indices),
+            ("validation", model.validation_indices),
+            ("test", model.test_indices),
+        ):
+            if len(idx) == 0:
+                continue
+            part = obs_only(
+                adata.obs.iloc[idx], {"X_cellfm": emb[idx]}, {"cellfm": adata.uns["cellfm"]}
+            )
+            files[f"{name}_h5ad"] = write_h5ad_atomic(part, work / f"{name}.h5ad")
+    return {
+        "rank": 0,
+        "result": result,
+        "files": {k: out / Path(v).name for k, v in files.items()},
+        "where": where,
+        "elapsed": time.perf_counter() - started,
+        "model": model,
+    }

@@ -1,0 +1,1345 @@
+"""``CellFMDonorClassifier``: learn donor labels from bags of the donors' cells (DESIGN.md 8).
+
+Labels such as ADNC belong to donors, and most of a donor's cells look like any other donor's.
+The donor model learns from **bags** (up to ``bag_size`` cells of one donor): the trunk encodes
+the cells, gated attention pooling weighs them into a bag embedding, a head gives the bag's
+logits; the loss is ordinal (cumulative link or CORN) when the labels are ordered,
+cross-entropy otherwise. A donor's prediction averages the logits of bags that cover all of
+its cells, and each cell's attention weight shows which cells drive the call.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import warnings
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField
+
+from cellfm_sc._constants import DONOR_LOSSES, DONOR_MONITORS, LR_SCHEDULES, POOLINGS
+from cellfm_sc.data import (
+    DataSplit,
+    check_counts,
+    check_donors_disjoint,
+    get_matrix,
+    obs_column,
+    split_by_donor,
+)
+from cellfm_sc.model._base import CellFMModel, auto_lr
+from cellfm_sc.model._classifier import _categories
+from cellfm_sc.model._core import StepOutput, TrainingPlan, check_training_numbers
+from cellfm_sc.model._donor_bags import BagBatch, DonorDataModule, eval_keys, partition_bags
+from cellfm_sc.model._donor_eval import (
+    CrossValidationResult,
+    DonorEvaluationResult,
+    aggregate_bag_logits,
+    bootstrap_intervals,
+    donor_metrics,
+    stratified_donor_folds,
+)
+from cellfm_sc.model._donor_module import CellFMDonorModule
+from cellfm_sc.nn import CellFMConfig, CellFMTrunk
+from cellfm_sc.nn.ordinal import class_probabilities, predict_classes
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CellFMDonorClassifier", "DonorTrainingPlan"]
+
+DONOR_FIELD = "donor"
+#: weight of the validation donor loss in ``validation_donor_score`` (only breaks ties of QWK
+#: or balanced accuracy, which move in steps of about 1 / n_donors)
+SCORE_LOSS_WEIGHT = 1e-3
+#: cells per head call at inference (bags are never split across calls)
+_HEAD_CELLS = 65_536
+
+
+# --------------------------------------------------------------------------------------------
+# training plan
+# --------------------------------------------------------------------------------------------
+
+
+class DonorTrainingPlan(TrainingPlan):
+    """Bag loss and donor-level validation metrics.
+
+    Training metrics come from sums over the epoch's bags (``train_loss``: mean bag loss,
+    ``train_acc``: share of bags classified right). Validation gathers every validation bag's
+    logits (across processes, each bag once), averages them per donor (weighted by the bags'
+    cell counts, as :meth:`CellFMDonorClassifier.predict_donors` does) and reports
+    ``validation_loss`` (per bag), ``validation_donor_loss``, ``validation_donor_acc``,
+    ``validation_donor_balanced_acc``, for ordinal labels ``validation_donor_qwk``, and
+    ``validation_donor_score``: the QWK (ordinal) or balanced accuracy minus ``1e-3`` times
+    the donor loss, i.e. the main score with its ties broken by the loss (what
+    ``monitor="auto"`` follows).
+
+    Parameters
+    ----------
+    module
+        The donor module.
+    n_classes, ordinal
+        Number of classes and whether they are ordered.
+    chunk_size
+        Cells per trunk chunk (trainable trunk).
+    gradient_checkpointing
+        Recompute each chunk's activations in the backward pass.
+    cell_loss_weight
+        Weight of an auxiliary cell-level loss (each cell classified by the same head with
+        its donor's label; 0 = off).
+    **kwargs
+        :class:`~cellfm_sc.model._core.TrainingPlan` settings.
+    """
+
+    def __init__(
+        self,
+        module: CellFMDonorModule,
+        *,
+        n_classes: int,
+        ordinal: bool,
+        chunk_size: int = 32,
+        gradient_checkpointing: bool = False,
+        cell_loss_weight: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(module, **kwargs)
+        self.n_classes = int(n_classes)
+        self.ordinal = bool(ordinal)
+        self.chunk_size = int(chunk_size)
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.cell_loss_weight = float(cell_loss_weight)
+
+    def _embed(self, batch: BagBatch) -> torch.Tensor:
+        if batch.emb is not None:
+            return batch.emb
+        c = batch.cells
+        return self.module.encode(
+            c.values,
+            c.gene_ids,
+            c.valid,
+            batch.chunk_lengths,
+            self.chunk_size,
+            self.gradient_checkpointing,
+        )
+
+    def step(self, batch: BagBatch, stage: str) -> StepOutput:
+        train = stage == "train"
+        emb = self._embed(batch)
+        out = self.module(emb, batch.bag, batch.n_bags)
+        w = batch.weight.float()
+        objective, per_bag = self.module.loss(out.logits, batch.labels, w)
+        loss = objective
+        if train and self.cell_loss_weight > 0:
+            cell_logits = self.module.head.classify(out.cells)
+            cell_objective, _ = self.module.loss(cell_logits, batch.labels[batch.bag], w[batch.bag])
+            loss = loss + self.cell_loss_weight * cell_objective
+        logits = out.logits.detach().float()
+        pred = predict_classes(self.module.probabilities(logits), self.ordinal)
+        sums = {
+            "loss": (per_bag.detach() * w).sum(),
+            "n": w.sum(),
+            "correct": ((pred == batch.labels).float() * w).sum(),
+        }
+        collect = None
+        if not train:
+            keep = w > 0
+            n_cells = torch.bincount(batch.bag, minlength=batch.n_bags)
+            collect = {
+                "donor": batch.donor[keep],
+                "n_cells": n_cells[keep],
+                "logits": logits[keep],
+                "labels": batch.labels[keep],
+            }
+        return StepOutput(loss=loss, sums=sums, collect=collect)
+
+    def metrics_from_sums(self, sums: Mapping[str, float]) -> dict[str, float]:
+        n = sums.get("n", 0.0)
+        if not n:
+            return {"loss": float("nan"), "acc": float("nan")}
+        return {"loss": sums["loss"] / n, "acc": sums["correct"] / n}
+
+    def collected_metrics(self, collected: Mapping[str, np.ndarray]) -> dict[str, float]:
+        donors, logits, _ = aggregate_bag_logits(
+            collected["logits"], collected["donor"], collected["n_cells"]
+        )
+        label_of = dict(zip(collected["donor"].tolist(), collected["labels"].tolist()))
+        y = torch.tensor([label_of[d] for d in donors.tolist()], dtype=torch.int64)
+        z = torch.from_numpy(logits).float()
+        _, per = self.module.loss(z, y)
+        pred = predict_classes(self.module.probabilities(z), self.ordinal).numpy()
+        m = donor_metrics(y.numpy(), pred, self.n_classes, self.ordinal)
+        out = {
+            "donor_loss": float(per.mean()),
+            "donor_acc": m["accuracy"],
+            "donor_balanced_acc": m["balanced_accuracy"],
+            "n_donors": m["n_donors"],
+        }
+        if self.ordinal:
+            out["donor_qwk"] = m["qwk"]
+        main = m["qwk"] if self.ordinal else m["balanced_accuracy"]
+        # model selection: the main score, ties (frequent with few donors) broken by the loss
+        out["donor_score"] = (main if np.isfinite(main) else 0.0) - SCORE_LOSS_WEIGHT * out[
+            "donor_loss"
+        ]
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# inference result (internal)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _DonorInference:
+    idx: np.ndarray  # (m,) AnnData rows
+    cell_donor: np.ndarray  # (m,) donor name of each cell
+    emb: np.ndarray  # (m, D)
+    attention: np.ndarray  # (m,) weight within the donor (NaN: cell without counts)
+    donors: np.ndarray  # (n_d,) donor names, sorted
+    logits: np.ndarray  # (n_d, n_out)
+    probs: np.ndarray  # (n_d, K)
+    pred: np.ndarray  # (n_d,) codes (-1: donor without usable cells)
+    n_cells: np.ndarray  # (n_d,)
+
+
+# --------------------------------------------------------------------------------------------
+# the model class
+# --------------------------------------------------------------------------------------------
+
+
+class CellFMDonorClassifier(CellFMModel):
+    """Predict donor-level labels (e.g. ADNC stage) from bags of each donor's cells.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata` (raw counts; in memory or
+        ``backed="r"``).
+    checkpoint, vocabulary_file, num_heads, preset, embedding_init, hgnc_table
+        The trunk, as for :class:`~cellfm_sc.CellFMClassifier`: a pretrained MindSpore
+        checkpoint, or a random trunk of ``preset`` (with a warning).
+    max_tokens
+        Most gene tokens per cell.
+    bag_size
+        Most cells per bag. Training bags are redrawn every epoch; at inference every cell of
+        a donor is in one of ``ceil(n / bag_size)`` bags.
+    pooling
+        ``"gated_attention"`` (Ilse et al. 2018; each cell gets a weight) or ``"mean"``.
+    trainable
+        ``"auto"`` (default) = ``"head"``: the frozen-trunk fast path. The trunk is frozen,
+        every cell is encoded once (cached), and only the standardisation, pooling and head
+        train (seconds per epoch, whatever the bag size). In our measurements (see
+        ``benchmarks/RESULTS.md``) training the trunk from bags of a few dozen donors
+        learned nothing in 10 epochs where the frozen path did. ``"encoder+head"``,
+        ``"encoder+head+embedding"``, ``"all"`` or ``"lora"`` train the trunk too: a bag is
+        then encoded in chunks of cells (with gradient checkpointing on GPUs, so the bag size
+        does not set the memory).
+    loss
+        ``"auto"`` (default): ``"cumulative_link"`` (an ordinal model: one score and ordered
+        thresholds) when the labels are ordered (``label_order``), ``"cross_entropy"``
+        otherwise. ``"corn"`` is the other ordinal choice.
+    attention_hidden
+        Width of the attention network.
+    head_hidden
+        Width of the head's hidden layer (0: linear head).
+    dropout
+        Dropout of the head, the attention network and the retention layers.
+    seed
+        Seed of the initialisation, the splits, the bags and the token draws.
+    lora_rank, lora_alpha
+        LoRA settings for ``trainable="lora"``.
+
+    Examples
+    --------
+    >>> import cellfm_sc
+    >>> cellfm_sc.CellFMDonorClassifier.setup_anndata(
+    ...     adata, labels_key="ADNC", donor_key="Donor ID",
+    ...     label_order=["Not AD", "Low", "Intermediate", "High"])  # doctest: +SKIP
+    >>> model = cellfm_sc.CellFMDonorClassifier(adata, preset="tiny", max_tokens=256)  # doctest: +SKIP
+    >>> model.train(max_epochs=10)  # doctest: +SKIP
+    >>> model.predict_donors(adata)  # predicted, p_<class>, n_cells  # doctest: +SKIP
+    """
+
+    _module_cls = CellFMDonorModule
+
+    def __init__(
+        self,
+        adata: Any,
+        checkpoint: str | os.PathLike[str] | None = None,
+        vocabulary_file: str | os.PathLike[str] | None = None,
+        preset: str | CellFMConfig | None = None,
+        num_heads: int | None = None,
+        embedding_init: str = "random",
+        max_tokens: int = 2048,
+        bag_size: int = 128,
+        pooling: str = "gated_attention",
+        trainable: str = "auto",
+        loss: str = "auto",
+        attention_hidden: int = 128,
+        head_hidden: int = 128,
+        dropout: float = 0.1,
+        seed: int = 0,
+        hgnc_table: str | os.PathLike[str] | None = None,
+        lora_rank: int = 8,
+        lora_alpha: int = 16,
+    ) -> None:
+        for name, value, low in (
+            ("max_tokens", max_tokens, 1),
+            ("bag_size", bag_size, 1),
+            ("attention_hidden", attention_hidden, 1),
+            ("head_hidden", head_hidden, 0),
+        ):
+            if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if loss not in DONOR_LOSSES:
+            raise ValueError(f"loss must be one of {DONOR_LOSSES}, got {loss!r}")
+        super().__init__(adata)
+        self._init_common()
+        args = self._read_setup_args()
+        if self.donor_key is None:
+            raise ValueError(
+                "the AnnData is not set up for a donor model: call "
+                "CellFMDonorClassifier.setup_anndata(adata, labels_key=..., donor_key=...)"
+            )
+        self.labels_key: str = args["labels_key"]
+        self.classes_, self.ordinal_ = _categories(
+            obs_column(adata, self.labels_key, keyword="labels_key"), args.get("label_order")
+        )
+        self.loss_ = _resolve_loss(loss, self.ordinal_)
+        self.max_tokens = int(max_tokens)
+        self.bag_size = int(bag_size)
+        self.seed = int(seed)
+        trunk = self._build_trunk(
+            adata,
+            checkpoint=checkpoint,
+            vocabulary_file=vocabulary_file,
+            num_heads=num_heads,
+            preset=preset,
+            embedding_init=embedding_init,
+            dropout=dropout,
+            seed=seed,
+            hgnc_table=hgnc_table,
+        )
+        self.pooling_ = pooling
+        self.attention_hidden_ = int(attention_hidden)
+        self.head_hidden_ = int(head_hidden)
+        self.dropout_ = float(dropout)
+        module = CellFMDonorModule(
+            trunk,
+            len(self.classes_),
+            self.loss_,
+            pooling=pooling,
+            attention_hidden=attention_hidden,
+            head_hidden=head_hidden,
+            dropout=dropout,
+        )
+        #: the policy asked for (``trainable_`` holds the one applied)
+        self.trainable_requested_ = trainable
+        self._attach(module, "head" if trainable == "auto" else trainable, lora_rank, lora_alpha)
+        self._cache: dict[str, Any] | None = None
+        self.init_params_ = self._get_init_params(locals())
+
+    # ----------------------------------------------------------------- setup_anndata
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: Any,
+        labels_key: str,
+        donor_key: str,
+        label_order: Sequence[str] | None = None,
+        layer: str | None = None,
+        gene_symbols: str | None = None,
+        use_raw: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Register an AnnData: raw counts, donors and their labels (one label per donor).
+
+        Parameters
+        ----------
+        adata
+            AnnData with raw counts in ``.X``, ``.layers[layer]`` or ``.raw.X``.
+        labels_key
+            ``obs`` column of the donor-level label. Every cell of a donor must carry the
+            same label (the error names the first donor with two).
+        donor_key
+            ``obs`` column of donor ids.
+        label_order
+            Class order, lowest first (e.g. ``["Not AD", "Low", "Intermediate", "High"]``):
+            the labels are then ordinal (ordinal loss, QWK). An ordered categorical column
+            is ordinal too.
+        layer
+            Layer with the raw counts (default ``.X``).
+        gene_symbols
+            ``var`` column of gene symbols when ``var_names`` are Ensembl ids.
+        use_raw
+            Counts in ``adata.raw.X`` (genes: ``adata.raw.var_names``).
+        """
+        if label_order is not None:
+            label_order = [str(c) for c in label_order]
+        setup_method_args = cls._get_setup_method_args(**locals())
+        labels = obs_column(adata, labels_key, keyword="labels_key")
+        donors = obs_column(adata, donor_key, keyword="donor_key")
+        if use_raw and layer is not None:
+            raise ValueError(
+                f"pass either layer={layer!r} or use_raw=True: the counts are in one of them"
+            )
+        get_matrix(adata, layer, use_raw=use_raw)
+        var = adata.raw.var if use_raw else adata.var
+        if gene_symbols is not None and gene_symbols not in var.columns:
+            where = "adata.raw.var" if use_raw else "adata.var"
+            raise KeyError(
+                f"gene_symbols={gene_symbols!r} is not a column of {where}; columns are: "
+                f"{list(map(str, var.columns))}"
+            )
+        present = sorted(set(labels.astype(str)))
+        if label_order is not None:
+            if len(set(label_order)) != len(label_order):
+                raise ValueError(f"label_order has repeated entries: {label_order}")
+            unknown = sorted(set(present) - set(label_order))
+            if unknown:
+                raise ValueError(
+                    f"labels {unknown[:10]} of labels_key={labels_key!r} are not in "
+                    f"label_order={label_order}"
+                )
+        if len(present) < 2:
+            raise ValueError(
+                f"labels_key={labels_key!r} has a single class ({present}); a classifier "
+                "needs at least two"
+            )
+        check_donor_labels(donors, labels, labels_key=labels_key, donor_key=donor_key)
+        check_counts(adata, layer, use_raw=use_raw)
+        fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=not use_raw),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+            CategoricalObsField(DONOR_FIELD, donor_key),
+        ]
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*integer.*")
+            warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*")
+            manager.register_fields(adata, **kwargs)
+        cls.register_manager(manager)
+
+    # ----------------------------------------------------------------- donors and labels
+    def _donors(self, adata: Any, donor_key: str | None = None) -> np.ndarray:
+        key = donor_key or self.donor_key
+        return obs_column(adata, key, keyword="donor_key").astype(str).to_numpy()
+
+    def _donor_label_codes(self, adata: Any, idx: np.ndarray) -> pd.Series:
+        """Label code of each donor of cells ``idx`` (-1: a label the model does not know)."""
+        labels = obs_column(adata, self.labels_key, keyword="labels_key", allow_missing=True)
+        donors = self._donors(adata)[idx]
+        values = labels.to_numpy()[idx]
+        check_donor_labels(
+            pd.Series(donors),
+            pd.Series(values),
+            labels_key=self.labels_key,
+            donor_key=self.donor_key,
+        )
+        first = pd.Series(values, index=donors).groupby(level=0, sort=True).first()
+        codes = pd.Categorical(first.astype(str), categories=self.classes_).codes
+        codes = np.where(first.isna().to_numpy(), -1, codes)
+        return pd.Series(codes.astype(np.int64), index=first.index)
+
+    # ----------------------------------------------------------------- cell embeddings
+    def _trunk_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.module.trunk.parameters())
+
+    def _cache_token(self, adata: Any) -> tuple[Any, ...]:
+        version = sum(int(p._version) for p in self.module.trunk.parameters())
+        return (adata.n_obs, adata.n_vars, version, self.max_tokens, self.seed)
+
+    def clear_embedding_cache(self) -> None:
+        """Forget the cached cell embeddings of the frozen trunk (``trainable="head"``).
+
+        The cache belongs to one AnnData object and the trunk's weights; it is rebuilt when
+        either changes. Counts edited in place are not noticed: clear the cache then.
+        """
+        self._cache = None
+
+    @property
+    def embedding_cache_info(self) -> dict[str, int]:
+        """``{"cached": cells held, "computed": cells encoded, "reused": cells served from
+        the cache}`` of the frozen-trunk cache (zeros when there is none)."""
+        c = self._cache
+        if c is None:
+            return {"cached": 0, "computed": 0, "reused": 0}
+        return {
+            "cached": int(c["have"].sum()),
+            "computed": int(c["computed"]),
+            "reused": int(c["reused"]),
+        }
+
+    def _cell_embeddings(
+        self,
+        adata: Any,
+        idx: np.ndarray,
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+        enable_progress_bar: bool = False,
+        min_gene_coverage: float = 0.5,
+    ) -> np.ndarray:
+        """Cell embeddings (the trunk's cls) ``(len(idx), D)`` float32, NaN rows for cells
+        without counts; with a frozen trunk, computed once per cell and cached."""
+        d = self.module.trunk.config.enc_dims
+
+        def compute(rows: np.ndarray) -> np.ndarray:
+            return self._forward_cells(
+                adata,
+                rows,
+                batch_size,
+                device,
+                {"emb": (d,)},
+                _cls_forward,
+                enable_progress_bar,
+                min_gene_coverage,
+            )["emb"]
+
+        if not self._trunk_frozen():
+            return compute(idx)
+        token = self._cache_token(adata)
+        c = self._cache
+        if c is None or c["adata"]() is not adata or c["token"] != token:
+            c = self._cache = {
+                "adata": weakref.ref(adata),
+                "token": token,
+                "emb": np.zeros((adata.n_obs, d), np.float32),
+                "have": np.zeros(adata.n_obs, bool),
+                "computed": 0,
+                "reused": 0,
+            }
+        need = idx[~c["have"][idx]]
+        c["reused"] += int(idx.size - need.size)
+        if need.size:
+            c["emb"][need] = compute(need)
+            c["have"][need] = True
+            c["computed"] += int(need.size)
+            c["token"] = self._cache_token(adata)
+        return c["emb"][idx]
+
+    # ----------------------------------------------------------------- training
+    def _make_split(
+        self, adata: Any, split: DataSplit | None, validation_size: float, test_size: float
+    ) -> DataSplit:
+        if split is None:
+            split = split_by_donor(
+                adata, self.donor_key, self.labels_key, test_size, validation_size, self.seed
+            )
+        else:
+            check_donors_disjoint(split, self._donors(adata))
+        if len(split.train) == 0:
+            raise ValueError("the training split is empty")
+        return split
+
+    def _resolve_monitor(self, monitor: str) -> tuple[str, str]:
+        if monitor not in DONOR_MONITORS:
+            raise ValueError(f"monitor must be one of {DONOR_MONITORS}, got {monitor!r}")
+        if monitor == "auto":
+            monitor = "validation_donor_score"
+        if monitor == "validation_donor_qwk" and not self.ordinal_:
+            raise ValueError(
+                "monitor='validation_donor_qwk' needs ordinal labels (label_order= in "
+                "setup_anndata)"
+            )
+        return monitor, "min" if monitor.endswith("loss") else "max"
+
+    def train(
+        self,
+        max_epochs: int = 10,
+        split: DataSplit | None = None,
+        validation_size: float = 0.1,
+        test_size: float = 0.1,
+        lr: float | str = "auto",
+        batch_size: int = 1,
+        weight_decay: float = 1e-5,
+        monitor: str = "auto",
+        early_stopping: bool = False,
+        patience: int = 5,
+        cell_loss_weight: float = 0.0,
+        lr_schedule: str = "warmup_cosine",
+        warmup_fraction: float = 0.05,
+        chunk_size: int = 32,
+        gradient_checkpointing: bool | str = "auto",
+        precision: str | int | None = None,
+        accelerator: str = "auto",
+        devices: int | str | Sequence[int] = "auto",
+        strategy: str | None = None,
+        gradient_clip_val: float | None = 1.0,
+        num_workers: int = 0,
+        embedding_batch_size: int = 64,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        resume_from: str | os.PathLike[str] | None = None,
+        logger: Any = None,
+        enable_progress_bar: bool = True,
+        **trainer_kwargs: Any,
+    ) -> None:
+        """Train on bags of the training donors' cells; keep the best validation weights.
+
+        One epoch partitions every training donor's cells into bags of at most
+        ``bag_size`` cells at random, so each training cell is in exactly one bag.
+
+        Parameters
+        ----------
+        max_epochs
+            Epochs.
+        split
+            A :class:`~cellfm_sc.data.DataSplit` by donor (``split_from_obs(adata, "split",
+            donor_key=...)``, ``split_by_donor``, ``split_from_json``); a donor in two
+            splits is an error. Default: :func:`~cellfm_sc.data.split_by_donor` with
+            ``validation_size`` / ``test_size`` (fractions or counts of donors, stratified
+            by label).
+        lr
+            AdamW learning rate; ``"auto"``: :func:`~cellfm_sc.model.auto_lr` (1e-3 for a
+            random trunk, for a pretrained one 1e-4 at the released width) when the trunk
+            trains, 1e-3 for the head alone.
+        batch_size
+            Bags per optimizer step.
+        weight_decay
+            AdamW weight decay.
+        monitor
+            What model selection follows: ``"auto"`` = ``"validation_donor_score"``, the
+            validation donors' QWK (ordinal) or balanced accuracy, ties broken by the lower
+            donor loss; also ``"validation_donor_qwk"``, ``"validation_donor_balanced_acc"``,
+            ``"validation_donor_acc"``, ``"validation_donor_loss"``, ``"validation_loss"``
+            (per bag).
+        early_stopping, patience
+            Stop after ``patience`` epochs without improvement of ``monitor`` (off by
+            default: the best epoch's weights are kept either way).
+        cell_loss_weight
+            Weight of an auxiliary cell-level loss: every cell of a bag classified by the
+            same head with its donor's label (0 = off, the plain bag model).
+        lr_schedule, warmup_fraction
+            Learning-rate schedule (see :class:`~cellfm_sc.CellFMClassifier`).
+        chunk_size
+            Cells the trunk encodes at once within a bag (trainable trunk).
+        gradient_checkpointing
+            Recompute each chunk's activations in the backward pass, so a bag's memory is
+            that of one chunk plus its ``(n, D)`` embeddings. ``"auto"``: on GPUs.
+        precision, accelerator, devices, strategy, gradient_clip_val
+            Lightning settings. Under DDP (``strategy="ddp"``) each process takes every
+            N-th step of bags; validation bags are split across the processes and gathered,
+            so the validation donors' scores are exact.
+        num_workers
+            DataLoader workers (trainable trunk).
+        embedding_batch_size
+            Cells per batch when the frozen trunk's embeddings are computed.
+        checkpoint_dir, resume_from, logger, enable_progress_bar
+            As for :meth:`CellFMClassifier.train <cellfm_sc.CellFMClassifier.train>`.
+        **trainer_kwargs
+            Passed to :class:`lightning.pytorch.Trainer`.
+
+        Notes
+        -----
+        With ``trainable="head"`` the trunk is frozen: every training and validation cell
+        is encoded once (cached on the model, see :attr:`embedding_cache_info`) and the
+        epochs only train pooling + head. ``model.history`` has one row per epoch
+        (``train_loss``, ``train_acc`` over bags, the validation metrics).
+        """
+        if isinstance(lr, str) and lr != "auto":
+            raise ValueError(f"lr must be a number > 0 or 'auto', got {lr!r}")
+        check_training_numbers(
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            lr=None if lr == "auto" else lr,
+            weight_decay=weight_decay,
+            patience=patience,
+            num_workers=num_workers,
+            gradient_clip_val=gradient_clip_val,
+            warmup_fraction=warmup_fraction,
+        )
+        for name, value in (
+            ("chunk_size", chunk_size),
+            ("embedding_batch_size", embedding_batch_size),
+        ):
+            if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(cell_loss_weight, int | float) or not cell_loss_weight >= 0:
+            raise ValueError(f"cell_loss_weight must be a number >= 0, got {cell_loss_weight!r}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        if gradient_checkpointing not in (True, False, "auto"):
+            raise ValueError(
+                f"gradient_checkpointing must be True, False or 'auto', got {gradient_checkpointing!r}"
+            )
+        if early_stopping not in (True, False):
+            raise ValueError(f"early_stopping must be True or False, got {early_stopping!r}")
+        monitor, mode = self._resolve_monitor(monitor)
+        if resume_from is not None:
+            _check_resume_file(resume_from)
+        if self.adata_manager is None:
+            raise ValueError(
+                "this model's AnnData is not set up for training: call "
+                "CellFMDonorClassifier.setup_anndata(adata, ...) and create the model on it"
+            )
+        adata = self.adata
+        gene_id_map = self._gene_id_map(adata, strict=True)
+        split = self._make_split(adata, split, validation_size, test_size)
+        cells = np.concatenate([split.train, split.validation])
+        donor_names = self._donors(adata)
+        per_donor = self._donor_label_codes(adata, cells)
+        if (per_donor < 0).any():
+            bad = per_donor.index[per_donor.to_numpy() < 0][:5].tolist()
+            raise ValueError(
+                f"donors {bad} of labels_key={self.labels_key!r} have a missing label or one "
+                f"that is not among the classes {self.classes_}"
+            )
+        self._check_cells(adata, np.concatenate([split.train, split.validation, split.test]))
+        names = np.asarray(per_donor.index)
+        donor_codes = np.full(adata.n_obs, -1, np.int64)
+        pos = pd.Index(names).get_indexer(donor_names[cells])
+        donor_codes[cells] = pos
+        labels = per_donor.to_numpy()
+
+        frozen = self._trunk_frozen()
+        if lr == "auto":
+            lr_value = 1e-3 if frozen else auto_lr(self.pretrained, self.module.trunk.config)
+        else:
+            lr_value = float(lr)
+        on_gpu = accelerator in ("gpu", "cuda") or (
+            accelerator == "auto" and torch.cuda.is_available()
+        )
+        checkpointing = on_gpu if gradient_checkpointing == "auto" else bool(gradient_checkpointing)
+        data_kwargs: dict[str, Any] = {}
+        if frozen:
+            emb = self._cell_embeddings(
+                adata, cells, embedding_batch_size, None, enable_progress_bar
+            )
+            emb_index = np.full(adata.n_obs, -1, np.int64)
+            emb_index[cells] = np.arange(cells.size)
+            # exact statistics of the training cells (the trunk will not change them)
+            self.module.head.norm.reset_from(torch.from_numpy(emb[: split.train.size]))
+            data_kwargs = {"embeddings": torch.from_numpy(emb), "emb_index": emb_index}
+        else:
+            data_kwargs = {
+                "cell_kwargs": {
+                    "adata": adata,
+                    "max_tokens": self.max_tokens,
+                    "seed": self.seed,
+                    "gene_id_map": gene_id_map,
+                    **self._data_kwargs(),
+                }
+            }
+        datamodule = DonorDataModule(
+            {"train": split.train, "validation": split.validation},
+            donor_codes,
+            labels,
+            bag_size=self.bag_size,
+            bags_per_step=int(batch_size),
+            seed=self.seed,
+            eval_keys=eval_keys(adata.obs_names, self.seed),
+            chunk_size=int(chunk_size),
+            num_workers=num_workers,
+            **data_kwargs,
+        )
+        plan = DonorTrainingPlan(
+            self.module,
+            n_classes=len(self.classes_),
+            ordinal=self.ordinal_,
+            chunk_size=int(chunk_size),
+            gradient_checkpointing=checkpointing,
+            cell_loss_weight=float(cell_loss_weight),
+            lr=lr_value,
+            weight_decay=weight_decay,
+            lr_schedule=lr_schedule,
+            max_epochs=max_epochs,
+            warmup_fraction=warmup_fraction,
+        )
+        settings = {
+            "max_epochs": max_epochs,
+            "batch_size": batch_size,
+            "bag_size": self.bag_size,
+            "lr": lr_value,
+            "lr_requested": lr,
+            "weight_decay": weight_decay,
+            "lr_schedule": lr_schedule,
+            "warmup_fraction": warmup_fraction,
+            "monitor": monitor,
+            "early_stopping": bool(early_stopping),
+            "patience": patience,
+            "cell_loss_weight": float(cell_loss_weight),
+            "chunk_size": int(chunk_size),
+            "gradient_checkpointing": checkpointing,
+            "frozen_trunk": frozen,
+            "trainable": self.trainable_,
+            "loss": self.loss_,
+            "pooling": self.pooling_,
+        }
+        self._fit(
+            plan,
+            adata,
+            split,
+            datamodule=datamodule,
+            settings=settings,
+            max_epochs=max_epochs,
+            monitor=monitor,
+            mode=mode,
+            early_stopping=bool(early_stopping),
+            patience=patience,
+            precision=precision,
+            accelerator=accelerator,
+            devices=devices,
+            strategy=strategy,
+            find_unused_parameters=self.trainable_ == "all",
+            gradient_clip_val=gradient_clip_val,
+            checkpoint_dir=checkpoint_dir,
+            resume_from=resume_from,
+            logger=logger,
+            enable_progress_bar=enable_progress_bar,
+            **trainer_kwargs,
+        )
+
+    # ----------------------------------------------------------------- inference
+    def _infer(
+        self,
+        adata: Any | None,
+        indices: Any,
+        donor_key: str | None = None,
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+        enable_progress_bar: bool = False,
+        min_gene_coverage: float = 0.5,
+    ) -> tuple[Any, _DonorInference]:
+        adata = self._adata_or_default(adata)
+        idx = self._indices(adata, indices)
+        cell_donor = self._donors(adata, donor_key)[idx]
+        emb = self._cell_embeddings(
+            adata, idx, batch_size, device, enable_progress_bar, min_gene_coverage
+        )
+        ok = ~np.isnan(emb[:, 0]) if len(idx) else np.zeros(0, bool)
+        codes, donors = pd.factorize(cell_donor, sort=True)
+        donors = np.asarray(donors, dtype=object)
+        keys = eval_keys(np.asarray(adata.obs_names)[idx], self.seed)
+        pos = np.flatnonzero(ok)
+        bags = partition_bags(pos, codes[pos], self.bag_size, keys=keys[pos])
+        attention = np.full(len(idx), np.nan, np.float32)
+        bag_logits, bag_donor, bag_size = [], [], []
+        module = self.module.eval()
+        dev = self.device
+        with torch.inference_mode():
+            start = 0
+            while start < len(bags):
+                group, n = [], 0
+                while start < len(bags) and (not group or n + bags[start].rows.size <= _HEAD_CELLS):
+                    group.append(bags[start])
+                    n += bags[start].rows.size
+                    start += 1
+                rows = np.concatenate([b.rows for b in group])
+                bag = np.repeat(np.arange(len(group)), [b.rows.size for b in group])
+                out = module(
+                    torch.from_numpy(emb[rows]).to(dev),
+                    torch.from_numpy(bag).to(dev),
+                    len(group),
+                )
+                attention[rows] = out.attention.float().cpu().numpy()
+                bag_logits.append(out.logits.float().cpu().numpy())
+                bag_donor.extend(b.donor for b in group)
+                bag_size.extend(b.rows.size for b in group)
+        n_d, k = len(donors), len(self.classes_)
+        logits = np.full((n_d, k if self.loss_ == "cross_entropy" else k - 1), np.nan)
+        probs = np.full((n_d, k), np.nan)
+        pred = np.full(n_d, -1, np.int64)
+        n_cells = np.zeros(n_d, np.int64)
+        if bags:
+            have, z, total = aggregate_bag_logits(
+                np.concatenate(bag_logits), np.asarray(bag_donor), np.asarray(bag_size)
+            )
+            p = class_probabilities(self.loss_, torch.from_numpy(z))
+            logits[have] = z
+            probs[have] = p.double().numpy()
+            pred[have] = predict_classes(p, self.ordinal_).numpy()
+            n_cells[have] = total
+            # a bag's weights sum to 1; scaled by its share of the donor's cells, a donor's
+            # weights sum to 1 (the same weights that average the bags' logits)
+            share = (
+                np.asarray(bag_size, np.float64)
+                / np.bincount(
+                    np.asarray(bag_donor), weights=np.asarray(bag_size, np.float64), minlength=n_d
+                )[np.asarray(bag_donor)]
+            )
+            for b, s in zip(bags, share):
+                attention[b.rows] *= s
+        missing = np.flatnonzero(n_cells == 0)
+        if missing.size:
+            warnings.warn(
+                f"{missing.size} donor(s) have no cell with counts and get no prediction: "
+                f"{donors[missing[:5]].tolist()}",
+                UserWarning,
+                stacklevel=3,
+            )
+        return adata, _DonorInference(
+            idx=idx,
+            cell_donor=cell_donor,
+            emb=emb,
+            attention=attention,
+            donors=donors,
+            logits=logits,
+            probs=probs,
+            pred=pred,
+            n_cells=n_cells,
+        )
+
+    def _categorical(self, codes: np.ndarray) -> pd.Categorical:
+        return pd.Categorical.from_codes(
+            np.asarray(codes, dtype=np.int64), categories=self.classes_, ordered=self.ordinal_
+        )
+
+    def predict_donors(
+        self,
+        adata: Any | None = None,
+        indices: Any = None,
+        donor_key: str | None = None,
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+        enable_progress_bar: bool = False,
+        min_gene_coverage: float = 0.5,
+    ) -> pd.DataFrame:
+        """One prediction per donor, from all of the donor's cells.
+
+        The donor's cells are cut into ``ceil(n / bag_size)`` fixed bags (ordered by a hash
+        of their obs names, so the result does not depend on the AnnData's row order), and
+        the bags' logits are averaged, weighted by their cell counts.
+
+        Parameters
+        ----------
+        adata
+            Default: the model's AnnData. Query data need the donor column (the labels
+            column is not read); other gene sets are aligned as in
+            :meth:`CellFMClassifier.predict <cellfm_sc.CellFMClassifier.predict>`.
+        indices
+            Cells to use (positions, a boolean mask, obs names, or ``"train"`` /
+            ``"validation"`` / ``"test"``); default all.
+        donor_key
+            Donor column of ``adata`` (default: the one set up).
+        batch_size, device, enable_progress_bar, min_gene_coverage
+            Inference settings.
+
+        Returns
+        -------
+        DataFrame indexed by donor (sorted, index name ``"donor"``): ``predicted``
+        (categorical, in class order), ``p_<class>`` per class, ``n_cells`` (cells used).
+        """
+        _, res = self._infer(
+            adata, indices, donor_key, batch_size, device, enable_progress_bar, min_gene_coverage
+        )
+        return self._donor_frame(res)
+
+    def _donor_frame(self, res: _DonorInference) -> pd.DataFrame:
+        out = pd.DataFrame(index=pd.Index(res.donors, name="donor"))
+        out["predicted"] = self._categorical(res.pred)
+        for j, c in enumerate(self.classes_):
+            out[f"p_{c}"] = res.probs[:, j]
+        out["n_cells"] = res.n_cells
+        return out
+
+    def annotate(
+        self,
+        adata: Any | None = None,
+        key_added: str = "cellfm",
+        donor_key: str | None = None,
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+        enable_progress_bar: bool = False,
+        min_gene_coverage: float = 0.5,
+    ) -> pd.DataFrame:
+        """Write per-cell results into the AnnData; return :meth:`predict_donors`' table.
+
+        Adds ``obs[f"{key_added}_attention"]`` (each cell's weight within its donor; a
+        donor's weights sum to 1; NaN for cells without counts),
+        ``obs[f"{key_added}_donor_prediction"]`` (the cell's donor's prediction,
+        categorical), ``obs[f"{key_added}_split"]`` and ``obsm[f"X_{key_added}"]`` (the cell
+        embeddings ``(n, D)``); ``uns[key_added]`` holds the classes and settings.
+        """
+        adata, res = self._infer(
+            adata, None, donor_key, batch_size, device, enable_progress_bar, min_gene_coverage
+        )
+        where = pd.Index(res.donors).get_indexer(res.cell_donor)
+        adata.obs[f"{key_added}_attention"] = res.attention
+        adata.obs[f"{key_added}_donor_prediction"] = self._categorical(res.pred[where])
+        adata.obs[f"{key_added}_split"] = pd.Categorical(
+            self.split_labels(adata), categories=["train", "validation", "test", "none"]
+        )
+        adata.obsm[f"X_{key_added}"] = res.emb
+        adata.uns[key_added] = {
+            "classes": list(self.classes_),
+            "ordinal": bool(self.ordinal_),
+            "labels_key": self.labels_key,
+            "donor_key": donor_key or self.donor_key,
+            "attention_key": f"{key_added}_attention",
+            "embedding_key": f"X_{key_added}",
+            "settings": {
+                "bag_size": self.bag_size,
+                "pooling": self.pooling_,
+                "loss": self.loss_,
+                "max_tokens": self.max_tokens,
+                "seed": self.seed,
+                "trainable": self.trainable_,
+            },
+        }
+        return self._donor_frame(res)
+
+    def evaluate(
+        self,
+        adata: Any | None = None,
+        indices: Any = "test",
+        n_bootstrap: int = 1000,
+        confidence: float = 0.95,
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+        enable_progress_bar: bool = False,
+        min_gene_coverage: float = 0.5,
+    ) -> DonorEvaluationResult:
+        """Donor-level scores of held-out donors with bootstrap intervals over donors.
+
+        Parameters
+        ----------
+        adata
+            Default: the model's AnnData (other data: matched to the split by obs name).
+        indices
+            ``"test"`` (default), ``"validation"``, ``"train"`` or cells; the donors of
+            these cells are scored from these cells.
+        n_bootstrap, confidence
+            Donor resamples and the level of the percentile intervals (0: no intervals).
+
+        Returns
+        -------
+        DonorEvaluationResult
+            ``donor_metrics``: ``qwk`` and ``ordinal_mae`` (ordinal labels), ``accuracy``,
+            ``balanced_accuracy``, ``macro_f1``, ``n_donors``; ``intervals`` per metric;
+            ``donor_table``; per-cell ``predictions`` (with ``attention``); the cells'
+            ``embedding``. Donors whose label the model does not know are not scored
+            (``notes`` says which).
+        """
+        adata = self._adata_or_default(adata)
+        adata, res = self._infer(
+            adata, indices, None, batch_size, device, enable_progress_bar, min_gene_coverage
+        )
+        truth = self._donor_label_codes(adata, res.idx).reindex(res.donors).to_numpy()
+        scored = (truth >= 0) & (res.pred >= 0)
+        notes = []
+        if not scored.all():
+            notes.append(
+                f"{int((~scored).sum())} donor(s) not scored (label unknown to the model or "
+                f"missing, or no cell with counts): {res.donors[~scored][:10].tolist()}"
+            )
+        if not scored.any():
+            raise ValueError("no donor with a known label and cells with counts: nothing to score")
+        k = len(self.classes_)
+        t, p = truth[scored], res.pred[scored]
+        metrics = donor_metrics(t, p, k, self.ordinal_)
+        intervals = bootstrap_intervals(t, p, k, self.ordinal_, n_bootstrap, confidence, self.seed)
+        table = self._donor_frame(res)[scored]
+        table.insert(0, "true", self._categorical(t))
+        table = table[["true", "predicted", "n_cells", *[f"p_{c}" for c in self.classes_]]]
+        # cells: each cell carries its donor's prediction
+        where = pd.Index(res.donors).get_indexer(res.cell_donor)
+        cell_ok = scored[where] & ~np.isnan(res.attention)
+        cw = where[cell_ok]
+        cells = pd.DataFrame(
+            index=pd.Index(np.asarray(adata.obs_names)[res.idx[cell_ok]], name="obs_name")
+        )
+        cells["donor"] = res.cell_donor[cell_ok]
+        cells["true"] = self._categorical(truth[cw])
+        cells["predicted"] = self._categorical(res.pred[cw])
+        cells["confidence"] = res.probs[cw].max(axis=1)
+        cells["attention"] = res.attention[cell_ok]
+        for j, c in enumerate(self.classes_):
+            cells[f"p_{c}"] = res.probs[cw, j]
+        cell_m = donor_metrics(truth[cw], res.pred[cw], k, self.ordinal_)
+        cell_m["n_cells"] = cell_m.pop("n_donors")
+        from cellfm_sc.metrics import confusion_matrix
+
+        result = DonorEvaluationResult(
+            cell_metrics=cell_m,
+            donor_metrics=metrics,
+            donor_table=table,
+            confusion=confusion_matrix(truth[cw], res.pred[cw], n_classes=k),
+            classes=list(self.classes_),
+            ordinal=bool(self.ordinal_),
+            predictions=cells,
+            donor_method="mean_bag_logits",
+            notes=notes,
+            evaluated_on=indices if isinstance(indices, str) else "cells",
+            embedding=res.emb[cell_ok],
+            intervals=intervals,
+            confidence_level=float(confidence),
+            n_bootstrap=int(n_bootstrap),
+        )
+        return result
+
+    def cross_validate(
+        self,
+        k: int = 5,
+        n_bootstrap: int = 1000,
+        confidence: float = 0.95,
+        batch_size: int = 64,
+        **train_kwargs: Any,
+    ) -> CrossValidationResult:
+        """Donor-level ``k``-fold cross-validation, folds stratified by label.
+
+        Fold ``i``'s donors are the test donors of round ``i``; fold ``i + 1``'s donors
+        validate (model selection), the others train. Every round starts from the model's
+        current weights, and the model gets them back at the end (it is left as it was).
+
+        Parameters
+        ----------
+        k
+            Folds (>= 3: one tests, one validates, the rest train).
+        n_bootstrap, confidence
+            Bootstrap intervals of the pooled metrics.
+        batch_size
+            Inference batch size.
+        **train_kwargs
+            Passed to :meth:`train` (``max_epochs``, ``lr``, ...; not ``split``).
+
+        Returns
+        -------
+        CrossValidationResult
+            ``per_fold`` metrics, ``pooled`` metrics of all out-of-fold predictions with
+            ``intervals``, and the out-of-fold ``donor_table``.
+        """
+        if "split" in train_kwargs:
+            raise ValueError("cross_validate makes its own splits; do not pass split=")
+        if not isinstance(k, int | np.integer) or k < 3:
+            raise ValueError(f"k must be an integer >= 3 (test, validation, train), got {k!r}")
+        adata = self.adata
+        if adata is None or self.adata_manager is None:
+            raise ValueError("cross_validate needs the model's set-up AnnData")
+        all_idx = np.arange(adata.n_obs)
+        per_donor = self._donor_label_codes(adata, all_idx)
+        folds = stratified_donor_folds(per_donor.to_numpy(), int(k), self.seed)
+        fold_of = pd.Series(folds, index=per_donor.index)
+        cell_fold = fold_of.reindex(self._donors(adata)).to_numpy()
+        saved = self._snapshot()
+        rows, tables = [], []
+        try:
+            for i in range(int(k)):
+                split = DataSplit(
+                    train=np.flatnonzero((cell_fold != i) & (cell_fold != (i + 1) % k)),
+                    validation=np.flatnonzero(cell_fold == (i + 1) % k),
+                    test=np.flatnonzero(cell_fold == i),
+                    donor_key=self.donor_key,
+                )
+                self._restore(saved, weights_only=True)
+                self.train(split=split, **train_kwargs)
+                res = self.evaluate(indices="test", n_bootstrap=0, batch_size=batch_size)
+                row = {
+                    "fold": i,
+                    "n_train": int((folds != i).sum() - (folds == (i + 1) % k).sum()),
+                    "n_validation": int((folds == (i + 1) % k).sum()),
+                    "n_test": int((folds == i).sum()),
+                    "best_epoch": self.best_epoch_,
+                    **{m: v for m, v in res.donor_metrics.items() if m != "n_donors"},
+                }
+                rows.append(row)
+                table = res.donor_table.copy()
+                table.insert(0, "fold", i)
+                tables.append(table)
+        finally:
+            self._restore(saved, weights_only=False)
+        donor_table = pd.concat(tables).sort_index()
+        t = donor_table["true"].cat.codes.to_numpy()
+        p = donor_table["predicted"].cat.codes.to_numpy()
+        n_classes = len(self.classes_)
+        return CrossValidationResult(
+            per_fold=pd.DataFrame(rows),
+            pooled=donor_metrics(t, p, n_classes, self.ordinal_),
+            intervals=bootstrap_intervals(
+                t, p, n_classes, self.ordinal_, n_bootstrap, confidence, self.seed
+            ),
+            donor_table=donor_table,
+            confidence_level=float(confidence),
+        )
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {
+            "state": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
+            "attrs": {
+                name: copy.deepcopy(getattr(self, name, None))
+                for name in (
+                    "history_",
+                    "step_history_",
+                    "best_epoch_",
+                    "best_score_",
+                    "train_settings_",
+                    "split_",
+                    "split_names_",
+                    "is_trained_",
+                )
+            },
+            "indices": {
+                name: getattr(self, name, None)
+                for name in ("train_indices_", "validation_indices_", "test_indices_")
+            },
+        }
+
+    def _restore(self, saved: dict[str, Any], weights_only: bool) -> None:
+        with torch.no_grad():
+            for key, value in self.module.state_dict().items():
+                value.copy_(saved["state"][key])
+        if weights_only:
+            return
+        for name, value in {**saved["attrs"], **saved["indices"]}.items():
+            setattr(self, name, value)
+
+    # ----------------------------------------------------------------- reporting
+    def report_info(self) -> dict[str, Any]:
+        """Run facts for :func:`cellfm_sc.report.write_report` (``info=``)."""
+        cfg = self.module.trunk.config
+        info: dict[str, Any] = {
+            "level": "donor",
+            "n_genes": int(self.vocab.n_genes),
+            "gene_embedding": self.embedding_init_,
+            "num_classes": len(self.classes_),
+            "labels_key": self.labels_key,
+            "donor_key": self.donor_key,
+            "trainable": self.trainable_,
+            "n_trainable_parameters": int(self.trainable_summary.n_trainable),
+            "n_parameters": int(self.trainable_summary.n_total),
+            "config": cfg.to_dict(),
+            "preset": self.preset_,
+            "max_tokens": self.max_tokens,
+            "bag_size": self.bag_size,
+            "pooling": self.pooling_,
+            "loss": self.loss_,
+            "seed": self.seed,
+            "checkpoint": self.pretrained_report_,
+        }
+        settings = self.train_settings_
+        if settings:
+            info.update(
+                epochs=settings["epochs_run"],
+                batch_size=settings["batch_size"],
+                lr=settings["lr"],
+                train_settings=settings,
+            )
+        info["best_epoch"] = self.best_epoch_
+        if self.split_names_ is not None:
+            info["split_sizes"] = {s: len(v) for s, v in self.split_names_.items()}
+        return info
+
+    @property
+    def summary(self) -> str:
+        cfg = self.module.trunk.config
+        rep = self.pretrained_report_
+        lines = [f"CellFMDonorClassifier ({'trained' if self.is_trained_ else 'not trained'})"]
+        if rep is not None:
+            lines.append(f"  pretrained: variant {rep.get('variant')}, {rep.get('source')}")
+        else:
+            lines.append(
+                f"  no pretrained weights: random trunk (preset {self.preset_ or 'custom'})"
+            )
+        lines.append(
+            f"  trunk: enc_dims={cfg.enc_dims}, num_heads={cfg.num_heads}, n_layers={cfg.n_layers}"
+        )
+        kind = "ordinal" if self.ordinal_ else "categorical"
+        lines.append(
+            f"  labels: {self.labels_key!r} ({len(self.classes_)} {kind} classes), donors: "
+            f"{self.donor_key!r}"
+        )
+        lines.append(
+            f"  bags of <= {self.bag_size} cells, {self.pooling_} pooling, loss {self.loss_}"
+        )
+        lines.append(f"  {self.trainable_summary}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary
+
+    # ----------------------------------------------------------------- save / load parts
+    def _save_attrs(self) -> dict[str, Any]:
+        return {
+            "classes_": list(self.classes_),
+            "ordinal_": bool(self.ordinal_),
+            "loss_": self.loss_,
+            "bag_size": self.bag_size,
+            "pooling_": self.pooling_,
+            "attention_hidden": self.attention_hidden_,
+            "head_hidden": self.head_hidden_,
+            "dropout": self.dropout_,
+        }
+
+    def _restore_attrs(self, attrs: dict[str, Any]) -> None:
+        args = self._read_setup_args()
+        self.labels_key = args["labels_key"]
+        self.classes_ = list(attrs["classes_"])
+        self.ordinal_ = bool(attrs["ordinal_"])
+        self.loss_ = str(attrs["loss_"])
+        self.bag_size = int(attrs["bag_size"])
+        self.pooling_ = str(attrs["pooling_"])
+        self.attention_hidden_ = int(attrs["attention_hidden"])
+        self.head_hidden_ = int(attrs["head_hidden"])
+        self.dropout_ = float(attrs["dropout"])
+        self._cache = None
+
+    @classmethod
+    def _make_module(cls, trunk: CellFMTrunk, attrs: dict[str, Any]) -> CellFMDonorModule:
+        return CellFMDonorModule(
+            trunk,
+            len(attrs["classes_"]),
+            str(attrs["loss_"]),
+            pooling=str(attrs["pooling_"]),
+            attention_hidden=int(attrs["attention_hidden"]),
+            head_hidden=int(attrs["head_hidden"]),
+            dropout=float(attrs["dropout"]),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _cls_forward(module: CellFMDonorModule, batch: Any) -> dict[str, torch.Tensor]:
+    return {"emb": module.trunk(batch.values, batch.gene_ids, batch.valid).cls}
+
+
+def _resolve_loss(loss: str, ordinal: bool) -> str:
+    if loss == "auto":
+        return "cumulative_link" if ordinal else "cross_entropy"
+    if loss in ("cumulative_link", "corn") and not ordinal:
+        raise ValueError(
+            f"loss={loss!r} needs ordered labels: pass label_order= to setup_anndata (or use "
+            "loss='cross_entropy')"
+        )
+    return loss
+
+
+def check_donor_labels(
+    donors: pd.Series, labels: pd.Series, *, labels_key: str, donor_key: str
+) -> None:
+    """Raise ``ValueError`` naming the first donor (in obs order) whose cells carry two or more
+    labels; missing labels are ignored here."""
+    frame = pd.DataFrame(
+        {"donor": np.asarray(donors).astype(str), "label": np.asarray(labels, dtype=object)}
+    ).dropna()
+    frame["label"] = frame["label"].astype(str)
+    n_labels = frame.groupby("donor", sort=False)["label"].nunique()
+    mixed = n_labels[n_labels > 1]
+    if len(mixed):
+        first = mixed.index[0]
+        values = sorted(frame.loc[frame["donor"] == first, "label"].unique())
+        more = f" ({len(mixed) - 1} more donor(s) have several labels)" if len(mixed) > 1 else ""
+        raise ValueError(
+            f"labels_key={labels_key!r} is not constant within donors: donor {first!r} "
+            f"(donor_key={donor_key!r}) has labels {values}{more}. A donor-level model needs "
+            "one label per donor; fix the labels, or use CellFMClassifier for cell labels"
+        )
+
+
+def _check_resume_file(path: str | os.PathLike[str]) -> None:
+    from cellfm_sc.io import CheckpointError, load_torch_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"resume_from={os.fspath(path)!r} does not exist")
+    state = load_torch_file(path, what="resume checkpoint")
+    if "state_dict" not in state or "cellfm_history" not in state:
+        raise CheckpointError("not an epoch checkpoint of cellfm-sc's training", path)
