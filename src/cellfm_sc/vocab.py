@@ -19,7 +19,6 @@ import csv
 import io
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cellfm_sc._atomic import atomic_write
 from cellfm_sc.nn.config import padded_rows
 
 __all__ = [
@@ -306,7 +306,7 @@ class GeneVocab:
 
         Ensembl ids are not written.
         """
-        _atomic_write_text(Path(path), "".join(f"{name}\n" for name in self._names))
+        atomic_write(Path(path), "".join(f"{name}\n" for name in self._names))
 
     def save_cellfm_file(self, path: str | os.PathLike[str]) -> None:
         """Write the vocabulary in the format of CellFM's ``expand_gene_info.csv``.
@@ -349,7 +349,7 @@ class GeneVocab:
             if self._ensembl is not None:
                 row.append(self._ensembl[k] or "")
             writer.writerow(row)
-        _atomic_write_text(path, buf.getvalue())
+        atomic_write(path, buf.getvalue())
 
     # ------------------------------------------------------------------ properties
     @property
@@ -473,19 +473,6 @@ def _text_lines(text: str) -> list[str]:
     while lines and not lines[-1].strip():
         lines.pop()
     return [line.strip() for line in lines]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8, ``\\n`` line ends) to ``path`` via a temp file + ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------- mapping

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import secrets
 import sys
 import zlib
 from collections.abc import Iterator, Mapping
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cellfm_sc._atomic import atomic_path
 
 __all__ = ["CheckpointError", "read_mindspore_checkpoint", "write_mindspore_checkpoint"]
 
@@ -665,24 +666,14 @@ def write_mindspore_checkpoint(
     if slice_bytes <= 0:
         raise ValueError(f"slice_bytes must be positive, got {slice_bytes}")
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            out = _CrcWriter(fh)
-            for name, value in tensors.items():
-                if not isinstance(name, str):
-                    raise TypeError(f"parameter names must be str, got {name!r}")
-                ttype, shape, data = _as_payload(name, value)
-                _write_records(out, name.encode("utf-8"), ttype, shape, data, slice_bytes)
-            if crc:
-                fh.write(_CRC_MAGIC + out.crc.to_bytes(10, "big"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        out = _CrcWriter(fh)
+        for name, value in tensors.items():
+            if not isinstance(name, str):
+                raise TypeError(f"parameter names must be str, got {name!r}")
+            ttype, shape, data = _as_payload(name, value)
+            _write_records(out, name.encode("utf-8"), ttype, shape, data, slice_bytes)
+        if crc:
+            fh.write(_CRC_MAGIC + out.crc.to_bytes(10, "big"))
+        fh.flush()
+        os.fsync(fh.fileno())
