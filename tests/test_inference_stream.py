@@ -102,3 +102,46 @@ def test_empty_cells_stream_as_nan(trained, tmp_path):
         with pytest.warns(UserWarning, match="1 cell"):
             model.get_latent_representation(query, out=ds)
         assert np.isnan(ds[5]).all() and np.isfinite(ds[:5]).all()
+
+
+def test_block_writer_writes_whole_blocks_once():
+    """Rows arriving scattered (bucketed batches) reach a chunked file as consecutive blocks."""
+    from cellfm_sc.model._base import _BlockWriter
+
+    class Chunked:  # an h5py-like dataset that records how it is written
+        def __init__(self, n, width, chunk):
+            self.data = np.full((n, width), -1.0, np.float32)
+            self.shape, self.dtype, self.chunks, self.writes = (
+                self.data.shape,
+                np.float32,
+                (
+                    chunk,
+                    width,
+                ),
+                [],
+            )
+
+        def __setitem__(self, key, value):
+            assert isinstance(key, slice), "a sink must get slices, not fancy indices"
+            self.writes.append((key.start, key.stop))
+            self.data[key] = value
+
+    n, width = 10_000, 3
+    rng = np.random.default_rng(0)
+    expected = rng.normal(size=(n, width)).astype(np.float32)
+    target = Chunked(n, width, chunk=1000)
+    writer = _BlockWriter(target, n, (width,))
+    empty = {5, 4321, 9999}
+    for lo in range(0, n, 2048):  # windows of consecutive rows, shuffled inside
+        window = rng.permutation(np.arange(lo, min(lo + 2048, n)))
+        for part in np.array_split(window, 16):
+            keep = np.array([r not in empty for r in part], bool)
+            writer.write(part[~keep], None)
+            writer.write(part[keep], expected[part[keep]])
+    writer.close()
+    want = expected.copy()
+    want[sorted(empty)] = np.nan
+    np.testing.assert_array_equal(target.data, want)
+    starts = sorted(s for s, _ in target.writes)
+    assert starts == list(range(0, n, writer.block))  # each block written once, whole
+    assert writer.block % 1000 == 0 and not writer.open

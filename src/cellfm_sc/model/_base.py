@@ -108,6 +108,52 @@ def _select(batch: Any, mask: torch.Tensor) -> Any:
     return type(batch)(**values)
 
 
+class _BlockWriter:
+    """Collects output rows in blocks of consecutive rows and writes each block once, whole.
+
+    ``target`` takes ``target[lo:hi] = block`` (an h5py / zarr dataset or an array); rows
+    arrive in any order within a few blocks (bucketing windows), each exactly once. Memory:
+    the blocks not yet complete (a window spans at most two).
+    """
+
+    def __init__(self, target: Any, n_rows: int, shape: tuple[int, ...]) -> None:
+        self.target, self.n_rows, self.shape = target, int(n_rows), tuple(shape)
+        chunk = getattr(target, "chunks", None)
+        step = int(chunk[0]) if chunk else 1
+        self.block = max(step, -(-4096 // step) * step)
+        self.open: dict[int, np.ndarray] = {}
+        self.filled: dict[int, int] = {}
+
+    def _size(self, b: int) -> int:
+        return min(self.block, self.n_rows - b * self.block)
+
+    def write(self, rows: np.ndarray, values: np.ndarray | None) -> None:
+        """Rows ``rows`` (positions) get ``values`` (``(len(rows), *shape)``; None: NaN)."""
+        blocks = rows // self.block
+        for b in np.unique(blocks):
+            sel = blocks == b
+            buf = self.open.get(int(b))
+            if buf is None:
+                buf = np.full((self._size(int(b)), *self.shape), np.nan, np.float32)
+                self.open[int(b)] = buf
+            if values is not None:
+                buf[rows[sel] - b * self.block] = values[sel]
+            self.filled[int(b)] = self.filled.get(int(b), 0) + int(sel.sum())
+            if self.filled[int(b)] == len(buf):
+                self._flush(int(b))
+
+    def _flush(self, b: int) -> None:
+        buf = self.open.pop(b)
+        self.filled.pop(b, None)
+        lo = b * self.block
+        self.target[lo : lo + len(buf)] = buf.astype(getattr(self.target, "dtype", np.float32))
+
+    def close(self) -> None:
+        """Write what is left (rows never visited stay NaN)."""
+        for b in sorted(self.open):
+            self._flush(b)
+
+
 def _progress(total: int, enable: bool) -> Any:
     """A tqdm bar over cells on stderr (disabled unless ``enable``)."""
     import sys
@@ -535,14 +581,19 @@ class CellFMModel(BaseModelClass):
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         )
+        # sinks (h5py / zarr datasets) get whole blocks of consecutive rows: a bucketed batch
+        # scatters over a window of cells, and fancy-indexed writes into chunked files are slow
+        writers = {
+            key: _BlockWriter(arrays[key], len(idx), outputs[key]) for key in arrays if key in sinks
+        }
         bar = _progress(len(idx), enable_progress_bar)
-        empty_rows: list[np.ndarray] = []
         for batch in self._loader(adata, idx, batch_size, gene_id_map, num_workers):
             bar.update(len(batch))
             ok = (batch.n_tokens > 0).numpy()
             rows = order[np.searchsorted(sorted_idx, batch.obs_index.numpy())]
             if not ok.all():
-                empty_rows.append(rows[~ok])
+                for writer in writers.values():  # NaN rows: written as they are
+                    writer.write(rows[~ok], None)
                 rows = rows[ok]
                 if len(rows) == 0:
                     continue
@@ -550,19 +601,15 @@ class CellFMModel(BaseModelClass):
             batch = batch.to(dev, non_blocking=True)
             with autocast:
                 result = forward(module, batch)
-            rank = np.argsort(rows)  # increasing rows: what h5py and zarr accept
             for key, value in result.items():
-                target = arrays[key]
-                values = value.float().cpu().numpy()[rank]
-                target[rows[rank]] = values.astype(getattr(target, "dtype", np.float32))
+                values = value.float().cpu().numpy()
+                if key in writers:
+                    writers[key].write(rows, values)
+                else:
+                    arrays[key][rows] = values
         bar.close()
-        if empty_rows:
-            rows = np.sort(np.concatenate(empty_rows))
-            for key, target in arrays.items():
-                if key in sinks:  # a sink may hold anything where nothing was written
-                    for start in range(0, len(rows), 4096):
-                        part = rows[start : start + 4096]
-                        target[part] = np.full((len(part), *outputs[key]), np.nan)
+        for writer in writers.values():
+            writer.close()
         n_empty = len(summary.empty) if summary.empty is not None else 0
         if n_empty:
             warnings.warn(
