@@ -301,7 +301,7 @@ def pretraining_curves(
     Parameters
     ----------
     history
-        :attr:`CellFMPretrainer.history <cellfm_sc.CellFMPretrainer.history>`: one row per
+        ``CellFMPretrainer.history``: one row per
         epoch with ``epoch`` (optional), ``train_loss``, ``validation_loss``,
         ``train_value_mse``, ``validation_value_mse``, ``train_cellwise_mse``,
         ``validation_cellwise_mse``. Missing columns and NaN entries are skipped.

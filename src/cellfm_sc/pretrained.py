@@ -127,7 +127,7 @@ def load_pretrained_trunk(
         warns below 50% coverage (:func:`cellfm_sc.vocab.check_transfer_mapping`).
     num_heads
         Retention heads: by default the number the checkpoint records (cellfm-sc's exports,
-        e.g. :meth:`~cellfm_sc.CellFMPretrainer.export_mindspore`), else 48 for the released
+        e.g. :meth:`~cellfm_sc.model.CellFMPretrainer.export_mindspore`), else 48 for the released
         1536-wide models.
     hgnc_table
         Optional HGNC table for alias / previous-symbol mapping.

@@ -1,4 +1,4 @@
-"""``cellfm-sc finetune --level donor``: train a :class:`~cellfm_sc.CellFMDonorClassifier`.
+"""``cellfm-sc finetune --level donor``: train a :class:`~cellfm_sc.model.CellFMDonorClassifier`.
 
 Called by :mod:`cellfm_sc.cli.finetune` inside its run-directory transaction; writes, besides
 the usual report (``training_results.json`` with donor metrics and their bootstrap intervals,
@@ -45,6 +45,7 @@ def _check_options(opts: dict[str, Any]) -> None:
 def build_donor_model(opts: dict[str, Any], con: Console, adata: Any) -> Any:
     """Set the data up and build the donor model: every data and model error comes before
     any file is written."""
+    from cellfm_sc.cli.finetune import model_kwargs, setup_kwargs
     from cellfm_sc.model import CellFMDonorClassifier
 
     _check_options(opts)
@@ -52,32 +53,9 @@ def build_donor_model(opts: dict[str, Any], con: Console, adata: Any) -> Any:
         f"data: {adata.n_obs:,} cells x {adata.n_vars:,} genes; donor labels "
         f"obs[{opts['labels_key']!r}], donors obs[{opts['donor_key']!r}]"
     )
-    CellFMDonorClassifier.setup_anndata(
-        adata,
-        labels_key=opts["labels_key"],
-        donor_key=opts["donor_key"],
-        label_order=opts.get("label_order"),
-        layer=opts.get("layer"),
-        gene_symbols=opts.get("gene_symbols"),
-        use_raw=bool(opts.get("use_raw")),
-    )
-    if not opts.get("checkpoint"):
-        con.info(
-            f"no --checkpoint: a randomly initialised '{opts.get('preset')}' trunk is trained "
-            "(no pretrained CellFM weights)"
-        )
+    CellFMDonorClassifier.setup_anndata(adata, donor_key=opts["donor_key"], **setup_kwargs(opts))
     model = CellFMDonorClassifier(
-        adata,
-        checkpoint=opts.get("checkpoint"),
-        vocabulary_file=opts.get("vocabulary"),
-        num_heads=opts.get("num_heads"),
-        preset=opts.get("preset"),
-        embedding_init=opts.get("embedding_init", "random"),
-        trainable=opts.get("trainable", "auto"),
-        max_tokens=opts.get("max_tokens", 2048),
-        bag_size=opts.get("bag_size", 128),
-        seed=opts.get("seed", 0),
-        hgnc_table=opts.get("hgnc_table"),
+        adata, bag_size=opts.get("bag_size", 128), **model_kwargs(opts, con)
     )
     con.info(str(model.summary))
     return model

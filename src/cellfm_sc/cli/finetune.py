@@ -604,34 +604,41 @@ def build_model(opts: dict[str, Any], con: Console, adata: Any) -> Any:
         f"data: {adata.n_obs:,} cells x {adata.n_vars:,} genes; labels obs[{opts['labels_key']!r}]"
         + (f"; donors obs[{opts['donor_key']!r}]" if opts.get("donor_key") else "")
     )
-    CellFMClassifier.setup_anndata(
-        adata,
-        labels_key=opts["labels_key"],
-        donor_key=opts.get("donor_key"),
-        layer=opts.get("layer"),
-        gene_symbols=opts.get("gene_symbols"),
-        label_order=opts.get("label_order"),
-        use_raw=bool(opts.get("use_raw")),
-    )
+    CellFMClassifier.setup_anndata(adata, donor_key=opts.get("donor_key"), **setup_kwargs(opts))
+    model = CellFMClassifier(adata, **model_kwargs(opts, con))
+    con.info(str(model.summary))
+    return model
+
+
+def setup_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
+    """``setup_anndata`` keywords every labelled model class takes, from the options."""
+    return {
+        "labels_key": opts["labels_key"],
+        "layer": opts.get("layer"),
+        "gene_symbols": opts.get("gene_symbols"),
+        "label_order": opts.get("label_order"),
+        "use_raw": bool(opts.get("use_raw")),
+    }
+
+
+def model_kwargs(opts: dict[str, Any], con: Console) -> dict[str, Any]:
+    """Constructor keywords every fine-tuned model class takes (says when no checkpoint)."""
     if not opts.get("checkpoint"):
         con.info(
             f"no --checkpoint: a randomly initialised '{opts.get('preset')}' trunk is trained "
             "(no pretrained CellFM weights)"
         )
-    model = CellFMClassifier(
-        adata,
-        checkpoint=opts.get("checkpoint"),
-        vocabulary_file=opts.get("vocabulary"),
-        num_heads=opts.get("num_heads"),
-        preset=opts.get("preset"),
-        embedding_init=opts.get("embedding_init", "random"),
-        trainable=opts.get("trainable", "auto"),
-        max_tokens=opts.get("max_tokens", 2048),
-        seed=opts.get("seed", 0),
-        hgnc_table=opts.get("hgnc_table"),
-    )
-    con.info(str(model.summary))
-    return model
+    return {
+        "checkpoint": opts.get("checkpoint"),
+        "vocabulary_file": opts.get("vocabulary"),
+        "num_heads": opts.get("num_heads"),
+        "preset": opts.get("preset"),
+        "embedding_init": opts.get("embedding_init", "random"),
+        "trainable": opts.get("trainable", "auto"),
+        "max_tokens": opts.get("max_tokens", 2048),
+        "seed": opts.get("seed", 0),
+        "hgnc_table": opts.get("hgnc_table"),
+    }
 
 
 def _run(

@@ -205,7 +205,7 @@ def infer_config(
     """Config and gene-embedding rows from torch-named model tensors.
 
     ``num_heads`` cannot be read from shapes: it defaults to the heads the checkpoint
-    records (``stored_heads``, see :func:`stored_num_heads`), else to 48 when ``enc_dims`` is
+    records (``stored_heads``, see ``stored_num_heads``), else to 48 when ``enc_dims`` is
     1536 (both released models), and is required otherwise. A ``num_heads`` that contradicts
     ``stored_heads`` is an error.
     """
@@ -445,7 +445,7 @@ def trunk_from_mindspore(
         MindSpore checkpoint (variants A, A', B; optimizer entries are skipped).
     num_heads
         Retention heads; cannot be read from shapes, defaults to the checkpoint's recorded
-        ``num_heads`` entry (:func:`stored_num_heads`), else to 48 only for
+        ``num_heads`` entry (``stored_num_heads``), else to 48 only for
         ``enc_dims == 1536``.
     max_abs
         Refuse a model tensor with ``|value| > max_abs`` (``None``: no magnitude check);
@@ -518,9 +518,9 @@ def save_trunk_mindspore(
     crc
         Append MindSpore's ``crc_num`` trailer.
     record_num_heads
-        Also write the integer entry ``num_heads`` (:data:`NUM_HEADS_ENTRY`, after the
+        Also write the integer entry ``num_heads`` (``NUM_HEADS_ENTRY``, after the
         parameters), so that readers need no ``num_heads=`` for a trunk of another width than
-        the released 1536 (:func:`stored_num_heads`). MindSpore's ``load_param_into_net``
+        the released 1536 (``stored_num_heads``). MindSpore's ``load_param_into_net``
         leaves it unloaded, as it does the ``epoch_num`` entries of ``append_dict``.
 
     Raises

@@ -66,7 +66,7 @@ def auto_lr(pretrained: bool, config: CellFMConfig) -> float:
     rate for the 80M model), 1e-3 for narrower trunks.
 
     The narrow rate is the fine-tuning recipe that kept the gain of masked-value pretraining
-    (:class:`~cellfm_sc.CellFMPretrainer`, ``benchmarks/pretraining_transfer.py``): a tiny
+    (:class:`~cellfm_sc.model.CellFMPretrainer`, ``benchmarks/pretraining_transfer.py``): a tiny
     trunk pretrained on ~15k unlabelled cells, fine-tuned on 23 / 217 labelled PBMC cells
     with everything trainable, scored 0.06 / 0.25 macro-F1 at 1e-4, 0.31 / 0.39 at 3e-4,
     0.44 / 0.67 at 1e-3, 0.43 / 0.59 at 2e-3 and 0.34 / 0.58 at 3e-3; a 10x lower rate
@@ -168,7 +168,7 @@ def _tensor_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class CellFMModel(BaseModelClass):
-    """Base of :class:`~cellfm_sc.CellFMClassifier` and the other model classes.
+    """Base of :class:`~cellfm_sc.model.CellFMClassifier` and the other model classes.
 
     Subclasses set ``_module_cls`` and implement ``_make_module(trunk, attrs)`` (build the
     torch module around a trunk from saved attributes), ``_save_attrs()`` /
@@ -471,11 +471,17 @@ class CellFMModel(BaseModelClass):
             datamodule = CellFMDataModule(adata, split, **(loader_kwargs or {}))
         logger.info("%s", self.trainable_summary)
         result = fit(plan, datamodule, has_validation=len(split.validation) > 0, **fit_kwargs)
+        self._set_split(adata, split)
+        self._record_fit(result, settings)
+        return result
+
+    def _record_fit(self, result: Any, settings: dict[str, Any]) -> None:
+        """Keep what a finished :func:`~cellfm_sc.model._core.fit` run tells: history, best
+        epoch, the settings it ran with; the model is trained from now on."""
         self.history_ = pd.DataFrame(result.history)
         self.step_history_ = pd.DataFrame(result.step_history)
         self.best_epoch_ = result.best_epoch
         self.best_score_ = result.best_score
-        self._set_split(adata, split)
         self.train_settings_ = {
             **settings,
             "epochs_run": len(result.history),
@@ -487,7 +493,6 @@ class CellFMModel(BaseModelClass):
         }
         self.global_rank_ = result.global_rank
         self.is_trained_ = True
-        return result
 
     @property
     def step_history(self) -> pd.DataFrame | None:

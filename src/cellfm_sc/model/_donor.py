@@ -223,7 +223,7 @@ class CellFMDonorClassifier(CellFMModel):
         AnnData registered with :meth:`setup_anndata` (raw counts; in memory or
         ``backed="r"``).
     checkpoint, vocabulary_file, num_heads, preset, embedding_init, hgnc_table
-        The trunk, as for :class:`~cellfm_sc.CellFMClassifier`: a pretrained MindSpore
+        The trunk, as for :class:`~cellfm_sc.model.CellFMClassifier`: a pretrained MindSpore
         checkpoint, or a random trunk of ``preset`` (with a warning).
     max_tokens
         Most gene tokens per cell.
@@ -468,8 +468,11 @@ class CellFMDonorClassifier(CellFMModel):
 
     @property
     def embedding_cache_info(self) -> dict[str, int]:
-        """``{"cached": cells held, "computed": cells encoded, "reused": cells served from
-        the cache}`` of the frozen-trunk cache (zeros when there is none)."""
+        """Counts of the frozen-trunk cache (zeros when there is none).
+
+        Keys: ``cached`` (cells held), ``computed`` (cells encoded), ``reused`` (cells
+        served from the cache).
+        """
         c = self._cache
         if c is None:
             return {"cached": 0, "computed": 0, "reused": 0}
@@ -618,7 +621,7 @@ class CellFMDonorClassifier(CellFMModel):
             Weight of an auxiliary cell-level loss: every cell of a bag classified by the
             same head with its donor's label (0 = off, the plain bag model).
         lr_schedule, warmup_fraction
-            Learning-rate schedule (see :class:`~cellfm_sc.CellFMClassifier`).
+            Learning-rate schedule (see :class:`~cellfm_sc.model.CellFMClassifier`).
         chunk_size
             Cells the trunk encodes at once within a bag (trainable trunk).
         gradient_checkpointing
@@ -633,7 +636,7 @@ class CellFMDonorClassifier(CellFMModel):
         embedding_batch_size
             Cells per batch when the frozen trunk's embeddings are computed.
         checkpoint_dir, resume_from, logger, enable_progress_bar
-            As for :meth:`CellFMClassifier.train <cellfm_sc.CellFMClassifier.train>`.
+            As for :meth:`CellFMClassifier.train <cellfm_sc.model.CellFMClassifier.train>`.
         **trainer_kwargs
             Passed to :class:`lightning.pytorch.Trainer`.
 
@@ -913,7 +916,7 @@ class CellFMDonorClassifier(CellFMModel):
         adata
             Default: the model's AnnData. Query data need the donor column (the labels
             column is not read); other gene sets are aligned as in
-            :meth:`CellFMClassifier.predict <cellfm_sc.CellFMClassifier.predict>`.
+            :meth:`CellFMClassifier.predict <cellfm_sc.model.CellFMClassifier.predict>`.
         indices
             Cells to use (positions, a boolean mask, obs names, or ``"train"`` /
             ``"validation"`` / ``"test"``); default all.

@@ -1,4 +1,4 @@
-"""The torch module of :class:`~cellfm_sc.CellFMDonorClassifier`: trunk + bag pooling + head.
+"""The torch module of :class:`~cellfm_sc.model.CellFMDonorClassifier`: trunk + bag pooling + head.
 
 ``cells (n cells of some bags) -> trunk -> cls (n, D) -> pooling per bag -> (n_bags, D) ->
 MLP -> logits`` (``K`` for cross-entropy, ``K - 1`` for the ordinal losses, see

@@ -1,4 +1,4 @@
-"""The torch module of :class:`~cellfm_sc.CellFMClassifier`: trunk + head + loss."""
+"""The torch module of :class:`~cellfm_sc.model.CellFMClassifier`: trunk + head + loss."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The torch module of :class:`~cellfm_sc.CellFMPretrainer`: CellFM's masked-value objective.
+"""The torch module of :class:`~cellfm_sc.model.CellFMPretrainer`: CellFM's masked-value objective.
 
 DESIGN.md section 7, with the original's pretraining forward (checked against the MindSpore
 golden outputs ``golden_*_cellfm_padzero__masked3d.npz``):
@@ -211,7 +211,7 @@ class CellFMPretrainModule(nn.Module):
     def forward(self, batch: TokenBatch, hidden: Tensor | None = None) -> MaskedValueOutput:
         """Decoders' predictions for every token of ``batch`` with ``hidden`` values masked.
 
-        Shapes: ``batch.values (B, L)``; ``hidden (B, L)`` bool -> :class:`MaskedValueOutput`.
+        Shapes: ``batch.values (B, L)``; ``hidden (B, L)`` bool -> :class:`~cellfm_sc.model._pretrain_module.MaskedValueOutput`.
         """
         cls, states = self.encode(batch.values, batch.gene_ids, batch.valid, hidden)
         value_pred, value_zero = self.trunk.value_dec(states)

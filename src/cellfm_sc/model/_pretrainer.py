@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
@@ -119,7 +118,7 @@ class CellFMPretrainer(CellFMModel):
     value hidden (the gene stays), and the value decoder (per token) and the cellwise
     decoder (from the cell embedding) predict the normalised values of the selected genes.
     :meth:`export_mindspore` writes the result as a CellFM checkpoint + vocabulary that
-    :class:`~cellfm_sc.CellFMClassifier` fine-tunes from (``embedding_init="transfer"``).
+    :class:`~cellfm_sc.model.CellFMClassifier` fine-tunes from (``embedding_init="transfer"``).
 
     Parameters
     ----------
@@ -156,7 +155,7 @@ class CellFMPretrainer(CellFMModel):
     seed
         Seed of the initialisation, the split, the token draws and the validation masks.
     trainable
-        What trains (see :class:`~cellfm_sc.CellFMClassifier`); ``"auto"`` (default) is the
+        What trains (see :class:`~cellfm_sc.model.CellFMClassifier`); ``"auto"`` (default) is the
         whole trunk the objective uses: gene embedding, value encoder with its mask
         embedding, cls token, retention layers and both decoders.
     dropout
@@ -609,24 +608,10 @@ class CellFMPretrainer(CellFMModel):
 
         logger.info("%s", self.trainable_summary)
         result = fit(plan, datamodule, has_validation=has_validation, **fit_kwargs)
-        self.history_ = pd.DataFrame(result.history)
-        self.step_history_ = pd.DataFrame(result.step_history)
-        self.best_epoch_ = result.best_epoch
-        self.best_score_ = result.best_score
         if len(self.members_) == 1:  # "train"/"validation" indices of the one AnnData
             m = self.members_[0]
             self._set_split(m.adata, DataSplit(m.train, m.validation, np.zeros(0, np.int64)))
-        self.train_settings_ = {
-            **settings,
-            "epochs_run": len(result.history),
-            "best_epoch": result.best_epoch,
-            "best_score": result.best_score,
-            "precision": result.precision,
-            "world_size": result.world_size,
-            "log_dir": result.log_dir,
-        }
-        self.global_rank_ = result.global_rank
-        self.is_trained_ = True
+        self._record_fit(result, settings)
 
     # ----------------------------------------------------------------- inference
     def _default_adata(self, adata: Any | None) -> Any:

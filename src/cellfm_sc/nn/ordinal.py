@@ -87,6 +87,7 @@ class CumulativeLinkOutput(nn.Module):
         return torch.cat([self.first.view(1), self.first + torch.cumsum(steps, 0)])
 
     def forward(self, x: Tensor) -> Tensor:
+        """Cumulative logits ``x (B, in_dim)`` -> ``(B, K-1)``: one score minus each threshold."""
         return self.score(x) - self.thresholds().to(x.dtype)
 
 
@@ -101,8 +102,8 @@ def cumulative_link_log_probabilities(logits: Tensor) -> Tensor:
     Returns
     -------
     ``(B, K)`` float32 log-probabilities. For a middle class,
-    ``P(y = k) = sigmoid(z_{k-1}) - sigmoid(z_k)
-    = sigmoid(z_{k-1}) sigmoid(-z_k) (1 - exp(z_k - z_{k-1}))``, computed in log space.
+    ``P(y = k) = sigmoid(z_{k-1}) - sigmoid(z_k)``
+    ``= sigmoid(z_{k-1}) sigmoid(-z_k) (1 - exp(z_k - z_{k-1}))``, computed in log space.
     """
     z = logits.float()
     first = F.logsigmoid(-z[:, :1])

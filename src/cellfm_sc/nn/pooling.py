@@ -121,6 +121,7 @@ class RunningStandardize(nn.Module):
         self.initialised.fill_(True)
 
     def forward(self, h: Tensor) -> Tensor:
+        """Standardise ``h (n, D)`` -> ``(n, D)`` (statistics updated in training mode)."""
         if self.training:
             self._update(h.detach())
         scale = torch.rsqrt(self.var + self.eps)
@@ -134,6 +135,7 @@ class MeanPooling(nn.Module):
     """
 
     def forward(self, h: Tensor, bag: Tensor, n_bags: int) -> tuple[Tensor, Tensor]:
+        """Pool ``h (n, D)`` by ``bag (n,)`` -> ``(n_bags, D)`` and cell weights ``(n,)``."""
         ones = torch.ones_like(bag, dtype=h.dtype)
         size = segment_sum(ones, bag, n_bags)
         weight = ones / size[bag]
@@ -180,6 +182,7 @@ class GatedAttentionPooling(nn.Module):
         return self.w(self.dropout(gate)).squeeze(-1)
 
     def forward(self, h: Tensor, bag: Tensor, n_bags: int) -> tuple[Tensor, Tensor]:
+        """Pool ``h (n, D)`` by ``bag (n,)`` -> ``(n_bags, D)`` and cell weights ``(n,)``."""
         weight = segment_softmax(self.scores(h), bag, n_bags)
         pooled = segment_sum(h * weight.unsqueeze(-1).to(h.dtype), bag, n_bags)
         return pooled, weight
