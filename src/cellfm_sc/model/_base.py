@@ -475,6 +475,25 @@ class CellFMModel(BaseModelClass):
         self._record_fit(result, settings)
         return result
 
+    #: ``train()`` arguments every model class passes through to the runner unchanged
+    _RUNNER_ARGS = (
+        "precision",
+        "accelerator",
+        "devices",
+        "strategy",
+        "gradient_clip_val",
+        "checkpoint_dir",
+        "resume_from",
+        "logger",
+        "enable_progress_bar",
+    )
+
+    def _runner_options(self, train_args: dict[str, Any]) -> dict[str, Any]:
+        """The runner's options from a ``train()`` call's arguments (its ``locals()``)."""
+        options = {key: train_args[key] for key in self._RUNNER_ARGS}
+        options["find_unused_parameters"] = self.trainable_ == "all"
+        return options
+
     def _record_fit(self, result: Any, settings: dict[str, Any]) -> None:
         """Keep what a finished :func:`~cellfm_sc.model._core.fit` run tells: history, best
         epoch, the settings it ran with; the model is trained from now on."""

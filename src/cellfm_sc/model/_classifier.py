@@ -700,16 +700,7 @@ class CellFMClassifier(CellFMModel):
                 early_stopping=bool(early_stopping),
                 patience=patience,
                 check_val_every_n_steps=check_val_every_n_steps,
-                precision=precision,
-                accelerator=accelerator,
-                devices=devices,
-                strategy=strategy,
-                find_unused_parameters=self.trainable_ == "all",
-                gradient_clip_val=gradient_clip_val,
-                checkpoint_dir=checkpoint_dir,
-                resume_from=resume_from,
-                logger=logger,
-                enable_progress_bar=enable_progress_bar,
+                **self._runner_options(locals()),
                 **trainer_kwargs,
             )
         finally:

@@ -787,16 +787,7 @@ class CellFMDonorClassifier(CellFMModel):
             mode=mode,
             early_stopping=bool(early_stopping),
             patience=patience,
-            precision=precision,
-            accelerator=accelerator,
-            devices=devices,
-            strategy=strategy,
-            find_unused_parameters=self.trainable_ == "all",
-            gradient_clip_val=gradient_clip_val,
-            checkpoint_dir=checkpoint_dir,
-            resume_from=resume_from,
-            logger=logger,
-            enable_progress_bar=enable_progress_bar,
+            **self._runner_options(locals()),
             **trainer_kwargs,
         )
 
