@@ -19,6 +19,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from cellfm_sc._constants import PRECISIONS
+
 PROG = "cellfm-sc"
 
 
@@ -176,6 +178,57 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter):
         if unset or action.default is argparse.SUPPRESS or "%(default)" in text:
             return text
         return super()._get_help_string(action)
+
+
+def add_hardware_args(p: argparse.ArgumentParser, *, num_nodes: bool) -> None:
+    """The "hardware" option group every training command shares."""
+    hw = p.add_argument_group("hardware")
+    hw.add_argument(
+        "--accelerator",
+        default="auto",
+        choices=("auto", "cpu", "gpu", "cuda", "mps", "tpu"),
+        help="Lightning accelerator",
+    )
+    hw.add_argument(
+        "--devices",
+        metavar="D",
+        type=devices_type,
+        default="auto",
+        help="'auto', a number of devices (4) or device indices (0,1); several GPUs use DDP",
+    )
+    if num_nodes:
+        hw.add_argument(
+            "--num-nodes",
+            metavar="N",
+            type=positive_int,
+            default=1,
+            help="machines taking part (multi-node DDP under SLURM or torchrun)",
+        )
+    hw.add_argument(
+        "--strategy",
+        metavar="NAME",
+        default=None,
+        help="Lightning strategy, e.g. ddp (default: Lightning's choice)",
+    )
+    hw.add_argument(
+        "--precision",
+        default=None,
+        choices=PRECISIONS,
+        help="numeric precision (default: bf16-mixed on GPUs that support it, else 32)",
+    )
+    hw.add_argument(
+        "--num-workers",
+        metavar="N",
+        type=non_negative_int,
+        default=0,
+        help="data-loader worker processes",
+    )
+    hw.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute layer activations in the backward pass (much less GPU memory, "
+        "e.g. for the 800M preset)",
+    )
 
 
 def add_diagnostics(parser: argparse.ArgumentParser) -> None:

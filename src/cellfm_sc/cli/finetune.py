@@ -14,7 +14,6 @@ from cellfm_sc._constants import (
     EMBEDDING_INITS,
     LR_SCHEDULES,
     MONITORS,
-    PRECISIONS,
     PRESET_NAMES,
     TRAINABLE_POLICIES,
 )
@@ -24,7 +23,7 @@ from cellfm_sc.cli._common import (
     Formatter,
     RunDirectory,
     add_diagnostics,
-    devices_type,
+    add_hardware_args,
     existing_file,
     label_order_type,
     lr_type,
@@ -187,52 +186,7 @@ def add_training_options(p: argparse.ArgumentParser, *, demo: bool = False) -> N
         action="store_true",
         help="continue from the newest checkpoint_epoch_*.pth in --output-dir",
     )
-    hw = p.add_argument_group("hardware")
-    hw.add_argument(
-        "--accelerator",
-        default="auto",
-        choices=("auto", "cpu", "gpu", "cuda", "mps", "tpu"),
-        help="Lightning accelerator",
-    )
-    hw.add_argument(
-        "--devices",
-        metavar="D",
-        type=devices_type,
-        default="auto",
-        help="'auto', a number of devices (4) or device indices (0,1); several GPUs use DDP",
-    )
-    hw.add_argument(
-        "--num-nodes",
-        metavar="N",
-        type=positive_int,
-        default=1,
-        help="machines taking part (multi-node DDP under SLURM or torchrun)",
-    )
-    hw.add_argument(
-        "--strategy",
-        metavar="NAME",
-        default=None,
-        help="Lightning strategy, e.g. ddp (default: Lightning's choice)",
-    )
-    hw.add_argument(
-        "--precision",
-        default=None,
-        choices=PRECISIONS,
-        help="numeric precision (default: bf16-mixed on GPUs that support it, else 32)",
-    )
-    hw.add_argument(
-        "--num-workers",
-        metavar="N",
-        type=non_negative_int,
-        default=0,
-        help="data-loader worker processes",
-    )
-    hw.add_argument(
-        "--gradient-checkpointing",
-        action="store_true",
-        help="recompute layer activations in the backward pass (much less GPU memory, "
-        "e.g. for the 800M preset)",
-    )
+    add_hardware_args(p, num_nodes=True)
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:

@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from cellfm_sc import __version__
-from cellfm_sc._constants import EMBEDDING_INITS, LR_SCHEDULES, PRECISIONS, PRESET_NAMES
+from cellfm_sc._constants import EMBEDDING_INITS, LR_SCHEDULES, PRESET_NAMES
 from cellfm_sc.cli._common import (
     CLIError,
     Console,
     Formatter,
     RunDirectory,
     add_diagnostics,
-    devices_type,
+    add_hardware_args,
     existing_file,
     fraction_type,
     lr_type,
@@ -161,29 +161,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="continue from the newest checkpoint_epoch_*.pth in --output-dir",
     )
-    hw = p.add_argument_group("hardware")
-    hw.add_argument(
-        "--accelerator",
-        default="auto",
-        choices=("auto", "cpu", "gpu", "cuda", "mps", "tpu"),
-        help="Lightning accelerator",
-    )
-    hw.add_argument(
-        "--devices", metavar="D", type=devices_type, default="auto", help="devices (DDP if >1)"
-    )
-    hw.add_argument("--strategy", metavar="NAME", default=None, help="Lightning strategy")
-    hw.add_argument(
-        "--precision",
-        default=None,
-        choices=PRECISIONS,
-        help="default: bf16-mixed on GPUs that support it, else 32",
-    )
-    hw.add_argument(
-        "--num-workers", metavar="N", type=non_negative_int, default=0, help="loader workers"
-    )
-    hw.add_argument(
-        "--gradient-checkpointing", action="store_true", help="less GPU memory, more time"
-    )
+    add_hardware_args(p, num_nodes=False)
     out = p.add_argument_group("output")
     out.add_argument("--output-dir", "-o", metavar="OUT", required=True, help="output directory")
     add_diagnostics(p)
