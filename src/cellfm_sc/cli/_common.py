@@ -502,6 +502,30 @@ def obs_only(obs: Any, obsm: dict[str, Any], uns: dict[str, Any] | None = None) 
     return out
 
 
+def write_split_h5ads(
+    adata: Any, model: Any, work: Path, obsm_keys: Sequence[str], uns_key: str
+) -> dict[str, Path]:
+    """``train.h5ad`` / ``validation.h5ad`` / ``test.h5ad`` in ``work``: each split's ``obs``
+    with the ``obsm`` entries ``obsm_keys`` and ``uns[uns_key]``, no count matrix."""
+    from cellfm_sc._atomic import write_h5ad_atomic
+
+    files = {}
+    for name, idx in (
+        ("train", model.train_indices),
+        ("validation", model.validation_indices),
+        ("test", model.test_indices),
+    ):
+        if len(idx) == 0:
+            continue
+        part = obs_only(
+            adata.obs.iloc[idx],
+            {k: adata.obsm[k][idx] for k in obsm_keys},
+            {uns_key: adata.uns.get(uns_key, {})},
+        )
+        files[f"{name}_h5ad"] = write_h5ad_atomic(part, work / f"{name}.h5ad")
+    return files
+
+
 # --------------------------------------------------------------------------------------------
 # the output directory of a run
 # --------------------------------------------------------------------------------------------

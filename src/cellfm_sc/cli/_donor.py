@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cellfm_sc.cli._common import CLIError, Console, RunDirectory, obs_only
+from cellfm_sc.cli._common import CLIError, Console, RunDirectory, write_split_h5ads
 
 __all__ = ["build_donor_model", "run_donor_level"]
 
@@ -77,7 +77,7 @@ def run_donor_level(
     import torch
 
     from cellfm_sc import plotting
-    from cellfm_sc._atomic import atomic_path, write_h5ad_atomic
+    from cellfm_sc._atomic import atomic_path
     from cellfm_sc.cli.finetune import _make_logger, write_resolved_config
     from cellfm_sc.report import UMAP_MAX_CELLS, write_report
 
@@ -165,18 +165,7 @@ def run_donor_level(
     if (work / "logs").is_dir():
         files["logs"] = work / "logs"
     if opts.get("write_split_h5ad"):
-        emb = adata.obsm["X_cellfm"]
-        for name, idx in (
-            ("train", model.train_indices),
-            ("validation", model.validation_indices),
-            ("test", model.test_indices),
-        ):
-            if len(idx) == 0:
-                continue
-            part = obs_only(
-                adata.obs.iloc[idx], {"X_cellfm": emb[idx]}, {"cellfm": adata.uns["cellfm"]}
-            )
-            files[f"{name}_h5ad"] = write_h5ad_atomic(part, work / f"{name}.h5ad")
+        files.update(write_split_h5ads(adata, model, work, ["X_cellfm"], "cellfm"))
     return {
         "rank": 0,
         "result": result,

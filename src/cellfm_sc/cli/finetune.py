@@ -30,12 +30,12 @@ from cellfm_sc.cli._common import (
     message_of,
     non_negative_float,
     non_negative_int,
-    obs_only,
     positive_int,
     quiet_libraries,
     read_h5ad,
     split_size,
     writable_dir,
+    write_split_h5ads,
 )
 
 __all__ = ["add_parser", "add_training_options", "finetune", "run"]
@@ -608,7 +608,7 @@ def _run(
 ) -> dict[str, Any]:
     import torch
 
-    from cellfm_sc._atomic import atomic_path, write_h5ad_atomic
+    from cellfm_sc._atomic import atomic_path
     from cellfm_sc.report import write_report
 
     if opts.get("level", "cell") == "donor":
@@ -688,23 +688,9 @@ def _run(
             batch_size=max(opts.get("batch_size", 16), 64),
             enable_progress_bar=not opts.get("quiet"),
         )
-        emb = adata.obsm["X_cellfm"]
-        for name, idx in (
-            ("train", model.train_indices),
-            ("validation", model.validation_indices),
-            ("test", model.test_indices),
-        ):
-            if len(idx) == 0:
-                continue
-            part = obs_only(
-                adata.obs.iloc[idx],
-                {
-                    "X_cellfm": emb[idx],
-                    f"{key}_probabilities": adata.obsm[f"{key}_probabilities"][idx],
-                },
-                {key: adata.uns.get(key, {})},
-            )
-            files[f"{name}_h5ad"] = write_h5ad_atomic(part, work / f"{name}.h5ad")
+        files.update(
+            write_split_h5ads(adata, model, work, ["X_cellfm", f"{key}_probabilities"], key)
+        )
     return {
         "rank": 0,
         "result": result,
