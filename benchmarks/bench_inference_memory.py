@@ -87,6 +87,9 @@ def main() -> None:
     parser.add_argument("--cells", type=int, nargs="+", default=[50_000, 200_000])
     parser.add_argument("--nnz", type=int, default=1400)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument(
+        "--modes", nargs="+", default=["streamed", "in-memory"], choices=["streamed", "in-memory"]
+    )
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cellfm_infmem_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -98,7 +101,7 @@ def main() -> None:
             t = time.perf_counter()
             write_h5ad(data, n, args.nnz)
             print(f"wrote {data} ({n:,} cells) in {time.perf_counter() - t:.0f} s", flush=True)
-        for mode in ("streamed", "in-memory"):
+        for mode in args.modes:
             out = work / f"emb_{mode}_{n}.h5ad"
             proc = subprocess.run(
                 [
