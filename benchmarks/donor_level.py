@@ -1,7 +1,9 @@
 """Donor-level learning on a semi-synthetic donor task: donor model vs two anchors.
 
-The task (built from public cells, ``../shared/data/pbmc3k_raw.h5ad``): the 2,700 PBMC
-cells are dealt at random to ``--donors`` pseudo-donors (about 67 cells each); donor ``d``
+The task (built from public cells, ``../shared/data/pbmc3k_raw.h5ad``): ``--donors``
+pseudo-donors of ``--cells-per-donor`` cells (default 40 x 150, drawn with replacement with a
+Dirichlet cell-type composition of ``--composition-alpha`` and binomial thinning; 0 deals the
+2,700 cells out instead, about 67 per donor); donor ``d``
 has stage ``d % 4`` (0 < 1 < 2 < 3). A "disease" program of ``--program-genes`` genes
 (moderately expressed genes drawn at random) is raised in a fraction of the donor's cells of
 one type (default CD14 monocytes, 18% of the cells) that grows with the stage
@@ -23,7 +25,8 @@ the rest train) compare:
 Reported: test-donor QWK per split, pooled over the five splits' test donors (every donor is
 tested once) with a 95% bootstrap interval over donors, and wall time.
 
-Run: ``python benchmarks/donor_level.py --markdown`` (about an hour on 2 CPU cores);
+Run: ``python benchmarks/donor_level.py --markdown`` (about 16 min on 2 busy CPU cores, most of it
+the cell method);
 ``--quick`` for a smoke run (tests).
 """
 
