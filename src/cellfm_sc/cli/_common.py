@@ -180,6 +180,39 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def newest_checkpoint(out_dir: Path) -> Path | None:
+    """The ``checkpoint_epoch_N.pth`` of ``out_dir`` with the highest ``N``, or None."""
+    found = []
+    for p in out_dir.glob("checkpoint_epoch_*.pth"):
+        m = re.fullmatch(r"checkpoint_epoch_(\d+)\.pth", p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
+
+
+def resume_checkpoint(out: Path) -> Path:
+    """``--resume``: the newest epoch checkpoint in ``out``, checked before any work.
+
+    Raises
+    ------
+    CLIError
+        No checkpoint, or one that is empty, truncated, corrupt or not an epoch checkpoint.
+    """
+    from cellfm_sc.io import CheckpointError
+    from cellfm_sc.model._core import check_resume_file
+
+    path = newest_checkpoint(out) if out.is_dir() else None
+    if path is None:
+        raise CLIError(f"--resume: no checkpoint_epoch_*.pth in {out} to continue from")
+    try:
+        check_resume_file(path)
+    except CheckpointError as exc:
+        raise CLIError(
+            f"{exc}; delete it to resume from the epoch before, or start without --resume"
+        ) from exc
+    return path
+
+
 def add_hardware_args(p: argparse.ArgumentParser, *, num_nodes: bool) -> None:
     """The "hardware" option group every training command shares."""
     hw = p.add_argument_group("hardware")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
@@ -28,11 +27,13 @@ from cellfm_sc.cli._common import (
     label_order_type,
     lr_type,
     message_of,
+    newest_checkpoint,
     non_negative_float,
     non_negative_int,
     positive_int,
     quiet_libraries,
     read_h5ad,
+    resume_checkpoint,
     split_size,
     writable_dir,
     write_split_h5ads,
@@ -379,15 +380,6 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 
 
-def newest_checkpoint(out_dir: Path) -> Path | None:
-    found = []
-    for p in out_dir.glob("checkpoint_epoch_*.pth"):
-        m = re.fullmatch(r"checkpoint_epoch_(\d+)\.pth", p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
-
-
 def validate_options(opts: dict[str, Any], need_data: bool = True) -> None:
     missing = [
         flag
@@ -439,20 +431,6 @@ def check_checkpoint(path: str) -> None:
         read_mindspore_checkpoint(path)
     except CheckpointError as exc:
         raise CLIError(f"--checkpoint is not a readable MindSpore checkpoint: {exc}") from exc
-
-
-def check_resume_file(path: Path) -> None:
-    """Fail early on a resume file that is empty, truncated, corrupt or not ours."""
-    from cellfm_sc.io import CheckpointError, load_torch_file
-
-    try:
-        state = load_torch_file(path, what="--resume checkpoint")
-    except CheckpointError as exc:
-        raise CLIError(
-            f"{exc}; delete it to resume from the epoch before, or start without --resume"
-        ) from exc
-    if "state_dict" not in state or "cellfm_history" not in state:
-        raise CLIError(f"--resume: {path} is not an epoch checkpoint of cellfm-sc finetune")
 
 
 def split_from_options(opts: dict[str, Any], adata: Any) -> Any:
@@ -511,13 +489,8 @@ def finetune(
     """The finetune path shared by ``finetune`` and ``demo``; returns the run's facts."""
     started = time.perf_counter()
     out = writable_dir(opts["output_dir"], "--output-dir")
-    resume_from = None
-    if opts.get("resume"):
-        resume_from = newest_checkpoint(out) if out.is_dir() else None
-        if resume_from is None:
-            raise CLIError(f"--resume: no checkpoint_epoch_*.pth in {out} to continue from")
-        check_resume_file(resume_from)
-    elif out.is_dir() and newest_checkpoint(out) is not None:
+    resume_from = resume_checkpoint(out) if opts.get("resume") else None
+    if resume_from is None and out.is_dir() and newest_checkpoint(out) is not None:
         con.warn(
             f"{out} already holds checkpoint_epoch_*.pth files of an earlier run; this run "
             "overwrites those of the epochs it reaches (use --resume to continue that run "

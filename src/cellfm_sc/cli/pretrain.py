@@ -25,6 +25,7 @@ from cellfm_sc.cli._common import (
     positive_int,
     quiet_libraries,
     read_h5ad,
+    resume_checkpoint,
     writable_dir,
 )
 
@@ -201,12 +202,6 @@ def gene_symbol_columns(specs: list[str], files: list[Path]) -> tuple[dict[Path,
     return per_file, everywhere
 
 
-def _newest_checkpoint(out: Path) -> Path | None:
-    from cellfm_sc.cli.finetune import newest_checkpoint
-
-    return newest_checkpoint(out)
-
-
 def validate(opts: dict[str, Any]) -> tuple[list[Path], Path | None]:
     if opts.get("checkpoint") is None and opts.get("preset") is None:
         raise CLIError(
@@ -233,14 +228,7 @@ def validate(opts: dict[str, Any]) -> tuple[list[Path], Path | None]:
             raise CLIError(f"data file {f} is given twice")
         seen[key] = f
     out = writable_dir(opts["output_dir"], "--output-dir")
-    resume = None
-    if opts.get("resume"):
-        resume = _newest_checkpoint(out) if out.is_dir() else None
-        if resume is None:
-            raise CLIError(f"--resume: no checkpoint_epoch_*.pth in {out} to continue from")
-        from cellfm_sc.cli.finetune import check_resume_file
-
-        check_resume_file(resume)
+    resume = resume_checkpoint(out) if opts.get("resume") else None
     return files, resume
 
 

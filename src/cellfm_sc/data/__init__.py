@@ -10,10 +10,11 @@ Loaders (:func:`make_dataloader`, :func:`batches`) bucket cells by length (``buc
 count every cell once in distributed evaluation (:attr:`TokenBatch.weight`).
 """
 
-from ._obs import obs_column
+from ._obs import check_labels, obs_column
 from .checks import (
     CountSummary,
     MissingLayerError,
+    check_count_source,
     check_counts,
     count_fix_hint,
     empty_cells,
@@ -51,8 +52,10 @@ __all__ = [
     "align_genes",
     "batches",
     "cellfm_normalize",
+    "check_count_source",
     "check_counts",
     "check_donors_disjoint",
+    "check_labels",
     "count_fix_hint",
     "donor_labels",
     "empty_cells",

@@ -53,3 +53,32 @@ def obs_column(adata: Any, key: str, *, keyword: str, allow_missing: bool = Fals
                 f"{col.size} cells; fill them or drop those cells first"
             )
     return col
+
+
+def check_labels(
+    labels: pd.Series, labels_key: str, label_order: list[str] | None = None
+) -> list[str]:
+    """Check a labels column for a classifier; return its classes present, sorted.
+
+    Raises
+    ------
+    ValueError
+        ``label_order`` with repeated entries or missing a label of the column (both named),
+        or a single class.
+    """
+    present = sorted(set(labels.astype(str)))
+    if label_order is not None:
+        if len(set(label_order)) != len(label_order):
+            raise ValueError(f"label_order has repeated entries: {label_order}")
+        unknown = sorted(set(present) - set(label_order))
+        if unknown:
+            raise ValueError(
+                f"labels {unknown[:10]} of labels_key={labels_key!r} are not in "
+                f"label_order={label_order}"
+            )
+    if len(present) < 2:
+        raise ValueError(
+            f"labels_key={labels_key!r} has a single class ({present}); a classifier "
+            "needs at least two"
+        )
+    return present

@@ -45,11 +45,18 @@ class MissingLayerError(KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
-def _check_choice(layer: str | None, use_raw: bool) -> None:
+def check_count_source(layer: str | None, use_raw: bool | None) -> None:
+    """Refuse ``layer`` and ``use_raw=True`` together: the counts are in one of them.
+
+    Raises
+    ------
+    ValueError
+        Naming both and what each reads.
+    """
     if use_raw and layer is not None:
         raise ValueError(
-            f"layer={layer!r} and use_raw=True both given; pass one of them: layer= reads "
-            f"adata.layers[{layer!r}], use_raw=True reads adata.raw.X"
+            f"layer={layer!r} and use_raw=True both given; pass either layer={layer!r} or "
+            f"use_raw=True: layer= reads adata.layers[{layer!r}], use_raw=True reads adata.raw.X"
         )
 
 
@@ -80,7 +87,7 @@ def get_matrix(adata: Any, layer: str | None = None, *, use_raw: bool = False) -
     ValueError
         ``layer`` and ``use_raw`` together.
     """
-    _check_choice(layer, use_raw)
+    check_count_source(layer, use_raw)
     if use_raw:
         if adata.raw is None:
             existing = list(adata.layers.keys())

@@ -29,6 +29,7 @@ from cellfm_sc._json import to_plain
 from cellfm_sc.data import (
     DataSplit,
     align_genes,
+    check_count_source,
     check_counts,
     get_matrix,
     matrix_gene_symbols,
@@ -796,10 +797,7 @@ class CellFMModel(BaseModelClass):
         >>> model = CellFMClassifier.load("runs/adnc/model", query)  # doctest: +SKIP
         >>> model = CellFMClassifier.load("runs/adnc/model", query, use_raw=False)  # doctest: +SKIP
         """
-        if layer is not None and use_raw:
-            raise ValueError(
-                f"pass either layer={layer!r} or use_raw=True: the counts are in one of them"
-            )
+        check_count_source(layer, use_raw)
         folder = Path(dir_path)
         prefix = prefix or ""
         saved = cls._read_saved(folder, prefix)

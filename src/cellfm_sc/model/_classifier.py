@@ -15,12 +15,14 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 
-from cellfm_sc._constants import LR_SCHEDULES, MONITORS
+from cellfm_sc._constants import MONITORS
 from cellfm_sc.data import (
     DataSplit,
     TokenBatch,
+    check_count_source,
     check_counts,
     check_donors_disjoint,
+    check_labels,
     donor_labels,
     matrix_gene_symbols,
     obs_column,
@@ -28,7 +30,12 @@ from cellfm_sc.data import (
     split_stratified,
 )
 from cellfm_sc.model._base import CellFMModel, auto_lr
-from cellfm_sc.model._core import StepOutput, TrainingPlan, check_training_numbers
+from cellfm_sc.model._core import (
+    StepOutput,
+    TrainingPlan,
+    check_resume_file,
+    check_training_numbers,
+)
 from cellfm_sc.model._module import CellFMClassifierModule
 from cellfm_sc.nn import CellFMConfig, CellFMTrunk
 
@@ -360,31 +367,14 @@ class CellFMClassifier(CellFMModel):
         if label_order is not None:
             label_order = [str(c) for c in label_order]
         setup_method_args = cls._get_setup_method_args(**locals())
-        if use_raw and layer is not None:
-            raise ValueError(
-                f"pass either layer={layer!r} or use_raw=True: the counts are in one of them"
-            )
+        check_count_source(layer, use_raw)
         check_counts(adata, layer, use_raw=use_raw)  # also names an empty matrix or a bad layer
         labels = obs_column(adata, labels_key, keyword="labels_key")
         if donor_key is not None:
             obs_column(adata, donor_key, keyword="donor_key")
         if gene_symbols is not None:
             matrix_gene_symbols(adata, gene_symbols, use_raw=use_raw)  # names a missing column
-        present = sorted(set(labels.astype(str)))
-        if label_order is not None:
-            if len(set(label_order)) != len(label_order):
-                raise ValueError(f"label_order has repeated entries: {label_order}")
-            unknown = sorted(set(present) - set(label_order))
-            if unknown:
-                raise ValueError(
-                    f"labels {unknown[:10]} of labels_key={labels_key!r} are not in "
-                    f"label_order={label_order}"
-                )
-        if len(present) < 2:
-            raise ValueError(
-                f"labels_key={labels_key!r} has a single class ({present}); a classifier "
-                "needs at least two"
-            )
+        present = check_labels(labels, labels_key, label_order)
         fields = [
             # the registry's X field (raw counts are checked by cellfm-sc itself, also in raw)
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=not use_raw),
@@ -582,12 +572,11 @@ class CellFMClassifier(CellFMModel):
         whose weights the model holds, and ``model.train_indices`` /
         ``validation_indices`` / ``test_indices`` the split (kept by obs name).
         """
-        if isinstance(lr, str) and lr != "auto":
-            raise ValueError(f"lr must be a number > 0 or 'auto', got {lr!r}")
         check_training_numbers(
             max_epochs=max_epochs,
             batch_size=batch_size,
-            lr=None if lr == "auto" else lr,
+            lr=lr,
+            lr_schedule=lr_schedule,
             weight_decay=weight_decay,
             patience=patience,
             num_workers=num_workers,
@@ -596,8 +585,6 @@ class CellFMClassifier(CellFMModel):
             warmup_fraction=warmup_fraction,
             masked_value_weight=masked_value_weight,
         )
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         if early_stopping not in (True, False, "auto"):
             raise ValueError(
                 f"early_stopping must be True, False or 'auto', got {early_stopping!r}"
@@ -608,7 +595,7 @@ class CellFMClassifier(CellFMModel):
                 "(annotation-Backbone checkpoint, variant A'); use masked_value_weight=0"
             )
         if resume_from is not None:
-            self._check_resume_file(resume_from)
+            check_resume_file(resume_from)
         if self.adata_manager is None:
             raise ValueError(
                 "this model's AnnData is not set up for training: call "
@@ -707,16 +694,6 @@ class CellFMClassifier(CellFMModel):
             self.module.class_weights = torch.ones(len(self.classes_))
             for name, p in self.module.named_parameters():
                 p.requires_grad_(name in trained_before)
-
-    def _check_resume_file(self, path: str | os.PathLike[str]) -> None:
-        """Refuse a missing, empty, truncated or corrupt resume file before any work."""
-        from cellfm_sc.io import CheckpointError, load_torch_file
-
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"resume_from={os.fspath(path)!r} does not exist")
-        state = load_torch_file(path, what="resume checkpoint")
-        if "state_dict" not in state or "cellfm_history" not in state:
-            raise CheckpointError("not an epoch checkpoint of cellfm-sc's training", path)
 
     # ----------------------------------------------------------------- inference
     def _infer(

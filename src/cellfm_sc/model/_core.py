@@ -70,8 +70,18 @@ def check_training_numbers(**values: Any) -> None:
     Keywords: ``max_epochs``, ``batch_size``, ``patience``, ``num_workers`` (integers; the
     first two >= 1, the others >= 0); ``lr`` (> 0, finite); ``weight_decay``,
     ``gradient_clip_val``, ``warmup_fraction`` (>= 0, finite; warm-up < 1); ``lr_gamma``
-    (in (0, 1]). ``None`` skips a value. Raises ``ValueError`` naming the argument.
+    (in (0, 1]). ``None`` skips a value; so does ``lr="auto"``. ``lr_schedule`` must be
+    ``"warmup_cosine"``, ``"cosine"``, ``"step"`` or ``"constant"``. Raises ``ValueError``
+    naming the argument.
     """
+    if "lr_schedule" in values:
+        schedule = values.pop("lr_schedule")
+        if schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if isinstance(values.get("lr"), str):
+        if values["lr"] != "auto":
+            raise ValueError(f"lr must be a number > 0 or 'auto', got {values['lr']!r}")
+        values["lr"] = None
     rules: dict[str, tuple[type, float, bool, float | None]] = {
         # name: (kind, lower bound, bound is strict, upper bound)
         "max_epochs": (int, 1, False, None),
@@ -499,6 +509,26 @@ class BestStateCallback(pl.Callback):
         self.best_score = state_dict.get("best_score")
         self.best_epoch = state_dict.get("best_epoch")
         self.best_state = state_dict.get("best_state")
+
+
+def check_resume_file(path: str | os.PathLike[str]) -> None:
+    """Refuse a missing, empty, truncated, corrupt or foreign resume file before any work.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    CheckpointError
+        Unreadable, holding non-finite or huge values, or not written by
+        :class:`EpochCheckpoint` (no training state and history).
+    """
+    from cellfm_sc.io import CheckpointError, load_torch_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"resume_from={os.fspath(path)!r} does not exist")
+    state = load_torch_file(path, what="resume checkpoint")
+    if "state_dict" not in state or "cellfm_history" not in state:
+        raise CheckpointError("not an epoch checkpoint of cellfm-sc's training", path)
 
 
 class EpochCheckpoint(Checkpoint):

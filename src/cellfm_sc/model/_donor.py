@@ -26,18 +26,26 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 
-from cellfm_sc._constants import DONOR_LOSSES, DONOR_MONITORS, LR_SCHEDULES, POOLINGS
+from cellfm_sc._constants import DONOR_LOSSES, DONOR_MONITORS, POOLINGS
 from cellfm_sc.data import (
     DataSplit,
+    check_count_source,
     check_counts,
     check_donors_disjoint,
+    check_labels,
     get_matrix,
+    matrix_gene_symbols,
     obs_column,
     split_by_donor,
 )
 from cellfm_sc.model._base import CellFMModel, auto_lr
 from cellfm_sc.model._classifier import _categories
-from cellfm_sc.model._core import StepOutput, TrainingPlan, check_training_numbers
+from cellfm_sc.model._core import (
+    StepOutput,
+    TrainingPlan,
+    check_resume_file,
+    check_training_numbers,
+)
 from cellfm_sc.model._donor_bags import BagBatch, DonorDataModule, eval_keys, partition_bags
 from cellfm_sc.model._donor_eval import (
     CrossValidationResult,
@@ -388,33 +396,11 @@ class CellFMDonorClassifier(CellFMModel):
         setup_method_args = cls._get_setup_method_args(**locals())
         labels = obs_column(adata, labels_key, keyword="labels_key")
         donors = obs_column(adata, donor_key, keyword="donor_key")
-        if use_raw and layer is not None:
-            raise ValueError(
-                f"pass either layer={layer!r} or use_raw=True: the counts are in one of them"
-            )
+        check_count_source(layer, use_raw)
         get_matrix(adata, layer, use_raw=use_raw)
-        var = adata.raw.var if use_raw else adata.var
-        if gene_symbols is not None and gene_symbols not in var.columns:
-            where = "adata.raw.var" if use_raw else "adata.var"
-            raise KeyError(
-                f"gene_symbols={gene_symbols!r} is not a column of {where}; columns are: "
-                f"{list(map(str, var.columns))}"
-            )
-        present = sorted(set(labels.astype(str)))
-        if label_order is not None:
-            if len(set(label_order)) != len(label_order):
-                raise ValueError(f"label_order has repeated entries: {label_order}")
-            unknown = sorted(set(present) - set(label_order))
-            if unknown:
-                raise ValueError(
-                    f"labels {unknown[:10]} of labels_key={labels_key!r} are not in "
-                    f"label_order={label_order}"
-                )
-        if len(present) < 2:
-            raise ValueError(
-                f"labels_key={labels_key!r} has a single class ({present}); a classifier "
-                "needs at least two"
-            )
+        if gene_symbols is not None:
+            matrix_gene_symbols(adata, gene_symbols, use_raw=use_raw)  # names a missing column
+        present = check_labels(labels, labels_key, label_order)
         check_donor_labels(donors, labels, labels_key=labels_key, donor_key=donor_key)
         check_counts(adata, layer, use_raw=use_raw)
         fields = [
@@ -647,12 +633,11 @@ class CellFMDonorClassifier(CellFMModel):
         epochs only train pooling + head. ``model.history`` has one row per epoch
         (``train_loss``, ``train_acc`` over bags, the validation metrics).
         """
-        if isinstance(lr, str) and lr != "auto":
-            raise ValueError(f"lr must be a number > 0 or 'auto', got {lr!r}")
         check_training_numbers(
             max_epochs=max_epochs,
             batch_size=batch_size,
-            lr=None if lr == "auto" else lr,
+            lr=lr,
+            lr_schedule=lr_schedule,
             weight_decay=weight_decay,
             patience=patience,
             num_workers=num_workers,
@@ -667,8 +652,6 @@ class CellFMDonorClassifier(CellFMModel):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not isinstance(cell_loss_weight, int | float) or not cell_loss_weight >= 0:
             raise ValueError(f"cell_loss_weight must be a number >= 0, got {cell_loss_weight!r}")
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         if gradient_checkpointing not in (True, False, "auto"):
             raise ValueError(
                 f"gradient_checkpointing must be True, False or 'auto', got {gradient_checkpointing!r}"
@@ -677,7 +660,7 @@ class CellFMDonorClassifier(CellFMModel):
             raise ValueError(f"early_stopping must be True or False, got {early_stopping!r}")
         monitor, mode = self._resolve_monitor(monitor)
         if resume_from is not None:
-            _check_resume_file(resume_from)
+            check_resume_file(resume_from)
         if self.adata_manager is None:
             raise ValueError(
                 "this model's AnnData is not set up for training: call "
@@ -1327,13 +1310,3 @@ def check_donor_labels(
             f"(donor_key={donor_key!r}) has labels {values}{more}. A donor-level model needs "
             "one label per donor; fix the labels, or use CellFMClassifier for cell labels"
         )
-
-
-def _check_resume_file(path: str | os.PathLike[str]) -> None:
-    from cellfm_sc.io import CheckpointError, load_torch_file
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"resume_from={os.fspath(path)!r} does not exist")
-    state = load_torch_file(path, what="resume checkpoint")
-    if "state_dict" not in state or "cellfm_history" not in state:
-        raise CheckpointError("not an epoch checkpoint of cellfm-sc's training", path)

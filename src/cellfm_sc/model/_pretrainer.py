@@ -17,10 +17,14 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField
 
-from cellfm_sc._constants import LR_SCHEDULES
-from cellfm_sc.data import DataSplit, TokenBatch, check_counts, get_matrix
+from cellfm_sc.data import DataSplit, TokenBatch, check_count_source, check_counts, get_matrix
 from cellfm_sc.model._base import CellFMModel, auto_lr, model_not_set_up
-from cellfm_sc.model._core import StepOutput, TrainingPlan, check_training_numbers
+from cellfm_sc.model._core import (
+    StepOutput,
+    TrainingPlan,
+    check_resume_file,
+    check_training_numbers,
+)
 from cellfm_sc.model._corpus import (
     CorpusDataModule,
     CorpusMember,
@@ -260,10 +264,7 @@ class CellFMPretrainer(CellFMModel):
             Counts in ``adata.raw.X`` (the CELLxGENE layout; genes ``adata.raw.var_names``).
         """
         setup_method_args = cls._get_setup_method_args(**locals())
-        if use_raw and layer is not None:
-            raise ValueError(
-                f"pass either layer={layer!r} or use_raw=True: the counts are in one of them"
-            )
+        check_count_source(layer, use_raw)
         get_matrix(adata, layer, use_raw=use_raw)  # names a missing layer / raw
         var = adata.raw.var if use_raw else adata.var
         if gene_symbols is not None and gene_symbols not in var.columns:
@@ -424,15 +425,6 @@ class CellFMPretrainer(CellFMModel):
         if sum(m.train.size for m in self.members_) == 0:
             raise ValueError("the corpus holds no cell with counts to pretrain on")
 
-    def _check_resume(self, path: str | os.PathLike[str]) -> None:
-        from cellfm_sc.io import CheckpointError, load_torch_file
-
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"resume_from={os.fspath(path)!r} does not exist")
-        state = load_torch_file(path, what="resume checkpoint")
-        if "state_dict" not in state or "cellfm_history" not in state:
-            raise CheckpointError("not an epoch checkpoint of cellfm-sc's training", path)
-
     def train(
         self,
         max_epochs: int = 10,
@@ -503,12 +495,11 @@ class CellFMPretrainer(CellFMModel):
         every selected token of the epoch; ``model.best_epoch`` is the epoch whose weights
         the model holds.
         """
-        if isinstance(lr, str) and lr != "auto":
-            raise ValueError(f"lr must be a number > 0 or 'auto', got {lr!r}")
         check_training_numbers(
             max_epochs=max_epochs,
             batch_size=batch_size,
-            lr=None if lr == "auto" else lr,
+            lr=lr,
+            lr_schedule=lr_schedule,
             weight_decay=weight_decay,
             patience=patience,
             num_workers=num_workers,
@@ -520,8 +511,6 @@ class CellFMPretrainer(CellFMModel):
             raise ValueError(
                 f"validation_size must be a fraction in [0, 1), got {validation_size!r}"
             )
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         if early_stopping not in (True, False):
             raise ValueError(f"early_stopping must be True or False, got {early_stopping!r}")
         if not getattr(self, "members_", None):
@@ -530,7 +519,7 @@ class CellFMPretrainer(CellFMModel):
                 f"{type(self).__name__} on the data, or load it with adata= set up for it"
             )
         if resume_from is not None:
-            self._check_resume(resume_from)
+            check_resume_file(resume_from)
         self._split_members(float(validation_size))
         lr_value = auto_lr(self.pretrained, self.module.trunk.config) if lr == "auto" else float(lr)
         plan = PretrainingPlan(
