@@ -13,7 +13,7 @@ from cellfm_sc.model._module import CellFMClassifierModule
 from cellfm_sc.model._pretrain_module import CellFMPretrainModule, select_masked_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cellfm_sc.model._base import auto_lr
+    from cellfm_sc.model._base import UntrainedModelError, auto_lr
     from cellfm_sc.model._classifier import CellFMClassifier
     from cellfm_sc.model._donor import CellFMDonorClassifier
     from cellfm_sc.model._pretrainer import CellFMPretrainer
@@ -24,6 +24,7 @@ __all__ = [
     "CellFMDonorClassifier",
     "CellFMPretrainModule",
     "CellFMPretrainer",
+    "UntrainedModelError",
     "auto_lr",
     "select_masked_tokens",
 ]
@@ -32,6 +33,7 @@ _LAZY = {
     "CellFMClassifier": "cellfm_sc.model._classifier",
     "CellFMDonorClassifier": "cellfm_sc.model._donor",
     "CellFMPretrainer": "cellfm_sc.model._pretrainer",
+    "UntrainedModelError": "cellfm_sc.model._base",
     "auto_lr": "cellfm_sc.model._base",
 }
 

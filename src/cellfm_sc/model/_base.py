@@ -42,7 +42,7 @@ from cellfm_sc.vocab import GeneVocab, build_gene_embedding
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CellFMModel", "auto_lr", "model_not_set_up"]
+__all__ = ["CellFMModel", "UntrainedModelError", "auto_lr", "model_not_set_up"]
 
 MODEL_FILE = "model.pt"
 VOCAB_FILE = "vocab.txt"
@@ -83,6 +83,17 @@ def auto_lr(pretrained: bool, config: CellFMConfig) -> float:
     if not pretrained:
         return LR_RANDOM
     return LR_PRETRAINED_WIDE if config.enc_dims >= WIDE else LR_PRETRAINED_NARROW
+
+
+class UntrainedModelError(RuntimeError):
+    """Inference asked of a model that was never trained: its outputs would be random.
+
+    Raised by ``predict``, ``annotate``, ``evaluate``, ``get_latent_representation`` and
+    ``predict_donors`` of a model that :meth:`~cellfm_sc.model.CellFMClassifier.train` never
+    ran on and that was not loaded from the save of a trained model; pass
+    ``allow_untrained=True`` to compute them anyway. Cell embeddings of a trunk loaded from
+    a pretrained checkpoint with ``embedding_init="transfer"`` are not refused.
+    """
 
 
 def model_not_set_up(cls: type[BaseModelClass], adata: Any) -> bool:
@@ -296,6 +307,37 @@ class CellFMModel(BaseModelClass):
     def pretrained(self) -> bool:
         """Whether the trunk came from a checkpoint (not randomly initialised)."""
         return self.pretrained_report_ is not None
+
+    def _require_trained(self, allow_untrained: bool = False, *, head: bool = True) -> None:
+        """Refuse inference whose outputs would be random (the one home of this rule).
+
+        A model is trained once :meth:`train` has run, or when it was loaded from the save
+        of a trained model. Outputs that need no head (cell embeddings, ``head=False``) are
+        also meaningful from a trunk loaded from a pretrained checkpoint whose gene
+        embedding was transferred (``embedding_init="transfer"``).
+
+        Raises
+        ------
+        UntrainedModelError
+            Not trained and not ``allow_untrained``; the message names ``train()`` and
+            ``load()``.
+        """
+        if allow_untrained or self.is_trained_:
+            return
+        if not head and self.pretrained and self.embedding_init_ == "transfer":
+            return
+        name = type(self).__name__
+        what = "predictions" if head else "embeddings"
+        why = (
+            "its gene embedding is new (embedding_init='random') and "
+            if self.pretrained and not head
+            else ""
+        )
+        raise UntrainedModelError(
+            f"this {name} has not been trained: {why}its {what} would be random. Call "
+            f"model.train() first, or load a trained model with {name}.load(dir); pass "
+            "allow_untrained=True to compute them anyway (random features on purpose)"
+        )
 
     # ------------------------------------------------------------------ data access
     def _data_kwargs(self) -> dict[str, Any]:
@@ -571,6 +613,9 @@ class CellFMModel(BaseModelClass):
         min_gene_coverage: float = 0.5,
         sinks: dict[str, Any] | None = None,
         num_workers: int = 0,
+        *,
+        allow_untrained: bool = False,
+        head: bool = True,
     ) -> dict[str, Any]:
         """Run ``forward(module, batch)`` over cells ``idx``; rows in the order of ``idx``.
 
@@ -581,8 +626,11 @@ class CellFMModel(BaseModelClass):
         Cells without counts get NaN rows (with a warning). Every cell's counts are checked
         first, in one pass, so a bad cell is named before any work. ``num_workers`` loader
         processes read and tokenise ahead of the model; ``enable_progress_bar`` shows a bar
-        over the cells on stderr.
+        over the cells on stderr. An untrained model is refused first
+        (``_require_trained``: ``allow_untrained``, ``head`` whether ``forward`` uses the
+        model's head).
         """
+        self._require_trained(allow_untrained, head=head)
         sinks = dict(sinks or {})
         gene_id_map = self._gene_id_map(adata, min_gene_coverage)
         summary = check_counts(adata, indices=idx, full=True, **self._data_kwargs())

@@ -705,9 +705,11 @@ class CellFMClassifier(CellFMModel):
         enable_progress_bar: bool = False,
         min_gene_coverage: float = 0.5,
         embedding_out: Any = None,
+        allow_untrained: bool = False,
     ) -> tuple[Any, np.ndarray, np.ndarray, Any]:
         """``(adata, idx, probabilities (n, K), embeddings (n, D))``; NaN rows for cells
         without counts. The embeddings go to ``embedding_out`` when given (streamed)."""
+        self._require_trained(allow_untrained)  # before any other complaint
         adata = self._adata_or_default(adata)
         idx = self._indices(adata, indices)
         out = self._forward_cells(
@@ -720,8 +722,15 @@ class CellFMClassifier(CellFMModel):
             enable_progress_bar,
             min_gene_coverage,
             sinks=None if embedding_out is None else {"emb": embedding_out},
+            allow_untrained=allow_untrained,
         )
         return adata, idx, out["probs"], out["emb"]
+
+    def _predicted(self, probs: np.ndarray) -> pd.Categorical:
+        """The predicted class of each row of ``probs (n, K)``, a categorical over the
+        model's classes in order; NaN where the row is NaN (a cell without counts)."""
+        codes = np.where(np.isnan(probs[:, 0]), -1, np.nan_to_num(probs).argmax(1))
+        return pd.Categorical.from_codes(codes, categories=self.classes_)
 
     def predict(
         self,
@@ -732,19 +741,49 @@ class CellFMClassifier(CellFMModel):
         device: str | torch.device | None = None,
         enable_progress_bar: bool = False,
         min_gene_coverage: float = 0.5,
-    ) -> np.ndarray | pd.DataFrame:
-        """Predicted labels ``(n,)``, or with ``soft=True`` a DataFrame of class probabilities.
+        allow_untrained: bool = False,
+    ) -> pd.Categorical | pd.DataFrame:
+        """Predicted labels, or with ``soft=True`` a DataFrame of class probabilities.
 
-        Columns of the DataFrame are the classes (category order), its index the obs names.
-        Cells without counts get NaN probabilities and label ``None``. The labels column of
-        ``adata`` is never read.
+        Parameters
+        ----------
+        adata
+            Default: the model's AnnData; query data may lack the labels column (it is never
+            read) and hold another gene set (see ``min_gene_coverage``).
+        indices
+            Cells (positions, a boolean mask, obs names, or ``"train"`` / ``"validation"`` /
+            ``"test"``); default all, in ``adata``'s order.
+        soft
+            Return the class probabilities instead of the labels.
+        batch_size, device, enable_progress_bar
+            Inference settings.
+        min_gene_coverage
+            Least share of the model's genes ``adata`` must hold.
+        allow_untrained
+            Predict with a model that was never trained (random outputs); otherwise that is
+            an :class:`~cellfm_sc.model.UntrainedModelError`.
+
+        Returns
+        -------
+        pandas.Categorical or pandas.DataFrame
+            ``(n,)`` categorical whose categories are the model's classes in order (so
+            ``adata.obs["pred"] = model.predict()`` colours like the labels in scanpy);
+            cells without counts are NaN. With ``soft=True``, ``(n, K)`` probabilities: the
+            columns are the classes in order, the index the obs names (as scvi-tools'
+            ``predict(soft=True)``); cells without counts get NaN rows.
         """
-        adata, idx, probs, _ = self._infer(adata, indices, batch_size, device, enable_progress_bar)
+        adata, idx, probs, _ = self._infer(
+            adata,
+            indices,
+            batch_size,
+            device,
+            enable_progress_bar,
+            min_gene_coverage,
+            allow_untrained=allow_untrained,
+        )
         if soft:
             return pd.DataFrame(probs, index=adata.obs_names[idx], columns=self.classes_)
-        labels = np.asarray(self.classes_, dtype=object)[np.nan_to_num(probs).argmax(1)]
-        labels[np.isnan(probs[:, 0])] = None
-        return labels
+        return self._predicted(probs)
 
     def get_latent_representation(
         self,
@@ -756,6 +795,7 @@ class CellFMClassifier(CellFMModel):
         min_gene_coverage: float = 0.5,
         out: Any = None,
         num_workers: int = 0,
+        allow_untrained: bool = False,
     ) -> Any:
         """Cell embeddings (the cls token), float32 ``(n_cells, D)``.
 
@@ -763,8 +803,11 @@ class CellFMClassifier(CellFMModel):
         ``out``: an array-like ``(n_cells, D)`` (an h5py or zarr dataset, a numpy memmap, in
         float32 or float16) that the rows are written into as they are computed, so memory
         does not grow with the number of cells; ``out`` is returned. ``num_workers`` loader
-        processes read and tokenise ahead of the model.
+        processes read and tokenise ahead of the model. A model never trained is refused
+        (:class:`~cellfm_sc.model.UntrainedModelError`) unless its trunk is a pretrained
+        checkpoint's with ``embedding_init="transfer"`` or ``allow_untrained=True``.
         """
+        self._require_trained(allow_untrained, head=False)
         adata = self._adata_or_default(adata)
         idx = self._indices(adata, indices)
         return self._forward_cells(
@@ -778,6 +821,8 @@ class CellFMClassifier(CellFMModel):
             min_gene_coverage,
             sinks=None if out is None else {"emb": out},
             num_workers=num_workers,
+            allow_untrained=allow_untrained,
+            head=False,
         )["emb"]
 
     def annotate(
@@ -789,6 +834,7 @@ class CellFMClassifier(CellFMModel):
         enable_progress_bar: bool = False,
         min_gene_coverage: float = 0.5,
         embedding_out: Any = None,
+        allow_untrained: bool = False,
     ) -> None:
         """Write predictions and the embedding into the AnnData (all cells).
 
@@ -799,16 +845,21 @@ class CellFMClassifier(CellFMModel):
         ``(n, D)``. Works on ``backed="r"`` AnnData without loading ``X``; the labels column
         is never read. With ``embedding_out`` (an array-like ``(n, D)``, e.g. an h5py or
         zarr dataset) the embedding is streamed there instead of ``obsm``, so memory does
-        not grow with ``n`` times ``D``.
+        not grow with ``n`` times ``D``. A model never trained is refused
+        (:class:`~cellfm_sc.model.UntrainedModelError`) unless ``allow_untrained=True``.
         """
         adata, _, probs, emb = self._infer(
-            adata, None, batch_size, device, enable_progress_bar, min_gene_coverage, embedding_out
+            adata,
+            None,
+            batch_size,
+            device,
+            enable_progress_bar,
+            min_gene_coverage,
+            embedding_out,
+            allow_untrained=allow_untrained,
         )
         empty = np.isnan(probs[:, 0])
-        codes = np.where(empty, -1, np.nan_to_num(probs).argmax(1))
-        adata.obs[f"{key_added}_prediction"] = pd.Categorical.from_codes(
-            codes, categories=self.classes_
-        )
+        adata.obs[f"{key_added}_prediction"] = self._predicted(probs)
         confidence = np.where(empty, np.nan, np.nan_to_num(probs).max(axis=1)).astype(np.float32)
         adata.obs[f"{key_added}_confidence"] = confidence
         adata.obs[f"{key_added}_split"] = pd.Categorical(
@@ -840,6 +891,7 @@ class CellFMClassifier(CellFMModel):
         device: str | torch.device | None = None,
         enable_progress_bar: bool = False,
         min_gene_coverage: float = 0.5,
+        allow_untrained: bool = False,
     ):
         """Cell- and donor-level metrics on held-out cells.
 
@@ -857,6 +909,10 @@ class CellFMClassifier(CellFMModel):
             Inference settings (a progress bar over the cells on stderr).
         donor_method
             How a donor's cells are aggregated (see :func:`~cellfm_sc.metrics.aggregate_by_donor`).
+        allow_untrained
+            Score a model that was never trained (random predictions, e.g. as a floor);
+            otherwise that is an :class:`~cellfm_sc.model.UntrainedModelError`, raised
+            before anything else is checked.
 
         Returns
         -------
@@ -868,9 +924,16 @@ class CellFMClassifier(CellFMModel):
         """
         from cellfm_sc.metrics import evaluate_predictions
 
+        self._require_trained(allow_untrained)  # "untrained" comes before any other complaint
         adata = self._adata_or_default(adata)
         adata, idx, probs, emb = self._infer(
-            adata, indices, batch_size, device, enable_progress_bar, min_gene_coverage
+            adata,
+            indices,
+            batch_size,
+            device,
+            enable_progress_bar,
+            min_gene_coverage,
+            allow_untrained=allow_untrained,
         )
         codes = self._label_codes(adata, strict=False)[idx]
         known = (codes >= 0) & ~np.isnan(probs[:, 0])

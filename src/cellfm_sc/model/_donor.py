@@ -476,10 +476,13 @@ class CellFMDonorClassifier(CellFMModel):
         device: str | torch.device | None = None,
         enable_progress_bar: bool = False,
         min_gene_coverage: float = 0.5,
+        allow_untrained: bool = False,
     ) -> np.ndarray:
         """Cell embeddings (the trunk's cls) ``(len(idx), D)`` float32, NaN rows for cells
-        without counts; with a frozen trunk, computed once per cell and cached."""
+        without counts; with a frozen trunk, computed once per cell and cached. Training
+        (which embeds before the model is trained) passes ``allow_untrained``."""
         d = self.module.trunk.config.enc_dims
+        self._require_trained(allow_untrained, head=False)
 
         def compute(rows: np.ndarray) -> np.ndarray:
             return self._forward_cells(
@@ -491,6 +494,8 @@ class CellFMDonorClassifier(CellFMModel):
                 _cls_forward,
                 enable_progress_bar,
                 min_gene_coverage,
+                allow_untrained=True,  # checked above
+                head=False,
             )["emb"]
 
         if not self._trunk_frozen():
@@ -697,7 +702,7 @@ class CellFMDonorClassifier(CellFMModel):
         data_kwargs: dict[str, Any] = {}
         if frozen:
             emb = self._cell_embeddings(
-                adata, cells, embedding_batch_size, None, enable_progress_bar
+                adata, cells, embedding_batch_size, None, enable_progress_bar, allow_untrained=True
             )
             emb_index = np.full(adata.n_obs, -1, np.int64)
             emb_index[cells] = np.arange(cells.size)
@@ -784,12 +789,14 @@ class CellFMDonorClassifier(CellFMModel):
         device: str | torch.device | None = None,
         enable_progress_bar: bool = False,
         min_gene_coverage: float = 0.5,
+        allow_untrained: bool = False,
     ) -> tuple[Any, _DonorInference]:
+        self._require_trained(allow_untrained)  # before any other complaint
         adata = self._adata_or_default(adata)
         idx = self._indices(adata, indices)
         cell_donor = self._donors(adata, donor_key)[idx]
         emb = self._cell_embeddings(
-            adata, idx, batch_size, device, enable_progress_bar, min_gene_coverage
+            adata, idx, batch_size, device, enable_progress_bar, min_gene_coverage, True
         )
         ok = ~np.isnan(emb[:, 0]) if len(idx) else np.zeros(0, bool)
         codes, donors = pd.factorize(cell_donor, sort=True)
@@ -878,6 +885,7 @@ class CellFMDonorClassifier(CellFMModel):
         device: str | torch.device | None = None,
         enable_progress_bar: bool = False,
         min_gene_coverage: float = 0.5,
+        allow_untrained: bool = False,
     ) -> pd.DataFrame:
         """One prediction per donor, from all of the donor's cells.
 
@@ -898,6 +906,9 @@ class CellFMDonorClassifier(CellFMModel):
             Donor column of ``adata`` (default: the one set up).
         batch_size, device, enable_progress_bar, min_gene_coverage
             Inference settings.
+        allow_untrained
+            Predict with a model never trained (random outputs); otherwise that is an
+            :class:`~cellfm_sc.model.UntrainedModelError`.
 
         Returns
         -------
@@ -905,7 +916,14 @@ class CellFMDonorClassifier(CellFMModel):
         (categorical, in class order), ``p_<class>`` per class, ``n_cells`` (cells used).
         """
         _, res = self._infer(
-            adata, indices, donor_key, batch_size, device, enable_progress_bar, min_gene_coverage
+            adata,
+            indices,
+            donor_key,
+            batch_size,
+            device,
+            enable_progress_bar,
+            min_gene_coverage,
+            allow_untrained,
         )
         return self._donor_frame(res)
 
@@ -926,6 +944,7 @@ class CellFMDonorClassifier(CellFMModel):
         device: str | torch.device | None = None,
         enable_progress_bar: bool = False,
         min_gene_coverage: float = 0.5,
+        allow_untrained: bool = False,
     ) -> pd.DataFrame:
         """Write per-cell results into the AnnData; return :meth:`predict_donors`' table.
 
@@ -933,10 +952,19 @@ class CellFMDonorClassifier(CellFMModel):
         donor's weights sum to 1; NaN for cells without counts),
         ``obs[f"{key_added}_donor_prediction"]`` (the cell's donor's prediction,
         categorical), ``obs[f"{key_added}_split"]`` and ``obsm[f"X_{key_added}"]`` (the cell
-        embeddings ``(n, D)``); ``uns[key_added]`` holds the classes and settings.
+        embeddings ``(n, D)``); ``uns[key_added]`` holds the classes and settings. A model
+        never trained is refused (:class:`~cellfm_sc.model.UntrainedModelError`) unless
+        ``allow_untrained=True``.
         """
         adata, res = self._infer(
-            adata, None, donor_key, batch_size, device, enable_progress_bar, min_gene_coverage
+            adata,
+            None,
+            donor_key,
+            batch_size,
+            device,
+            enable_progress_bar,
+            min_gene_coverage,
+            allow_untrained,
         )
         where = pd.Index(res.donors).get_indexer(res.cell_donor)
         adata.obs[f"{key_added}_attention"] = res.attention
@@ -973,6 +1001,7 @@ class CellFMDonorClassifier(CellFMModel):
         device: str | torch.device | None = None,
         enable_progress_bar: bool = False,
         min_gene_coverage: float = 0.5,
+        allow_untrained: bool = False,
     ) -> DonorEvaluationResult:
         """Donor-level scores of held-out donors with bootstrap intervals over donors.
 
@@ -985,6 +1014,9 @@ class CellFMDonorClassifier(CellFMModel):
             these cells are scored from these cells.
         n_bootstrap, confidence
             Donor resamples and the level of the percentile intervals (0: no intervals).
+        allow_untrained
+            Score a model never trained (random predictions); otherwise that is an
+            :class:`~cellfm_sc.model.UntrainedModelError`, raised before anything else.
 
         Returns
         -------
@@ -995,9 +1027,17 @@ class CellFMDonorClassifier(CellFMModel):
             ``embedding``. Donors whose label the model does not know are not scored
             (``notes`` says which).
         """
+        self._require_trained(allow_untrained)  # "untrained" comes before any other complaint
         adata = self._adata_or_default(adata)
         adata, res = self._infer(
-            adata, indices, None, batch_size, device, enable_progress_bar, min_gene_coverage
+            adata,
+            indices,
+            None,
+            batch_size,
+            device,
+            enable_progress_bar,
+            min_gene_coverage,
+            allow_untrained,
         )
         truth = self._donor_label_codes(adata, res.idx).reindex(res.donors).to_numpy()
         scored = (truth >= 0) & (res.pred >= 0)

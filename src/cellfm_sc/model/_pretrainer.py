@@ -613,6 +613,7 @@ class CellFMPretrainer(CellFMModel):
         device: str | torch.device | None = None,
         enable_progress_bar: bool = False,
         min_gene_coverage: float = 0.5,
+        allow_untrained: bool = False,
     ) -> np.ndarray:
         """Cell embeddings (the cls token, no masking), float32 ``(n_cells, D)``.
 
@@ -629,7 +630,12 @@ class CellFMPretrainer(CellFMModel):
             Inference settings.
         min_gene_coverage
             Least share of ``adata``'s genes that the vocabulary must know.
+        allow_untrained
+            Embed with a model never pretrained (random features, e.g. the random-start
+            baseline); otherwise that is an :class:`~cellfm_sc.model.UntrainedModelError`
+            (a checkpoint's trunk with ``embedding_init="transfer"`` counts as trained).
         """
+        self._require_trained(allow_untrained, head=False)
         adata = self._default_adata(adata)
         idx = self._indices(adata, indices)
         with self._reading(adata):
@@ -642,6 +648,8 @@ class CellFMPretrainer(CellFMModel):
                 _embedding,
                 enable_progress_bar,
                 min_gene_coverage,
+                allow_untrained=allow_untrained,
+                head=False,
             )["emb"]
 
     # ----------------------------------------------------------------- export
