@@ -310,6 +310,9 @@ KEYWORD_FLAGS = {
     "max_abs": "--max-abs",
     "bag_size": "--bag-size",
     "mask_ratio": "--mask-ratio",
+    "accelerator": "--accelerator",
+    "devices": "--devices",
+    "device": "--device",
 }
 #: flags that have a ``--no-`` form (``keyword=False`` rewords to it)
 NEGATABLE_FLAGS = frozenset({"--use-raw"})

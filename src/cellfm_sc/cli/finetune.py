@@ -38,6 +38,12 @@ from cellfm_sc.cli._common import (
     writable_dir,
     write_split_h5ads,
 )
+from cellfm_sc.cli._precheck import (
+    check_data_columns,
+    check_hardware,
+    check_split_json,
+    read_header,
+)
 
 __all__ = ["add_parser", "add_training_options", "finetune", "run"]
 
@@ -488,7 +494,21 @@ def finetune(
 ) -> dict[str, Any]:
     """The finetune path shared by ``finetune`` and ``demo``; returns the run's facts."""
     started = time.perf_counter()
+    if adata is None:  # the file's columns and layers, read from its header in a moment
+        check_data_columns(
+            read_header(Path(opts["data"])),
+            obs={
+                "labels_key": opts.get("labels_key"),
+                "donor_key": opts.get("donor_key"),
+                "split_key": opts.get("split_key"),
+            },
+            layer=opts.get("layer"),
+            use_raw=opts.get("use_raw"),
+            gene_symbols=opts.get("gene_symbols"),
+        )
+    check_split_json(opts.get("split_json"))
     out = writable_dir(opts["output_dir"], "--output-dir")
+    check_hardware(opts.get("accelerator", "auto"), opts.get("devices", "auto"))
     resume_from = resume_checkpoint(out) if opts.get("resume") else None
     if resume_from is None and out.is_dir() and newest_checkpoint(out) is not None:
         con.warn(

@@ -22,6 +22,7 @@ from cellfm_sc.cli._common import (
     read_h5ad,
     writable_parent,
 )
+from cellfm_sc.cli._precheck import check_data_columns, check_hardware, read_header
 
 __all__ = ["add_parsers", "run_embed", "run_predict"]
 
@@ -128,13 +129,12 @@ def _load(args: argparse.Namespace, con: Console) -> tuple[Any, Any, Path]:
             f"{model_dir} is not a saved cellfm-sc model (no model.pt); pass OUT/model of "
             "'cellfm-sc finetune'"
         )
+    # header checks: where the model reads its counts by default is known only once it loads
+    check_data_columns(read_header(data), layer=args.layer, use_raw=bool(args.use_raw))
+    check_hardware(device=args.device)
     quiet_libraries(args.quiet)
     con.info(f"reading {data}" + (" (backed)" if args.backed else ""))
     adata = read_h5ad(data, backed=args.backed)
-    if args.layer is not None and args.use_raw:
-        raise CLIError("pass either --layer or --use-raw: the counts are in one of them")
-    if args.layer is not None and args.layer not in adata.layers:
-        raise CLIError(f"--layer {args.layer!r} not in adata.layers; layers: {list(adata.layers)}")
     from cellfm_sc.model import CellFMClassifier
 
     con.info(f"loading the model from {model_dir}")

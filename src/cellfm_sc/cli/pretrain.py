@@ -28,6 +28,7 @@ from cellfm_sc.cli._common import (
     resume_checkpoint,
     writable_dir,
 )
+from cellfm_sc.cli._precheck import check_data_columns, check_hardware, read_header
 
 __all__ = ["add_parser", "gene_symbol_columns", "run"]
 
@@ -227,7 +228,19 @@ def validate(opts: dict[str, Any]) -> tuple[list[Path], Path | None]:
         if key in seen:
             raise CLIError(f"data file {f} is given twice")
         seen[key] = f
+    per_file, _ = gene_symbol_columns(list(opts.get("gene_symbols") or []), files)
+    for f in files:  # from each file's header, in a moment (no heavy import yet)
+        try:
+            check_data_columns(
+                read_header(f),
+                layer=opts.get("layer"),
+                use_raw=bool(opts.get("use_raw")),
+                gene_symbols=per_file.get(f),
+            )
+        except CLIError as exc:
+            raise CLIError(f"{f.name}: {exc}") from exc
     out = writable_dir(opts["output_dir"], "--output-dir")
+    check_hardware(opts.get("accelerator", "auto"), opts.get("devices", "auto"))
     resume = resume_checkpoint(out) if opts.get("resume") else None
     return files, resume
 

@@ -6,6 +6,8 @@ from typing import Any
 
 import pandas as pd
 
+from cellfm_sc._errors import missing_column
+
 __all__ = ["obs_column"]
 
 
@@ -39,11 +41,7 @@ def obs_column(adata: Any, key: str, *, keyword: str, allow_missing: bool = Fals
     ['T', 'B']
     """
     if key not in adata.obs.columns:
-        cols = list(map(str, adata.obs.columns))
-        shown = ", ".join(repr(c) for c in cols[:20]) + (" ..." if len(cols) > 20 else "")
-        raise KeyError(
-            f"{keyword}={key!r} is not a column of adata.obs; columns are: {shown or '(none)'}"
-        )
+        raise KeyError(missing_column(keyword, key, adata.obs.columns, "adata.obs"))
     col = adata.obs[key]
     if not allow_missing:
         missing = int(col.isna().sum())

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cellfm_sc._errors import missing_column, missing_layer, missing_raw
+
 from ._rows import RowSource, element_path, layer_label
 
 __all__ = [
@@ -90,12 +92,7 @@ def get_matrix(adata: Any, layer: str | None = None, *, use_raw: bool = False) -
     check_count_source(layer, use_raw)
     if use_raw:
         if adata.raw is None:
-            existing = list(adata.layers.keys())
-            raise MissingLayerError(
-                "adata.raw is None: use_raw=True reads counts from adata.raw.X, which this "
-                f"AnnData does not have; layers: {existing if existing else 'none'} "
-                "(pass layer=... naming one, or use_raw=False for adata.X)"
-            )
+            raise MissingLayerError(missing_raw(adata.layers.keys()))
         return adata.raw.X
     if layer is None:
         if adata.X is None:
@@ -105,11 +102,7 @@ def get_matrix(adata: Any, layer: str | None = None, *, use_raw: bool = False) -
             )
         return adata.X
     if layer not in adata.layers:
-        existing = list(adata.layers.keys())
-        raise MissingLayerError(
-            f"layer {layer!r} not found in adata.layers; existing layers: "
-            f"{existing if existing else 'none'} (use layer=None for adata.X)"
-        )
+        raise MissingLayerError(missing_layer(layer, adata.layers.keys()))
     return adata.layers[layer]
 
 
@@ -168,10 +161,7 @@ def matrix_gene_symbols(adata: Any, key: str, *, use_raw: bool = False) -> pd.Se
             f"; adata.var has it, but not for {missing} of the {len(names)} genes of "
             "adata.raw (copy it into adata.raw.var before subsetting genes)"
         )
-    raise KeyError(
-        f"gene_symbols={key!r} is not a column of {where}; columns are: "
-        f"{list(map(str, var.columns))}{hint}"
-    )
+    raise KeyError(missing_column("gene_symbols", key, var.columns, where) + hint)
 
 
 def row_source(adata: Any, layer: str | None = None, *, use_raw: bool = False) -> RowSource:

@@ -13,7 +13,8 @@ from cellfm_sc.model._module import CellFMClassifierModule
 from cellfm_sc.model._pretrain_module import CellFMPretrainModule, select_masked_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cellfm_sc.model._base import UntrainedModelError, auto_lr
+    from cellfm_sc._errors import UntrainedModelError
+    from cellfm_sc.model._base import auto_lr
     from cellfm_sc.model._classifier import CellFMClassifier
     from cellfm_sc.model._donor import CellFMDonorClassifier
     from cellfm_sc.model._pretrainer import CellFMPretrainer
@@ -33,7 +34,7 @@ _LAZY = {
     "CellFMClassifier": "cellfm_sc.model._classifier",
     "CellFMDonorClassifier": "cellfm_sc.model._donor",
     "CellFMPretrainer": "cellfm_sc.model._pretrainer",
-    "UntrainedModelError": "cellfm_sc.model._base",
+    "UntrainedModelError": "cellfm_sc._errors",
     "auto_lr": "cellfm_sc.model._base",
 }
 

@@ -25,6 +25,8 @@ from scvi.model.base import BaseModelClass
 
 from cellfm_sc._atomic import atomic_dir
 from cellfm_sc._constants import EMBEDDING_INITS, TRAINABLE_POLICIES
+from cellfm_sc._errors import UntrainedModelError
+from cellfm_sc._hardware import check_accelerator, check_device
 from cellfm_sc._json import to_plain
 from cellfm_sc.data import (
     DataSplit,
@@ -83,17 +85,6 @@ def auto_lr(pretrained: bool, config: CellFMConfig) -> float:
     if not pretrained:
         return LR_RANDOM
     return LR_PRETRAINED_WIDE if config.enc_dims >= WIDE else LR_PRETRAINED_NARROW
-
-
-class UntrainedModelError(RuntimeError):
-    """Inference asked of a model that was never trained: its outputs would be random.
-
-    Raised by ``predict``, ``annotate``, ``evaluate``, ``get_latent_representation`` and
-    ``predict_donors`` of a model that :meth:`~cellfm_sc.model.CellFMClassifier.train` never
-    ran on and that was not loaded from the save of a trained model; pass
-    ``allow_untrained=True`` to compute them anyway. Cell embeddings of a trunk loaded from
-    a pretrained checkpoint with ``embedding_init="transfer"`` are not refused.
-    """
 
 
 def model_not_set_up(cls: type[BaseModelClass], adata: Any) -> bool:
@@ -394,6 +385,7 @@ class CellFMModel(BaseModelClass):
 
     def _inference_device(self, device: str | torch.device | None) -> torch.device:
         if device is not None:
+            check_device(device)
             return torch.device(device)
         here = self.device
         if here.type != "cpu":
@@ -904,6 +896,9 @@ class CellFMModel(BaseModelClass):
         return model
 
     def _place(self, accelerator: str, device: int | str | torch.device) -> None:
+        check_accelerator(accelerator)
+        if accelerator != "cpu" and not isinstance(device, int) and device != "auto":
+            check_device(device)
         if accelerator == "cpu":
             target = torch.device("cpu")
         elif isinstance(device, torch.device):

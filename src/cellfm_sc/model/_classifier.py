@@ -16,6 +16,7 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 
 from cellfm_sc._constants import MONITORS
+from cellfm_sc._hardware import check_accelerator
 from cellfm_sc.data import (
     DataSplit,
     TokenBatch,
@@ -585,6 +586,7 @@ class CellFMClassifier(CellFMModel):
             warmup_fraction=warmup_fraction,
             masked_value_weight=masked_value_weight,
         )
+        check_accelerator(accelerator, devices)  # before any work: one line, the fix
         if early_stopping not in (True, False, "auto"):
             raise ValueError(
                 f"early_stopping must be True, False or 'auto', got {early_stopping!r}"

@@ -35,6 +35,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint, TQDMProgressBar
 
 from cellfm_sc._constants import LR_SCHEDULES, PRECISIONS
+from cellfm_sc._hardware import check_accelerator
 from cellfm_sc.data import DataSplit, TokenBatch, make_dataloader
 
 __all__ = [
@@ -705,6 +706,7 @@ def fit(
     """
     from lightning.pytorch.callbacks import EarlyStopping
 
+    check_accelerator(accelerator, devices)  # Lightning's own error comes late and raw
     if precision is None:
         precision = default_precision(accelerator)
     if str(precision) not in PRECISIONS:

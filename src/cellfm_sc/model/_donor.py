@@ -27,6 +27,7 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 
 from cellfm_sc._constants import DONOR_LOSSES, DONOR_MONITORS, POOLINGS
+from cellfm_sc._hardware import check_accelerator
 from cellfm_sc.data import (
     DataSplit,
     check_count_source,
@@ -649,6 +650,7 @@ class CellFMDonorClassifier(CellFMModel):
             gradient_clip_val=gradient_clip_val,
             warmup_fraction=warmup_fraction,
         )
+        check_accelerator(accelerator, devices)  # before any work: one line, the fix
         for name, value in (
             ("chunk_size", chunk_size),
             ("embedding_batch_size", embedding_batch_size),

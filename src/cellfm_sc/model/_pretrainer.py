@@ -17,6 +17,7 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField
 
+from cellfm_sc._hardware import check_accelerator
 from cellfm_sc.data import DataSplit, TokenBatch, check_count_source, check_counts, get_matrix
 from cellfm_sc.model._base import CellFMModel, auto_lr, model_not_set_up
 from cellfm_sc.model._core import (
@@ -507,6 +508,7 @@ class CellFMPretrainer(CellFMModel):
             gradient_clip_val=gradient_clip_val,
             warmup_fraction=warmup_fraction,
         )
+        check_accelerator(accelerator, devices)  # before any work: one line, the fix
         if not isinstance(validation_size, int | float) or not 0.0 <= validation_size < 1.0:
             raise ValueError(
                 f"validation_size must be a fraction in [0, 1), got {validation_size!r}"
