@@ -64,6 +64,20 @@ def fraction_type(text: str) -> float:
     return value
 
 
+def keep_checkpoints_type(text: str) -> int:
+    """``-1`` (keep every epoch's checkpoint) or an integer >= 1."""
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = 0
+    if value != -1 and value < 1:
+        raise argparse.ArgumentTypeError(f"expected -1 (all) or an integer >= 1, got {text!r}")
+    return value
+
+
+keep_checkpoints_type.__name__ = "-1 or an integer >= 1"
+
+
 def lr_type(text: str) -> float | str:
     """``auto`` or a positive number."""
     if str(text).strip() == "auto":
@@ -182,12 +196,27 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def newest_checkpoint(out_dir: Path) -> Path | None:
     """The ``checkpoint_epoch_N.pth`` of ``out_dir`` with the highest ``N``, or None."""
-    found = []
-    for p in out_dir.glob("checkpoint_epoch_*.pth"):
-        m = re.fullmatch(r"checkpoint_epoch_(\d+)\.pth", p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
+    from cellfm_sc._checkpoints import epoch_checkpoints
+
+    found = epoch_checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def checkpoints_line(out: Path) -> str | None:
+    """The summary's line on the epoch checkpoints left in ``out`` (None when there are none).
+
+    Examples
+    --------
+    >>> checkpoints_line(Path("no_such_folder")) is None
+    True
+    """
+    from cellfm_sc._checkpoints import epoch_checkpoints
+
+    epochs = [n for n, _ in epoch_checkpoints(out)] if out.is_dir() else []
+    if not epochs:
+        return None
+    shown = ", ".join(map(str, epochs[:8])) + (" ..." if len(epochs) > 8 else "")
+    return f"  {'checkpoint_epoch_*.pth':<26} epoch(s) {shown} (--resume; --keep-checkpoints)"
 
 
 def resume_checkpoint(out: Path) -> Path:
@@ -261,6 +290,18 @@ def add_hardware_args(p: argparse.ArgumentParser, *, num_nodes: bool) -> None:
         action="store_true",
         help="recompute layer activations in the backward pass (much less GPU memory, "
         "e.g. for the 800M preset)",
+    )
+
+
+def add_keep_checkpoints(group: Any) -> None:
+    """``--keep-checkpoints N`` (the output group of every training command)."""
+    group.add_argument(
+        "--keep-checkpoints",
+        metavar="N",
+        type=keep_checkpoints_type,
+        default=1,
+        help="per-epoch checkpoint_epoch_*.pth files kept in the output directory: the newest "
+        "N (what --resume continues from) plus the best epoch's; -1 keeps every epoch's",
     )
 
 

@@ -103,6 +103,7 @@ def run_donor_level(
         num_workers=opts.get("num_workers", 0),
         gradient_checkpointing=True if opts.get("gradient_checkpointing") else "auto",
         checkpoint_dir=str(out),
+        keep_checkpoints=opts.get("keep_checkpoints", 1),
         resume_from=str(resume_from) if resume_from else None,
         logger=_make_logger(opts.get("logger", "csv"), work / "logs"),
         enable_progress_bar=not opts.get("quiet"),

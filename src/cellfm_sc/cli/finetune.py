@@ -23,6 +23,8 @@ from cellfm_sc.cli._common import (
     RunDirectory,
     add_diagnostics,
     add_hardware_args,
+    add_keep_checkpoints,
+    checkpoints_line,
     existing_file,
     label_order_type,
     lr_type,
@@ -93,6 +95,7 @@ FINETUNE_KEYS = (
     "seed",
     "write_split_h5ad",
     "resume",
+    "keep_checkpoints",
     "quiet",
     "debug",
 )
@@ -204,7 +207,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "obs[--labels-key], evaluate the restored best model on the test split, and write "
         "into --output-dir:\n"
         "  best_model.pth            state dict of the best model (plain tensors)\n"
-        "  checkpoint_epoch_N.pth    one per epoch (for --resume)\n"
+        "  checkpoint_epoch_N.pth    the newest epoch's and the best's (for --resume; "
+        "--keep-checkpoints)\n"
         "  model/                    the saved model (CellFMClassifier.load)\n"
         "  training_results.json     metrics, histories, run facts\n"
         "  predictions.csv, donor_predictions.csv, *.png, logs/metrics.csv\n"
@@ -375,6 +379,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         default="csv",
         help="where the training metrics are logged (under OUT/logs)",
     )
+    add_keep_checkpoints(out)
     add_training_options(p)
     add_diagnostics(p)
     p.set_defaults(handler=run)
@@ -637,6 +642,7 @@ def _run(
         num_workers=opts.get("num_workers", 0),
         gradient_checkpointing=bool(opts.get("gradient_checkpointing")),
         checkpoint_dir=str(out),
+        keep_checkpoints=opts.get("keep_checkpoints", 1),
         resume_from=str(resume_from) if resume_from else None,
         logger=_make_logger(opts.get("logger", "csv"), work / "logs"),
         enable_progress_bar=not opts.get("quiet"),
@@ -705,9 +711,9 @@ def print_summary(con: Console, facts: dict[str, Any], out: Path) -> None:
         if key in files:
             name = Path(files[key]).name + ("/" if key in ("model", "logs") else "")
             con.result(f"  {name:<26} {what}")
-    n_ckpt = len(list(out.glob("checkpoint_epoch_*.pth")))
-    if n_ckpt:
-        con.result(f"  {'checkpoint_epoch_*.pth':<26} {n_ckpt} per-epoch checkpoint(s)")
+    line = checkpoints_line(out)
+    if line:
+        con.result(line)
 
 
 def run(args: argparse.Namespace, con: Console) -> int:

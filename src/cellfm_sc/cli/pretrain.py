@@ -17,6 +17,8 @@ from cellfm_sc.cli._common import (
     RunDirectory,
     add_diagnostics,
     add_hardware_args,
+    add_keep_checkpoints,
+    checkpoints_line,
     existing_file,
     fraction_type,
     lr_type,
@@ -55,7 +57,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "  model/                    the saved model (CellFMPretrainer.load)\n"
         "  history.json              masked loss per epoch, run facts\n"
         "  loss_curve.png            loss curves\n"
-        "  checkpoint_epoch_N.pth    one per epoch (for --resume)\n"
+        "  checkpoint_epoch_N.pth    the newest epoch's and the best's (for --resume; "
+        "--keep-checkpoints)\n"
         "Fine-tune from it with: cellfm-sc finetune DATA.h5ad --checkpoint OUT/cellfm.ckpt "
         "--vocabulary OUT/gene_info.csv --embedding-init transfer ...\n"
         "Example:\n"
@@ -166,6 +169,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     add_hardware_args(p, num_nodes=False)
     out = p.add_argument_group("output")
     out.add_argument("--output-dir", "-o", metavar="OUT", required=True, help="output directory")
+    add_keep_checkpoints(out)
     add_diagnostics(p)
     p.set_defaults(handler=run)
     return p
@@ -302,9 +306,9 @@ def run(args: argparse.Namespace, con: Console) -> int:
     con.result(f"output directory: {out}")
     for name, what in OUTPUT_FILES:
         con.result(f"  {name:<26} {what}")
-    n_ckpt = len(list(out.glob("checkpoint_epoch_*.pth")))
-    if n_ckpt:
-        con.result(f"  {'checkpoint_epoch_*.pth':<26} {n_ckpt} per-epoch checkpoint(s)")
+    line = checkpoints_line(out)
+    if line:
+        con.result(line)
     return 0
 
 
@@ -361,6 +365,7 @@ def _run(
         num_workers=opts["num_workers"],
         gradient_checkpointing=bool(opts.get("gradient_checkpointing")),
         checkpoint_dir=str(out),
+        keep_checkpoints=opts.get("keep_checkpoints", 1),
         resume_from=str(resume) if resume else None,
         logger=False,
         enable_progress_bar=not opts.get("quiet"),

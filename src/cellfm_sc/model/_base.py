@@ -518,6 +518,7 @@ class CellFMModel(BaseModelClass):
         "strategy",
         "gradient_clip_val",
         "checkpoint_dir",
+        "keep_checkpoints",
         "resume_from",
         "logger",
         "enable_progress_bar",

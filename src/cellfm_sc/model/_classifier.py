@@ -483,6 +483,7 @@ class CellFMClassifier(CellFMModel):
         masked_value_weight: float = 0.0,
         num_workers: int = 0,
         checkpoint_dir: str | os.PathLike[str] | None = None,
+        keep_checkpoints: int = 1,
         resume_from: str | os.PathLike[str] | None = None,
         logger: Any = None,
         enable_progress_bar: bool = True,
@@ -551,6 +552,10 @@ class CellFMClassifier(CellFMModel):
         checkpoint_dir
             Where ``checkpoint_epoch_{n}.pth`` (resumable) is written after every epoch,
             and the CSV log (``logs/metrics.csv``).
+        keep_checkpoints
+            Epoch checkpoints kept there: the newest ``keep_checkpoints`` (default 1, what
+            ``resume_from`` needs) plus the best epoch's; -1 keeps every epoch's (each holds
+            the model and the optimizer state: about 3x the model's size).
         resume_from
             A ``checkpoint_epoch_{n}.pth`` to continue from (model, optimizer, scheduler,
             epoch, history, RNG state).

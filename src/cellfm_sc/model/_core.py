@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Checkpoint, TQDMProgressBar
 
+from cellfm_sc._checkpoints import epoch_checkpoint_name, epoch_checkpoints
 from cellfm_sc._constants import LR_SCHEDULES, PRECISIONS
 from cellfm_sc._hardware import check_accelerator
 from cellfm_sc.data import DataSplit, TokenBatch, make_dataloader
@@ -46,6 +47,7 @@ __all__ = [
     "NonFiniteLossError",
     "StepOutput",
     "TrainingPlan",
+    "check_keep_checkpoints",
     "check_training_numbers",
     "default_precision",
     "fit",
@@ -532,6 +534,16 @@ def check_resume_file(path: str | os.PathLike[str]) -> None:
         raise CheckpointError("not an epoch checkpoint of cellfm-sc's training", path)
 
 
+def check_keep_checkpoints(keep: Any) -> int:
+    """``keep_checkpoints`` as an int: -1 (keep all) or >= 1; otherwise a ``ValueError``."""
+    ok = isinstance(keep, int) and not isinstance(keep, bool) and (keep == -1 or keep >= 1)
+    if not ok:
+        raise ValueError(
+            f"keep_checkpoints must be -1 (keep every epoch's) or an integer >= 1, got {keep!r}"
+        )
+    return int(keep)
+
+
 class EpochCheckpoint(Checkpoint):
     """Writes ``checkpoint_epoch_{n}.pth`` (a full, resumable Lightning checkpoint) each epoch.
 
@@ -539,23 +551,54 @@ class EpochCheckpoint(Checkpoint):
     ``on_train_epoch_end`` after the training plan's (the epoch's history row is in the
     file). The file holds model, optimizer, scheduler, epoch counter, callbacks' state,
     history and RNG state, and is written atomically (temporary name, rename).
+
+    Parameters
+    ----------
+    dirpath
+        Folder of the files.
+    keep
+        How many of the newest epoch checkpoints stay (default 1: the newest, which
+        ``resume_from`` / ``--resume`` continue from), besides the best epoch's; -1 keeps
+        every one. Older ones are deleted once the new one is in place; files of epochs after
+        the current one (an earlier run's) are left alone.
+    best
+        The run's :class:`BestStateCallback`, whose ``best_epoch``'s file is kept.
     """
 
-    def __init__(self, dirpath: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        dirpath: str | os.PathLike[str],
+        keep: int = 1,
+        best: BestStateCallback | None = None,
+    ) -> None:
         self.dirpath = Path(dirpath)
+        self.keep = check_keep_checkpoints(keep)
+        self.best = best
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from cellfm_sc._atomic import default_mode
 
         epoch = int(trainer.current_epoch) + 1
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        final = self.dirpath / f"checkpoint_epoch_{epoch}.pth"
-        tmp = self.dirpath / f".checkpoint_epoch_{epoch}.pth.tmp"
+        final = self.dirpath / epoch_checkpoint_name(epoch)
+        tmp = self.dirpath / f".{final.name}.tmp"
         trainer.save_checkpoint(tmp, weights_only=False)  # full state, resumable
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             os.chmod(tmp, default_mode())
             os.replace(tmp, final)
+            self._prune(epoch)
+
+    def _prune(self, epoch: int) -> None:
+        """Delete the epoch checkpoints up to ``epoch`` that are neither among the newest
+        ``keep`` nor the best epoch's."""
+        if self.keep < 0:
+            return
+        best = None if self.best is None else self.best.best_epoch
+        for n, path in epoch_checkpoints(self.dirpath):
+            if n <= epoch - self.keep and n != best:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
 
 class ProgressBar(TQDMProgressBar):
@@ -668,6 +711,7 @@ def fit(
     resume_from: str | os.PathLike[str] | None = None,
     logger: Any = None,
     enable_progress_bar: bool = True,
+    keep_checkpoints: int = 1,
     **trainer_kwargs: Any,
 ) -> FitResult:
     """Run a training plan to the end; the plan's module holds the best weights afterwards.
@@ -697,6 +741,9 @@ def fit(
         Gradient-norm clipping (None: off).
     checkpoint_dir, resume_from
         Write ``checkpoint_epoch_{n}.pth`` there after each epoch; continue from one.
+    keep_checkpoints
+        Epoch checkpoints kept in ``checkpoint_dir``: the newest ``keep_checkpoints``
+        (default 1) and the best epoch's; -1 keeps all (see :class:`EpochCheckpoint`).
     logger
         See :func:`_make_loggers`.
     enable_progress_bar
@@ -707,6 +754,7 @@ def fit(
     from lightning.pytorch.callbacks import EarlyStopping
 
     check_accelerator(accelerator, devices)  # Lightning's own error comes late and raw
+    check_keep_checkpoints(keep_checkpoints)
     if precision is None:
         precision = default_precision(accelerator)
     if str(precision) not in PRECISIONS:
@@ -722,7 +770,7 @@ def fit(
             )
         )
     if checkpoint_dir is not None:
-        callbacks.append(EpochCheckpoint(checkpoint_dir))
+        callbacks.append(EpochCheckpoint(checkpoint_dir, keep=keep_checkpoints, best=best))
     val_kwargs: dict[str, Any] = {}
     if not has_validation:
         val_kwargs["limit_val_batches"] = 0

@@ -572,6 +572,7 @@ class CellFMDonorClassifier(CellFMModel):
         num_workers: int = 0,
         embedding_batch_size: int = 64,
         checkpoint_dir: str | os.PathLike[str] | None = None,
+        keep_checkpoints: int = 1,
         resume_from: str | os.PathLike[str] | None = None,
         logger: Any = None,
         enable_progress_bar: bool = True,
@@ -627,7 +628,7 @@ class CellFMDonorClassifier(CellFMModel):
             DataLoader workers (trainable trunk).
         embedding_batch_size
             Cells per batch when the frozen trunk's embeddings are computed.
-        checkpoint_dir, resume_from, logger, enable_progress_bar
+        checkpoint_dir, keep_checkpoints, resume_from, logger, enable_progress_bar
             As for :meth:`CellFMClassifier.train <cellfm_sc.model.CellFMClassifier.train>`.
         **trainer_kwargs
             Passed to :class:`lightning.pytorch.Trainer`.

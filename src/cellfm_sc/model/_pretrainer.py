@@ -445,6 +445,7 @@ class CellFMPretrainer(CellFMModel):
         gradient_clip_val: float | None = 1.0,
         num_workers: int = 0,
         checkpoint_dir: str | os.PathLike[str] | None = None,
+        keep_checkpoints: int = 1,
         resume_from: str | os.PathLike[str] | None = None,
         logger: Any = None,
         enable_progress_bar: bool = True,
@@ -482,6 +483,9 @@ class CellFMPretrainer(CellFMModel):
             DataLoader worker processes (backed files are reopened in each).
         checkpoint_dir, resume_from
             Write a resumable ``checkpoint_epoch_{n}.pth`` after every epoch; continue from one.
+        keep_checkpoints
+            Epoch checkpoints kept: the newest ``keep_checkpoints`` (default 1) plus the best
+            epoch's; -1 keeps all.
         logger, enable_progress_bar
             Lightning logger(s) and the progress bar (with the running loss) on stderr.
         gradient_checkpointing
