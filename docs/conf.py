@@ -3,9 +3,11 @@
 Build: ``sphinx-build -n -W --keep-going -b html docs docs/_build/html``
 (``pip install -e ".[docs]"``); offline, in well under a minute.
 
+``docs/cli.md`` carries the command reference (committed, so the repository's web view shows
+it); ``docs/make_cli_reference.py`` rewrites its generated part here when it is stale.
+
 Generated at build time into ``docs/generated/`` (git-ignored):
 
-- ``cli_reference.md``: the ``--help`` of every command (:func:`cellfm_sc.cli.build_parser`);
 - ``benchmark_summary.md``: the decision table that leads the benchmarks page, read from
   ``benchmarks/RESULTS.md`` by ``docs/_ext/bench_summary.py`` (so the page's numbers are the
   benchmarks');
@@ -25,8 +27,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE / "_ext"))
+sys.path.insert(0, str(HERE))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import make_cli_reference  # noqa: E402
 from bench_summary import write_benchmark_summary  # noqa: E402
 from inventories import PROJECTS, write_inventories  # noqa: E402
 
@@ -53,7 +57,6 @@ templates_path = ["_templates"]
 exclude_patterns = [
     "_build",
     "_ext",
-    "generated/cli_reference.md",
     "generated/benchmark_summary.md",
     "generated/sea_ad_epoch.md",
     "generated/benchmark_reading.md",
@@ -114,35 +117,7 @@ html_static_path = ["_static"]
 html_css_files = ["custom.css"]
 
 
-def _write_cli_reference() -> None:
-    """Write the ``--help`` of every ``cellfm-sc`` command as MyST markdown."""
-    import argparse
-
-    from cellfm_sc.cli import build_parser
-
-    old_columns = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "86"  # fits the code box at 1280 px
-    try:
-        parser = build_parser()
-        parts = ["## `cellfm-sc`", "", "```text", parser.format_help().rstrip(), "```", ""]
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for name, sub in action.choices.items():
-                    parts += [f"## `cellfm-sc {name}`", ""]
-                    parts += ["```text", sub.format_help().rstrip(), "```", ""]
-    finally:
-        if old_columns is None:
-            os.environ.pop("COLUMNS", None)
-        else:
-            os.environ["COLUMNS"] = old_columns
-    target = HERE / "generated" / "cli_reference.md"
-    target.parent.mkdir(exist_ok=True)
-    text = "\n".join(parts)
-    if not target.exists() or target.read_text(encoding="utf-8") != text:
-        target.write_text(text, encoding="utf-8")
-
-
-_write_cli_reference()
+make_cli_reference.write()  # docs/cli.md's generated part, if stale
 write_benchmark_summary(HERE.parent / "benchmarks" / "RESULTS.md", HERE / "generated")
 
 

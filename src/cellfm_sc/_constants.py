@@ -10,6 +10,7 @@ __all__ = [
     "DONOR_LOSSES",
     "DONOR_MONITORS",
     "EMBEDDING_INITS",
+    "LIBRARY_NOISE",
     "LR_SCHEDULES",
     "MONITORS",
     "POOLINGS",
@@ -63,6 +64,19 @@ POOLINGS: tuple[str, ...] = ("gated_attention", "mean")
 
 #: losses of the donor-level model (``"auto"``: an ordinal loss when the labels are ordered)
 DONOR_LOSSES: tuple[str, ...] = ("auto", "cross_entropy", "cumulative_link", "corn")
+
+#: third-party warnings (message regexes) that say nothing a cellfm-sc user can act on; the
+#: training core ignores them while it runs Lightning, the command line for the whole run
+LIBRARY_NOISE: tuple[str, ...] = (
+    r".*isinstance\(treespec, LeafSpec\).*",  # torch's _pytree, called by Lightning
+    r".*does not have many workers.*",  # our loaders tokenise in the main process on purpose
+    r".*fewer than 3 cells.*",
+    r".*weights_only.* was not set.*",
+    r".*litlogger.*",
+    r".*sync_dist=True.*",
+    r".*smaller than the logging interval.*",  # epoch metrics are logged once per epoch
+    r".*GPU available but not used.*",
+)
 
 #: validation quantities the donor-level model's selection can follow
 DONOR_MONITORS: tuple[str, ...] = (

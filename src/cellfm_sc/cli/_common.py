@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cellfm_sc._constants import PRECISIONS
+from cellfm_sc._constants import LIBRARY_NOISE, PRECISIONS
 
 PROG = "cellfm-sc"
 
@@ -313,6 +313,12 @@ def add_diagnostics(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no progress bars and no info messages (warnings and errors are still shown)",
     )
+    group.add_argument(
+        "--progress",
+        action="store_true",
+        help="show progress bars also when stderr is not a terminal (a log file); on a "
+        "terminal they are shown unless --quiet",
+    )
     group.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
@@ -436,6 +442,21 @@ class Console:
         print(message, flush=True)
 
 
+def show_progress(opts: Any) -> bool:
+    """Whether progress bars are drawn: never with ``--quiet``; with ``--progress``, or
+    when stderr is a terminal (a log file gets no bars: they are thousands of ``\\r`` lines).
+
+    ``opts`` is the parsed arguments (a Namespace) or their dict.
+    """
+    get = opts.get if isinstance(opts, dict) else lambda k: getattr(opts, k, None)
+    if get("quiet"):
+        return False
+    if get("progress"):
+        return True
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
 def warnings_as_lines() -> None:
     """Show each distinct warning once, as one ``cellfm-sc: warning: ...`` line on stderr
     (no source line, no Python file path)."""
@@ -467,15 +488,8 @@ def quiet_libraries(quiet: bool) -> None:
 
     # library noise that says nothing about the run
     for pattern in (
-        ".*isinstance\\(treespec, LeafSpec\\).*",
-        ".*does not have many workers.*",
-        ".*fewer than 3 cells.*",
-        ".*weights_only.* was not set.*",
-        ".*litlogger.*",
-        ".*sync_dist=True.*",
+        *LIBRARY_NOISE,
         ".*no checkpoint given.*",  # the command line says it in its own words
-        ".*smaller than the logging interval.*",
-        ".*GPU available but not used.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
     import lightning.pytorch  # noqa: F401

@@ -17,7 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cellfm_sc.cli._common import CLIError, Console, RunDirectory, write_split_h5ads
+from cellfm_sc.cli._common import (
+    CLIError,
+    Console,
+    RunDirectory,
+    show_progress,
+    write_split_h5ads,
+)
 
 __all__ = ["build_donor_model", "run_donor_level"]
 
@@ -106,7 +112,7 @@ def run_donor_level(
         keep_checkpoints=opts.get("keep_checkpoints", 1),
         resume_from=str(resume_from) if resume_from else None,
         logger=_make_logger(opts.get("logger", "csv"), work / "logs"),
-        enable_progress_bar=not opts.get("quiet"),
+        enable_progress_bar=show_progress(opts),
         **({"num_nodes": opts["num_nodes"]} if opts.get("num_nodes", 1) > 1 else {}),
     )
     if model.global_rank_ != 0:
@@ -126,12 +132,12 @@ def run_donor_level(
         con.warn("nothing was held out; the report scores the training donors")
     con.info(f"evaluating on the {where}")
     result = model.evaluate(
-        indices=indices, batch_size=batch, enable_progress_bar=not opts.get("quiet")
+        indices=indices, batch_size=batch, enable_progress_bar=show_progress(opts)
     )
     files = dict(write_report(work, result, history=model.history, info=model.report_info()))
 
     # every cell's attention within its donor, and the UMAP coloured by it
-    model.annotate(adata, batch_size=batch, enable_progress_bar=not opts.get("quiet"))
+    model.annotate(adata, batch_size=batch, enable_progress_bar=show_progress(opts))
     table = adata.obs[[opts["donor_key"]]].copy()
     table.columns = ["donor"]
     table["split"] = adata.obs["cellfm_split"].astype(str)

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace, con: Console) -> int:
         output_dir=args.output_dir,
         labels_key="celltype",
         quiet=args.quiet,
+        progress=args.progress,
         debug=args.debug,
         data=str(datasets.pbmc3k_path()),
     )

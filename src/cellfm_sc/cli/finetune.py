@@ -36,6 +36,7 @@ from cellfm_sc.cli._common import (
     quiet_libraries,
     read_h5ad,
     resume_checkpoint,
+    show_progress,
     split_size,
     writable_dir,
     write_split_h5ads,
@@ -97,6 +98,7 @@ FINETUNE_KEYS = (
     "resume",
     "keep_checkpoints",
     "quiet",
+    "progress",
     "debug",
 )
 
@@ -645,7 +647,7 @@ def _run(
         keep_checkpoints=opts.get("keep_checkpoints", 1),
         resume_from=str(resume_from) if resume_from else None,
         logger=_make_logger(opts.get("logger", "csv"), work / "logs"),
-        enable_progress_bar=not opts.get("quiet"),
+        enable_progress_bar=show_progress(opts),
         **({"num_nodes": opts["num_nodes"]} if opts.get("num_nodes", 1) > 1 else {}),
     )
     if model.global_rank_ != 0:
@@ -670,7 +672,7 @@ def _run(
         where, indices = "training cells (nothing held out: optimistic)", "train"
         con.warn("nothing was held out; the report scores the training cells")
     con.info(f"evaluating on the {where}")
-    result = model.evaluate(indices=indices, enable_progress_bar=not opts.get("quiet"))
+    result = model.evaluate(indices=indices, enable_progress_bar=show_progress(opts))
     files = dict(write_report(work, result, history=model.history, info=model.report_info()))
     model.save(str(work / "model"), overwrite=True)
     files["model"] = work / "model"
@@ -685,7 +687,7 @@ def _run(
             adata,
             key_added=key,
             batch_size=max(opts.get("batch_size", 16), 64),
-            enable_progress_bar=not opts.get("quiet"),
+            enable_progress_bar=show_progress(opts),
         )
         files.update(
             write_split_h5ads(adata, model, work, ["X_cellfm", f"{key}_probabilities"], key)

@@ -20,6 +20,7 @@ from cellfm_sc.cli._common import (
     positive_int,
     quiet_libraries,
     read_h5ad,
+    show_progress,
     writable_parent,
 )
 from cellfm_sc.cli._precheck import check_data_columns, check_hardware, read_header
@@ -158,7 +159,7 @@ def run_predict(args: argparse.Namespace, con: Console) -> int:
         key_added=k,
         batch_size=args.batch_size,
         device=args.device,
-        enable_progress_bar=not args.quiet,
+        enable_progress_bar=show_progress(args),
         min_gene_coverage=args.min_gene_coverage,
     )
     if args.backed:  # never copy the counts of a backed file; stream the embedding
@@ -194,7 +195,7 @@ def run_embed(args: argparse.Namespace, con: Console) -> int:
             adata,
             batch_size=args.batch_size,
             device=args.device,
-            enable_progress_bar=not args.quiet,
+            enable_progress_bar=show_progress(args),
             min_gene_coverage=args.min_gene_coverage,
             out=store.dense("X_cellfm", width, args.dtype),
             num_workers=args.num_workers,

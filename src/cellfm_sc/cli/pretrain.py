@@ -28,6 +28,7 @@ from cellfm_sc.cli._common import (
     quiet_libraries,
     read_h5ad,
     resume_checkpoint,
+    show_progress,
     writable_dir,
 )
 from cellfm_sc.cli._precheck import check_data_columns, check_hardware, read_header
@@ -368,7 +369,7 @@ def _run(
         keep_checkpoints=opts.get("keep_checkpoints", 1),
         resume_from=str(resume) if resume else None,
         logger=False,
-        enable_progress_bar=not opts.get("quiet"),
+        enable_progress_bar=show_progress(opts),
     )
     if model.global_rank_ != 0:
         return {"summary": f"rank {model.global_rank_}"}

@@ -35,7 +35,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint, TQDMProgressBar
 
 from cellfm_sc._checkpoints import epoch_checkpoint_name, epoch_checkpoints
-from cellfm_sc._constants import LR_SCHEDULES, PRECISIONS
+from cellfm_sc._constants import LIBRARY_NOISE, LR_SCHEDULES, PRECISIONS
 from cellfm_sc._hardware import check_accelerator
 from cellfm_sc.data import DataSplit, TokenBatch, make_dataloader
 
@@ -637,6 +637,38 @@ class ProgressBar(TQDMProgressBar):
 # the runner
 # --------------------------------------------------------------------------------------------
 
+#: Lightning's loggers, whose info lines (``GPU available: ...``, ``TPU available: ...``,
+#: the LitLogger tip, ``Loading `train_dataloader` ...``) :func:`quiet_lightning` holds back
+LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning")
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Any:
+    """Within the block: Lightning's banners and tips silenced, and the third-party warnings
+    of :data:`~cellfm_sc._constants.LIBRARY_NOISE` (torch's ``_pytree`` deprecation, ...)
+    ignored. Warnings and errors of Lightning still show.
+
+    Lightning's info lines show again when the ``cellfm_sc`` logger is at ``DEBUG``
+    (``logging.getLogger("cellfm_sc").setLevel(logging.DEBUG)``).
+    """
+    import logging
+
+    saved: dict[str, int] = {}
+    if not logging.getLogger("cellfm_sc").isEnabledFor(logging.DEBUG):
+        for name in LIGHTNING_LOGGERS:
+            log = logging.getLogger(name)
+            if log.getEffectiveLevel() < logging.WARNING:
+                saved[name] = log.level
+                log.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            for pattern in LIBRARY_NOISE:
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
 
 @dataclass
 class FitResult:
@@ -786,7 +818,7 @@ def fit(
             start_method="spawn" if strategy == "ddp_spawn" else "popen",
         )
     loggers = _make_loggers(logger, checkpoint_dir)
-    with tempfile.TemporaryDirectory(prefix="cellfm_sc_") as root:
+    with tempfile.TemporaryDirectory(prefix="cellfm_sc_") as root, quiet_lightning():
         trainer = pl.Trainer(
             max_epochs=max_epochs,
             accelerator=accelerator,
@@ -807,15 +839,12 @@ def fit(
         )
         plan.module.train()  # Lightning keeps the module's mode
         try:
-            with warnings.catch_warnings():
-                # our epoch metrics are logged once per epoch, whatever the logging interval
-                warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-                trainer.fit(
-                    plan,
-                    datamodule=datamodule,
-                    ckpt_path=os.fspath(resume_from) if resume_from else None,
-                    weights_only=True,  # our checkpoints hold tensors and plain Python only
-                )
+            trainer.fit(
+                plan,
+                datamodule=datamodule,
+                ckpt_path=os.fspath(resume_from) if resume_from else None,
+                weights_only=True,  # our checkpoints hold tensors and plain Python only
+            )
         finally:
             plan.module.eval()
     best.restore(plan.module)
