@@ -15,6 +15,7 @@ Regenerate with ``python docs/make_demo_output.py`` and
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import sys
 import zlib
@@ -59,6 +60,27 @@ def test_pages_show_the_committed_demo_output():
     assert quoted and all(q == accuracy for q in quoted), (quoted, accuracy)
 
 
+def test_demo_pins_the_cpu_kernels():
+    """The demo's figures are the same on every x86-64 CPU: its kernels are pinned before
+    torch is imported (what the README and docs say, and why their figure holds)."""
+    import subprocess
+
+    code = (
+        "import os, sys\n"
+        "from cellfm_sc.cli.demo import REPRODUCIBLE_CPU, pin_cpu_kernels\n"
+        "assert pin_cpu_kernels()\n"
+        "import torch\n"
+        "print(torch.backends.cpu.get_cpu_capability(), os.environ['MKL_CBWR'])\n"
+        "print(pin_cpu_kernels())\n"  # too late now: torch is imported
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["DEFAULT", "COMPATIBLE", "False"]
+    quick = (DOCS / "quickstart.md").read_text(encoding="utf-8")
+    assert "ATEN_CPU_CAPABILITY=default" in quick and "MKL_CBWR=COMPATIBLE" in quick
+
+
 @pytest.mark.slow
 def test_demo_prints_what_the_docs_show(tmp_path):
     """Fails when the demo's printed output and docs/demo_output.txt disagree."""
@@ -72,6 +94,24 @@ def test_demo_prints_what_the_docs_show(tmp_path):
         "cellfm-sc demo prints something else than docs/demo_output.txt shows; "
         "run python docs/make_demo_output.py"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# the command line reference
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_page_is_in_the_tree_and_current():
+    """docs/cli.md holds the reference itself (the repository's web view shows it), and it
+    is what docs/make_cli_reference.py makes from the parser now."""
+    make = _load(DOCS / "make_cli_reference.py", "make_cli_reference")
+    page = (DOCS / "cli.md").read_text(encoding="utf-8")
+    assert "{include}" not in page and make.MARKER in page
+    assert make.page(page) == page, "docs/cli.md is stale: run python docs/make_cli_reference.py"
+    for command in ("inspect", "finetune", "pretrain", "predict", "embed", "demo"):
+        assert f"## `cellfm-sc {command}`" in page
+    for flag in ("--labels-key COLUMN", "--keep-checkpoints N", "--progress", "--accelerator"):
+        assert f"`{flag}" in page, flag
 
 
 # --------------------------------------------------------------------------------------------

@@ -407,8 +407,11 @@ def message_of(exc: BaseException) -> str:
 
 #: exceptions that are the user's data or arguments (exit status 2)
 def data_errors() -> tuple[type[BaseException], ...]:
+    from cellfm_sc._errors import UntrainedModelError
+
     out: list[type[BaseException]] = [
         CLIError,
+        UntrainedModelError,  # a saved model that was never trained
         FileNotFoundError,
         IsADirectoryError,
         NotADirectoryError,
