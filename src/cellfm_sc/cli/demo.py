@@ -21,7 +21,7 @@ __all__ = ["DEMO_DEFAULTS", "REPRODUCIBLE_CPU", "add_parser", "pin_cpu_kernels",
 #: follows its rounding. Costs about 2x in training time. Set before torch is imported.
 REPRODUCIBLE_CPU: dict[str, str] = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
 
-#: settings of ``cellfm-sc demo`` (2 CPU cores: well under a minute)
+#: settings of ``cellfm-sc demo`` (2 CPU cores: one to three minutes)
 DEMO_DEFAULTS: dict[str, Any] = {
     "preset": "tiny",
     "embedding_init": "random",
@@ -45,7 +45,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         description="Run the whole finetune path offline on the shipped PBMC 3k subset "
         "(1,200 cells, 8 cell types; 10x Genomics, CC BY 4.0) with the 'tiny' preset "
         "(64 dims, 2 layers), randomly initialised: no pretrained CellFM weights are used. "
-        "Takes one to two minutes on 2 CPU cores; the figures are the same on every x86-64 "
+        "Takes one to three minutes on 2 CPU cores; the figures are the same on every x86-64 "
         "CPU (one thread, deterministic algorithms, pinned CPU kernels). Writes into "
         "./cellfm_demo unless --output-dir says otherwise.",
         formatter_class=Formatter,
