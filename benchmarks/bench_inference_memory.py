@@ -46,9 +46,11 @@ t = time.perf_counter()
 if mode == "streamed":
     from cellfm_sc._stores import output_store
     with output_store(out, adata.obs) as store:
-        model.get_latent_representation(adata, batch_size=64, out=store.dense("X_cellfm", 256))
+        model.get_latent_representation(
+            adata, batch_size=64, out=store.dense("X_cellfm", 256), allow_untrained=True
+        )
 else:
-    emb = model.get_latent_representation(adata, batch_size=64)
+    emb = model.get_latent_representation(adata, batch_size=64, allow_untrained=True)
     from cellfm_sc._atomic import write_h5ad_atomic
     write_h5ad_atomic(ad.AnnData(obs=adata.obs.copy(), obsm={"X_cellfm": emb}), out)
 dt = time.perf_counter() - t

@@ -94,13 +94,13 @@ def check_data_columns(
     """Refuse ``obs`` columns (keyword -> column), a layer, ``use_raw`` or a gene-symbols
     column that the file does not have; the messages name the keyword (the command line
     rewords ``labels_key='x'`` as ``--labels-key x``)."""
+    if use_raw and layer is not None:
+        raise CLIError("pass either --layer or --use-raw: the counts are in one of them")
     if header is None:
         return
     for keyword, column in (obs or {}).items():
         if column and column not in header.obs_columns:
             raise CLIError(missing_column(keyword, column, header.obs_columns, "adata.obs"))
-    if use_raw and layer is not None:
-        raise CLIError("pass either --layer or --use-raw: the counts are in one of them")
     if use_raw and not header.has_raw:
         raise CLIError(missing_raw(header.layers))
     if layer is not None and layer not in header.layers:
