@@ -122,6 +122,14 @@ PROJECTS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
             "pd.Series": ("py:class", "reference/api/pandas.Series.html#pandas.Series"),
             "pd.Index": ("py:class", "reference/api/pandas.Index.html#pandas.Index"),
             "pandas.Categorical": ("py:class", "reference/api/pandas.Categorical.html"),
+            "pandas.core.arrays.categorical.Categorical": (
+                "py:class",
+                "reference/api/pandas.Categorical.html#pandas.Categorical",
+            ),
+            "pd.Categorical": (
+                "py:class",
+                "reference/api/pandas.Categorical.html#pandas.Categorical",
+            ),
         },
     ),
     "torch": (
