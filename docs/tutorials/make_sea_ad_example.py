@@ -18,8 +18,9 @@ command-line route on the CELLxGENE-shaped one; both backed.
 
 Writes into ``docs/tutorials/sea_ad_example/`` (committed; ``tests/test_docs.py`` reruns
 this script and compares): ``python_output.txt``, ``cli_output.txt``,
-``donor_predictions.csv``, ``confusion_matrix.png``, ``umap.png``. About 1-2 minutes on
-2 CPU cores::
+``donor_predictions.csv``, ``confusion_matrix.png``, ``umap.png``. The CPU kernels are pinned
+as ``cellfm-sc demo`` pins them, so the figures are the same on every x86-64 CPU. About 1-2
+minutes on 2 CPU cores::
 
     python docs/tutorials/make_sea_ad_example.py [OUT_DIR]
 """
@@ -197,7 +198,28 @@ def make(out: Path = OUT) -> dict[str, Path]:
     return {name: out / name for name in (*files, "donor_predictions.csv")}
 
 
+def run_pinned(out: Path) -> None:
+    """Run this script in a fresh process with the demo's pinned CPU kernels.
+
+    The figures of a tiny model trained from scratch follow the CPU's rounding (AVX2 /
+    AVX-512 kernels sum differently); pinned, as ``cellfm-sc demo`` pins them, they are the
+    same on every x86-64 CPU. The pins act only before torch is imported, hence the process.
+    """
+    from cellfm_sc.cli.demo import REPRODUCIBLE_CPU
+
+    env = dict(os.environ, **REPRODUCIBLE_CPU, MPLBACKEND="Agg", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, __file__, str(out)], capture_output=True, text=True, env=env, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{Path(__file__).name} failed:\n{proc.stderr[-3000:]}")
+
+
 if __name__ == "__main__":
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else OUT
+    from cellfm_sc.cli.demo import pin_cpu_kernels
+
+    if not pin_cpu_kernels():
+        raise SystemExit("torch was imported before the CPU kernels could be pinned")
     for path in make(target).values():
         print("wrote", path)
