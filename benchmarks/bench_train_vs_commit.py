@@ -13,8 +13,9 @@ What: ``CellFMClassifier.setup_anndata(adata, labels_key="celltype")``,
 ``CellFMClassifier(adata, preset=CellFMConfig(enc_dims=192, num_heads=6, n_layers=2))``,
 ``model.train(max_epochs=1, batch_size=8, test_size=0.1)`` with every other argument at each
 tree's own default (``test_size`` is fixed so both trees train on the same 480 cells: the
-old default held no test cells out), then ``model.get_latent_representation()`` (default batch size) on the same 600 real
-PBMC cells (``../shared/data/pbmc3k_raw.h5ad``, a fixed random subset). Every measurement is a
+old default held no test cells out), then ``model.get_latent_representation()`` (default
+batch size) on the same 600 real PBMC cells (``../shared/data/pbmc3k_raw.h5ad``, a fixed
+random subset). Every measurement is a
 fresh subprocess (so no tree warms the other's caches), the two trees alternate round by
 round (machine load from other work hits both alike), both run with the same number of torch
 threads (``--threads``, default 1). Train cells/s = training cells x epochs run / wall time
