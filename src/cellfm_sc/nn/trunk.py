@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -151,7 +152,8 @@ class CellFMTrunk(nn.Module):
         ``(B, n_prefix + L, D)``.
         """
         b = values.shape[0]
-        tok = self.value_enc(values, unmask) + self.gene_emb[gene_ids]
+        # F.embedding, not gene_emb[gene_ids]: the same rows, and on CPU a faster backward
+        tok = self.value_enc(values, unmask) + F.embedding(gene_ids, self.gene_emb)
         tok = tok * valid.unsqueeze(-1).to(tok.dtype)
         prefix = [self.cls_token.expand(b, -1, -1).to(tok.dtype)]
         if self.config.st_tokens:
