@@ -447,3 +447,31 @@ def test_value_encoder_encodes_each_distinct_value_once_with_the_same_result():
     xg = x.clone().requires_grad_(True)
     enc(xg).sum().backward()
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+def test_cls_only_retention_honours_a_wrapped_value_projection():
+    """The cls-only path skips the V projection only for a plain ``nn.Linear``; a wrapped
+    one (a LoRA adapter, say) is called as a module, with the same result when it changes
+    nothing."""
+    from cellfm_sc.nn.layers import MultiHeadRetention
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, base, shift):
+            super().__init__()
+            self.base, self.shift = base, shift
+
+        def forward(self, x):
+            return self.base(x) + self.shift
+
+    torch.manual_seed(0)
+    attn = MultiHeadRetention(8, 2).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    mask = torch.rand(2, 5) > 0.3
+    mask[:, 0] = True
+    scale = mask.sum(1).double().rsqrt()
+    plain = attn(x, mask, scale, rows=1)
+    base = attn.v_proj
+    attn.v_proj = Wrapped(base, 0.0)
+    torch.testing.assert_close(attn(x, mask, scale, rows=1), plain, atol=1e-12, rtol=1e-10)
+    attn.v_proj = Wrapped(base, 1.0)
+    assert not torch.allclose(attn(x, mask, scale, rows=1), plain)

@@ -128,7 +128,9 @@ class MultiHeadRetention(nn.Module):
     -----
     The key mask, ``len_scale`` and both ``1 / sqrt(hd)`` factors are per-key (or per-cell)
     scalars of a bilinear product, so they are applied together, once, to ``V``: the same
-    ``Q (K^T V)`` with one full-size multiplication instead of four. (Running the four
+    ``Q (K^T V)`` with one full-size multiplication instead of four. With ``rows`` (the
+    cls-only last layer) the V projection is skipped altogether (see ``_few_queries``).
+    (Running the four
     input projections as one product of concatenated weights was measured slower on CPU:
     the backward then concatenates the four output gradients, and the element-wise ops
     read strided slices.)
@@ -152,13 +154,13 @@ class MultiHeadRetention(nn.Module):
     def forward(
         self, x: Tensor, key_mask: Tensor, len_scale: Tensor, rows: int | None = None
     ) -> Tensor:
-        b, _, d = x.shape
-        h, hd = self.num_heads, self.head_dim
-        xq = x if rows is None else x[:, :rows]  # the query positions
-        q, k, v, u = self.q_proj(xq), self.k_proj(x), self.v_proj(x), self.u_proj(xq)
-        r = q.shape[1]
+        hd = self.head_dim
         # per key: mask * len_scale / hd (the two 1/sqrt(hd) of Q and K, moved onto V)
         w = key_mask.to(len_scale.dtype) * (len_scale / hd).unsqueeze(1)  # (B, S)
+        if rows is not None and type(self.v_proj) is nn.Linear and self.v_proj.bias is None:
+            return self._few_queries(x, w, rows)
+        xq = x if rows is None else x[:, :rows]  # the query positions
+        q, k, v, u = self.q_proj(xq), self.k_proj(x), self.v_proj(x), self.u_proj(xq)
         # Heads are made contiguous (B, H, S, hd) before the ReLUs, and K^T V is formed as
         # (V^T K)^T, so every element-wise backward sees one contiguous layout (a ReLU
         # backward over mixed strides was ~6x slower on CPU).
@@ -166,10 +168,41 @@ class MultiHeadRetention(nn.Module):
         v = self._heads(v * w.unsqueeze(-1).to(v.dtype))
         kv = (v.transpose(-1, -2) @ k).transpose(-1, -2)  # K^T V, (B, H, hd, hd)
         o = _wide(F.relu(self._heads(q)) @ kv)  # (B, H, r, hd)
+        return self._output(o.transpose(1, 2), u)
+
+    def _output(self, o: Tensor, u: Tensor) -> Tensor:
+        """``o_proj(srms(o) * silu(u))`` with heads merged; ``o (B, r, H, hd)``,
+        ``u (B, r, D)`` -> ``(B, r, D)``."""
+        b, r, h, hd = o.shape
+        o = _wide(o)
         o = o * _inverse_rms(o)  # srms over the head dim, float32
-        # gate in the (B, r, H, hd) layout, so merging the heads is a view
-        y = _wide(F.silu(u)).view(b, r, h, hd) * o.transpose(1, 2)
-        return self.o_proj(y.reshape(b, r, d).to(x.dtype))
+        y = _wide(F.silu(u)).view(b, r, h, hd) * o
+        return self.o_proj(y.reshape(b, r, h * hd).to(u.dtype))
+
+    def _few_queries(self, x: Tensor, w: Tensor, rows: int) -> Tensor:
+        """The output at the first ``rows`` positions without projecting V at all positions.
+
+        Per head ``O_h = Q_h K_h^T (w V_h)`` with ``V_h = x W_vh^T``, so
+        ``O_h = (a_h^T x) W_vh^T`` where ``a_h = w * (K_h Q_h^T)`` (``(S, r)`` scores).
+        The scores come from one product of ``K`` with a block-diagonal ``(D, H r)`` matrix
+        of the queries, ``a_h^T x`` from one more, both ``O(S D H r)``: the ``(S, D) x
+        (D, D)`` V projection (a quarter of a full layer's input projections, and its
+        backward) is skipped. The same values as the general path up to rounding.
+        """
+        b, _, d = x.shape
+        h, hd = self.num_heads, self.head_dim
+        xq = x[:, :rows]
+        q, u = F.relu(self.q_proj(xq)), self.u_proj(xq)  # (B, r, D)
+        r = q.shape[1]
+        k = F.relu(self.k_proj(x))  # (B, S, D)
+        # block-diagonal queries: qbd[b, g*hd + e, g'*r + j] = q[b, j, g*hd + e] if g == g'
+        eye = torch.eye(h, dtype=q.dtype, device=q.device).view(1, h, 1, h, 1)
+        qbd = (q.view(b, r, h, hd).permute(0, 2, 3, 1).unsqueeze(3) * eye).reshape(b, d, h * r)
+        a = (k @ qbd) * w.unsqueeze(-1).to(k.dtype)  # (B, S, H r) weighted scores
+        z = (a.transpose(1, 2) @ x.to(a.dtype)).view(b, h, r, d)  # (B, H, r, D)
+        wv = self.v_proj.weight.view(h, hd, d)
+        o = torch.einsum("bhjd,hed->bjhe", z, wv.to(z.dtype))  # (B, r, H, hd)
+        return self._output(o, u)
 
 
 class GatedLinearUnit(nn.Module):
