@@ -66,6 +66,8 @@ def worker(args: argparse.Namespace) -> None:
     kwargs = {"max_epochs": 1, "batch_size": args.batch_size}
     if args.test_size >= 0:
         kwargs["test_size"] = args.test_size
+    if args.precision:
+        kwargs["precision"] = args.precision
     prof = None
     if args.profile:
         import cProfile
@@ -105,7 +107,7 @@ def worker(args: argparse.Namespace) -> None:
     )
 
 
-def run_one(python: str, src: str, args: argparse.Namespace) -> dict:
+def run_one(python: str, src: str, args: argparse.Namespace, precision: str | None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = src
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -115,6 +117,8 @@ def run_one(python: str, src: str, args: argparse.Namespace) -> dict:
     cmd += ["--dims", str(args.dims), "--heads", str(args.heads), "--layers", str(args.layers)]
     cmd += ["--batch-size", str(args.batch_size)]
     cmd += ["--test-size", str(args.test_size)]
+    if precision:
+        cmd += ["--precision", precision]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{python} on {src} failed:\n{proc.stderr[-4000:]}")
@@ -144,6 +148,13 @@ def main() -> None:
         help="test_size= passed to both trees (default 0.1: both train on the same 480 "
         "cells; a negative value leaves each tree's own default)",
     )
+    p.add_argument(
+        "--new-precision",
+        default=None,
+        help="train(precision=...) for this tree only (default: its own default, as for the "
+        "old tree), e.g. bf16-mixed to measure the mixed-precision path",
+    )
+    p.add_argument("--precision", default=None, help=argparse.SUPPRESS)  # worker
     p.add_argument("--pbmc", default=str(PBMC))
     p.add_argument("--json", help="write all rounds here")
     p.add_argument("--profile", help="with --worker: cProfile stats of train() to this file")
@@ -157,7 +168,7 @@ def main() -> None:
     for r in range(args.rounds):
         order = ("old", "new") if r % 2 == 0 else ("new", "old")  # alternate who goes first
         for name in order:
-            res = run_one(*trees[name], args)
+            res = run_one(*trees[name], args, args.new_precision if name == "new" else None)
             rows[name].append(res)
             print(json.dumps({"round": r, "which": name, **res}), flush=True)
     med = {
@@ -186,6 +197,7 @@ def main() -> None:
         "infer_ratio_cpu": med["new"]["infer_cells_per_cpu_s"]
         / med["old"]["infer_cells_per_cpu_s"],
         "train_cells": {k: rs[0]["train_cells"] for k, rs in rows.items()},
+        "new_precision": args.new_precision or "default",
     }
     print(json.dumps(summary), flush=True)
     if args.json:
@@ -197,7 +209,8 @@ def main() -> None:
             "| train cells/CPU-s | inference cells/CPU-s |"
         )
         print("|---|---|---|---|---|---|---|")
-        for name, label in (("old", args.old_name), ("new", "this tree")):
+        new_label = f"this tree, {args.new_precision}" if args.new_precision else "this tree"
+        for name, label in (("old", args.old_name), ("new", new_label)):
             m = med[name]
             print(
                 f"| {label} | {summary['train_cells'][name]} | {m['train_cells_per_s']:.1f} "
