@@ -46,6 +46,15 @@ def test_parity_with_mindspore_golden(golden_dir, name):
     assert rel_l2(cls, enc[:, 0]) <= 1e-5
     for b in range(cls.shape[0]):
         assert rel_l2(hidden[b][valid[b]], enc[b, 1:][valid[b]]) <= 1e-5, f"cell {b}"
+    # the cls-only forward (what the classifier loss and embeddings run) matches as well
+    with torch.no_grad():
+        cls_only = trunk(
+            torch.from_numpy(case["in_expr"]),
+            torch.from_numpy(case["in_gene"].astype(np.int64)),
+            torch.from_numpy(valid),
+            return_hidden=False,
+        ).cls.numpy()
+    assert rel_l2(cls_only, enc[:, 0]) <= 1e-5
 
 
 def test_variant_b_parity(golden_dir):
@@ -210,7 +219,9 @@ def test_bf16_autocast_close_to_float32(golden_dir):
         ref = trunk(*args).cls
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = trunk(*args).cls
+            low_cls_only = trunk(*args, return_hidden=False).cls  # the few-query last layer
     assert rel_l2(low.float().numpy(), ref.numpy()) <= 2e-2
+    assert rel_l2(low_cls_only.float().numpy(), ref.numpy()) <= 2e-2
 
 
 def test_cell_without_valid_gene_opt_in_check_and_forward_behaviour():
