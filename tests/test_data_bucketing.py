@@ -236,3 +236,42 @@ def test_weight_defaults_to_ones_and_travels():
     assert torch.equal(moved.weight, b.weight)
     if torch.cuda.is_available():
         assert b.pin_memory().weight.is_pinned()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+def test_default_train_and_inference_paths_bucket_by_length(pbmc):
+    """The public train() and get_latent_representation() feed length-bucketed batches."""
+    from cellfm_sc import CellFMClassifier
+
+    rng = np.random.default_rng(0)
+    adata = pbmc[np.sort(rng.choice(pbmc.n_obs, 192, replace=False))].copy()
+    CellFMClassifier.setup_anndata(adata, labels_key="celltype")
+    model = CellFMClassifier(adata, preset="tiny", max_tokens=4096)
+    seen: list[tuple[int, int, bool]] = []  # (padded slots, real tokens, grad on)
+
+    def record(module, args, kwargs):
+        valid = args[2]
+        seen.append((valid.numel(), int(valid.sum()), torch.is_grad_enabled()))
+
+    model.module.trunk.register_forward_pre_hook(record, with_kwargs=True)
+    model.train(max_epochs=1, batch_size=8, enable_progress_bar=False)
+    train = [s for s in seen if s[2]]
+    seen.clear()
+    model.get_latent_representation(batch_size=16)
+    infer = list(seen)
+    waste = lambda rows: sum(s - r for s, r, _ in rows) / sum(r for _, r, _ in rows)  # noqa: E731
+    # the same cells in their order, batched without bucketing, waste far more
+    nnz = np.diff(adata.X.indptr)
+    plain = (
+        lambda bs: (
+            sum(  # noqa: E731
+                len(nnz[i : i + bs]) * nnz[i : i + bs].max() for i in range(0, len(nnz), bs)
+            )
+            / nnz.sum()
+            - 1
+        )
+    )
+    assert len(train) == int(np.ceil(len(model.split.train) / 8))
+    assert plain(8) > 0.4 and plain(16) > 0.4, (plain(8), plain(16))
+    assert waste(train) < plain(8) / 3, (waste(train), plain(8))
+    assert waste(infer) < plain(16) / 3, (waste(infer), plain(16))

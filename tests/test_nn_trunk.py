@@ -46,6 +46,15 @@ def test_parity_with_mindspore_golden(golden_dir, name):
     assert rel_l2(cls, enc[:, 0]) <= 1e-5
     for b in range(cls.shape[0]):
         assert rel_l2(hidden[b][valid[b]], enc[b, 1:][valid[b]]) <= 1e-5, f"cell {b}"
+    # the cls-only forward (what the classifier loss and embeddings run) matches as well
+    with torch.no_grad():
+        cls_only = trunk(
+            torch.from_numpy(case["in_expr"]),
+            torch.from_numpy(case["in_gene"].astype(np.int64)),
+            torch.from_numpy(valid),
+            return_hidden=False,
+        ).cls.numpy()
+    assert rel_l2(cls_only, enc[:, 0]) <= 1e-5
 
 
 def test_variant_b_parity(golden_dir):
@@ -210,7 +219,9 @@ def test_bf16_autocast_close_to_float32(golden_dir):
         ref = trunk(*args).cls
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = trunk(*args).cls
+            low_cls_only = trunk(*args, return_hidden=False).cls  # the few-query last layer
     assert rel_l2(low.float().numpy(), ref.numpy()) <= 2e-2
+    assert rel_l2(low_cls_only.float().numpy(), ref.numpy()) <= 2e-2
 
 
 def test_cell_without_valid_gene_opt_in_check_and_forward_behaviour():
@@ -340,3 +351,138 @@ def test_unmask_replaces_hidden_values_by_mask_embedding():
     want = trunk.gene_emb[ids[0, 2]] + trunk.value_enc.mask_emb[0, 0]
     torch.testing.assert_close(masked[0, 3], want)
     torch.testing.assert_close(masked[1], plain[1])
+
+
+# ---------------------------------------------------------------- fast paths = the spec
+def _spec_retention(layer, x, key_mask, len_scale):
+    """DESIGN.md section 4's retention layer written out naively, head by head (float64)."""
+    attn = layer.attn
+    b, _, d = x.shape
+    h, hd = attn.num_heads, attn.head_dim
+    out = torch.empty_like(x)
+    for i in range(b):
+        xi = x[i]
+        q = torch.relu(xi @ attn.q_proj.weight.T) / hd**0.5
+        k = torch.relu(xi @ attn.k_proj.weight.T) * key_mask[i, :, None] / hd**0.5
+        v = (xi @ attn.v_proj.weight.T) * len_scale[i]
+        u = torch.nn.functional.silu(xi @ attn.u_proj.weight.T)
+        heads = []
+        for j in range(h):
+            sl = slice(j * hd, (j + 1) * hd)
+            o = q[:, sl] @ (k[:, sl].T @ v[:, sl])
+            rms = torch.sqrt((o**2).sum(-1, keepdim=True) / hd).clamp_min(1e-12)
+            heads.append(o / rms * u[:, sl])
+        r = torch.cat(heads, dim=1) @ attn.o_proj.weight.T
+        a = layer.alpha
+        y = torch.nn.functional.layer_norm(
+            a * xi + r, (d,), layer.post_norm1.weight, layer.post_norm1.bias, layer.post_norm1.eps
+        )
+        g = ((y @ layer.ffn.u_proj.weight.T) * (y @ layer.ffn.v_proj.weight.T)) @ (
+            layer.ffn.o_proj.weight.T
+        )
+        out[i] = torch.nn.functional.layer_norm(
+            a * y + g, (d,), layer.post_norm2.weight, layer.post_norm2.bias, layer.post_norm2.eps
+        )
+    return out
+
+
+def test_retention_layer_matches_the_spec_in_float64():
+    from cellfm_sc.nn.layers import RetentionLayer
+
+    torch.manual_seed(0)
+    layer = RetentionLayer(24, 3, n_layers=2).double().eval()
+    with torch.no_grad():
+        for ln in (layer.post_norm1, layer.post_norm2):
+            ln.weight.normal_()
+            ln.bias.normal_()
+    x = torch.randn(3, 9, 24, dtype=torch.float64)
+    key_mask = torch.rand(3, 9) > 0.3
+    key_mask[:, 0] = True
+    len_scale = key_mask[:, 1:].sum(1).double().rsqrt()
+    want = _spec_retention(layer, x, key_mask.double(), len_scale)
+    with torch.no_grad():
+        got = layer(x, key_mask, len_scale)
+        cls_only = layer(x, key_mask, len_scale, rows=1)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    assert cls_only.shape == (3, 1, 24)
+    torch.testing.assert_close(cls_only, want[:, :1], atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_cls_only_forward_equals_full_forward_values_and_gradients(checkpointing):
+    torch.manual_seed(0)
+    trunk = CellFMTrunk(CellFMConfig.from_preset("tiny", dropout=0.0), n_genes=60).double()
+    trunk.gradient_checkpointing = checkpointing
+    values = torch.rand(4, 11, dtype=torch.float64) * 5
+    ids = torch.randint(1, 61, (4, 11))
+    valid = torch.rand(4, 11) > 0.25
+    valid[:, 0] = True
+    weight = torch.randn(64, dtype=torch.float64)
+    grads = []
+    for full in (True, False):
+        trunk.zero_grad()
+        out = trunk(values, ids, valid, return_hidden=full)
+        assert (out.hidden is not None) == full
+        (out.cls @ weight).pow(2).sum().backward()
+        got = {n: p.grad.clone() for n, p in trunk.named_parameters() if p.grad is not None}
+        grads.append((out.cls.detach(), got))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-12, rtol=1e-10)
+    assert grads[1][1].keys() == grads[0][1].keys()
+    assert {"gene_emb", "encoder.1.attn.q_proj.weight", "encoder.1.ffn.o_proj.weight"} <= set(
+        grads[0][1]
+    )
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], g, atol=1e-12, rtol=1e-10, msg=name)
+
+
+def test_value_encoder_encodes_each_distinct_value_once_with_the_same_result():
+    from cellfm_sc.nn.layers import SoftBinEncoder
+
+    torch.manual_seed(0)
+    enc = SoftBinEncoder(16, bins=32).double()
+    with torch.no_grad():
+        enc.a.fill_(0.3)
+    x = torch.randint(0, 12, (6, 40)).double().log1p()  # many repeats, as real counts
+    x[0, :3] = torch.tensor([-0.5, 0.0, 7.25], dtype=torch.float64)
+    assert x.numel() > enc.table.in_features  # the distinct-value path is taken
+    per_token = enc._encode(x)
+    per_token.pow(2).sum().backward()
+    want = {n: p.grad.clone() for n, p in enc.named_parameters()}
+    enc.zero_grad()
+    fast = enc(x)
+    fast.pow(2).sum().backward()
+    torch.testing.assert_close(fast, per_token, atol=1e-12, rtol=1e-10)
+    for n, p in enc.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], atol=1e-12, rtol=1e-10, msg=n)
+    # a gradient with respect to the values themselves keeps the per-token path
+    xg = x.clone().requires_grad_(True)
+    enc(xg).sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+def test_cls_only_retention_honours_a_wrapped_value_projection():
+    """The cls-only path skips the V projection only for a plain ``nn.Linear``; a wrapped
+    one (a LoRA adapter, say) is called as a module, with the same result when it changes
+    nothing."""
+    from cellfm_sc.nn.layers import MultiHeadRetention
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, base, shift):
+            super().__init__()
+            self.base, self.shift = base, shift
+
+        def forward(self, x):
+            return self.base(x) + self.shift
+
+    torch.manual_seed(0)
+    attn = MultiHeadRetention(8, 2).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    mask = torch.rand(2, 5) > 0.3
+    mask[:, 0] = True
+    scale = mask.sum(1).double().rsqrt()
+    plain = attn(x, mask, scale, rows=1)
+    base = attn.v_proj
+    attn.v_proj = Wrapped(base, 0.0)
+    torch.testing.assert_close(attn(x, mask, scale, rows=1), plain, atol=1e-12, rtol=1e-10)
+    attn.v_proj = Wrapped(base, 1.0)
+    assert not torch.allclose(attn(x, mask, scale, rows=1), plain)

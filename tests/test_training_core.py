@@ -145,6 +145,36 @@ def test_last_batch_of_one_cell_trains(cells):
     assert np.isfinite(model.history["train_loss"]).all()
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fused_adamw_and_clipped_gradients_in_full_and_bf16_mixed_precision(cells, precision):
+    """AdamW runs fused (one pass per tensor) also under bf16-mixed, and the gradients the
+    step sees are clipped to gradient_clip_val (norm over every trained parameter)."""
+    import lightning.pytorch as pl
+
+    clip = 1e-3
+    seen: list[tuple[float, bool]] = []
+
+    class AfterStep(pl.Callback):  # the step's gradients are still there after the step
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            opt = trainer.optimizers[0]
+            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in grads])
+            )
+            seen.append((float(norm), bool(opt.defaults.get("fused"))))
+
+    model = _model(cells.copy())
+    model.train(**QUICK, precision=precision, gradient_clip_val=clip, callbacks=[AfterStep()])
+    assert seen and all(fused for _, fused in seen)
+    assert all(norm <= clip * (1 + 1e-3) for norm, _ in seen), seen
+    # without clipping the same gradients are far larger: the bound above is the clipping's
+    seen.clear()
+    _model(cells.copy()).train(
+        **QUICK, precision=precision, gradient_clip_val=None, callbacks=[AfterStep()]
+    )
+    assert max(norm for norm, _ in seen) > 100 * clip
+
+
 def test_non_finite_loss_stops_at_once(cells):
     model = _model(cells.copy())
     with torch.no_grad():

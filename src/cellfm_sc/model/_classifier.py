@@ -1076,7 +1076,7 @@ class CellFMClassifier(CellFMModel):
 
 
 def _embedding(module: CellFMClassifierModule, batch: TokenBatch) -> dict[str, Any]:
-    return {"emb": module.trunk(batch.values, batch.gene_ids, batch.valid).cls}
+    return {"emb": module.trunk(batch.values, batch.gene_ids, batch.valid, return_hidden=False).cls}
 
 
 def _probs_and_embedding(module: CellFMClassifierModule, batch: TokenBatch) -> dict[str, Any]:

@@ -1319,7 +1319,7 @@ class CellFMDonorClassifier(CellFMModel):
 
 
 def _cls_forward(module: CellFMDonorModule, batch: Any) -> dict[str, torch.Tensor]:
-    return {"emb": module.trunk(batch.values, batch.gene_ids, batch.valid).cls}
+    return {"emb": module.trunk(batch.values, batch.gene_ids, batch.valid, return_hidden=False).cls}
 
 
 def _resolve_loss(loss: str, ordinal: bool) -> str:

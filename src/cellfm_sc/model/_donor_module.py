@@ -149,7 +149,7 @@ class CellFMDonorModule(nn.Module):
         )
 
     def _trunk_cls(self, values: Tensor, gene_ids: Tensor, valid: Tensor) -> Tensor:
-        return self.trunk(values, gene_ids, valid).cls
+        return self.trunk(values, gene_ids, valid, return_hidden=False).cls
 
     def encode(
         self,

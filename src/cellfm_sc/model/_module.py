@@ -64,8 +64,14 @@ class CellFMClassifierModule(nn.Module):
             persistent=False,
         )
 
-    def forward(self, batch: TokenBatch, unmask: Tensor | None = None) -> ClassifierOutput:
-        out = self.trunk(batch.values, batch.gene_ids, batch.valid, unmask)
+    def forward(
+        self, batch: TokenBatch, unmask: Tensor | None = None, return_hidden: bool = False
+    ) -> ClassifierOutput:
+        """Logits and cls embedding of ``batch``; the gene outputs only with ``return_hidden``
+        (the trunk then runs its last layer at every position, not at the cls row alone)."""
+        out = self.trunk(
+            batch.values, batch.gene_ids, batch.valid, unmask, return_hidden=return_hidden
+        )
         return ClassifierOutput(logits=self.head(out.cls), cls=out.cls, hidden=out.hidden)
 
     def masked_value_loss(
@@ -83,7 +89,7 @@ class CellFMClassifierModule(nn.Module):
                 "(an annotation-Backbone checkpoint, variant A'); use masked_value_weight=0"
             )
         hide = (torch.rand(batch.valid.shape, device=batch.valid.device) < mask_ratio) & batch.valid
-        out = self(batch, unmask=(~hide).to(batch.values.dtype))
+        out = self(batch, unmask=(~hide).to(batch.values.dtype), return_hidden=True)
         pred, _ = self.trunk.value_dec(out.hidden)
         err = (pred.float() - batch.values.float()) ** 2 * hide
         return out, err.sum() / hide.sum().clamp(min=1)

@@ -775,7 +775,7 @@ class CellFMPretrainer(CellFMModel):
 
 
 def _embedding(module: CellFMPretrainModule, batch: TokenBatch) -> dict[str, torch.Tensor]:
-    return {"emb": module.trunk(batch.values, batch.gene_ids, batch.valid).cls}
+    return {"emb": module.trunk(batch.values, batch.gene_ids, batch.valid, return_hidden=False).cls}
 
 
 def _with_ensembl_ids(
