@@ -125,7 +125,10 @@ def run_donor_level(
         con.warn("nothing was held out; the report scores the training donors")
     con.info(f"evaluating on the {where}")
     result = model.evaluate(
-        indices=indices, batch_size=batch, enable_progress_bar=not opts.get("quiet")
+        indices=indices,
+        batch_size=batch,
+        enable_progress_bar=not opts.get("quiet"),
+        baseline=not opts.get("no_baseline"),
     )
     files = dict(write_report(work, result, history=model.history, info=model.report_info()))
 

@@ -364,6 +364,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "obsm['X_cellfm'], no count matrix",
     )
     out.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the baselines fitted on the same split for the report's 'model vs "
+        "baseline' (cells: logistic regression on log-normalised counts; donor labels: "
+        "pseudo-bulk logistic regression)",
+    )
+    out.add_argument(
         "--logger",
         choices=("csv", "tensorboard", "none"),
         default="csv",
@@ -644,7 +651,11 @@ def _run(
         where, indices = "training cells (nothing held out: optimistic)", "train"
         con.warn("nothing was held out; the report scores the training cells")
     con.info(f"evaluating on the {where}")
-    result = model.evaluate(indices=indices, enable_progress_bar=not opts.get("quiet"))
+    result = model.evaluate(
+        indices=indices,
+        enable_progress_bar=not opts.get("quiet"),
+        baseline=not opts.get("no_baseline"),
+    )
     files = dict(write_report(work, result, history=model.history, info=model.report_info()))
     model.save(str(work / "model"), overwrite=True)
     files["model"] = work / "model"

@@ -973,8 +973,10 @@ class CellFMDonorClassifier(CellFMModel):
         device: str | torch.device | None = None,
         enable_progress_bar: bool = False,
         min_gene_coverage: float = 0.5,
+        baseline: bool = True,
     ) -> DonorEvaluationResult:
-        """Donor-level scores of held-out donors with bootstrap intervals over donors.
+        """Donor-level scores of held-out donors with bootstrap intervals over donors, beside
+        the pseudo-bulk baseline.
 
         Parameters
         ----------
@@ -985,6 +987,13 @@ class CellFMDonorClassifier(CellFMModel):
             these cells are scored from these cells.
         n_bootstrap, confidence
             Donor resamples and the level of the percentile intervals (0: no intervals).
+        baseline
+            Also fit pseudo-bulk logistic regression
+            (:class:`~cellfm_sc.baselines.PseudobulkLogisticRegression`: per-donor summed
+            counts -> CPM -> log1p, ``C`` chosen on the validation donors) on the model's
+            training + validation donors and score it on the same donors
+            (``result.baseline``, printed as "model vs baseline"). One chunked pass over the
+            cells, also of backed files. ``False`` skips it.
 
         Returns
         -------
@@ -1050,6 +1059,15 @@ class CellFMDonorClassifier(CellFMModel):
             confidence_level=float(confidence),
             n_bootstrap=int(n_bootstrap),
         )
+        if baseline:
+            from cellfm_sc.model._baseline import split_baseline
+
+            donors = self._donors(adata)
+            label_of = self._donor_label_codes(adata, np.arange(adata.n_obs))
+            codes = label_of.reindex(donors).fillna(-1).to_numpy().astype(np.int64)
+            result.baseline = split_baseline(
+                self, adata, res.idx[cell_ok], codes, donors, cells=False
+            )
         return result
 
     def cross_validate(
@@ -1107,7 +1125,9 @@ class CellFMDonorClassifier(CellFMModel):
                 )
                 self._restore(saved, weights_only=True)
                 self.train(split=split, **train_kwargs)
-                res = self.evaluate(indices="test", n_bootstrap=0, batch_size=batch_size)
+                res = self.evaluate(
+                    indices="test", n_bootstrap=0, batch_size=batch_size, baseline=False
+                )
                 row = {
                     "fold": i,
                     "n_train": int((folds != i).sum() - (folds == (i + 1) % k).sum()),
