@@ -170,10 +170,11 @@ def gene_variances(
 def _read_features(
     source: Any, rows: np.ndarray, genes: np.ndarray, max_nnz: int = _CHUNK_NNZ
 ) -> tuple[np.ndarray, sp.csr_matrix]:
-    """Log-normalised values of ``genes`` at sorted ``rows`` as CSR ``(len(rows), len(genes))``."""
+    """Log-normalised values of ``genes`` at sorted ``rows``: float64 CSR
+    ``(len(rows), len(genes))`` (the solver's results do not depend on the input's precision)."""
     parts, order = [], []
     for chunk, block in source.iter_ranges(np.asarray(rows, np.int64), max_nnz):
-        parts.append(_log_normalized(block)[:, genes])
+        parts.append(_log_normalized(block)[:, genes].astype(np.float64))
         order.append(chunk)
     if not parts:
         return np.zeros(0, np.int64), sp.csr_matrix((0, len(genes)), dtype=np.float32)
@@ -272,7 +273,7 @@ def _choose_c(
 ) -> _Selection:
     """The ``C`` of ``Cs`` with the best validation score (ties: the smaller ``C``)."""
     if x_va is None or len(y_va) == 0:
-        return _Selection(1.0, {})
+        return _Selection(float(Cs[0]) if len(Cs) == 1 else 1.0, {})
     if len(Cs) == 1:
         return _Selection(float(Cs[0]), {})
     scores = {}
@@ -352,7 +353,8 @@ class PseudobulkLogisticRegression:
         y_validation: np.ndarray | None = None,
     ) -> PseudobulkLogisticRegression:
         """Fit on training donors (``sums (n, G)``, codes ``y``); choose ``C`` on the
-        validation donors, then refit on both. Without validation donors ``C = 1``."""
+        validation donors, then refit on both. Without validation donors ``C`` is the only
+        value of ``Cs``, or 1 when there are several."""
         sums = np.asarray(sums, np.float64)
         y = np.asarray(y, np.int64)
         has_val = sums_validation is not None and len(y_validation) > 0
@@ -377,7 +379,7 @@ class PseudobulkLogisticRegression:
             y,
             x_va,
             y_validation if has_val else None,
-            self.Cs if has_val else (1.0,),
+            self.Cs,
             self.n_classes,
             self.ordered,
         )
@@ -456,7 +458,7 @@ class CellLogisticRegression:
         use_raw: bool = False,
     ) -> CellLogisticRegression:
         """Fit on the cells ``rows`` of ``adata`` with label codes ``y``; choose ``C`` on the
-        validation cells (without them ``C = 1``)."""
+        validation cells (without them ``C`` is the only value of ``Cs``, or 1)."""
         self.layer, self.use_raw = layer, use_raw
         rows, y = self._sample(rows, y, self.max_cells, 0)
         if rows.size == 0:
@@ -478,7 +480,7 @@ class CellLogisticRegression:
             y,
             x_va,
             y_va,
-            self.Cs if x_va is not None else (1.0,),
+            self.Cs,
             self.n_classes,
             self.ordered,
         )
@@ -496,7 +498,7 @@ class CellLogisticRegression:
         order = np.argsort(rows, kind="stable")
         done = 0
         for chunk, block in source.iter_ranges(rows[order], _CHUNK_NNZ):
-            x = _log_normalized(block)[:, self.genes_]
+            x = _log_normalized(block)[:, self.genes_].astype(np.float64)
             out[order[done : done + chunk.size]] = self.model_.predict_proba(x)
             done += chunk.size
         return out
