@@ -55,10 +55,13 @@ __all__ = [
     "PseudobulkLogisticRegression",
     "cell_baseline",
     "compare_on_split",
+    "gene_moments",
     "gene_variances",
     "log_cpm",
+    "log_normalized",
     "pseudobulk",
     "pseudobulk_baseline",
+    "top_variable_genes",
 ]
 
 #: inverse regularisation strengths tried on the validation cells / donors
@@ -135,10 +138,37 @@ def log_cpm(sums: np.ndarray) -> np.ndarray:
     return np.log1p(s / np.where(total > 0, total, 1.0) * 1e6)
 
 
-def _log_normalized(block: sp.csr_matrix) -> sp.csr_matrix:
-    """CellFM's normalisation of CSR count rows (same pattern, float32 values)."""
+def log_normalized(block: sp.csr_matrix) -> sp.csr_matrix:
+    """CellFM's normalisation (:func:`~cellfm_sc.data.cellfm_normalize`) of CSR count rows
+    ``(n, G)``: the same sparsity pattern, float32 values."""
     norm = cellfm_normalize(block.data, block.indptr)
     return sp.csr_matrix((norm.values, block.indices, block.indptr), shape=block.shape)
+
+
+def gene_moments(
+    adata: Any,
+    rows: np.ndarray,
+    *,
+    layer: str | None = None,
+    use_raw: bool = False,
+    max_nnz: int = _CHUNK_NNZ,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance over ``rows`` of every gene's log-normalised value, float64
+    ``(n_genes,)`` each (one chunked pass: sums and sums of squares)."""
+    source = row_source(adata, layer, use_raw=use_raw)
+    s1 = np.zeros(source.n_vars)
+    s2 = np.zeros(source.n_vars)
+    n = 0
+    for chunk, block in source.iter_ranges(np.asarray(rows, np.int64), max_nnz):
+        x = log_normalized(block)
+        v = x.data.astype(np.float64)
+        s1 += np.bincount(x.indices, weights=v, minlength=source.n_vars)
+        s2 += np.bincount(x.indices, weights=v * v, minlength=source.n_vars)
+        n += chunk.size
+    if n == 0:
+        return np.zeros(source.n_vars), np.zeros(source.n_vars)
+    mean = s1 / n
+    return mean, np.maximum(s2 / n - mean * mean, 0.0)
 
 
 def gene_variances(
@@ -150,21 +180,30 @@ def gene_variances(
     max_nnz: int = _CHUNK_NNZ,
 ) -> np.ndarray:
     """Variance over ``rows`` of every gene's log-normalised value, float64 ``(n_genes,)``
-    (one chunked pass: sums and sums of squares)."""
-    source = row_source(adata, layer, use_raw=use_raw)
-    s1 = np.zeros(source.n_vars)
-    s2 = np.zeros(source.n_vars)
-    n = 0
-    for chunk, block in source.iter_ranges(np.asarray(rows, np.int64), max_nnz):
-        x = _log_normalized(block)
-        v = x.data.astype(np.float64)
-        s1 += np.bincount(x.indices, weights=v, minlength=source.n_vars)
-        s2 += np.bincount(x.indices, weights=v * v, minlength=source.n_vars)
-        n += chunk.size
-    if n == 0:
-        return np.zeros(source.n_vars)
-    mean = s1 / n
-    return np.maximum(s2 / n - mean * mean, 0.0)
+    (:func:`gene_moments`)."""
+    return gene_moments(adata, rows, layer=layer, use_raw=use_raw, max_nnz=max_nnz)[1]
+
+
+def top_variable_genes(
+    adata: Any,
+    rows: np.ndarray,
+    n_top: int,
+    *,
+    layer: str | None = None,
+    use_raw: bool = False,
+    max_cells: int = 20_000,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``n_top`` genes of highest log-normalised variance over ``rows`` (at most
+    ``max_cells`` of them, a seeded sample), sorted by column: ``(columns (n,), mean (n,),
+    variance (n,))``. Genes without variance are never chosen, so fewer may come back."""
+    rows = np.asarray(rows, np.int64)
+    if rows.size > max_cells:
+        rows = np.random.default_rng([seed, 7]).choice(rows, max_cells, replace=False)
+    mean, var = gene_moments(adata, np.sort(rows), layer=layer, use_raw=use_raw)
+    n = min(int(n_top), int((var > 0).sum()))
+    top = np.sort(np.argsort(-var, kind="stable")[:n])
+    return top, mean[top], var[top]
 
 
 def _read_features(
@@ -174,7 +213,7 @@ def _read_features(
     ``(len(rows), len(genes))`` (the solver's results do not depend on the input's precision)."""
     parts, order = [], []
     for chunk, block in source.iter_ranges(np.asarray(rows, np.int64), max_nnz):
-        parts.append(_log_normalized(block)[:, genes].astype(np.float64))
+        parts.append(log_normalized(block)[:, genes].astype(np.float64))
         order.append(chunk)
     if not parts:
         return np.zeros(0, np.int64), sp.csr_matrix((0, len(genes)), dtype=np.float32)
@@ -498,7 +537,7 @@ class CellLogisticRegression:
         order = np.argsort(rows, kind="stable")
         done = 0
         for chunk, block in source.iter_ranges(rows[order], _CHUNK_NNZ):
-            x = _log_normalized(block)[:, self.genes_].astype(np.float64)
+            x = log_normalized(block)[:, self.genes_].astype(np.float64)
             out[order[done : done + chunk.size]] = self.model_.predict_proba(x)
             done += chunk.size
         return out
