@@ -247,9 +247,18 @@ def test_attention_sums_to_one_within_each_donor_and_prediction_averages_bags():
     bags = partition_bags(pos, np.zeros(pos.size, int), 7, keys=keys)
     assert len(bags) == 3
     emb = torch.from_numpy(adata.obsm["X_cellfm"])
+    expr = model._expression_rows(adata)  # the expression view's input, read per bag
     module = model.module.eval()
     with torch.no_grad():
-        z = [module(emb[b.rows], torch.zeros(b.rows.size, dtype=torch.long), 1) for b in bags]
+        z = [
+            module(
+                emb[b.rows],
+                torch.zeros(b.rows.size, dtype=torch.long),
+                1,
+                torch.from_numpy(expr(b.rows)),
+            )
+            for b in bags
+        ]
     sizes = torch.tensor([b.rows.size for b in bags], dtype=torch.float32)
     mean = (torch.cat([o.logits for o in z]) * sizes[:, None]).sum(0) / sizes.sum()
     probs = module.probabilities(mean[None])[0].numpy()
@@ -367,10 +376,50 @@ def test_cross_validate_scores_every_donor_once_and_leaves_the_model_as_it_was()
     assert model.embedding_cache_info["computed"] == adata.n_obs
 
 
-def test_auto_is_the_frozen_trunk_path():
-    model = make_model(setup(toy_donors()))
-    assert model.trainable_ == "head" and model.trainable_requested_ == "auto"
-    assert model._trunk_frozen()
+def test_default_never_trains_on_frozen_random_features():
+    """Acceptance: ``CellFMDonorClassifier(adata, preset="tiny").train()`` trains a random
+    trunk end to end (a head on frozen random features learned nothing, see RESULTS.md)."""
+    adata = setup(toy_donors())
+    model = make_model(adata, bag_size=8)
+    assert model.trainable_requested_ == "auto" and model.trainable_ == "auto"
+    assert not model._trunk_frozen()
+    trunk_before = {k: v.clone() for k, v in model.module.trunk.state_dict().items()}
+    quiet_train(model, max_epochs=1)
+    assert model.train_settings_["frozen_trunk"] is False
+    changed = [
+        k
+        for k, v in model.module.trunk.state_dict().items()
+        if v.dtype.is_floating_point and not torch.equal(v, trunk_before[k])
+    ]
+    assert any(k.startswith("encoder.") for k in changed), changed
+    assert "gene_emb" in changed
+    # the expression view is on by default, fitted on the training cells' variable genes
+    view = model.module.expression_view
+    assert view is not None and model.cell_view_ == "both"
+    assert view.n_genes == min(2000, adata.n_vars)
+    # an explicit "head" still freezes the trunk; a trunk the head does not read stays frozen
+    assert make_model(adata, trainable="head")._trunk_frozen()
+    assert make_model(adata, cell_view="expression")._trunk_frozen()
+
+
+def test_auto_freezes_a_pretrained_trunk(golden_dir):
+    import csv
+
+    vocab_file = golden_dir / "vocab_d48_h4_l2_g37.csv"
+    with open(vocab_file, newline="") as fh:
+        genes = [r[0] for r in list(csv.reader(fh))[1:] if r][:30]
+    base = toy_donors(genes=len(genes))
+    adata = setup(ad.AnnData(base.X, obs=base.obs, var=pd.DataFrame(index=genes)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = CellFMDonorClassifier(
+            adata,
+            checkpoint=golden_dir / "model_d48_h4_l2_g37_backbone.ckpt",
+            vocabulary_file=vocab_file,
+            num_heads=4,
+            max_tokens=16,
+        )
+    assert model.pretrained and model.trainable_ == "head" and model._trunk_frozen()
 
 
 @pytest.mark.slow

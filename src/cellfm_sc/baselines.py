@@ -196,13 +196,13 @@ def top_variable_genes(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``n_top`` genes of highest log-normalised variance over ``rows`` (at most
     ``max_cells`` of them, a seeded sample), sorted by column: ``(columns (n,), mean (n,),
-    variance (n,))``. Genes without variance are never chosen, so fewer may come back."""
+    variance (n,))`` with ``n = min(n_top, n_genes)`` (ties, e.g. genes without variance,
+    go to the lower column)."""
     rows = np.asarray(rows, np.int64)
     if rows.size > max_cells:
         rows = np.random.default_rng([seed, 7]).choice(rows, max_cells, replace=False)
     mean, var = gene_moments(adata, np.sort(rows), layer=layer, use_raw=use_raw)
-    n = min(int(n_top), int((var > 0).sum()))
-    top = np.sort(np.argsort(-var, kind="stable")[:n])
+    top = np.sort(np.argsort(-var, kind="stable")[: int(n_top)])
     return top, mean[top], var[top]
 
 
