@@ -2,9 +2,11 @@
 
 Run: ``python benchmarks/bench_baseline_memory.py [--cells 50000 200000] [--nnz 300]``.
 
-Each synthetic file (36,601 genes, about ``--nnz`` expressed genes per cell, CSR, donors of
-500 cells with a 4-stage donor label in obs) is written chunk by chunk
-(``bench_backed_memory.write_h5ad``). A fresh subprocess opens it with ``backed="r"`` and, on a
+Each synthetic file (36,601 genes, about ``--nnz`` expressed genes per cell, CSR; obs: 84
+donors, as SEA-AD's MTG atlas, whatever the number of cells, with a 4-stage donor label) is
+written chunk by chunk (``bench_backed_memory.write_h5ad``). What the baselines hold beside
+one chunk of rows is per donor (the ``(n_donors, n_genes)`` sums) or per sampled cell, so with
+a fixed number of donors the peak should not grow with the cells. A fresh subprocess opens it with ``backed="r"`` and, on a
 donor split (70 / 10 / 20% of the donors), fits and scores
 
 * ``pseudobulk``: :func:`~cellfm_sc.baselines.pseudobulk_baseline` (one chunked pass over
@@ -30,7 +32,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_backed_memory import N_GENES, write_h5ad
-from bench_model_backed_memory import _vm, add_obs
+from bench_model_backed_memory import _vm
+
+
+def add_obs(path: Path, n_cells: int, n_donors: int = 84) -> None:
+    """Replace the file's obs: ``n_donors`` donors of equal size, stage ``donor % 4``."""
+    import anndata as ad
+    import h5py
+    import numpy as np
+    import pandas as pd
+
+    donors = np.arange(n_cells) * n_donors // n_cells
+    labels = np.array(["Not AD", "Low", "Intermediate", "High"])[donors % 4]
+    obs = pd.DataFrame(
+        {"donor": pd.Categorical([f"H{d:02d}" for d in donors]), "label": pd.Categorical(labels)},
+        index=[f"cell{i:07d}" for i in range(n_cells)],
+    )
+    with h5py.File(path, "r+") as f:
+        del f["obs"]
+        ad.io.write_elem(f, "obs", obs)
 
 
 def _reset_peak() -> None:

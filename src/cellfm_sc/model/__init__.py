@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from cellfm_sc.model._classifier import CellFMClassifier
     from cellfm_sc.model._donor import CellFMDonorClassifier
     from cellfm_sc.model._pretrainer import CellFMPretrainer
+    from cellfm_sc.model._select import LevelSelection, select_level
 
 __all__ = [
     "CellFMClassifier",
@@ -24,7 +25,9 @@ __all__ = [
     "CellFMDonorClassifier",
     "CellFMPretrainModule",
     "CellFMPretrainer",
+    "LevelSelection",
     "auto_lr",
+    "select_level",
     "select_masked_tokens",
 ]
 
@@ -33,6 +36,8 @@ _LAZY = {
     "CellFMDonorClassifier": "cellfm_sc.model._donor",
     "CellFMPretrainer": "cellfm_sc.model._pretrainer",
     "auto_lr": "cellfm_sc.model._base",
+    "LevelSelection": "cellfm_sc.model._select",
+    "select_level": "cellfm_sc.model._select",
 }
 
 
