@@ -229,7 +229,9 @@ def trunk_model():
 
 def test_attention_sums_to_one_within_each_donor_and_prediction_averages_bags():
     adata = setup(toy_donors())
-    model = make_model(adata, bag_size=7, trainable="head")  # 20 cells per donor: 3 bags
+    model = make_model(
+        adata, bag_size=7, trainable="head", cell_view="both"
+    )  # 20 cells per donor: 3 bags
     quiet_train(model, max_epochs=1)
     table = model.annotate(adata)
     att = adata.obs["cellfm_attention"]
@@ -273,7 +275,7 @@ def test_attention_sums_to_one_within_each_donor_and_prediction_averages_bags():
 
 def test_frozen_trunk_embeddings_are_computed_once_and_reused():
     adata = setup(toy_donors())
-    model = make_model(adata, trainable="head")
+    model = make_model(adata, trainable="head", cell_view="both")
     assert model._trunk_frozen()
     encoded = []
     hook = model.module.trunk.register_forward_hook(
@@ -329,7 +331,7 @@ def test_validation_loss_is_that_of_predict_donors_on_the_validation_donors(trun
 
 def test_evaluate_reports_donor_metrics_with_bootstrap_intervals():
     adata = setup(toy_donors())
-    model = make_model(adata, trainable="head", loss="corn")
+    model = make_model(adata, trainable="head", cell_view="both", loss="corn")
     quiet_train(model, max_epochs=2)
     res = model.evaluate(n_bootstrap=200)
     table = res.donor_table
@@ -355,7 +357,7 @@ def test_evaluate_reports_donor_metrics_with_bootstrap_intervals():
 
 def test_cross_validate_scores_every_donor_once_and_leaves_the_model_as_it_was():
     adata = setup(toy_donors())
-    model = make_model(adata, trainable="head")
+    model = make_model(adata, trainable="head", cell_view="both")
     state = {k: v.clone() for k, v in model.module.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -377,29 +379,37 @@ def test_cross_validate_scores_every_donor_once_and_leaves_the_model_as_it_was()
 
 
 def test_default_never_trains_on_frozen_random_features():
-    """Acceptance: ``CellFMDonorClassifier(adata, preset="tiny").train()`` trains a random
-    trunk end to end (a head on frozen random features learned nothing, see RESULTS.md)."""
+    """Acceptance: ``CellFMDonorClassifier(adata, preset="tiny").train()`` never learns from
+    the features of a frozen random trunk (a head on them learned nothing, see RESULTS.md):
+    by default a random trunk is left out (the expression view represents the cells), and
+    when it is used it trains end to end."""
     adata = setup(toy_donors())
     model = make_model(adata, bag_size=8)
-    assert model.trainable_requested_ == "auto" and model.trainable_ == "auto"
-    assert not model._trunk_frozen()
-    trunk_before = {k: v.clone() for k, v in model.module.trunk.state_dict().items()}
+    assert model.cell_view_requested_ == "auto" and model.cell_view_ == "expression"
+    assert not model.module.uses_trunk  # the head reads no trunk feature
+    calls = []
+    hook = model.module.trunk.register_forward_hook(lambda *a: calls.append(1))
     quiet_train(model, max_epochs=1)
-    assert model.train_settings_["frozen_trunk"] is False
+    model.evaluate(n_bootstrap=0, baseline=False)
+    hook.remove()
+    assert calls == []  # the random trunk was never even run
+    view = model.module.expression_view
+    assert view.n_genes == min(2000, adata.n_vars) and model.history is not None
+    # the trunk beside the expression view: trained end to end, not frozen
+    both = make_model(adata, bag_size=8, cell_view="both")
+    assert both.trainable_requested_ == "auto" and both.trainable_ == "auto"
+    assert not both._trunk_frozen()
+    before = {k: v.clone() for k, v in both.module.trunk.state_dict().items()}
+    quiet_train(both, max_epochs=1)
+    assert both.train_settings_["frozen_trunk"] is False
     changed = [
         k
-        for k, v in model.module.trunk.state_dict().items()
-        if v.dtype.is_floating_point and not torch.equal(v, trunk_before[k])
+        for k, v in both.module.trunk.state_dict().items()
+        if v.dtype.is_floating_point and not torch.equal(v, before[k])
     ]
-    assert any(k.startswith("encoder.") for k in changed), changed
-    assert "gene_emb" in changed
-    # the expression view is on by default, fitted on the training cells' variable genes
-    view = model.module.expression_view
-    assert view is not None and model.cell_view_ == "both"
-    assert view.n_genes == min(2000, adata.n_vars)
-    # an explicit "head" still freezes the trunk; a trunk the head does not read stays frozen
-    assert make_model(adata, trainable="head")._trunk_frozen()
-    assert make_model(adata, cell_view="expression")._trunk_frozen()
+    assert any(k.startswith("encoder.") for k in changed) and "gene_emb" in changed, changed
+    # an explicit "head" still freezes it (the user's choice)
+    assert make_model(adata, trainable="head", cell_view="both")._trunk_frozen()
 
 
 def test_auto_freezes_a_pretrained_trunk(golden_dir):
@@ -420,6 +430,7 @@ def test_auto_freezes_a_pretrained_trunk(golden_dir):
             max_tokens=16,
         )
     assert model.pretrained and model.trainable_ == "head" and model._trunk_frozen()
+    assert model.cell_view_ == "both" and model.module.uses_trunk
 
 
 @pytest.mark.slow
