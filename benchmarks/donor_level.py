@@ -263,8 +263,17 @@ def run_cell(task: ad.AnnData, split: np.ndarray, args: argparse.Namespace) -> p
 
 
 #: the donor model's settings given on the command line (None: the library's default)
-_DONOR_MODEL = ("max_tokens", "trainable", "bag_size", "pooling", "cell_view", "expression_genes")
-_DONOR_TRAIN = ("epochs", "lr", "bags_per_step", "cell_loss_weight")
+_DONOR_MODEL = (
+    "max_tokens",
+    "trainable",
+    "bag_size",
+    "pooling",
+    "cell_view",
+    "expression_genes",
+    "expression_dim",
+    "dropout",
+)
+_DONOR_TRAIN = ("epochs", "lr", "bags_per_step", "cell_loss_weight", "monitor")
 
 
 def donor_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -385,9 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pooling", default=None)
     p.add_argument("--cell-view", default=None)
     p.add_argument("--expression-genes", type=int, default=None)
+    p.add_argument("--expression-dim", type=int, default=None)
+    p.add_argument("--dropout", type=float, default=None)
     p.add_argument("--bags-per-step", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--cell-loss-weight", type=float, default=None)
+    p.add_argument("--monitor", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--verbose", action="store_true", help="print the donor model's history")
