@@ -394,7 +394,7 @@ def test_default_never_trains_on_frozen_random_features():
     hook.remove()
     assert calls == []  # the random trunk was never even run
     view = model.module.expression_view
-    assert view.n_genes == min(2000, adata.n_vars) and model.history is not None
+    assert view.n_genes == min(500, adata.n_vars) and model.history is not None
     # the trunk beside the expression view: trained end to end, not frozen
     both = make_model(adata, bag_size=8, cell_view="both")
     assert both.trainable_requested_ == "auto" and both.trainable_ == "auto"

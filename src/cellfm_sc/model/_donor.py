@@ -284,7 +284,9 @@ class CellFMDonorClassifier(CellFMModel):
         beside it, at a small fraction of the time. ``cell_view="both"`` with a random trunk
         trains it end to end (``trainable="auto"``).
     expression_genes, expression_dim
-        Genes of the expression view (at most the number of genes) and its width.
+        Genes of the expression view (at most the number of genes) and its width. 500 won
+        on the donor benchmark: 2,000 genes fitted noise when the signal sat in a minority
+        of one cell type (pooled QWK 0.56 vs 0.84), and 250 or 1,000 did no better.
     dropout
         Dropout of the head, the attention network and the retention layers.
     seed
@@ -326,7 +328,7 @@ class CellFMDonorClassifier(CellFMModel):
         lora_rank: int = 8,
         lora_alpha: int = 16,
         cell_view: str = "auto",
-        expression_genes: int = 2000,
+        expression_genes: int = 500,
         expression_dim: int = 64,
     ) -> None:
         for name, value, low in (
