@@ -1,33 +1,41 @@
-"""Donor-level learning on a semi-synthetic donor task: donor model vs two anchors.
+"""Donor-level learning on semi-synthetic donor tasks: donor model vs two anchors.
 
-The task (built from public cells, ``../shared/data/pbmc3k_raw.h5ad``): ``--donors``
-pseudo-donors of ``--cells-per-donor`` cells (default 40 x 150, drawn with replacement with a
-Dirichlet cell-type composition of ``--composition-alpha`` and binomial thinning; 0 deals the
-2,700 cells out instead, about 67 per donor); donor ``d``
-has stage ``d % 4`` (0 < 1 < 2 < 3). A "disease" program of ``--program-genes`` genes
-(moderately expressed genes drawn at random) is raised in a fraction of the donor's cells of
-one type (default CD14 monocytes, 18% of the cells) that grows with the stage
-(``--fractions``, +- ``--jitter`` per donor): each affected cell gets
-``Poisson(strength * (1 + 2 * mean count of the gene) * library size / median library size)``
-extra counts of every program gene. So the label belongs to the donor and is visible in a
-minority of one cell type's cells, as ADNC in SEA-AD.
+The tasks are built from public cells. Donors: ``--donors`` pseudo-donors (default 40) of
+``--cells-per-donor`` cells (150) drawn with replacement from ``../shared/data/pbmc3k_raw.h5ad``
+with a Dirichlet cell-type composition (``--composition-alpha`` 100: donors differ in
+composition) and binomial thinning (0.9). Donor ``d`` has stage ``d % 4`` (0 < 1 < 2 < 3).
+The "disease" state is a **measured** program: the ``--program-genes`` (50) genes that differ
+most between blood and tumour-infiltrating T cells of ``../shared/data/wu2020_200_raw.h5ad``
+(Wu et al. 2020), with their measured fold changes (``--shift`` 1: as measured; median
+change about 6-fold, mostly up: heat-shock and immediate-early genes, RGS1, CCL4, LAG3 ...).
+A stage-dependent fraction of one cell type's cells moves into that state (``make_donor_task``:
+up genes get Poisson counts so the type's mean moves by the measured ratio, down genes are
+thinned):
+
+* ``--task strong``: CD4 T cells (43% of the cells), fractions 0 / 15 / 30 / 45% (+- 5%):
+  about 10% of all cells affected, pseudo-bulk strong;
+* ``--task minority``: CD8 T cells (12% of the cells), fractions 0 / 13 / 27 / 40%: about 2%
+  of all cells affected (at most 5% in a donor), pseudo-bulk fades.
 
 Five donor splits (folds stratified by stage: fold ``i`` tests, fold ``i + 1`` validates,
-the rest train) compare:
+the rest train) compare, with the library's defaults:
 
-* ``donor``: :class:`~cellfm_sc.CellFMDonorClassifier` (bags, gated attention, ordinal
-  loss), model selection on the validation donors' QWK;
+* ``donor``: :class:`~cellfm_sc.CellFMDonorClassifier` (``preset="tiny"``, random trunk:
+  ``cell_view="auto"`` = the expression view), model selection on the validation donors;
 * ``cell``: :class:`~cellfm_sc.CellFMClassifier` on cells with their donor's label, donors
-  scored by the mean of their cells' probabilities (model selection on validation donor QWK);
-* ``pseudobulk``: per-donor summed counts -> CPM -> log1p -> logistic regression (``C``
-  chosen on the validation donors from 0.01-10, refit on train + validation donors).
+  scored by the mean of their cells' probabilities (``--cell-epochs`` 10);
+* ``pseudobulk``: :func:`cellfm_sc.baselines.pseudobulk_baseline` (per-donor summed counts ->
+  CPM -> log1p, genes with mean CPM >= 10, ``C`` chosen on the validation donors, refit on
+  train + validation): what ``evaluate()`` reports beside the models.
 
-Reported: test-donor QWK per split, pooled over the five splits' test donors (every donor is
-tested once) with a 95% bootstrap interval over donors, and wall time.
+``--variant NAME:key=value,...`` adds donor-model variants (constructor or ``train``
+settings) side by side. Reported: test-donor QWK per split, pooled over the five splits'
+test donors (every donor is tested once) with a 95% bootstrap interval over donors, and wall
+time.
 
-Run: ``python benchmarks/donor_level.py --markdown`` (about 16 min on 2 busy CPU cores, most of it
-the cell method);
-``--quick`` for a smoke run (tests).
+Run: ``python benchmarks/donor_level.py --task strong --markdown --json
+benchmarks/results/donor_level_strong.json`` (and ``--task minority``); about 20-30 min
+each on 2 busy CPU cores, most of it the cell classifier. ``--quick`` for a smoke run (tests).
 """
 
 from __future__ import annotations
