@@ -280,6 +280,7 @@ _DONOR_MODEL = (
     "expression_genes",
     "expression_dim",
     "dropout",
+    "loss",
 )
 _DONOR_TRAIN = ("epochs", "lr", "bags_per_step", "cell_loss_weight", "monitor")
 
@@ -408,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--cell-loss-weight", type=float, default=None)
     p.add_argument("--monitor", default=None)
+    p.add_argument("--loss", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--verbose", action="store_true", help="print the donor model's history")
@@ -453,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
         **task_spec,
     )
     variants = dict(parse_variant(v) for v in args.variant)
+    for name, spec in variants.items():
+        unknown = sorted(set(spec) - set(_DONOR_MODEL) - set(_DONOR_TRAIN))
+        if unknown:
+            raise SystemExit(f"variant {name!r}: unknown setting(s) {unknown}")
     k = 5
     folds = donor_folds(task, k, args.seed)
     methods = [m for m in args.methods.split(",") if m] + [f"donor:{v}" for v in variants]
