@@ -229,7 +229,9 @@ def trunk_model():
 
 def test_attention_sums_to_one_within_each_donor_and_prediction_averages_bags():
     adata = setup(toy_donors())
-    model = make_model(adata, bag_size=7, trainable="head")  # 20 cells per donor: 3 bags
+    model = make_model(
+        adata, bag_size=7, trainable="head", cell_view="both"
+    )  # 20 cells per donor: 3 bags
     quiet_train(model, max_epochs=1)
     table = model.annotate(adata)
     att = adata.obs["cellfm_attention"]
@@ -247,9 +249,18 @@ def test_attention_sums_to_one_within_each_donor_and_prediction_averages_bags():
     bags = partition_bags(pos, np.zeros(pos.size, int), 7, keys=keys)
     assert len(bags) == 3
     emb = torch.from_numpy(adata.obsm["X_cellfm"])
+    expr = model._expression_rows(adata)  # the expression view's input, read per bag
     module = model.module.eval()
     with torch.no_grad():
-        z = [module(emb[b.rows], torch.zeros(b.rows.size, dtype=torch.long), 1) for b in bags]
+        z = [
+            module(
+                emb[b.rows],
+                torch.zeros(b.rows.size, dtype=torch.long),
+                1,
+                torch.from_numpy(expr(b.rows)),
+            )
+            for b in bags
+        ]
     sizes = torch.tensor([b.rows.size for b in bags], dtype=torch.float32)
     mean = (torch.cat([o.logits for o in z]) * sizes[:, None]).sum(0) / sizes.sum()
     probs = module.probabilities(mean[None])[0].numpy()
@@ -264,7 +275,7 @@ def test_attention_sums_to_one_within_each_donor_and_prediction_averages_bags():
 
 def test_frozen_trunk_embeddings_are_computed_once_and_reused():
     adata = setup(toy_donors())
-    model = make_model(adata, trainable="head")
+    model = make_model(adata, trainable="head", cell_view="both")
     assert model._trunk_frozen()
     encoded = []
     hook = model.module.trunk.register_forward_hook(
@@ -320,7 +331,7 @@ def test_validation_loss_is_that_of_predict_donors_on_the_validation_donors(trun
 
 def test_evaluate_reports_donor_metrics_with_bootstrap_intervals():
     adata = setup(toy_donors())
-    model = make_model(adata, trainable="head", loss="corn")
+    model = make_model(adata, trainable="head", cell_view="both", loss="corn")
     quiet_train(model, max_epochs=2)
     res = model.evaluate(n_bootstrap=200)
     table = res.donor_table
@@ -346,7 +357,7 @@ def test_evaluate_reports_donor_metrics_with_bootstrap_intervals():
 
 def test_cross_validate_scores_every_donor_once_and_leaves_the_model_as_it_was():
     adata = setup(toy_donors())
-    model = make_model(adata, trainable="head")
+    model = make_model(adata, trainable="head", cell_view="both")
     state = {k: v.clone() for k, v in model.module.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -367,10 +378,59 @@ def test_cross_validate_scores_every_donor_once_and_leaves_the_model_as_it_was()
     assert model.embedding_cache_info["computed"] == adata.n_obs
 
 
-def test_auto_is_the_frozen_trunk_path():
-    model = make_model(setup(toy_donors()))
-    assert model.trainable_ == "head" and model.trainable_requested_ == "auto"
-    assert model._trunk_frozen()
+def test_default_never_trains_on_frozen_random_features():
+    """Acceptance: ``CellFMDonorClassifier(adata, preset="tiny").train()`` never learns from
+    the features of a frozen random trunk (a head on them learned nothing, see RESULTS.md):
+    by default a random trunk is left out (the expression view represents the cells), and
+    when it is used it trains end to end."""
+    adata = setup(toy_donors())
+    model = make_model(adata, bag_size=8)
+    assert model.cell_view_requested_ == "auto" and model.cell_view_ == "expression"
+    assert not model.module.uses_trunk  # the head reads no trunk feature
+    calls = []
+    hook = model.module.trunk.register_forward_hook(lambda *a: calls.append(1))
+    quiet_train(model, max_epochs=1)
+    model.evaluate(n_bootstrap=0, baseline=False)
+    hook.remove()
+    assert calls == []  # the random trunk was never even run
+    view = model.module.expression_view
+    assert view.n_genes == min(500, adata.n_vars) and model.history is not None
+    # the trunk beside the expression view: trained end to end, not frozen
+    both = make_model(adata, bag_size=8, cell_view="both")
+    assert both.trainable_requested_ == "auto" and both.trainable_ == "auto"
+    assert not both._trunk_frozen()
+    before = {k: v.clone() for k, v in both.module.trunk.state_dict().items()}
+    quiet_train(both, max_epochs=1)
+    assert both.train_settings_["frozen_trunk"] is False
+    changed = [
+        k
+        for k, v in both.module.trunk.state_dict().items()
+        if v.dtype.is_floating_point and not torch.equal(v, before[k])
+    ]
+    assert any(k.startswith("encoder.") for k in changed) and "gene_emb" in changed, changed
+    # an explicit "head" still freezes it (the user's choice)
+    assert make_model(adata, trainable="head", cell_view="both")._trunk_frozen()
+
+
+def test_auto_freezes_a_pretrained_trunk(golden_dir):
+    import csv
+
+    vocab_file = golden_dir / "vocab_d48_h4_l2_g37.csv"
+    with open(vocab_file, newline="") as fh:
+        genes = [r[0] for r in list(csv.reader(fh))[1:] if r][:30]
+    base = toy_donors(genes=len(genes))
+    adata = setup(ad.AnnData(base.X, obs=base.obs, var=pd.DataFrame(index=genes)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = CellFMDonorClassifier(
+            adata,
+            checkpoint=golden_dir / "model_d48_h4_l2_g37_backbone.ckpt",
+            vocabulary_file=vocab_file,
+            num_heads=4,
+            max_tokens=16,
+        )
+    assert model.pretrained and model.trainable_ == "head" and model._trunk_frozen()
+    assert model.cell_view_ == "both" and model.module.uses_trunk
 
 
 @pytest.mark.slow

@@ -71,3 +71,52 @@ def test_finetune_level_donor_end_to_end(donor_h5ad, tmp_path):
     assert (out / "model" / "model.pt").is_file()
     assert CellFMDonorClassifier.__name__ in (out / "model" / "config.json").read_text()
     assert "qwk" in proc.stdout
+
+
+@pytest.mark.slow
+def test_finetune_level_auto_selects_on_training_donors_and_reports_the_baseline(
+    donor_h5ad, tmp_path
+):
+    out = tmp_path / "auto"
+    proc = run_cli(
+        "finetune", donor_h5ad, "--labels-key", "stage", "--donor-key", "donor",
+        "--label-order", "A,B,C,D", "--split-key", "split", "--preset", "tiny",
+        "--level", "auto", "--auto-folds", "3", "--bag-size", "8", "--epochs", "1",
+        "--max-tokens", "16", "--accelerator", "cpu", "--output-dir", out,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "training_results.json").read_text())
+    sel = results["level_selection"]
+    assert set(sel["scores"]) == {"pseudobulk", "donor", "cell"}
+    assert sel["n_donors"] == 9  # the 7 training + 2 validation donors; the test donors unseen
+    assert sel["winner"] == max(sel["scores"], key=lambda k: sel["scores"][k] or -9)
+    assert results["level"] in ("donor", "cell")
+    assert "level selection: inner 3-fold cross-validation on 9 training donors" in proc.stdout
+    # the report carries the baseline on the same (test) donors
+    base = results["baseline"]
+    assert "pseudobulk" in base["results"]
+    assert base["results"]["pseudobulk"]["donor_metrics"]["n_donors"] == 3
+    assert any(r["metric"] == "qwk" and r["level"] == "donor" for r in base["comparison"])
+    assert "model vs baseline (same split)" in proc.stdout
+
+
+def test_level_auto_needs_a_donor_key(donor_h5ad, tmp_path):
+    proc = run_cli(
+        "finetune", donor_h5ad, "--labels-key", "stage", "--preset", "tiny", "--level", "auto",
+        "-o", tmp_path / "o",
+    )  # fmt: skip
+    assert_usage_error(proc, "--level auto needs --donor-key")
+
+
+@pytest.mark.slow
+def test_finetune_no_baseline_skips_it(donor_h5ad, tmp_path):
+    out = tmp_path / "nb"
+    proc = run_cli(
+        "finetune", donor_h5ad, "--labels-key", "stage", "--donor-key", "donor",
+        "--split-key", "split", "--preset", "tiny", "--epochs", "1", "--max-tokens", "16",
+        "--accelerator", "cpu", "--no-baseline", "--output-dir", out,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "training_results.json").read_text())
+    assert results["baseline"] is None
+    assert "model vs baseline" not in proc.stdout

@@ -31,9 +31,11 @@ _LAZY: dict[str, str] = {
     "CellFMClassifier": "cellfm_sc.model",
     "CellFMPretrainer": "cellfm_sc.model",
     "CellFMDonorClassifier": "cellfm_sc.model",
+    "select_level": "cellfm_sc.model",
 }
 # public submodule aliases (``cellfm_sc.pl`` is :mod:`cellfm_sc.plotting`, scanpy style)
 _MODULES: dict[str, str] = {
+    "baselines": "cellfm_sc.baselines",
     "metrics": "cellfm_sc.metrics",
     "pl": "cellfm_sc.plotting",
     "datasets": "cellfm_sc.datasets",

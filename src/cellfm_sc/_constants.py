@@ -60,7 +60,7 @@ MONITORS: tuple[str, ...] = (
 )
 
 #: bag pooling of the donor-level model
-POOLINGS: tuple[str, ...] = ("gated_attention", "mean")
+POOLINGS: tuple[str, ...] = ("gated_attention", "mean", "attention+mean")
 
 #: losses of the donor-level model (``"auto"``: an ordinal loss when the labels are ordered)
 DONOR_LOSSES: tuple[str, ...] = ("auto", "cross_entropy", "cumulative_link", "corn")

@@ -457,6 +457,11 @@ class EvaluationResult:
     embedding
         ``(n_cells, D)`` cell embedding of the scored cells (rows as ``predictions``), when
         the model computed it in the same pass; used for the report's UMAP.
+    baseline
+        The baselines fitted on the same split and scored on the same cells / donors
+        (:class:`cellfm_sc.baselines.BaselineComparison`; ``evaluate(baseline=True)``), or
+        ``None``. ``str(result)`` then ends with the "model vs baseline" table and
+        :meth:`to_dict` has a ``baseline`` block.
     """
 
     cell_metrics: dict[str, float]
@@ -470,6 +475,17 @@ class EvaluationResult:
     notes: list[str] = dataclasses.field(default_factory=list)
     evaluated_on: str | None = None
     embedding: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    baseline: Any = dataclasses.field(default=None, repr=False)
+
+    def _baseline_dict(self) -> dict[str, Any] | None:
+        if self.baseline is None:
+            return None
+        return self.baseline.to_dict({"cell": self.cell_metrics, "donor": self.donor_metrics})
+
+    def _baseline_lines(self) -> list[str]:
+        if self.baseline is None:
+            return []
+        return self.baseline.lines({"cell": self.cell_metrics, "donor": self.donor_metrics})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (metrics, confusion matrix, classes; ``nan`` -> ``None``).
@@ -486,6 +502,7 @@ class EvaluationResult:
                 "evaluated_on": self.evaluated_on,
                 "confusion_matrix": np.asarray(self.confusion).tolist(),
                 "notes": list(self.notes),
+                "baseline": self._baseline_dict(),
             }
         )
 
@@ -514,6 +531,7 @@ class EvaluationResult:
                 row += f"  {fmt(self.donor_metrics, name):>10}"
             lines.append(row)
         lines.extend(f"  note: {n}" for n in self.notes)
+        lines.extend(self._baseline_lines())
         return "\n".join(lines)
 
 

@@ -9,6 +9,10 @@
     macro-/weighted-F1, and for ordinal labels QWK, MAE, Spearman), the confusion matrix, the
     per-epoch history, the run facts given in ``info`` (split sizes, seeds, checkpoint
     variant, embedding coverage, ...), package versions and the list of files written.
+    ``baseline`` (when the evaluation fitted them, ``evaluate(baseline=True)``): each
+    baseline's metrics and settings on the same split (``results``), the model-vs-baseline
+    rows (``comparison``: ``baseline``, ``level``, ``metric``, ``model``,
+    ``baseline_value``, ``difference``) and ``notes``; ``null`` when skipped.
     ``test_acc_history`` keeps the original key name for the set scored after each epoch
     (our ``validation_acc``); ``best_test_acc`` is what it says: the test accuracy of the
     final (restored best) model, with ``best_validation_acc`` (the validation accuracy at the
@@ -86,6 +90,7 @@ _COMPUTED_KEYS = frozenset(
         "donor_method",
         "confusion_matrix",
         "notes",
+        "baseline",
         "qwk",
         "qwk_level",
         "macro_f1",

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cellfm_sc.cli._common import (
     CLIError,
     Console,
@@ -25,7 +27,7 @@ from cellfm_sc.cli._common import (
     write_split_h5ads,
 )
 
-__all__ = ["build_donor_model", "run_donor_level"]
+__all__ = ["build_donor_model", "choose_level", "run_donor_level"]
 
 #: the donor model's selection quantities among ``--monitor``'s choices
 _DONOR_MONITORS = (
@@ -67,6 +69,65 @@ def build_donor_model(opts: dict[str, Any], con: Console, adata: Any) -> Any:
     return model
 
 
+def choose_level(opts: dict[str, Any], con: Console, adata: Any, split: Any) -> Any:
+    """``--level auto``: run :func:`cellfm_sc.select_level` on the training + validation
+    donors of the split, set ``opts["level"]`` to the better CellFM level (``"donor"`` or
+    ``"cell"``) and keep the selection in ``opts["_level_selection"]``; returns the split (made
+    here by donor when the options give none, so that the chosen model trains on it)."""
+    from cellfm_sc.cli.finetune import model_kwargs
+    from cellfm_sc.data import split_by_donor
+    from cellfm_sc.model import select_level
+
+    _check_options(opts)
+    if split is None:
+        split = split_by_donor(
+            adata,
+            opts["donor_key"],
+            opts["labels_key"],
+            opts.get("test_size", 0.1),
+            opts.get("validation_size", 0.1),
+            opts.get("seed", 0),
+        )
+    rows = np.sort(np.concatenate([split.train, split.validation]))
+    k = opts.get("auto_folds", 5)
+    con.info(
+        f"--level auto: inner {k}-fold cross-validation of pseudo-bulk, the donor model and the "
+        f"cell classifier on the {len(rows):,} training + validation cells"
+    )
+    kwargs = model_kwargs(opts, con)
+    try:
+        sel = select_level(
+            adata,
+            opts["labels_key"],
+            opts["donor_key"],
+            label_order=opts.get("label_order"),
+            indices=rows,
+            k=k,
+            layer=opts.get("layer"),
+            use_raw=bool(opts.get("use_raw")),
+            gene_symbols=opts.get("gene_symbols"),
+            model_kwargs=kwargs,
+            donor_kwargs={"bag_size": opts.get("bag_size", 128)},
+            train_kwargs={"max_epochs": opts["epochs"], "lr": opts.get("lr", "auto")},
+            cell_train_kwargs={"batch_size": opts.get("batch_size", 16)},
+            seed=opts.get("seed", 0),
+        )
+    except ValueError as exc:
+        raise CLIError(f"--level auto: {exc}") from exc
+    chosen = sel.best_of(("donor", "cell"))
+    con.info(str(sel))
+    if sel.winner == "pseudobulk":
+        con.warn(
+            f"--level auto: pseudo-bulk beat both CellFM levels on the training donors (by "
+            f"{sel.scores['pseudobulk'] - sel.scores[chosen]:.3f} {sel.metric} over the better "
+            f"one, {chosen}); {chosen} is trained, and the report shows pseudo-bulk on the "
+            "test donors beside it"
+        )
+    opts["level"] = chosen
+    opts["_level_selection"] = sel
+    return split
+
+
 def run_donor_level(
     opts: dict[str, Any],
     con: Console,
@@ -84,7 +145,7 @@ def run_donor_level(
 
     from cellfm_sc import plotting
     from cellfm_sc._atomic import atomic_path
-    from cellfm_sc.cli.finetune import _make_logger, write_resolved_config
+    from cellfm_sc.cli.finetune import _make_logger, report_info, write_resolved_config
     from cellfm_sc.report import UMAP_MAX_CELLS, write_report
 
     work, out = run_dir.work, run_dir.out
@@ -132,9 +193,12 @@ def run_donor_level(
         con.warn("nothing was held out; the report scores the training donors")
     con.info(f"evaluating on the {where}")
     result = model.evaluate(
-        indices=indices, batch_size=batch, enable_progress_bar=show_progress(opts)
+        indices=indices,
+        batch_size=batch,
+        enable_progress_bar=show_progress(opts),
+        baseline=not opts.get("no_baseline"),
     )
-    files = dict(write_report(work, result, history=model.history, info=model.report_info()))
+    files = dict(write_report(work, result, history=model.history, info=report_info(model, opts)))
 
     # every cell's attention within its donor, and the UMAP coloured by it
     model.annotate(adata, batch_size=batch, enable_progress_bar=show_progress(opts))

@@ -73,8 +73,10 @@ FINETUNE_KEYS = (
     "trainable",
     "max_tokens",
     "level",
+    "auto_folds",
     "bag_size",
     "output_dir",
+    "no_baseline",
     "batch_size",
     "epochs",
     "lr",
@@ -351,12 +353,22 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--level",
-        choices=("cell", "donor"),
+        choices=("cell", "donor", "auto"),
         default="cell",
         help="cell: classify cells (CellFMClassifier); donor: learn one label per donor from "
         "bags of its cells (CellFMDonorClassifier; needs --donor-key and a label that is "
         "constant within donors; a training step is one bag, --batch-size sets the "
-        "inference batch)",
+        "inference batch); auto: compare the donor model, the cell classifier + mean and "
+        "pseudo-bulk by an inner cross-validation on the training donors "
+        "(cellfm_sc.select_level), then train the better CellFM level; the report says "
+        "which won and by how much",
+    )
+    model.add_argument(
+        "--auto-folds",
+        metavar="K",
+        type=positive_int,
+        default=5,
+        help="--level auto: inner cross-validation folds (>= 3)",
     )
     model.add_argument(
         "--bag-size",
@@ -374,6 +386,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="also write train.h5ad / validation.h5ad / test.h5ad: obs with predictions and "
         "obsm['X_cellfm'], no count matrix",
+    )
+    out.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the baselines fitted on the same split for the report's 'model vs "
+        "baseline' (cells: logistic regression on log-normalised counts; donor labels: "
+        "pseudo-bulk logistic regression)",
     )
     out.add_argument(
         "--logger",
@@ -405,8 +424,10 @@ def validate_options(opts: dict[str, Any], need_data: bool = True) -> None:
     ]
     if missing:
         raise CLIError(f"finetune needs {', '.join(missing)} (on the command line or in --config)")
-    if opts.get("level", "cell") == "donor" and not opts.get("donor_key"):
-        raise CLIError("--level donor needs --donor-key (the obs column of donors)")
+    if opts.get("level", "cell") in ("donor", "auto") and not opts.get("donor_key"):
+        raise CLIError(f"--level {opts['level']} needs --donor-key (the obs column of donors)")
+    if opts.get("level") == "auto" and opts.get("auto_folds", 5) < 3:
+        raise CLIError("--auto-folds must be >= 3 (one fold tests, one validates, the rest train)")
     if opts.get("split_json") and opts.get("split_key"):
         raise CLIError("give either --split-json or --split-key, not both")
     if opts.get("checkpoint") is None and opts.get("preset") is None:
@@ -537,6 +558,10 @@ def finetune(
         if opts.get(key):
             obs_column(adata, opts[key], keyword=keyword, allow_missing=True)
     split = split_from_options(opts, adata)
+    if opts.get("level", "cell") == "auto":
+        from cellfm_sc.cli._donor import choose_level
+
+        split = choose_level(opts, con, adata, split)
 
     if opts.get("level", "cell") == "donor":
         from cellfm_sc.cli._donor import build_donor_model
@@ -672,8 +697,12 @@ def _run(
         where, indices = "training cells (nothing held out: optimistic)", "train"
         con.warn("nothing was held out; the report scores the training cells")
     con.info(f"evaluating on the {where}")
-    result = model.evaluate(indices=indices, enable_progress_bar=show_progress(opts))
-    files = dict(write_report(work, result, history=model.history, info=model.report_info()))
+    result = model.evaluate(
+        indices=indices,
+        enable_progress_bar=show_progress(opts),
+        baseline=not opts.get("no_baseline"),
+    )
+    files = dict(write_report(work, result, history=model.history, info=report_info(model, opts)))
     model.save(str(work / "model"), overwrite=True)
     files["model"] = work / "model"
     files["best_model"] = work / "best_model.pth"
@@ -702,9 +731,20 @@ def _run(
     }
 
 
+def report_info(model: Any, opts: dict[str, Any]) -> dict[str, Any]:
+    """The run facts of ``training_results.json``: the model's, and the level selection of
+    ``--level auto``."""
+    info = dict(model.report_info())
+    if opts.get("_level_selection") is not None:
+        info["level_selection"] = opts["_level_selection"].to_dict()
+    return info
+
+
 def print_summary(con: Console, facts: dict[str, Any], out: Path) -> None:
     con.result()
     con.result(f"done in {facts['elapsed']:.0f} s; evaluated on the {facts['where']}")
+    if facts.get("level_selection") is not None:
+        con.result(str(facts["level_selection"]))
     con.result(str(facts["result"]))
     con.result()
     con.result(f"output directory: {out}")
@@ -723,5 +763,6 @@ def run(args: argparse.Namespace, con: Console) -> int:
     validate_options(opts)
     facts = finetune(opts, con)
     if facts["rank"] == 0:
+        facts["level_selection"] = opts.get("_level_selection")
         print_summary(con, facts, Path(opts["output_dir"]).expanduser())
     return 0

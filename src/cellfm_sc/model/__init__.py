@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from cellfm_sc.model._classifier import CellFMClassifier
     from cellfm_sc.model._donor import CellFMDonorClassifier
     from cellfm_sc.model._pretrainer import CellFMPretrainer
+    from cellfm_sc.model._select import LevelSelection, select_level
 
 __all__ = [
     "CellFMClassifier",
@@ -25,8 +26,10 @@ __all__ = [
     "CellFMDonorClassifier",
     "CellFMPretrainModule",
     "CellFMPretrainer",
+    "LevelSelection",
     "UntrainedModelError",
     "auto_lr",
+    "select_level",
     "select_masked_tokens",
 ]
 
@@ -36,6 +39,8 @@ _LAZY = {
     "CellFMPretrainer": "cellfm_sc.model._pretrainer",
     "UntrainedModelError": "cellfm_sc._errors",
     "auto_lr": "cellfm_sc.model._base",
+    "LevelSelection": "cellfm_sc.model._select",
+    "select_level": "cellfm_sc.model._select",
 }
 
 

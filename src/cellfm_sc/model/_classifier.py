@@ -899,8 +899,9 @@ class CellFMClassifier(CellFMModel):
         enable_progress_bar: bool = False,
         min_gene_coverage: float = 0.5,
         allow_untrained: bool = False,
+        baseline: bool = True,
     ):
-        """Cell- and donor-level metrics on held-out cells.
+        """Cell- and donor-level metrics on held-out cells, beside the baselines.
 
         Parameters
         ----------
@@ -920,14 +921,23 @@ class CellFMClassifier(CellFMModel):
             Score a model that was never trained (random predictions, e.g. as a floor);
             otherwise that is an :class:`~cellfm_sc.model.UntrainedModelError`, raised
             before anything else is checked.
+        baseline
+            Also fit the baselines on the model's training (+ validation) cells and score
+            them on the same cells (``result.baseline``, printed as "model vs baseline"):
+            logistic regression on log-normalised counts
+            (:class:`~cellfm_sc.baselines.CellLogisticRegression`), and with donor-level labels
+            pseudo-bulk logistic regression
+            (:class:`~cellfm_sc.baselines.PseudobulkLogisticRegression`). Chunked reads, also
+            of backed files; seconds to a few minutes on large data. ``False`` skips them.
 
         Returns
         -------
         EvaluationResult
             Accuracy, balanced accuracy, macro/weighted F1; QWK, ordinal MAE and Spearman
             for ordinal labels; the per-donor table when a ``donor_key`` was registered; the
-            cells' embedding (``result.embedding``). Cells whose label the model does not
-            know (or is missing) are not scored; ``result.notes`` says how many.
+            cells' embedding (``result.embedding``); the baselines (``result.baseline``).
+            Cells whose label the model does not know (or is missing) are not scored;
+            ``result.notes`` says how many.
         """
         from cellfm_sc.metrics import evaluate_predictions
 
@@ -942,7 +952,8 @@ class CellFMClassifier(CellFMModel):
             min_gene_coverage,
             allow_untrained=allow_untrained,
         )
-        codes = self._label_codes(adata, strict=False)[idx]
+        all_codes = self._label_codes(adata, strict=False)
+        codes = all_codes[idx]
         known = (codes >= 0) & ~np.isnan(probs[:, 0])
         notes = []
         if not known.all():
@@ -972,6 +983,12 @@ class CellFMClassifier(CellFMModel):
         result.notes.extend(notes)
         result.embedding = emb[known]
         result.evaluated_on = indices if isinstance(indices, str) else "cells"
+        if baseline:
+            from cellfm_sc.model._baseline import split_baseline
+
+            result.baseline = split_baseline(
+                self, adata, idx[known], all_codes, donors, cells=True, donor_method=donor_method
+            )
         return result
 
     # ----------------------------------------------------------------- reporting

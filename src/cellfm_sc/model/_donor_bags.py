@@ -8,7 +8,8 @@ AnnData). A donor of ``n`` cells gets ``ceil(n / bag_size)`` bags of near-equal 
 
 A training step holds ``bags_per_step`` bags, given flat (:class:`BagBatch`): either the
 cells' tokens (trainable trunk; cells sorted by length so that chunks are padded little) or
-their cached embeddings (frozen trunk).
+their cached embeddings (frozen trunk), and, for the expression view, the cells'
+log-normalised counts of the view's genes (:class:`ExpressionRows`, read per step).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cellfm_sc.data import CellDataset, TokenBatch, name_keys
+from cellfm_sc.data import CellDataset, TokenBatch, name_keys, row_source
 
 __all__ = [
     "Bag",
@@ -31,6 +33,7 @@ __all__ = [
     "BagDataset",
     "BagSampler",
     "DonorDataModule",
+    "ExpressionRows",
     "eval_keys",
     "partition_bags",
 ]
@@ -126,6 +129,9 @@ class BagBatch:
     chunk_lengths
         Token length of each chunk of ``chunk_size`` consecutive cells (plain ints, so the
         trunk's input is trimmed without reading a GPU tensor).
+    expr
+        float32 ``(n, G)`` log-normalised counts of the expression view's genes (rows as
+        the cells), or None without an expression view.
     """
 
     bag: torch.Tensor
@@ -136,6 +142,7 @@ class BagBatch:
     cells: TokenBatch | None = None
     emb: torch.Tensor | None = None
     chunk_lengths: tuple[int, ...] = ()
+    expr: torch.Tensor | None = None
 
     @property
     def n_bags(self) -> int:
@@ -160,6 +167,46 @@ class BagBatch:
     def pin_memory(self) -> BagBatch:
         """A new batch in pinned memory (``DataLoader(pin_memory=True)`` calls this)."""
         return self._apply(lambda t: t.pin_memory())
+
+
+class ExpressionRows:
+    """Reads the expression view's input: log-normalised counts of chosen genes, per cell.
+
+    Parameters
+    ----------
+    adata
+        AnnData with raw counts (in memory or backed; only the rows asked for are read).
+    columns
+        int64 ``(G,)``: the column of ``adata``'s count matrix of each view gene (-1: the
+        gene is absent from these data and reads as 0, not expressed).
+    layer, use_raw
+        Where the counts are.
+
+    Calling it with AnnData rows ``(m,)`` (any order) returns float32 ``(m, G)``. The row
+    source pickles to a path for backed data, so DataLoader workers can hold it.
+    """
+
+    def __init__(
+        self, adata: Any, columns: np.ndarray, *, layer: str | None = None, use_raw: bool = False
+    ) -> None:
+        self.source = row_source(adata, layer, use_raw=use_raw)
+        self.columns = np.asarray(columns, dtype=np.int64)
+        self.present = np.flatnonzero(self.columns >= 0)
+
+    @property
+    def n_genes(self) -> int:
+        return int(self.columns.size)
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        from cellfm_sc.baselines import log_normalized
+
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.zeros((rows.size, self.columns.size), dtype=np.float32)
+        if rows.size == 0 or self.present.size == 0:
+            return out
+        block = log_normalized(sp.csr_matrix(self.source.read(rows)))
+        out[:, self.present] = block[:, self.columns[self.present]].toarray()
+        return out
 
 
 class BagSampler(Sampler):
@@ -274,6 +321,11 @@ class BagDataset(Dataset):
         int64 ``(n_obs,)``: row of ``embeddings`` of each AnnData row (-1: none).
     chunk_size
         Cells per trunk chunk (for ``chunk_lengths``).
+    expression
+        :class:`ExpressionRows` of the expression view, or None.
+
+    Without ``cells`` and ``embeddings`` (a head on the expression view alone), a batch
+    holds the bags' rows and ``expr`` only.
     """
 
     def __init__(
@@ -284,9 +336,12 @@ class BagDataset(Dataset):
         embeddings: torch.Tensor | None = None,
         emb_index: np.ndarray | None = None,
         chunk_size: int = 32,
+        expression: ExpressionRows | None = None,
     ) -> None:
-        if (cells is None) == (embeddings is None):
-            raise ValueError("give exactly one of cells= or embeddings=")
+        if cells is not None and embeddings is not None:
+            raise ValueError("give at most one of cells= or embeddings=")
+        if cells is None and embeddings is None and expression is None:
+            raise ValueError("give cells=, embeddings= or expression=")
         if embeddings is not None and emb_index is None:
             raise ValueError("embeddings= needs emb_index=")
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -294,6 +349,10 @@ class BagDataset(Dataset):
         self.embeddings = embeddings
         self.emb_index = None if emb_index is None else np.asarray(emb_index, dtype=np.int64)
         self.chunk_size = int(chunk_size)
+        self.expression = expression
+
+    def _expr(self, rows: np.ndarray) -> torch.Tensor | None:
+        return None if self.expression is None else torch.from_numpy(self.expression(rows))
 
     def set_epoch(self, epoch: int) -> None:
         if self.cells is not None:
@@ -308,6 +367,15 @@ class BagDataset(Dataset):
         donor = np.array([b.donor for b, _ in items], dtype=np.int64)
         weight = torch.tensor([w for _, w in items], dtype=torch.float32)
         labels = torch.from_numpy(self.labels[donor])
+        if self.cells is None and self.embeddings is None:
+            return BagBatch(
+                bag=torch.from_numpy(bag),
+                obs_index=torch.from_numpy(rows),
+                labels=labels,
+                donor=torch.from_numpy(donor),
+                weight=weight,
+                expr=self._expr(rows),
+            )
         if self.embeddings is not None:
             pos = self.emb_index[rows]
             if (pos < 0).any():
@@ -321,6 +389,7 @@ class BagDataset(Dataset):
                 donor=torch.from_numpy(donor),
                 weight=weight,
                 emb=self.embeddings[torch.from_numpy(pos)],
+                expr=self._expr(rows),
             )
         tokens = self.cells[(epoch, rows)]
         order = torch.argsort(tokens.n_tokens, stable=True)
@@ -341,6 +410,7 @@ class BagDataset(Dataset):
             weight=weight,
             cells=tokens,
             chunk_lengths=lengths,
+            expr=self._expr(tokens.obs_index.numpy()),
         )
 
 
@@ -383,9 +453,12 @@ class DonorDataModule(pl.LightningDataModule):
     cell_kwargs
         Without embeddings: keyword arguments of :class:`~cellfm_sc.data.CellDataset`
         (``adata``, ``layer``, ``use_raw``, ``max_tokens``, ``seed``, ``gene_id_map``);
-        training reads with training draws, validation with evaluation draws.
+        training reads with training draws, validation with evaluation draws. Neither this
+        nor ``embeddings``: the head reads the expression view only.
     num_workers
         DataLoader workers.
+    expression
+        :class:`ExpressionRows` of the expression view, or None.
     """
 
     def __init__(
@@ -403,8 +476,10 @@ class DonorDataModule(pl.LightningDataModule):
         emb_index: np.ndarray | None = None,
         cell_kwargs: dict[str, Any] | None = None,
         num_workers: int = 0,
+        expression: ExpressionRows | None = None,
     ) -> None:
         super().__init__()
+        self.expression = expression
         self.split_rows = split_rows
         self.donors = np.asarray(donors)
         self.labels = labels
@@ -426,12 +501,21 @@ class DonorDataModule(pl.LightningDataModule):
         rank, world = self._rank()
         rows = self.split_rows[name]
         if self.embeddings is not None:
-            dataset = BagDataset(self.labels, embeddings=self.embeddings, emb_index=self.emb_index)
+            dataset = BagDataset(
+                self.labels,
+                embeddings=self.embeddings,
+                emb_index=self.emb_index,
+                expression=self.expression,
+            )
+        elif not self.cell_kwargs:
+            dataset = BagDataset(self.labels, expression=self.expression)
         else:
             kwargs = dict(self.cell_kwargs)
             adata = kwargs.pop("adata")
             cells = CellDataset(adata, rows, train=train, check_values=True, **kwargs)
-            dataset = BagDataset(self.labels, cells=cells, chunk_size=self.chunk_size)
+            dataset = BagDataset(
+                self.labels, cells=cells, chunk_size=self.chunk_size, expression=self.expression
+            )
         sampler = BagSampler(
             rows,
             self.donors[rows],
@@ -447,7 +531,7 @@ class DonorDataModule(pl.LightningDataModule):
             dataset,
             batch_size=None,
             sampler=_Tagged(sampler, dataset),
-            num_workers=self.num_workers if self.embeddings is None else 0,
+            num_workers=self.num_workers if self.cell_kwargs else 0,
             pin_memory=torch.cuda.is_available(),
         )
 

@@ -196,6 +196,7 @@ class DonorEvaluationResult(EvaluationResult):
                 text += f"  [{pct}% CI {ci[0]:.3f}, {ci[1]:.3f}]"
             lines.append(text)
         lines.extend(f"  note: {n}" for n in self.notes)
+        lines.extend(self._baseline_lines())
         return "\n".join(lines)
 
 
