@@ -262,15 +262,11 @@ def test_default_train_and_inference_paths_bucket_by_length(pbmc):
     waste = lambda rows: sum(s - r for s, r, _ in rows) / sum(r for _, r, _ in rows)  # noqa: E731
     # the same cells in their order, batched without bucketing, waste far more
     nnz = np.diff(adata.X.indptr)
-    plain = (
-        lambda bs: (
-            sum(  # noqa: E731
-                len(nnz[i : i + bs]) * nnz[i : i + bs].max() for i in range(0, len(nnz), bs)
-            )
-            / nnz.sum()
-            - 1
-        )
-    )
+
+    def plain(bs: int) -> float:
+        padded = sum(len(nnz[i : i + bs]) * nnz[i : i + bs].max() for i in range(0, len(nnz), bs))
+        return padded / nnz.sum() - 1
+
     assert len(train) == int(np.ceil(len(model.split.train) / 8))
     assert plain(8) > 0.4 and plain(16) > 0.4, (plain(8), plain(16))
     assert waste(train) < plain(8) / 3, (waste(train), plain(8))
