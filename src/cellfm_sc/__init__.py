@@ -31,6 +31,7 @@ _LAZY: dict[str, str] = {
     "CellFMClassifier": "cellfm_sc.model",
     "CellFMPretrainer": "cellfm_sc.model",
     "CellFMDonorClassifier": "cellfm_sc.model",
+    "EmbeddingProbe": "cellfm_sc.model",
 }
 # public submodule aliases (``cellfm_sc.pl`` is :mod:`cellfm_sc.plotting`, scanpy style)
 _MODULES: dict[str, str] = {

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from cellfm_sc.model._classifier import CellFMClassifier
     from cellfm_sc.model._donor import CellFMDonorClassifier
     from cellfm_sc.model._pretrainer import CellFMPretrainer
+    from cellfm_sc.model._probe import EmbeddingProbe
 
 __all__ = [
     "CellFMClassifier",
@@ -24,6 +25,7 @@ __all__ = [
     "CellFMDonorClassifier",
     "CellFMPretrainModule",
     "CellFMPretrainer",
+    "EmbeddingProbe",
     "auto_lr",
     "select_masked_tokens",
 ]
@@ -32,6 +34,7 @@ _LAZY = {
     "CellFMClassifier": "cellfm_sc.model._classifier",
     "CellFMDonorClassifier": "cellfm_sc.model._donor",
     "CellFMPretrainer": "cellfm_sc.model._pretrainer",
+    "EmbeddingProbe": "cellfm_sc.model._probe",
     "auto_lr": "cellfm_sc.model._base",
 }
 

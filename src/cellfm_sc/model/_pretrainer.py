@@ -17,6 +17,7 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField
 
+from cellfm_sc._constants import CORPUS_SAMPLING
 from cellfm_sc.data import DataSplit, TokenBatch, check_count_source, check_counts, get_matrix
 from cellfm_sc.model._base import CellFMModel, auto_lr, model_not_set_up
 from cellfm_sc.model._core import (
@@ -34,6 +35,7 @@ from cellfm_sc.model._corpus import (
     union_genes,
 )
 from cellfm_sc.model._pretrain_module import CellFMPretrainModule
+from cellfm_sc.model._probe import EmbeddingProbe
 from cellfm_sc.nn import CellFMConfig, CellFMTrunk
 from cellfm_sc.vocab import GeneVocab
 
@@ -75,10 +77,41 @@ class PretrainingPlan(TrainingPlan):
         :class:`~cellfm_sc.model._core.TrainingPlan` settings (lr, schedule, ...).
     """
 
-    def __init__(self, module: CellFMPretrainModule, *, seed: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        module: CellFMPretrainModule,
+        *,
+        seed: int = 0,
+        probes: Mapping[str, EmbeddingProbe] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(module, **kwargs)
         self.seed = int(seed)
+        self.probes = dict(probes or {})
+        self.probe_initial: dict[str, float] | None = None
         self._generator: torch.Generator | None = None
+
+    def on_train_start(self) -> None:
+        # the probes of the weights training starts from (a random trunk: the baseline)
+        if self.probes and self.probe_initial is None and not self.history:
+            self.probe_initial = {
+                column: p.score(self.module.trunk) for column, p in self.probes.items()
+            }
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        for column, p in self.probes.items():
+            score = p.score(self.module.trunk)
+            self.history[-1][column] = score
+            self.log(column, score, prog_bar=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["cellfm_probe_initial"] = self.probe_initial
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.probe_initial = checkpoint.get("cellfm_probe_initial")
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
@@ -392,6 +425,11 @@ class CellFMPretrainer(CellFMModel):
             return None
         return ids
 
+    def _probe_reading(self, adata: Any) -> dict[str, Any]:
+        """Where a probe AnnData's counts are (its own settings, else the first member's)."""
+        layer, use_raw, _ = self._settings_of(adata)
+        return {"layer": layer, "use_raw": use_raw}
+
     @contextlib.contextmanager
     def _reading(self, adata: Any) -> Iterator[None]:
         """Read ``adata`` with its own settings (layer, raw) for the base's inference loop."""
@@ -448,6 +486,8 @@ class CellFMPretrainer(CellFMModel):
         logger: Any = None,
         enable_progress_bar: bool = True,
         gradient_checkpointing: bool = False,
+        probe: EmbeddingProbe | Mapping[str, EmbeddingProbe] | None = None,
+        corpus_sampling: str = "proportional",
         **trainer_kwargs: Any,
     ) -> None:
         """Pretrain: AdamW on the masked-value loss; the best validation weights are kept.
@@ -485,6 +525,19 @@ class CellFMPretrainer(CellFMModel):
             Lightning logger(s) and the progress bar (with the running loss) on stderr.
         gradient_checkpointing
             Recompute activations in the backward pass (less GPU memory for deep trunks).
+        probe
+            An :class:`~cellfm_sc.model.EmbeddingProbe` (labelled cells): kNN or
+            logistic-regression macro-F1 on the cell embeddings, before training
+            (``train_settings_["probe"]["probe_macro_f1"]["initial_macro_f1"]``: the start, e.g.
+            random) and after every epoch (``history["probe_macro_f1"]``). The masked loss
+            keeps falling long after the embeddings stop improving (or before they start):
+            the probe says when pretraining helps a downstream task. A dict of named probes
+            (e.g. ``{"same": ..., "shifted": ...}``) records ``probe_<name>_macro_f1``.
+        corpus_sampling
+            ``"proportional"`` (default: every training cell once per epoch, so files weigh
+            by their size) or ``"balanced"`` (every file the same number of batches per
+            epoch: small files repeated, large ones sub-sampled; see
+            :class:`~cellfm_sc.model._corpus.CorpusDataModule`).
         **trainer_kwargs
             Passed to :class:`lightning.pytorch.Trainer`.
 
@@ -492,8 +545,8 @@ class CellFMPretrainer(CellFMModel):
         -----
         Afterwards ``model.history`` has one row per epoch: ``train_loss``,
         ``train_value_mse``, ``train_cellwise_mse`` and the same for ``validation_``, over
-        every selected token of the epoch; ``model.best_epoch`` is the epoch whose weights
-        the model holds.
+        every selected token of the epoch (and ``probe_macro_f1`` with a ``probe``);
+        ``model.best_epoch`` is the epoch whose weights the model holds.
         """
         check_training_numbers(
             max_epochs=max_epochs,
@@ -518,13 +571,21 @@ class CellFMPretrainer(CellFMModel):
                 "this model holds no corpus to train on (a loaded model): create a "
                 f"{type(self).__name__} on the data, or load it with adata= set up for it"
             )
+        if corpus_sampling not in CORPUS_SAMPLING:
+            raise ValueError(
+                f"corpus_sampling must be one of {CORPUS_SAMPLING}, got {corpus_sampling!r}"
+            )
+        probes = _probe_columns(probe)
         if resume_from is not None:
             check_resume_file(resume_from)
+        for p in probes.values():  # bad probe cells are named before any training
+            p.bind(self._probe_reading, self._gene_id_map, self.max_tokens)
         self._split_members(float(validation_size))
         lr_value = auto_lr(self.pretrained, self.module.trunk.config) if lr == "auto" else float(lr)
         plan = PretrainingPlan(
             self.module,
             seed=self.seed,
+            probes=probes,
             lr=lr_value,
             weight_decay=weight_decay,
             lr_schedule=lr_schedule,
@@ -538,6 +599,7 @@ class CellFMPretrainer(CellFMModel):
             max_tokens=self.max_tokens,
             seed=self.seed,
             num_workers=num_workers,
+            sampling=corpus_sampling,
         )
         has_validation = any(m.validation.size for m in self.members_)
         settings = {
@@ -554,6 +616,8 @@ class CellFMPretrainer(CellFMModel):
             "mask_ratio": self.mask_ratio_,
             "trainable": self.trainable_,
             "gradient_checkpointing": gradient_checkpointing,
+            "corpus_sampling": corpus_sampling,
+            "probe": {c: p.describe() for c, p in probes.items()} or None,
             "corpus": {
                 m.name: {"train": int(m.train.size), "validation": int(m.validation.size)}
                 for m in self.members_
@@ -588,6 +652,8 @@ class CellFMPretrainer(CellFMModel):
 
         logger.info("%s", self.trainable_summary)
         result = fit(plan, datamodule, has_validation=has_validation, **fit_kwargs)
+        for column, score in (plan.probe_initial or {}).items():
+            settings["probe"][column]["initial_macro_f1"] = score
         if len(self.members_) == 1:  # "train"/"validation" indices of the one AnnData
             m = self.members_[0]
             self._set_split(m.adata, DataSplit(m.train, m.validation, np.zeros(0, np.int64)))
@@ -762,6 +828,26 @@ class CellFMPretrainer(CellFMModel):
 
 def _embedding(module: CellFMPretrainModule, batch: TokenBatch) -> dict[str, torch.Tensor]:
     return {"emb": module.trunk(batch.values, batch.gene_ids, batch.valid).cls}
+
+
+def _probe_columns(probe: Any) -> dict[str, EmbeddingProbe]:
+    """History column -> probe for ``train(probe=...)`` (one probe or a dict of them)."""
+    if probe is None:
+        return {}
+    if isinstance(probe, EmbeddingProbe):
+        return {"probe_macro_f1": probe}
+    if isinstance(probe, Mapping) and probe:
+        out = {}
+        for name, p in probe.items():
+            if not isinstance(p, EmbeddingProbe):
+                raise TypeError(
+                    f"probe[{name!r}] must be an EmbeddingProbe, got {type(p).__name__}"
+                )
+            out[f"probe_{name}_macro_f1"] = p
+        return out
+    raise TypeError(
+        f"probe must be an EmbeddingProbe or a dict of them, got {type(probe).__name__}"
+    )
 
 
 def _with_ensembl_ids(
