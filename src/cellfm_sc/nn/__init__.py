@@ -12,17 +12,25 @@ from cellfm_sc.nn.layers import (
     ValueEncoder,
     srms_norm,
 )
-from cellfm_sc.nn.trainable import TRAINABLE_POLICIES, TrainableSummary, apply_trainable
+from cellfm_sc.nn.trainable import (
+    RECIPES,
+    TRAINABLE_POLICIES,
+    FinetuneRecipe,
+    TrainableSummary,
+    apply_trainable,
+)
 from cellfm_sc.nn.trunk import CellFMOutput, CellFMTrunk, require_valid_tokens
 
 __all__ = [
     "PRESETS",
+    "RECIPES",
     "TRAINABLE_POLICIES",
     "CellFMConfig",
     "CellFMOutput",
     "CellFMTrunk",
     "CellwiseDecoder",
     "ClassificationHead",
+    "FinetuneRecipe",
     "GatedLinearUnit",
     "MultiHeadRetention",
     "RetentionLayer",
