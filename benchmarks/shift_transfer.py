@@ -228,7 +228,8 @@ def make_probes(pbmc: Any, seed: int) -> dict[str, Any]:
     pool = np.setdiff1d(np.arange(pbmc.n_obs), test_rows(pbmc))
     rng = np.random.default_rng(777)
     perm = rng.permutation(pool)
-    fit, other = np.sort(perm[:1000]), np.sort(perm[1000:])
+    n_fit = min(1000, len(pool) // 2)
+    fit, other = np.sort(perm[:n_fit]), np.sort(perm[n_fit:])
     fit_data = pbmc[fit].copy()
     return {
         "same": EmbeddingProbe(fit_data, "celltype", max_cells=1000),
@@ -310,13 +311,12 @@ def finetune(
     if start == "random":
         model = CellFMClassifier(adata, preset=args.preset, seed=seed, **init)
     else:
-        from cellfm_sc.nn import FinetuneRecipe
+        from cellfm_sc.nn.trainable import resolve_recipe
 
         init.setdefault("embedding_init", "transfer")
         model = CellFMClassifier(adata, checkpoint=ckpt, vocabulary_file=vocab, seed=seed, **init)
         if tweaks:
-            base = FinetuneRecipe.named(recipe if recipe != "auto" else "auto-pretrained")
-            train["recipe"] = base.replace(**tweaks)
+            train["recipe"] = resolve_recipe(recipe, pretrained=True).replace(**tweaks)
         else:
             train["recipe"] = recipe
     started = time.perf_counter()
@@ -414,8 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 else:
                     start = "random" if config == "random" else "pretrained"
-                    extra = variants.get(config, {})
-                    recipe = extra.pop("recipe", config) if config in variants else config
+                    extra = dict(variants.get(config, {}))
+                    recipe = extra.pop("recipe", "auto") if config in variants else config
                     row["settings"] = extra
                     row.update(
                         finetune(
