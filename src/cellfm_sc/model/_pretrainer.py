@@ -579,7 +579,7 @@ class CellFMPretrainer(CellFMModel):
         if resume_from is not None:
             check_resume_file(resume_from)
         for p in probes.values():  # bad probe cells are named before any training
-            p.bind(self._probe_reading, self._gene_id_map, self.max_tokens)
+            p.bind(self._probe_reading, self._gene_id_map, self.max_tokens, self.seed)
         self._split_members(float(validation_size))
         lr_value = auto_lr(self.pretrained, self.module.trunk.config) if lr == "auto" else float(lr)
         plan = PretrainingPlan(

@@ -201,9 +201,12 @@ class EmbeddingProbe:
         reading: Callable[[Any], dict[str, Any]],
         gene_id_map: Callable[[Any], np.ndarray | None],
         max_tokens: int,
+        token_seed: int = 0,
     ) -> None:
         """Check the cells and fix how they are read: ``reading(adata)`` gives the loader's
-        ``layer`` / ``use_raw``, ``gene_id_map(adata)`` the token ids of its genes."""
+        ``layer`` / ``use_raw``, ``gene_id_map(adata)`` the token ids of its genes; cells
+        with more than ``max_tokens`` genes get the model's evaluation draw (``token_seed``),
+        so the probe sees the embeddings inference gives."""
         self._sources = []
         for adata, rows in ((self.adata, self.rows), (self.test, self.test_rows)):
             if adata is None:
@@ -212,6 +215,7 @@ class EmbeddingProbe:
             check_counts(adata, indices=rows, full=True, forbid_empty=True, **kwargs)
             self._sources.append((adata, rows, gene_id_map(adata), kwargs))
         self.max_tokens = int(max_tokens)
+        self.token_seed = int(token_seed)
 
     @torch.no_grad()
     def _embed(
@@ -229,7 +233,7 @@ class EmbeddingProbe:
             max_tokens=self.max_tokens,
             train=False,
             shuffle=False,
-            seed=self.seed,
+            seed=self.token_seed,
             gene_id_map=ids,
             bucket=True,
             check=False,
