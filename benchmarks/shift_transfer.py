@@ -23,7 +23,8 @@ The task (semi-synthetic, fixed before any model was run on it):
   preset, ``max_tokens=256``, with two probes scored after every epoch on labelled cells of
   the training pool (never the test cells): ``same`` (kNN, 5-fold cross-validation on 1,000
   pool cells) and ``shifted`` (kNN fit on 1,000 pool cells, scored on the other pool cells,
-  shifted). The checkpoint is cached in ``OUT/pretrained[-SAMPLING]``.
+  shifted). The checkpoint is cached in ``OUT/pretrained-SAMPLING`` (``--corpus-sampling``,
+  default balanced).
 * Methods, side by side in one run: ``random`` (``CellFMClassifier(preset="tiny")``,
   defaults), pretrained starts with each ``--recipes`` entry (``CellFMClassifier(checkpoint=,
   vocabulary_file=, embedding_init="transfer").train(recipe=...)``), ``logreg`` (logistic
@@ -81,14 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-epochs", type=int, default=16)
     p.add_argument("--pretrain-batch-size", type=int, default=32)
     p.add_argument("--pretrain-lr", default="auto")
-    p.add_argument(
-        "--corpus-sampling", default="proportional", choices=["proportional", "balanced"]
-    )
+    p.add_argument("--corpus-sampling", default="balanced", choices=["proportional", "balanced"])
     p.add_argument(
         "--pretrained",
         type=Path,
         default=None,
-        help="folder with cellfm.ckpt + gene_info.csv (default: OUT/pretrained[-SAMPLING])",
+        help="folder with cellfm.ckpt + gene_info.csv (default: OUT/pretrained-SAMPLING)",
     )
     p.add_argument("--pretrain-only", action="store_true", help="pretrain (cached), then stop")
     p.add_argument("--shift-seed", type=int, default=2018)
@@ -242,8 +241,7 @@ def make_probes(pbmc: Any, seed: int) -> dict[str, Any]:
 def pretrained_folder(args: argparse.Namespace) -> Path:
     if args.pretrained is not None:
         return args.pretrained
-    suffix = "" if args.corpus_sampling == "proportional" else f"-{args.corpus_sampling}"
-    return args.out / f"pretrained{suffix}"
+    return args.out / f"pretrained-{args.corpus_sampling}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,13 +273,8 @@ def logistic_regression(train: Any, tests: dict[str, Any]) -> dict[str, float]:
     }
 
 
-RECIPE_KEYS = {
-    "head_epochs",
-    "pretrained_lr",
-    "layer_decay",
-    "transferred_rows_lr",
-    "new_lr",
-}
+#: --variant keys that change the recipe (the fields of FinetuneRecipe)
+RECIPE_KEYS = {"head_phase", "pretrained_lr", "layer_decay", "transferred_rows_lr", "interpolate"}
 
 
 def finetune(

@@ -153,3 +153,24 @@ def test_balanced_quotas_and_sampler(pbmc):
         assert len(set(epoch[0].tolist())) == len(epoch[0]) < 240
     # the big member's cells differ between epochs
     assert set(counts["balanced"][0][0].tolist()) != set(counts["balanced"][1][0].tolist())
+
+
+def test_cli_pretrain_records_the_probe(pbmc, tmp_path, capsys):
+    import json
+
+    from cellfm_sc.cli import main
+
+    corpus, labelled = tmp_path / "corpus.h5ad", tmp_path / "labelled.h5ad"
+    pbmc[:200].write_h5ad(corpus)
+    pbmc[200:].write_h5ad(labelled)
+    out = tmp_path / "run"
+    base = ["pretrain", str(corpus), "--preset", "tiny", "--epochs", "1", "--max-tokens", "32"]
+    assert main([*base, "--probe", str(labelled), "-o", str(out), "--quiet"]) == 2
+    assert "--probe and --probe-labels-key go together" in capsys.readouterr().err
+    argv = [*base, "--probe", str(labelled), "--probe-labels-key", "celltype", "-o", str(out)]
+    assert main([*argv, "--quiet", "--corpus-sampling", "proportional"]) == 0
+    facts = json.loads((out / "history.json").read_text())
+    assert len(facts["history"]["probe_macro_f1"]) == 1
+    assert facts["train_settings"]["corpus_sampling"] == "proportional"
+    assert 0 <= facts["train_settings"]["probe"]["probe_macro_f1"]["initial_macro_f1"] <= 1
+    assert "probe macro-F1" in capsys.readouterr().out

@@ -161,6 +161,7 @@ def test_recipe_values_and_names_are_checked():
         "pretrained_lr": 0.3,
         "layer_decay": 0.5,
         "transferred_rows_lr": 1.0,
+        "interpolate": 1.0,
     }
 
 
@@ -275,3 +276,29 @@ def test_auto_recipe_and_saved_rows(pretrained, tmp_path):
     assert random.train_settings_["recipe"]["name"] == AUTO_RECIPES["random"]
     with pytest.raises(ValueError, match="recipe must be 'auto' or one of"):
         random.train(max_epochs=1, recipe="linear-probe", **RUN)
+
+
+def test_interpolation_mixes_the_start_and_the_fine_tuned_weights(pretrained):
+    # interpolate=0 keeps the weights at the end of the head phase: the pretrained trunk
+    # and the probed head; 0.5 lies halfway between that and the fine-tuned weights
+    kept = {}
+    for a in (0.0, 0.5, 1.0):
+        model = _classifier(pretrained)
+        before = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+        snaps = _Snapshots()
+        recipe = FinetuneRecipe(head_phase=0.25, interpolate=a)
+        model.train(max_epochs=4, recipe=recipe, callbacks=[snaps], **RUN)
+        kept[a] = ({n: p.detach().clone() for n, p in model.module.named_parameters()}, snaps)
+        if a == 0.0:
+            start = snaps.params[0]  # after the 4 head-phase steps
+            for n, p in kept[a][0].items():
+                torch.testing.assert_close(p, start[n], rtol=0, atol=1e-6)
+                if n.startswith("trunk."):
+                    torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6)
+    # the runs are the same up to the end (same seed): halfway between start and end
+    end, snaps = kept[1.0]
+    start = snaps.params[0]
+    for n, p in kept[0.5][0].items():
+        torch.testing.assert_close(p, 0.5 * start[n] + 0.5 * end[n], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="needs a head phase"):
+        FinetuneRecipe(interpolate=0.5)

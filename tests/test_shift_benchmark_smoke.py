@@ -84,8 +84,9 @@ def test_shift_benchmark_runs(tmp_path, shared_dir):
         "pretrained_lr": 0.1,
         "layer_decay": 0.7,
         "transferred_rows_lr": 1.0,
+        "interpolate": 1.0,
     }
-    facts = json.loads((out / "pretrained" / "pretrain.json").read_text())
+    facts = json.loads((out / "pretrained-balanced" / "pretrain.json").read_text())
     assert set(facts["probe"]) == {"probe_same_macro_f1", "probe_shifted_macro_f1"}
     assert len(facts["history"]["probe_shifted_macro_f1"]) == 1
     assert "| 10% (" in res.stdout and "auto (shifted)" in res.stdout

@@ -162,6 +162,39 @@ class ClassifierTrainingPlan(TrainingPlan):
         """Whether the current training step belongs to the recipe's head phase."""
         return self.head_steps > 0 and self.global_step < self.head_steps
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # the start of weight-space interpolation: the weights when the head phase ends
+        wise = self.recipe is not None and self.recipe.interpolate < 1
+        if wise and self.head_steps and self.global_step == self.head_steps:
+            if getattr(self, "interpolation_start", None) is None:
+                self.interpolation_start = {
+                    n: p.detach().to("cpu", copy=True)
+                    for n, p in self.module.named_parameters()
+                    if p.requires_grad
+                }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if getattr(self, "interpolation_start", None) is not None:
+            checkpoint["cellfm_interpolation_start"] = self.interpolation_start
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.interpolation_start = checkpoint.get("cellfm_interpolation_start")
+
+    def interpolate_weights(self) -> bool:
+        """Set the module's trainable weights to ``interpolate * now + (1 - interpolate) *
+        start`` (the recipe's weight-space ensemble); False when there is nothing to do."""
+        start = getattr(self, "interpolation_start", None)
+        if self.recipe is None or self.recipe.interpolate >= 1 or start is None:
+            return False
+        a = float(self.recipe.interpolate)
+        with torch.no_grad():
+            for n, p in self.module.named_parameters():
+                if n in start:
+                    p.copy_(a * p + (1.0 - a) * start[n].to(p.device, p.dtype))
+        return True
+
     def step(self, batch: TokenBatch, stage: str) -> StepOutput:
         train = stage == "train"
         if train and self.in_head_phase():  # features frozen: no gradient through the trunk
@@ -575,14 +608,14 @@ class CellFMClassifier(CellFMModel):
         recipe
             How the trunk is fine-tuned (which parameters train in which phase, at which
             rate; ``lr`` is the head's): ``"auto"`` (default; see
-            :data:`~cellfm_sc.nn.trainable.AUTO_RECIPES`), ``"full"`` (everything at
+            :func:`~cellfm_sc.nn.trainable.resolve_recipe`), ``"full"`` (everything at
             ``lr`` from the first step), ``"lp-ft"`` (the head alone on frozen features for
             the first quarter of the steps, then everything, the trunk at 0.3 ``lr``),
             ``"llrd"`` (trunk at 0.3 ``lr``, x0.7 per layer towards the input),
             ``"lp-ft+llrd"``, ``"frozen-rows"`` (the gene-embedding rows transferred from
             the checkpoint frozen), or a :class:`~cellfm_sc.nn.FinetuneRecipe` of your
-            own. The head and re-initialised gene rows always train at ``lr``. See
-            :doc:`/pretraining` for what each scored on shifted data.
+            own. The head and re-initialised gene rows always train at ``lr``. The
+            pretraining page of the documentation shows what each scored on shifted data.
         early_stopping, patience
             Stop after ``patience`` validations without improvement of ``monitor``.
             ``"auto"`` (default): on when the validation set is large enough for its score
@@ -769,6 +802,7 @@ class CellFMClassifier(CellFMModel):
                 **runner,
                 **trainer_kwargs,
             )
+            plan.interpolate_weights()
         finally:
             self.module.class_weights = torch.ones(len(self.classes_))
             for name, p in self.module.named_parameters():

@@ -199,6 +199,11 @@ class FinetuneRecipe:
     transferred_rows_lr
         Rate of the gene-embedding rows transferred from the checkpoint relative to the
         input level's; 0 freezes them (the re-initialised rows still train at ``lr``).
+    interpolate
+        Weight-space ensembling (WiSE-FT, Wortsman et al. 2022): the kept weights are
+        ``interpolate * fine-tuned + (1 - interpolate) * start``, the start being the weights
+        at the end of the head phase (pretrained trunk, probed head); needs ``head_phase >
+        0`` when below 1. 1: no interpolation.
 
     Examples
     --------
@@ -213,6 +218,7 @@ class FinetuneRecipe:
     pretrained_lr: float = 1.0
     layer_decay: float = 1.0
     transferred_rows_lr: float = 1.0
+    interpolate: float = 1.0
 
     def __post_init__(self) -> None:
         checks = (
@@ -220,6 +226,7 @@ class FinetuneRecipe:
             ("pretrained_lr", self.pretrained_lr > 0, "> 0"),
             ("layer_decay", 0 < self.layer_decay <= 1, "in (0, 1]"),
             ("transferred_rows_lr", self.transferred_rows_lr >= 0, ">= 0"),
+            ("interpolate", 0 <= self.interpolate <= 1, "in [0, 1]"),
         )
         for field_name, ok, what in checks:
             value = getattr(self, field_name)
@@ -227,10 +234,16 @@ class FinetuneRecipe:
                 raise ValueError(f"recipe {field_name} must be a number, got {value!r}")
             if not (math.isfinite(value) and ok):
                 raise ValueError(f"recipe {field_name} must be {what}, got {value!r}")
+        if self.interpolate < 1 and self.head_phase == 0:
+            raise ValueError(
+                "recipe interpolate < 1 needs a head phase (head_phase > 0): the weights at "
+                "its end are what the fine-tuned weights are interpolated with"
+            )
 
     @classmethod
     def named(cls, name: str) -> FinetuneRecipe:
-        """The named recipe (see :data:`RECIPES`; ``"auto"`` is resolved by the model)."""
+        """The named recipe (``"full"``, ``"lp-ft"``, ``"llrd"``, ``"lp-ft+llrd"``,
+        ``"frozen-rows"``; ``"auto"`` is resolved by :func:`resolve_recipe`)."""
         if name not in RECIPES:
             choices = tuple(r for r in FINETUNE_RECIPES if r != "auto")
             raise ValueError(f"recipe must be 'auto' or one of {choices}, got {name!r}")
@@ -268,8 +281,11 @@ AUTO_RECIPES: dict[str, str] = {"pretrained": "full", "random": "full"}
 
 
 def resolve_recipe(recipe: str | FinetuneRecipe, pretrained: bool) -> FinetuneRecipe:
-    """The :class:`FinetuneRecipe` of a ``recipe=`` argument (``"auto"``: see
-    :data:`AUTO_RECIPES`)."""
+    """The :class:`FinetuneRecipe` of a ``recipe=`` argument.
+
+    ``"auto"``: for a pretrained trunk the recipe that won the shift benchmark
+    (``AUTO_RECIPES["pretrained"]``), for a random trunk ``"full"``.
+    """
     if isinstance(recipe, FinetuneRecipe):
         return recipe
     if not isinstance(recipe, str):
