@@ -112,6 +112,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-random", action="store_true", help="skip the random start")
     p.add_argument("--no-logreg", action="store_true", help="skip logistic regression")
     p.add_argument("--dev", action="store_true", help="score pool cells, never the test cells")
+    p.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="also score each part of the shift alone (program only, capture only)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
@@ -125,14 +130,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------
 
 
-def shift_cells(adata: Any, rows: np.ndarray, seed: int = 2018) -> Any:
+def shift_cells(
+    adata: Any, rows: np.ndarray, seed: int = 2018, program: bool = True, capture: bool = True
+) -> Any:
     """A copy of ``adata[rows]`` as a perturbation measured by another lab would give it.
 
     Raw counts in, raw counts out (CSR int): an interferon program (:data:`ISG_PROGRAM`,
     fold changes 4-32x per gene, response strength Beta(5, 2) per cell), then per-gene
     binomial thinning at ``0.5 * exp(N(0, 0.3^2))`` (depth halved, capture biased per gene).
     The gene-level draws depend on ``seed`` only, the cell-level ones on ``seed`` and the
-    cell's obs name, so a cell is shifted the same way in every run.
+    cell's obs name, so a cell is shifted the same way in every run. ``program=False`` /
+    ``capture=False`` leave one part out (to see which part a model is sensitive to).
     """
     import anndata as ad
     import scipy.sparse as sp
@@ -142,9 +150,9 @@ def shift_cells(adata: Any, rows: np.ndarray, seed: int = 2018) -> Any:
     share = np.asarray(x_all.multiply(1.0 / totals_all[:, None]).mean(0)).ravel()
     genes = np.asarray(adata.var_names)
     gene_rng = np.random.default_rng([seed, 1])
-    program = np.flatnonzero(np.isin(genes, ISG_PROGRAM))
-    fold = 2.0 ** gene_rng.uniform(2.0, 5.0, size=program.size)
-    capture = np.minimum(0.5 * np.exp(gene_rng.normal(0.0, 0.3, size=genes.size)), 1.0)
+    isg = np.flatnonzero(np.isin(genes, ISG_PROGRAM))
+    fold = 2.0 ** gene_rng.uniform(2.0, 5.0, size=isg.size)
+    efficiency = np.minimum(0.5 * np.exp(gene_rng.normal(0.0, 0.3, size=genes.size)), 1.0)
 
     x = sp.csr_matrix(x_all[rows], dtype=np.int64)
     totals = totals_all[rows]
@@ -153,14 +161,15 @@ def shift_cells(adata: Any, rows: np.ndarray, seed: int = 2018) -> Any:
     for i, name in enumerate(names):
         key = int.from_bytes(str(name).encode()[:16].ljust(16, b"\0"), "little")
         strength[i] = np.random.default_rng([seed, 2, key]).beta(5.0, 2.0)
-    lam = strength[:, None] * totals[:, None] * (fold - 1.0) * np.maximum(share[program], 1e-5)
+    lam = strength[:, None] * totals[:, None] * (fold - 1.0) * np.maximum(share[isg], 1e-5)
     cell_rng = np.random.default_rng([seed, 3, len(rows)])
     extra = cell_rng.poisson(lam)
-    x = x.tolil()
-    block = x[:, program].toarray() + extra
-    x[:, program] = block
-    x = x.tocsr()
-    x.data = cell_rng.binomial(x.data, capture[x.indices])
+    thinned = cell_rng  # the same draws whichever parts are on
+    if program:
+        x = x.tolil()
+        x[:, isg] = x[:, isg].toarray() + extra
+        x = x.tocsr()
+    x.data = thinned.binomial(x.data, efficiency[x.indices] if capture else 1.0)
     x.eliminate_zeros()
     out = ad.AnnData(X=x.astype(np.float32), obs=adata.obs.iloc[rows].copy(), var=adata.var.copy())
     out.obs["condition"] = "shifted"
@@ -382,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         scored = test_rows(pbmc)
     tests = {"same": pbmc[scored].copy(), "shifted": shift_cells(pbmc, scored, args.shift_seed)}
+    if args.diagnose:
+        tests["program"] = shift_cells(pbmc, scored, args.shift_seed, capture=False)
+        tests["capture"] = shift_cells(pbmc, scored, args.shift_seed, program=False)
     print(json.dumps(shift_summary(tests["same"], tests["shifted"])), file=sys.stderr)
     for fraction in args.fractions:
         for seed in args.seeds:
