@@ -608,7 +608,7 @@ class CellFMClassifier(CellFMModel):
         recipe
             How the trunk is fine-tuned (which parameters train in which phase, at which
             rate; ``lr`` is the head's): ``"auto"`` (default; see
-            :func:`~cellfm_sc.nn.trainable.resolve_recipe`), ``"full"`` (everything at
+            :func:`~cellfm_sc.nn.resolve_recipe`), ``"full"`` (everything at
             ``lr`` from the first step), ``"lp-ft"`` (the head alone on frozen features for
             the first quarter of the steps, then everything, the trunk at 0.3 ``lr``),
             ``"llrd"`` (trunk at 0.3 ``lr``, x0.7 per layer towards the input),

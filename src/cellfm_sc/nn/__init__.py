@@ -16,8 +16,12 @@ from cellfm_sc.nn.trainable import (
     RECIPES,
     TRAINABLE_POLICIES,
     FinetuneRecipe,
+    ParamGroup,
+    RowRateScaler,
     TrainableSummary,
     apply_trainable,
+    recipe_param_groups,
+    resolve_recipe,
 )
 from cellfm_sc.nn.trunk import CellFMOutput, CellFMTrunk, require_valid_tokens
 
@@ -33,13 +37,17 @@ __all__ = [
     "FinetuneRecipe",
     "GatedLinearUnit",
     "MultiHeadRetention",
+    "ParamGroup",
     "RetentionLayer",
+    "RowRateScaler",
     "SoftBinEncoder",
     "TrainableSummary",
     "ValueDecoder",
     "ValueEncoder",
     "apply_trainable",
     "padded_rows",
+    "recipe_param_groups",
     "require_valid_tokens",
+    "resolve_recipe",
     "srms_norm",
 ]

@@ -243,7 +243,7 @@ class FinetuneRecipe:
     @classmethod
     def named(cls, name: str) -> FinetuneRecipe:
         """The named recipe (``"full"``, ``"lp-ft"``, ``"llrd"``, ``"lp-ft+llrd"``,
-        ``"frozen-rows"``; ``"auto"`` is resolved by :func:`resolve_recipe`)."""
+        ``"frozen-rows"``; ``"auto"`` is resolved by :func:`~cellfm_sc.nn.resolve_recipe`)."""
         if name not in RECIPES:
             choices = tuple(r for r in FINETUNE_RECIPES if r != "auto")
             raise ValueError(f"recipe must be 'auto' or one of {choices}, got {name!r}")
@@ -281,7 +281,7 @@ AUTO_RECIPES: dict[str, str] = {"pretrained": "full", "random": "full"}
 
 
 def resolve_recipe(recipe: str | FinetuneRecipe, pretrained: bool) -> FinetuneRecipe:
-    """The :class:`FinetuneRecipe` of a ``recipe=`` argument.
+    """The :class:`~cellfm_sc.nn.FinetuneRecipe` of a ``recipe=`` argument.
 
     ``"auto"``: for a pretrained trunk the recipe that won the shift benchmark
     (``AUTO_RECIPES["pretrained"]``), for a random trunk ``"full"``.
@@ -312,11 +312,11 @@ class ParamGroup:
         0: trains from the first step; 1: from the end of the head phase on.
     rows, rows_scale
         For ``gene_emb``: the rows (int64 tensor) whose updates are scaled by ``rows_scale``
-        relative to the group's rate (see :class:`RowRateScaler`), or None.
+        relative to the group's rate (see :class:`~cellfm_sc.nn.RowRateScaler`), or None.
     """
 
     name: str
-    params: list[nn.Parameter]
+    params: list[torch.Tensor]
     lr_scale: float
     phase: int = 0
     rows: torch.Tensor | None = None
@@ -340,7 +340,7 @@ def recipe_param_groups(
         The trunk under ``trunk_prefix`` and the head under ``head_prefix``; only
         parameters with ``requires_grad`` (the trainable policy's) are grouped.
     recipe
-        Rates and phases (:class:`FinetuneRecipe`).
+        Rates and phases (:class:`~cellfm_sc.nn.FinetuneRecipe`).
     n_layers
         Retention layers of the trunk.
     transferred_rows
@@ -359,7 +359,7 @@ def recipe_param_groups(
     input_names = tuple(
         f"{trunk_prefix}{n}" for n in ("value_enc.", "cls_token", "ST_emb", "ST_enc.", "zero_emb")
     )
-    buckets: dict[str, list[nn.Parameter]] = {}
+    buckets: dict[str, list[torch.Tensor]] = {}
     scales: dict[str, tuple[float, int]] = {"head": (1.0, 0)}
     for name, param in module.named_parameters():
         if not param.requires_grad:
@@ -400,7 +400,7 @@ def recipe_param_groups(
 
 
 def _gene_emb_group(
-    param: nn.Parameter,
+    param: torch.Tensor,
     recipe: FinetuneRecipe,
     input_scale: float,
     phase: int,
@@ -435,7 +435,7 @@ class RowRateScaler:
         Update factor of those rows.
     """
 
-    def __init__(self, param: nn.Parameter, rows: torch.Tensor, scale: float) -> None:
+    def __init__(self, param: torch.Tensor, rows: torch.Tensor, scale: float) -> None:
         self.param, self.scale = param, float(scale)
         self.rows = rows.to(param.device)
         self._before: torch.Tensor | None = None
