@@ -119,6 +119,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--markdown", action="store_true")
+    p.add_argument(
+        "--probe-table",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="FOLDER",
+        help="print the probe-per-epoch table of these pretrained folders and stop",
+    )
     args = p.parse_args(argv)
     args.validation = 0.0
     args.keep_epochs = True
@@ -336,23 +344,94 @@ def finetune(
     return out
 
 
+#: test sets of the table, in order, and how the table names them
+TEST_NAMES = {
+    "same": "same",
+    "shifted": "shifted",
+    "program": "program only",
+    "capture": "capture only",
+}
+
+
 def table(rows: list[dict[str, Any]], configs: list[str], tests: tuple[str, ...]) -> str:
+    """Macro-F1 mean ± sd over seeds: one line per label fraction and test set, one column per
+    method, then the first pretrained config minus random and minus logistic regression."""
     fractions = sorted({r["fraction"] for r in rows})
-    head = [f"{c} ({t})" for t in tests for c in configs]
-    lines = ["| labels | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    tests = tuple(t for t in tests if any(f"macro_f1_{t}" in r for r in rows))
+
+    def name(c: str) -> str:
+        recipe = next((r.get("recipe") for r in rows if r["config"] == c), None)
+        start = "random" if c == "random" else "logreg" if c == "logreg" else "pretrained"
+        if start != "pretrained":
+            return c
+        label = recipe["name"] if recipe else c
+        return f"{c} (= {label})" if recipe and label != c else c
+
+    pretrained = [c for c in configs if c not in ("random", "logreg")]
+    first = pretrained[0] if pretrained else None
+    head = ["labels", "test cells", *[name(c) for c in configs]]
+    if first and "random" in configs:
+        head.append(f"{first} - random")
+    if first and "logreg" in configs:
+        head.append(f"{first} - logreg")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for f in fractions:
-        cells = []
-        for t in tests:
-            for c in configs:
-                vals = [r[f"macro_f1_{t}"] for r in rows if r["fraction"] == f and r["config"] == c]
-                cells.append(f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if vals else "")
         n = sorted({r["n_labelled"] for r in rows if r["fraction"] == f})
-        lines.append(f"| {100 * f:g}% ({'/'.join(map(str, n))}) | " + " | ".join(cells) + " |")
+        for t in tests:
+            key = f"macro_f1_{t}"
+            by: dict[str, list[float]] = {c: [] for c in configs}
+            for r in rows:
+                if r["fraction"] == f and r["config"] in by and key in r:
+                    by[r["config"]].append(r[key])
+            cells = [f"{100 * f:g}% ({'/'.join(map(str, n))})", TEST_NAMES.get(t, t)]
+            for c in configs:
+                v = by[c]
+                cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f} (n={len(v)})" if v else "")
+            for other in ("random", "logreg"):
+                if first and other in configs:
+                    a, b = by[first], by[other]
+                    cells.append(f"{np.mean(a) - np.mean(b):+.3f}" if a and b else "")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def probe_table(folders: list[Path], epochs: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32)) -> str:
+    """The pretraining probes and masked validation loss per epoch of pretrained folders
+    (their ``pretrain.json``), side by side: one line per epoch, 3 columns per folder."""
+    facts = [json.loads((f / "pretrain.json").read_text()) for f in folders]
+    head = ["epoch"]
+    for f in facts:
+        run = f"{f['corpus_sampling']}, {f['epochs']} ep."
+        head += [f"{run}: validation loss", f"{run}: probe same", f"{run}: probe shifted"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = ["before"]
+    for f in facts:
+        probe = f.get("probe") or {}
+        cells.append("")
+        for name in ("probe_same_macro_f1", "probe_shifted_macro_f1"):
+            v = (probe.get(name) or {}).get("initial_macro_f1")
+            cells.append("" if v is None else f"{v:.3f}")
+    lines.append("| " + " | ".join(cells) + " |")
+    for e in sorted({e for f in facts for e in f["history"]["epoch"] if e in epochs}):
+        cells = [str(e)]
+        for f in facts:
+            h = f["history"]
+            if e not in h["epoch"]:
+                cells += ["", "", ""]
+                continue
+            i = h["epoch"].index(e)
+            for name in ("validation_loss", "probe_same_macro_f1", "probe_shifted_macro_f1"):
+                v = h.get(name, [None] * len(h["epoch"]))[i]
+                cells.append("" if v is None else f"{v:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.probe_table:
+        print(probe_table(args.probe_table))
+        return 0
     import torch
 
     torch.set_num_threads(args.threads)
@@ -442,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                     fh.write(json.dumps(row) + "\n")
                 print(json.dumps(row), file=sys.stderr, flush=True)
     if args.markdown:
-        print(table([r for r in rows if r["config"] in configs], configs, ("same", "shifted")))
+        print(table([r for r in rows if r["config"] in configs], configs, tuple(tests)))
     return 0
 
 

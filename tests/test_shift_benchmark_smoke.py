@@ -47,6 +47,7 @@ def test_shift_raises_the_program_and_halves_the_depth(pbmc3k_path):
 
 @pytest.mark.slow
 def test_shift_benchmark_runs(tmp_path, shared_dir):
+    st = _shift_module()
     data = tmp_path / "data"
     data.mkdir()
     src = shared_dir / "data"
@@ -89,4 +90,15 @@ def test_shift_benchmark_runs(tmp_path, shared_dir):
     facts = json.loads((out / "pretrained-balanced" / "pretrain.json").read_text())
     assert set(facts["probe"]) == {"probe_same_macro_f1", "probe_shifted_macro_f1"}
     assert len(facts["history"]["probe_shifted_macro_f1"]) == 1
-    assert "| 10% (" in res.stdout and "auto (shifted)" in res.stdout
+    # the table: one line per test set, the default's gains over both baselines
+    table = [ln for ln in res.stdout.splitlines() if ln.startswith("|")]
+    assert "| auto (= full) |" in table[0] and table[0].endswith("auto - logreg |")
+    same = next(ln for ln in table if "| same |" in ln)
+    gain = by["auto"]["macro_f1_same"] - by["random"]["macro_f1_same"]
+    assert same.split(" | ")[-2] == f"{gain:+.3f}"
+    probes = st.probe_table([out / "pretrained-balanced"])
+    assert probes.splitlines()[2].startswith("| before |") and "| 1 |" in probes
+    assert [ln.split(" | ")[:2] for ln in table[2:]] == [
+        ["| 10% (33)", "same"],
+        ["| 10% (33)", "shifted"],
+    ]
