@@ -121,12 +121,21 @@ def parse_variants(specs: list[str]) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 
 
-def pretrain(args: argparse.Namespace) -> tuple[Path, Path, dict[str, Any]]:
+def pretrain(
+    args: argparse.Namespace, probe: Any = None, folder: Path | None = None
+) -> tuple[Path, Path, dict[str, Any]]:
+    """Pretrain once on the public corpus and export; reused when ``folder`` holds the result.
+
+    ``probe``: an ``EmbeddingProbe`` (or a dict of them) scored after every epoch;
+    ``args.corpus_sampling`` (default proportional) and ``folder`` (default
+    ``args.out / "pretrained"``; per-epoch resumable checkpoints go to ``folder/epochs``)
+    are optional.
+    """
     import anndata as ad
 
     from cellfm_sc import CellFMPretrainer
 
-    folder = args.out / "pretrained"
+    folder = folder or args.out / "pretrained"
     facts_file = folder / "pretrain.json"
     if facts_file.is_file():
         facts = json.loads(facts_file.read_text())
@@ -138,12 +147,18 @@ def pretrain(args: argparse.Namespace) -> tuple[Path, Path, dict[str, Any]]:
     model = CellFMPretrainer(corpus, preset=args.preset, max_tokens=args.max_tokens, seed=0)
     print(model, file=sys.stderr)
     lr = args.pretrain_lr if args.pretrain_lr == "auto" else float(args.pretrain_lr)
+    sampling = getattr(args, "corpus_sampling", "proportional")
+    extra = {"probe": probe} if probe is not None else {}
+    if getattr(args, "keep_epochs", False):
+        extra["checkpoint_dir"] = str(folder / "epochs")
     model.train(
         max_epochs=args.pretrain_epochs,
         batch_size=args.pretrain_batch_size,
         lr=lr,
         logger=False,
         enable_progress_bar=True,
+        corpus_sampling=sampling,
+        **extra,
     )
     seconds = time.perf_counter() - started
     ckpt, vocab = model.export_mindspore(folder, overwrite=True)
@@ -152,9 +167,11 @@ def pretrain(args: argparse.Namespace) -> tuple[Path, Path, dict[str, Any]]:
         "preset": args.preset,
         "max_tokens": args.max_tokens,
         "epochs": args.pretrain_epochs,
+        "corpus_sampling": sampling,
         "n_genes": int(model.vocab.n_genes),
         "corpus": model.train_settings_["corpus"],
         "lr": model.train_settings_["lr"],
+        "probe": model.train_settings_.get("probe"),
         "history": model.history.to_dict("list"),
     }
     facts_file.write_text(json.dumps(facts, indent=2))

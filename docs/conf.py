@@ -60,6 +60,7 @@ exclude_patterns = [
     "generated/benchmark_summary.md",
     "generated/sea_ad_epoch.md",
     "generated/benchmark_reading.md",
+    "generated/shift_transfer.md",
     "tutorials/sea_ad_example/*.md",
     "Thumbs.db",
     ".DS_Store",

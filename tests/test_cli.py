@@ -121,6 +121,7 @@ def test_choices_come_from_the_library():
     assert choices["precision"] == _constants.PRECISIONS
     assert choices["lr_schedule"] == _constants.LR_SCHEDULES
     assert choices["monitor"] == _constants.MONITORS
+    assert choices["recipe"] == _constants.FINETUNE_RECIPES
 
 
 def test_cli_defaults_are_the_python_defaults():
@@ -142,6 +143,7 @@ def test_cli_defaults_are_the_python_defaults():
         "test_size": train["test_size"],
         "patience": train["patience"],
         "monitor": train["monitor"],
+        "recipe": train["recipe"],
         "early_stopping": train["early_stopping"],
         "trainable": init["trainable"],
         "max_tokens": init["max_tokens"],
@@ -351,6 +353,8 @@ def test_error_split_json_unknown_indices(tmp_path, small_h5ad):
         (["--precision", "8"], "argument --precision: invalid choice"),
         (["--embedding-init", "transfer"], "--embedding-init transfer needs --checkpoint"),
         (["--split-json", "a.json", "--split-key", "split"], "either --split-json or --split-key"),
+        (["--recipe", "lpft"], "argument --recipe: invalid choice"),
+        (["--recipe", "lp-ft", "--level", "donor", "--donor-key", "celltype"], "--recipe applies"),
     ],
 )
 def test_error_bad_option_values(tmp_path, small_h5ad, args, fragment):

@@ -32,6 +32,7 @@ _LAZY: dict[str, str] = {
     "CellFMPretrainer": "cellfm_sc.model",
     "CellFMDonorClassifier": "cellfm_sc.model",
     "select_level": "cellfm_sc.model",
+    "EmbeddingProbe": "cellfm_sc.model",
 }
 # public submodule aliases (``cellfm_sc.pl`` is :mod:`cellfm_sc.plotting`, scanpy style)
 _MODULES: dict[str, str] = {

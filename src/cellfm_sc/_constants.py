@@ -7,15 +7,18 @@ the choices without importing the model code.
 from __future__ import annotations
 
 __all__ = [
+    "CORPUS_SAMPLING",
     "DONOR_LOSSES",
     "DONOR_MONITORS",
     "EMBEDDING_INITS",
     "LIBRARY_NOISE",
+    "FINETUNE_RECIPES",
     "LR_SCHEDULES",
     "MONITORS",
     "POOLINGS",
     "PRECISIONS",
     "PRESET_NAMES",
+    "PROBE_METHODS",
     "TRAINABLE_POLICIES",
 ]
 
@@ -88,3 +91,13 @@ DONOR_MONITORS: tuple[str, ...] = (
     "validation_donor_acc",
     "validation_donor_balanced_acc",
 )
+
+#: fine-tuning recipes of ``CellFMClassifier.train(recipe=...)`` (``"auto"``: the measured
+#: winner after a checkpoint, ``"full"`` for a random trunk)
+FINETUNE_RECIPES: tuple[str, ...] = ("auto", "full", "lp-ft", "llrd", "lp-ft+llrd", "frozen-rows")
+
+#: classifiers of the pretraining probe (``EmbeddingProbe(method=...)``)
+PROBE_METHODS: tuple[str, ...] = ("knn", "logreg")
+
+#: how a pretraining corpus draws its files' batches each epoch
+CORPUS_SAMPLING: tuple[str, ...] = ("proportional", "balanced")

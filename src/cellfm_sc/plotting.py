@@ -292,11 +292,13 @@ _PRETRAINING_PANELS = (
 def pretraining_curves(
     history: pd.DataFrame | Mapping[str, Sequence[float]],
     *,
+    probe_initial: float | Mapping[str, float] | None = None,
     title: str | None = None,
     show: bool | None = None,
     save: str | os.PathLike[str] | None = None,
 ) -> Figure | None:
-    """Masked-value loss and its two parts per epoch, train vs validation (three panels).
+    """Masked-value loss and its two parts per epoch, train vs validation (three panels),
+    and the probe's macro-F1 beside them when the history has it (a fourth panel).
 
     Parameters
     ----------
@@ -304,7 +306,11 @@ def pretraining_curves(
         ``CellFMPretrainer.history``: one row per
         epoch with ``epoch`` (optional), ``train_loss``, ``validation_loss``,
         ``train_value_mse``, ``validation_value_mse``, ``train_cellwise_mse``,
-        ``validation_cellwise_mse``. Missing columns and NaN entries are skipped.
+        ``validation_cellwise_mse`` and, from ``train(probe=...)``, ``probe_macro_f1``.
+        Missing columns and NaN entries are skipped.
+    probe_initial
+        The probe's score before training, drawn as a dashed line (where the probe curve
+        rises above it, pretraining helps); for several probes a dict by history column.
     title, show, save
         See the module docstring.
 
@@ -314,12 +320,18 @@ def pretraining_curves(
     >>> fig = pretraining_curves(h, show=False)
     >>> [a.get_title() for a in fig.axes]
     ['masked-value loss', 'value decoder MSE', 'cellwise decoder MSE']
+    >>> h["probe_macro_f1"] = [0.4, 0.6]
+    >>> [a.get_title() for a in pretraining_curves(h, show=False).axes][-1]
+    'probe macro-F1'
     """
     import matplotlib.pyplot as plt
 
     hist = pd.DataFrame(history)
     epochs = hist["epoch"].to_numpy() if "epoch" in hist else np.arange(1, len(hist) + 1)
-    fig, axes = plt.subplots(1, 3, figsize=(12.0, 3.6), layout="constrained")
+    probe_columns = [c for c in hist.columns if c.startswith("probe_") and c.endswith("macro_f1")]
+    has_probe = bool(probe_columns)
+    n_panels = 4 if has_probe else 3
+    fig, axes = plt.subplots(1, n_panels, figsize=(4.0 * n_panels, 3.6), layout="constrained")
     colours = {"train": "tab:blue", "validation": "tab:orange"}
     for ax, (key, panel) in zip(axes, _PRETRAINING_PANELS):
         drawn = 0
@@ -341,6 +353,25 @@ def pretraining_curves(
             ax.legend(frameon=False)
         else:
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
+        if len(epochs) and len(epochs) <= 20:
+            ax.set_xticks(np.unique(epochs))
+    if has_probe:
+        ax = axes[3]
+        if not isinstance(probe_initial, Mapping):
+            probe_initial = {probe_columns[0]: probe_initial} if probe_initial is not None else {}
+        for i, column in enumerate(probe_columns):
+            colour = plt.get_cmap("tab10")(2 + i)
+            name = column[len("probe_") : -len("macro_f1")].strip("_") or "probe"
+            y = pd.to_numeric(hist[column], errors="coerce").to_numpy(dtype=float)
+            ok = np.isfinite(y)
+            ax.plot(epochs[ok], y[ok], marker="o", markersize=3, color=colour, label=name)
+            start = probe_initial.get(column)
+            if start is not None and np.isfinite(start):
+                ax.axhline(start, ls="--", color=colour, alpha=0.6, label=f"{name}, before")
+        ax.set_title("probe macro-F1")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(frameon=False)
         if len(epochs) and len(epochs) <= 20:
             ax.set_xticks(np.unique(epochs))
     if title:

@@ -11,6 +11,7 @@ from typing import Any
 from cellfm_sc import __version__
 from cellfm_sc._constants import (
     EMBEDDING_INITS,
+    FINETUNE_RECIPES,
     LR_SCHEDULES,
     MONITORS,
     PRESET_NAMES,
@@ -71,6 +72,7 @@ FINETUNE_KEYS = (
     "preset",
     "embedding_init",
     "trainable",
+    "recipe",
     "max_tokens",
     "level",
     "auto_folds",
@@ -345,6 +347,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "original scripts' policy)",
     )
     model.add_argument(
+        "--recipe",
+        choices=FINETUNE_RECIPES,
+        default="auto",
+        help="how a pretrained trunk is fine-tuned: auto (the measured winner after a "
+        "--checkpoint, full without), full (everything at --lr), lp-ft (head first on frozen "
+        "features, then everything, the trunk slower), llrd (trunk slower, layer-wise decay), "
+        "lp-ft+llrd, frozen-rows (transferred gene rows frozen)",
+    )
+    model.add_argument(
         "--max-tokens",
         metavar="N",
         type=positive_int,
@@ -428,6 +439,8 @@ def validate_options(opts: dict[str, Any], need_data: bool = True) -> None:
         raise CLIError(f"--level {opts['level']} needs --donor-key (the obs column of donors)")
     if opts.get("level") == "auto" and opts.get("auto_folds", 5) < 3:
         raise CLIError("--auto-folds must be >= 3 (one fold tests, one validates, the rest train)")
+    if opts.get("level", "cell") == "donor" and opts.get("recipe", "auto") != "auto":
+        raise CLIError("--recipe applies to --level cell; the donor model has its own recipe")
     if opts.get("split_json") and opts.get("split_key"):
         raise CLIError("give either --split-json or --split-key, not both")
     if opts.get("checkpoint") is None and opts.get("preset") is None:
@@ -657,6 +670,7 @@ def _run(
         validation_size=opts.get("validation_size", 0.1),
         test_size=opts.get("test_size", 0.1),
         split=split,
+        recipe=opts.get("recipe", "auto"),
         early_stopping=early,
         patience=max(patience, 1),
         monitor=opts.get("monitor", "auto"),

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cellfm_sc import __version__
-from cellfm_sc._constants import EMBEDDING_INITS, LR_SCHEDULES, PRESET_NAMES
+from cellfm_sc._constants import CORPUS_SAMPLING, EMBEDDING_INITS, LR_SCHEDULES, PRESET_NAMES
 from cellfm_sc.cli._common import (
     CLIError,
     Console,
@@ -131,7 +131,27 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="share of each cell's genes whose values are predicted (80%% of them hidden)",
     )
     train = p.add_argument_group("training")
-    train.add_argument("--epochs", metavar="N", type=positive_int, default=10, help="epochs")
+    train.add_argument("--epochs", metavar="N", type=positive_int, default=16, help="epochs")
+    train.add_argument(
+        "--corpus-sampling",
+        choices=CORPUS_SAMPLING,
+        default="balanced",
+        help="balanced: every file the same number of batches per epoch; proportional: every "
+        "cell once per epoch (files weigh by their size)",
+    )
+    train.add_argument(
+        "--probe",
+        metavar="LABELLED.h5ad",
+        default=None,
+        help="labelled cells whose kNN macro-F1 on the embeddings is recorded after every "
+        "epoch (history.json, loss_curve.png); needs --probe-labels-key",
+    )
+    train.add_argument(
+        "--probe-labels-key",
+        metavar="KEY",
+        default=None,
+        help="obs column of the --probe file with the labels",
+    )
     train.add_argument(
         "--batch-size", metavar="N", type=positive_int, default=32, help="cells per batch"
     )
@@ -226,6 +246,10 @@ def validate(opts: dict[str, Any]) -> tuple[list[Path], Path | None]:
         raise CLIError("--mask-ratio must be above 0")
     if opts.get("layer") and opts.get("use_raw"):
         raise CLIError("pass either --layer or --use-raw: the counts are in one of them")
+    if bool(opts.get("probe")) != bool(opts.get("probe_labels_key")):
+        raise CLIError("--probe and --probe-labels-key go together (labelled cells, their column)")
+    if opts.get("probe"):
+        existing_file(opts["probe"], "probe file")
     files = [existing_file(f, "data file") for f in opts["data"]]
     seen: dict[Path, Path] = {}
     for f in files:
@@ -349,6 +373,13 @@ def _run(
         seed=opts["seed"],
     )
     con.info(model.summary)
+    probe = None
+    if opts.get("probe"):
+        from cellfm_sc.model import EmbeddingProbe
+
+        labelled = read_h5ad(Path(opts["probe"]))
+        probe = EmbeddingProbe(labelled, opts["probe_labels_key"], seed=opts["seed"])
+        con.info(f"probe: {probe.rows.size:,} labelled cells of {opts['probe']}")
     patience = opts.get("patience", 3)
     model.train(
         max_epochs=opts["epochs"],
@@ -370,6 +401,8 @@ def _run(
         resume_from=str(resume) if resume else None,
         logger=False,
         enable_progress_bar=show_progress(opts),
+        corpus_sampling=opts.get("corpus_sampling", "balanced"),
+        probe=probe,
     )
     if model.global_rank_ != 0:
         return {"summary": f"rank {model.global_rank_}"}
@@ -386,8 +419,13 @@ def _run(
         "checkpoint": model.pretrained_report_,
     }
     write_json_atomic(work / "history.json", to_plain(facts, finite=False))
+    probes = (model.train_settings_ or {}).get("probe") or {}
     pretraining_curves(
-        history, title="masked-value pretraining", show=False, save=work / "loss_curve.png"
+        history,
+        probe_initial={c: p.get("initial_macro_f1") for c, p in probes.items()},
+        title="masked-value pretraining",
+        show=False,
+        save=work / "loss_curve.png",
     )
     import matplotlib.pyplot as plt
 
@@ -397,4 +435,7 @@ def _run(
     summary = f"{len(history)} epoch(s), final train loss {last['train_loss']:.4f}"
     if val is not None and val == val:
         summary += f", validation loss {val:.4f} (best epoch {model.best_epoch_})"
+    if "probe_macro_f1" in history:
+        start = probes["probe_macro_f1"].get("initial_macro_f1")
+        summary += f", probe macro-F1 {start:.3f} -> {history['probe_macro_f1'].iloc[-1]:.3f}"
     return {"summary": summary}

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from cellfm_sc.model._donor import CellFMDonorClassifier
     from cellfm_sc.model._pretrainer import CellFMPretrainer
     from cellfm_sc.model._select import LevelSelection, select_level
+    from cellfm_sc.model._probe import EmbeddingProbe
 
 __all__ = [
     "CellFMClassifier",
@@ -26,6 +27,7 @@ __all__ = [
     "CellFMDonorClassifier",
     "CellFMPretrainModule",
     "CellFMPretrainer",
+    "EmbeddingProbe",
     "LevelSelection",
     "UntrainedModelError",
     "auto_lr",
@@ -38,6 +40,7 @@ _LAZY = {
     "CellFMDonorClassifier": "cellfm_sc.model._donor",
     "CellFMPretrainer": "cellfm_sc.model._pretrainer",
     "UntrainedModelError": "cellfm_sc._errors",
+    "EmbeddingProbe": "cellfm_sc.model._probe",
     "auto_lr": "cellfm_sc.model._base",
     "LevelSelection": "cellfm_sc.model._select",
     "select_level": "cellfm_sc.model._select",

@@ -37,8 +37,9 @@ from cellfm_sc.model._core import (
     check_resume_file,
     check_training_numbers,
 )
-from cellfm_sc.model._module import CellFMClassifierModule
-from cellfm_sc.nn import CellFMConfig, CellFMTrunk
+from cellfm_sc.model._module import CellFMClassifierModule, ClassifierOutput
+from cellfm_sc.nn import CellFMConfig, CellFMTrunk, FinetuneRecipe
+from cellfm_sc.nn.trainable import RowRateScaler, recipe_param_groups, resolve_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,13 @@ class ClassifierTrainingPlan(TrainingPlan):
         or None.
     masked_value_weight
         Weight of the auxiliary masked-value loss (0 = off).
+    recipe
+        The fine-tuning recipe (:class:`~cellfm_sc.nn.FinetuneRecipe`): parameter groups
+        with their rates, and a head phase during which the trunk runs without gradients
+        (its features frozen; the auxiliary loss is off then). None: one group at ``lr``.
+    transferred_rows
+        Gene-embedding rows that came from the checkpoint (the recipe's
+        ``transferred_rows_lr`` applies to them).
     **kwargs
         :class:`~cellfm_sc.model._core.TrainingPlan` settings (lr, schedule, ...).
     """
@@ -95,9 +103,16 @@ class ClassifierTrainingPlan(TrainingPlan):
         donors: np.ndarray | None = None,
         sample_weight: np.ndarray | None = None,
         masked_value_weight: float = 0.0,
+        recipe: FinetuneRecipe | None = None,
+        transferred_rows: np.ndarray | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(module, **kwargs)
+        self.recipe = recipe
+        self.transferred_rows = transferred_rows
+        #: optimizer steps of the head phase (set when the optimizer is built)
+        self.head_steps = 0
+        self._row_hooks: list[Any] = []
         self.classes = list(classes)
         self.ordinal = bool(ordinal)
         self.labels = labels
@@ -109,9 +124,86 @@ class ClassifierTrainingPlan(TrainingPlan):
             persistent=False,
         )
 
+    # -- the recipe: groups, rates, head phase
+    def optimizer_groups(self, total_steps: int) -> list[dict[str, Any]]:
+        if self.recipe is None:
+            return super().optimizer_groups(total_steps)
+        groups = recipe_param_groups(
+            self.module,
+            self.recipe,
+            n_layers=self.module.trunk.config.n_layers,
+            transferred_rows=self.transferred_rows,
+        )
+        self.head_steps = round(self.recipe.head_phase * total_steps)
+        for hook in self._row_hooks:
+            hook.remove()
+        self._row_hooks, self._row_scalers = [], []
+        out = []
+        for g in groups:
+            if g.rows is not None and g.rows_scale != 1.0:
+                self._row_scalers.append(RowRateScaler(g.params[0], g.rows, g.rows_scale))
+            out.append(
+                {
+                    "params": g.params,
+                    "lr": self.lr * g.lr_scale,
+                    "name": g.name,
+                    "start_step": self.head_steps if g.phase else 0,
+                }
+            )
+        return out
+
+    def configure_optimizers(self) -> Any:
+        config = super().configure_optimizers()
+        optimizer = config["optimizer"] if isinstance(config, dict) else config
+        for scaler in getattr(self, "_row_scalers", []):
+            self._row_hooks.extend(scaler.attach(optimizer))
+        return config
+
+    def in_head_phase(self) -> bool:
+        """Whether the current training step belongs to the recipe's head phase."""
+        return self.head_steps > 0 and self.global_step < self.head_steps
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # the start of weight-space interpolation: the weights when the head phase ends
+        wise = self.recipe is not None and self.recipe.interpolate < 1
+        if wise and self.head_steps and self.global_step == self.head_steps:
+            if getattr(self, "interpolation_start", None) is None:
+                self.interpolation_start = {
+                    n: p.detach().to("cpu", copy=True)
+                    for n, p in self.module.named_parameters()
+                    if p.requires_grad
+                }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if getattr(self, "interpolation_start", None) is not None:
+            checkpoint["cellfm_interpolation_start"] = self.interpolation_start
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.interpolation_start = checkpoint.get("cellfm_interpolation_start")
+
+    def interpolate_weights(self) -> bool:
+        """Set the module's trainable weights to ``interpolate * now + (1 - interpolate) *
+        start`` (the recipe's weight-space ensemble); False when there is nothing to do."""
+        start = getattr(self, "interpolation_start", None)
+        if self.recipe is None or self.recipe.interpolate >= 1 or start is None:
+            return False
+        a = float(self.recipe.interpolate)
+        with torch.no_grad():
+            for n, p in self.module.named_parameters():
+                if n in start:
+                    p.copy_(a * p + (1.0 - a) * start[n].to(p.device, p.dtype))
+        return True
+
     def step(self, batch: TokenBatch, stage: str) -> StepOutput:
         train = stage == "train"
-        if train and self.masked_value_weight > 0:
+        if train and self.in_head_phase():  # features frozen: no gradient through the trunk
+            with torch.no_grad():
+                trunk = self.module.trunk(batch.values, batch.gene_ids, batch.valid)
+            out = ClassifierOutput(logits=self.module.head(trunk.cls), cls=trunk.cls)
+            mv_loss = None
+        elif train and self.masked_value_weight > 0:
             out, mv_loss = self.module.masked_value_loss(batch)
             self.log("train_masked_value_loss", mv_loss.detach(), batch_size=len(batch))
         else:
@@ -316,6 +408,7 @@ class CellFMClassifier(CellFMModel):
         )
         self.head_hidden_ = int(head_hidden)
         self.dropout_ = float(dropout)
+        self.transferred_rows_ = _transferred_rows(self._pretrained_report)
         module = CellFMClassifierModule(trunk, len(self.classes_), head_hidden, dropout)
         self._attach(module, trainable, lora_rank, lora_alpha)
         self.init_params_ = self._get_init_params(locals())
@@ -468,6 +561,7 @@ class CellFMClassifier(CellFMModel):
         validation_size: float = 0.1,
         test_size: float = 0.1,
         split: DataSplit | None = None,
+        recipe: str | FinetuneRecipe = "auto",
         early_stopping: bool | str = "auto",
         patience: int = 3,
         monitor: str = "auto",
@@ -513,6 +607,17 @@ class CellFMClassifier(CellFMModel):
         split
             Explicit :class:`~cellfm_sc.data.DataSplit` (``split_from_obs``,
             ``split_from_json``, ``split_by_donor``); overrides the sizes.
+        recipe
+            How the trunk is fine-tuned (which parameters train in which phase, at which
+            rate; ``lr`` is the head's): ``"auto"`` (default; see
+            :func:`~cellfm_sc.nn.resolve_recipe`), ``"full"`` (everything at
+            ``lr`` from the first step), ``"lp-ft"`` (the head alone on frozen features for
+            the first quarter of the steps, then everything, the trunk at 0.3 ``lr``),
+            ``"llrd"`` (trunk at 0.3 ``lr``, x0.7 per layer towards the input),
+            ``"lp-ft+llrd"``, ``"frozen-rows"`` (the gene-embedding rows transferred from
+            the checkpoint frozen), or a :class:`~cellfm_sc.nn.FinetuneRecipe` of your
+            own. The head and re-initialised gene rows always train at ``lr``. The
+            pretraining page of the documentation shows what each scored on shifted data.
         early_stopping, patience
             Stop after ``patience`` validations without improvement of ``monitor``.
             ``"auto"`` (default): on when the validation set is large enough for its score
@@ -592,6 +697,7 @@ class CellFMClassifier(CellFMModel):
             masked_value_weight=masked_value_weight,
         )
         check_accelerator(accelerator, devices)  # before any work: one line, the fix
+        recipe_ = resolve_recipe(recipe, self.pretrained)
         if early_stopping not in (True, False, "auto"):
             raise ValueError(
                 f"early_stopping must be True, False or 'auto', got {early_stopping!r}"
@@ -648,6 +754,8 @@ class CellFMClassifier(CellFMModel):
             donors=donors,
             sample_weight=sample_weight,
             masked_value_weight=masked_value_weight,
+            recipe=recipe_,
+            transferred_rows=self.transferred_rows_,
             lr=lr_value,
             weight_decay=weight_decay,
             lr_schedule=lr_schedule,
@@ -672,7 +780,11 @@ class CellFMClassifier(CellFMModel):
             "gradient_checkpointing": gradient_checkpointing,
             "masked_value_weight": masked_value_weight,
             "trainable": self.trainable_,
+            "recipe": recipe_.to_dict(),
         }
+        runner = self._runner_options(locals())
+        if recipe_.head_phase > 0:  # under DDP the trunk is unused during the head phase
+            runner["find_unused_parameters"] = True
         try:
             self._fit(
                 plan,
@@ -694,9 +806,10 @@ class CellFMClassifier(CellFMModel):
                 early_stopping=bool(early_stopping),
                 patience=patience,
                 check_val_every_n_steps=check_val_every_n_steps,
-                **self._runner_options(locals()),
+                **runner,
                 **trainer_kwargs,
             )
+            plan.interpolate_weights()
         finally:
             self.module.class_weights = torch.ones(len(self.classes_))
             for name, p in self.module.named_parameters():
@@ -1075,6 +1188,9 @@ class CellFMClassifier(CellFMModel):
             "ordinal_": bool(self.ordinal_),
             "head_hidden": self.head_hidden_,
             "dropout": self.dropout_,
+            "transferred_rows": None
+            if self.transferred_rows_ is None
+            else self.transferred_rows_.tolist(),
         }
 
     def _restore_attrs(self, attrs: dict[str, Any]) -> None:
@@ -1084,12 +1200,22 @@ class CellFMClassifier(CellFMModel):
         self.ordinal_ = bool(attrs["ordinal_"])
         self.head_hidden_ = int(attrs["head_hidden"])
         self.dropout_ = float(attrs["dropout"])
+        rows = attrs.get("transferred_rows")
+        self.transferred_rows_ = None if rows is None else np.asarray(rows, dtype=np.int64)
 
     @classmethod
     def _make_module(cls, trunk: CellFMTrunk, attrs: dict[str, Any]) -> CellFMClassifierModule:
         return CellFMClassifierModule(
             trunk, len(attrs["classes_"]), int(attrs["head_hidden"]), float(attrs["dropout"])
         )
+
+
+def _transferred_rows(report: Any) -> np.ndarray | None:
+    """Gene-embedding rows (token ids) that ``embedding_init="transfer"`` filled from the
+    checkpoint, or None (no checkpoint, or every row re-initialised)."""
+    if report is None or report.embedding_init != "transfer" or report.mapping is None:
+        return None
+    return (np.flatnonzero(report.mapping.pretrained_ids) + 1).astype(np.int64)
 
 
 def _embedding(module: CellFMClassifierModule, batch: TokenBatch) -> dict[str, Any]:

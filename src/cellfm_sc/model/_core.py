@@ -212,6 +212,7 @@ def make_scheduler(
     max_epochs: int,
     warmup_fraction: float = 0.05,
     gamma: float = 0.95,
+    group_starts: Sequence[int] | None = None,
 ) -> dict[str, Any] | None:
     """The Lightning ``lr_scheduler`` entry of a schedule name (``None`` for constant).
 
@@ -219,10 +220,17 @@ def make_scheduler(
     steps, then cosine decay to 0 at ``total_steps``, stepped per optimizer step.
     ``"cosine"``: cosine over ``max_epochs``, per epoch. ``"step"``: times ``gamma`` after
     every epoch (the original scripts). ``"constant"``: no schedule.
+
+    ``group_starts``: per parameter group, the optimizer step it starts training at (a
+    fine-tuning recipe's later phase). Under ``"warmup_cosine"`` and ``"constant"`` such a
+    group has rate 0 before its start and then its own warm-up and cosine over the steps
+    left; other schedules ignore the starts.
     """
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
-    if schedule == "constant":
+    starts = [int(s) for s in group_starts] if group_starts is not None else []
+    staged = any(s > 0 for s in starts)
+    if schedule == "constant" and not staged:
         return None
     if schedule == "step":
         sched = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=gamma)
@@ -231,15 +239,26 @@ def make_scheduler(
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(max_epochs, 1))
         return {"scheduler": sched, "interval": "epoch"}
     total = max(int(total_steps), 1)
-    warm = round(warmup_fraction * total)
 
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        progress = (step - warm) / max(total - warm, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    def factor_from(start: int) -> Any:
+        steps = max(total - start, 1)
+        warm = round(warmup_fraction * steps)
 
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        def factor(step: int) -> float:
+            step -= start
+            if step < 0:
+                return 0.0
+            if schedule == "constant":
+                return 1.0
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            progress = (step - warm) / max(steps - warm, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+        return factor
+
+    lambdas: Any = [factor_from(s) for s in starts] if staged else factor_from(0)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     return {"scheduler": sched, "interval": "step"}
 
 
@@ -396,21 +415,33 @@ class TrainingPlan(pl.LightningModule):
             row.update(
                 {k: v for k, v in self.last_validation.items() if k.startswith("validation_")}
             )
-        row["lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+        groups = self.trainer.optimizers[0].param_groups
+        row["lr"] = float(groups[0]["lr"])
+        for g in groups[1:]:  # a recipe's other groups (named), e.g. lr_encoder.1
+            if "name" in g:
+                row[f"lr_{g['name']}"] = float(g["lr"])
         self.history.append(row)
         for key, value in row.items():
             if key.startswith("train_"):  # exact epoch values (reduced sums)
                 self.log(key, value)
 
     # -- optimisation
+    def optimizer_groups(self, total_steps: int) -> list[dict[str, Any]]:
+        """AdamW parameter groups: dicts with ``params``, ``lr`` and optionally ``name`` and
+        ``start_step`` (the step the group starts training at; see :func:`make_scheduler`).
+        Default: one group of every trainable parameter at ``lr``."""
+        return [{"params": [p for p in self.module.parameters() if p.requires_grad], "lr": self.lr}]
+
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("nothing to train: every parameter is frozen (see trainable=)")
-        optimizer = torch.optim.AdamW(
-            params, lr=self.lr, weight_decay=self.weight_decay, **self._adamw_kernel(params)
-        )
         total = int(self.trainer.estimated_stepping_batches) if self.trainer else 1
+        groups = [g for g in self.optimizer_groups(total) if g["params"]]
+        if not groups:
+            raise ValueError("nothing to train: every parameter is frozen (see trainable=)")
+        starts = [int(g.pop("start_step", 0)) for g in groups]
+        params = [p for g in groups for p in g["params"]]
+        optimizer = torch.optim.AdamW(
+            groups, lr=self.lr, weight_decay=self.weight_decay, **self._adamw_kernel(params)
+        )
         sched = make_scheduler(
             optimizer,
             self.lr_schedule,
@@ -418,6 +449,7 @@ class TrainingPlan(pl.LightningModule):
             max_epochs=self.max_epochs,
             warmup_fraction=self.warmup_fraction,
             gamma=self.lr_gamma,
+            group_starts=starts,
         )
         if sched is None:
             return optimizer

@@ -11,7 +11,8 @@
 * :class:`CorpusDataModule`: training and validation loaders over every member, each batch
   from one member (its own :class:`~cellfm_sc.data.CellDataset` with the member's
   ``gene_id_map`` into the union vocabulary), batches of all members interleaved at random
-  every epoch. Nothing is concatenated or copied: memory holds the index arrays only.
+  every epoch, each member's share by its size (``"proportional"``) or the same for all
+  (``"balanced"``). Nothing is concatenated or copied: memory holds the index arrays only.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cellfm_sc._constants import CORPUS_SAMPLING
 from cellfm_sc.data import CellBatchSampler, CellDataset, TokenBatch, matrix_var_names
 
 __all__ = [
     "CorpusDataModule",
     "CorpusMember",
+    "balanced_quotas",
     "looks_ensembl",
     "member_ensembl_ids",
     "member_gene_names",
@@ -169,15 +172,25 @@ class _CorpusSampler(Sampler):
     """Every member's batches (each member's own :class:`CellBatchSampler`), interleaved.
 
     Training: the batches of all members are permuted at random every epoch (seeded by
-    ``(seed, epoch)``). Evaluation: member by member, in order. Under distributed training
-    each member's sampler already gives every rank the same number of batches, so the ranks
-    run the same number of steps.
+    ``(seed, epoch)``). With ``quotas`` (balanced sampling) member ``m`` contributes
+    ``quotas[m]`` batches per epoch instead of all of its own: the first ones of its shuffled
+    pass when that is fewer (other cells next epoch), or further passes (other shuffles and
+    token draws) when more. Evaluation: member by member, in order, every batch once. Under
+    distributed training each member's sampler gives every rank the same number of batches,
+    so the ranks run the same number of steps.
     """
 
-    def __init__(self, samplers: Sequence[CellBatchSampler], shuffle: bool, seed: int) -> None:
+    def __init__(
+        self,
+        samplers: Sequence[CellBatchSampler],
+        shuffle: bool,
+        seed: int,
+        quotas: Sequence[int] | None = None,
+    ) -> None:
         self.samplers = list(samplers)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
+        self.quotas = None if quotas is None else [int(q) for q in quotas]
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -186,18 +199,57 @@ class _CorpusSampler(Sampler):
             s.set_epoch(epoch)
 
     def __len__(self) -> int:
+        if self.quotas is not None:
+            return sum(self.quotas)
         return sum(len(s) for s in self.samplers)
 
+    def _member_items(self, m: int) -> list[tuple[int, int, np.ndarray, float]]:
+        s = self.samplers[m]
+        if self.quotas is None:
+            return [(m, self.epoch, rows, w) for rows, w in s.iter_weighted()]
+        items: list[tuple[int, int, np.ndarray, float]] = []
+        extra = 0
+        while len(items) < self.quotas[m] and len(s):
+            # pass 0 is this epoch's own; further passes use epochs no other pass uses
+            key = self.epoch if extra == 0 else _PASS_KEYS + self.epoch * _MAX_PASSES + extra
+            s.set_epoch(key)
+            items.extend((m, key, rows, w) for rows, w in s.iter_weighted())
+            extra += 1
+        s.set_epoch(self.epoch)
+        return items[: self.quotas[m]]
+
     def __iter__(self) -> Iterator[tuple[int, int, np.ndarray, float]]:
-        items = [
-            (m, self.epoch, rows, weight)
-            for m, s in enumerate(self.samplers)
-            for rows, weight in s.iter_weighted()
-        ]
+        items = [item for m in range(len(self.samplers)) for item in self._member_items(m)]
         if self.shuffle and items:
             rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, 0x636F])
             items = [items[i] for i in rng.permutation(len(items))]
         yield from items
+
+
+#: epoch keys of a small member's further passes in a balanced epoch: beyond any real epoch
+_PASS_KEYS = 1 << 40
+_MAX_PASSES = 1 << 16
+
+
+def balanced_quotas(n_batches: Sequence[int]) -> list[int]:
+    """Batches per member and epoch when every member weighs the same: the epoch keeps its
+    length (the sum of ``n_batches``), split evenly; members without cells get none.
+
+    Examples
+    --------
+    >>> balanced_quotas([670, 112, 169])
+    [317, 317, 317]
+    """
+    n = [int(b) for b in n_batches]
+    active = [i for i, b in enumerate(n) if b > 0]
+    if not active:
+        return [0] * len(n)
+    total = sum(n)
+    base, rest = divmod(total, len(active))
+    out = [0] * len(n)
+    for j, i in enumerate(active):
+        out[i] = base + (1 if j < rest else 0)
+    return out
 
 
 class CorpusDataModule(pl.LightningDataModule):
@@ -212,6 +264,12 @@ class CorpusDataModule(pl.LightningDataModule):
         seed ``seed + i`` (distinct streams for equal row numbers in different files).
     num_workers
         DataLoader worker processes (backed files are reopened in each worker).
+    sampling
+        ``"proportional"`` (default): every training cell once per epoch, so members weigh
+        by their size. ``"balanced"``: every member contributes the same number of batches
+        per epoch (:func:`balanced_quotas`; small members are repeated with other token
+        draws, large ones sub-sampled), so one big file does not dominate. Validation reads
+        every cell once either way.
     """
 
     def __init__(
@@ -222,8 +280,12 @@ class CorpusDataModule(pl.LightningDataModule):
         max_tokens: int,
         seed: int = 0,
         num_workers: int = 0,
+        sampling: str = "proportional",
     ) -> None:
         super().__init__()
+        if sampling not in CORPUS_SAMPLING:
+            raise ValueError(f"corpus sampling must be one of {CORPUS_SAMPLING}, got {sampling!r}")
+        self.sampling = sampling
         self.members = list(members)
         self.batch_size = int(batch_size)
         self.max_tokens = int(max_tokens)
@@ -264,10 +326,13 @@ class CorpusDataModule(pl.LightningDataModule):
                     exact=not train,
                 )
             )
+        quotas = None
+        if train and self.sampling == "balanced":
+            quotas = balanced_quotas([len(s) for s in samplers])
         return DataLoader(
             _CorpusDataset(datasets),
             batch_size=None,
-            sampler=_CorpusSampler(samplers, shuffle=train, seed=self.seed),
+            sampler=_CorpusSampler(samplers, shuffle=train, seed=self.seed, quotas=quotas),
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
         )

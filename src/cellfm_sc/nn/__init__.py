@@ -12,26 +12,42 @@ from cellfm_sc.nn.layers import (
     ValueEncoder,
     srms_norm,
 )
-from cellfm_sc.nn.trainable import TRAINABLE_POLICIES, TrainableSummary, apply_trainable
+from cellfm_sc.nn.trainable import (
+    RECIPES,
+    TRAINABLE_POLICIES,
+    FinetuneRecipe,
+    ParamGroup,
+    RowRateScaler,
+    TrainableSummary,
+    apply_trainable,
+    recipe_param_groups,
+    resolve_recipe,
+)
 from cellfm_sc.nn.trunk import CellFMOutput, CellFMTrunk, require_valid_tokens
 
 __all__ = [
     "PRESETS",
+    "RECIPES",
     "TRAINABLE_POLICIES",
     "CellFMConfig",
     "CellFMOutput",
     "CellFMTrunk",
     "CellwiseDecoder",
     "ClassificationHead",
+    "FinetuneRecipe",
     "GatedLinearUnit",
     "MultiHeadRetention",
+    "ParamGroup",
     "RetentionLayer",
+    "RowRateScaler",
     "SoftBinEncoder",
     "TrainableSummary",
     "ValueDecoder",
     "ValueEncoder",
     "apply_trainable",
     "padded_rows",
+    "recipe_param_groups",
     "require_valid_tokens",
+    "resolve_recipe",
     "srms_norm",
 ]
