@@ -192,7 +192,7 @@ def sea_ad_epoch_markdown(results: str) -> str:
 def _tables(section: str) -> list[str]:
     """Every markdown table of a section, verbatim."""
     tables, current = [], []
-    for ln in section.splitlines() + [""]:
+    for ln in [*section.splitlines(), ""]:
         if ln.startswith("|"):
             current.append(ln)
         elif current:

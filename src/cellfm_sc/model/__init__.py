@@ -18,8 +18,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from cellfm_sc.model._classifier import CellFMClassifier
     from cellfm_sc.model._donor import CellFMDonorClassifier
     from cellfm_sc.model._pretrainer import CellFMPretrainer
-    from cellfm_sc.model._select import LevelSelection, select_level
     from cellfm_sc.model._probe import EmbeddingProbe
+    from cellfm_sc.model._select import LevelSelection, select_level
 
 __all__ = [
     "CellFMClassifier",

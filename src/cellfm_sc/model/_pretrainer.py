@@ -17,8 +17,8 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField
 
-from cellfm_sc._hardware import check_accelerator
 from cellfm_sc._constants import CORPUS_SAMPLING
+from cellfm_sc._hardware import check_accelerator
 from cellfm_sc.data import DataSplit, TokenBatch, check_count_source, check_counts, get_matrix
 from cellfm_sc.model._base import CellFMModel, auto_lr, model_not_set_up
 from cellfm_sc.model._core import (
