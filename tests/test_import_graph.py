@@ -203,6 +203,30 @@ def _describe(cycle: list[Edge]) -> str:
     return "\n    ".join(str(e) for e in cycle)
 
 
+#: the layers, lowest first: a module imports from its own layer or one below (CONTRIBUTING.md)
+LAYERS: list[set[str]] = [
+    {"<root>", "_atomic", "_checkpoints", "_constants", "_errors", "_hardware", "_json", "_stores"},
+    {"nn"},
+    {"io"},
+    {"vocab"},
+    {"data"},
+    {"pretrained", "metrics"},
+    {"model"},
+    {"plotting", "report", "datasets"},
+    {"cli"},
+]
+#: the one upward edge: ``CellFMTrunk.from_mindspore`` calls ``cellfm_sc.io.mapping.build_trunk``
+UPWARD = {("cellfm_sc.nn.trunk", "cellfm_sc.io.mapping")}
+
+
+def layer_of(module: str) -> int:
+    """Index in :data:`LAYERS` of a ``cellfm_sc`` module (by its first component)."""
+    head = module.split(".")[1] if "." in module else "<root>"
+    found = [k for k, layer in enumerate(LAYERS) if head in layer]
+    assert found, f"{module} is in no layer: add {head!r} to LAYERS (and CONTRIBUTING.md)"
+    return found[0]
+
+
 # ---------------------------------------------------------------------------- sizes
 def _functions(tree: ast.AST, scope: list[str]) -> Iterator[tuple[str, int]]:
     """``(qualified name, lines)`` of every function, decorators and docstring included."""
@@ -259,6 +283,17 @@ def test_no_function_in_src_over_120_lines_but_the_known_ones():
     assert not new, f"functions over {MAX_FUNCTION_LINES} lines (split into named steps): {new}"
     stale = KNOWN_LONG_FUNCTIONS - set(found)
     assert not stale, f"no longer over {MAX_FUNCTION_LINES} lines, remove from the list: {stale}"
+
+
+def test_imports_point_down_the_layers():
+    edges = import_edges(SRC, PACKAGE)
+    up = [
+        str(e)
+        for e in edges
+        if layer_of(e.target) > layer_of(e.source) and (e.source, e.target) not in UPWARD
+    ]
+    assert not up, "imports from a higher layer:\n    " + "\n    ".join(up)
+    assert {(e.source, e.target) for e in edges} >= UPWARD
 
 
 def test_the_nn_trunk_io_mapping_cycle_stays_cut():
