@@ -472,7 +472,7 @@ def read_trunk_checkpoint(
 ) -> TrunkCheckpoint:
     """Read a ``.ckpt``, check its values and infer the config of the trunk it holds.
 
-    Parameters are those of :func:`build_trunk` (without the class).
+    Parameters are those of :func:`cellfm_sc.io.trunk_from_mindspore`.
     """
     state = read_mindspore_checkpoint(path)
     check_state_values(state, max_abs=max_abs, source=path)
@@ -502,29 +502,9 @@ def build_trunk(
     trunk_class
         :class:`~cellfm_sc.nn.CellFMTrunk` (or a subclass), called as
         ``trunk_class(config, n_genes=emb_rows - 1, emb_rows=emb_rows)``.
-    path
-        MindSpore checkpoint (variants A, A', B; optimizer entries are skipped).
-    num_heads
-        Retention heads; cannot be read from shapes, defaults to the checkpoint's recorded
-        ``num_heads`` entry (``stored_num_heads``), else to 48 only for
-        ``enc_dims == 1536``.
-    max_abs
-        Refuse a model tensor with ``|value| > max_abs`` (``None``: no magnitude check);
-        NaN/inf are always refused. See :func:`check_state_values`.
-    **overrides
-        :class:`~cellfm_sc.nn.CellFMConfig` fields to override (e.g. ``dropout``).
-
-    Returns
-    -------
-    ``(trunk, report)``; ``trunk.gene_emb`` keeps the checkpoint's ``(rows, enc_dims)``
-    table and ``trunk.load_report`` is ``report``.
-
-    Raises
-    ------
-    CheckpointError
-        Unreadable file, or a tensor with NaN/inf or ``|value| > max_abs``.
-    ValueError
-        Missing parameter or disagreeing shape (naming it and both shapes).
+    path, num_heads, max_abs, overrides
+        As for :func:`cellfm_sc.io.trunk_from_mindspore`, which also gives what this returns
+        and raises (the trunk is a ``trunk_class``).
     """
     ckpt = read_trunk_checkpoint(path, num_heads=num_heads, max_abs=max_abs, **overrides)
     trunk = trunk_class(ckpt.config, n_genes=ckpt.emb_rows - 1, emb_rows=ckpt.emb_rows)
