@@ -196,6 +196,63 @@ def test_pages_code_uses_existing_names():
 
 
 # --------------------------------------------------------------------------------------------
+# the pages and the docstrings name no file outside the documentation
+# --------------------------------------------------------------------------------------------
+
+#: files a reader of the built documentation cannot open: the developers' notes, the shared
+#: data of the development machines, the test files, the contributors' guide
+REPO_ONLY = re.compile(
+    r"DESIGN\.md|STYLE\.md|CONTRIBUTING\.md|\.\./shared\b|\bshared/data\b|\btests/test_\w+\.py"
+)
+#: in a docstring also the benchmark log: the benchmarks page shows it
+REPO_ONLY_IN_DOCSTRINGS = re.compile(REPO_ONLY.pattern + r"|RESULTS\.md")
+#: issue 20 part B: docstrings of these files still name DESIGN.md or benchmarks/RESULTS.md
+DOCSTRINGS_LEFT = {
+    "cellfm_sc/model/_donor.py",
+    "cellfm_sc/model/_pretrain_module.py",
+    "cellfm_sc/model/_pretrainer.py",
+}
+
+
+@pytest.mark.parametrize("page", _pages(), ids=lambda p: p.name)
+def test_pages_name_no_file_outside_the_documentation(page):
+    hits = REPO_ONLY.findall(page.read_text(encoding="utf-8"))
+    assert not hits, f"{page.name} names {hits}, which the documentation does not contain"
+
+
+def _docstring_hits(source: str) -> list[str]:
+    import ast
+
+    tree = ast.parse(source)
+    kinds = ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef
+    docs = [ast.get_docstring(n) or "" for n in ast.walk(tree) if isinstance(n, kinds)]
+    return [m.group(0) for d in docs for m in REPO_ONLY_IN_DOCSTRINGS.finditer(d)]
+
+
+def test_docstrings_name_no_file_outside_the_documentation():
+    src = REPO / "src"
+    found = {}
+    for path in sorted(src.rglob("*.py")):
+        hits = _docstring_hits(path.read_text(encoding="utf-8"))
+        if hits:
+            found[path.relative_to(src).as_posix()] = hits
+    new = {k: v for k, v in found.items() if k not in DOCSTRINGS_LEFT}
+    assert not new, f"docstrings (rendered by autodoc) name files outside the documentation: {new}"
+    assert DOCSTRINGS_LEFT <= set(found), f"reworded, remove: {DOCSTRINGS_LEFT - set(found)}"
+
+
+def test_the_docstring_scan_sees_every_kind_of_docstring():
+    source = (
+        '"""See DESIGN.md."""\n'
+        'class C:\n    """Data in ../shared/data."""\n'
+        '    def m(self):\n        """Numbers in benchmarks/RESULTS.md."""\n'
+        'def f():\n    """tests/test_x.py checks it."""\n'
+    )
+    found = sorted(_docstring_hits(source))
+    assert found == ["../shared", "DESIGN.md", "RESULTS.md", "tests/test_x.py"]
+
+
+# --------------------------------------------------------------------------------------------
 # the offline intersphinx inventories
 # --------------------------------------------------------------------------------------------
 

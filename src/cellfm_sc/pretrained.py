@@ -10,15 +10,7 @@ from typing import Any
 import torch
 
 from cellfm_sc._constants import EMBEDDING_INITS
-from cellfm_sc.io import read_mindspore_checkpoint
-from cellfm_sc.io.mapping import (
-    LoadReport,
-    check_state_values,
-    infer_config,
-    load_trunk_state,
-    split_state,
-    stored_num_heads,
-)
+from cellfm_sc.io.mapping import LoadReport, load_trunk_state, read_trunk_checkpoint
 from cellfm_sc.nn import CellFMTrunk
 from cellfm_sc.vocab import (
     GeneMapping,
@@ -171,10 +163,8 @@ def load_pretrained_trunk(
         mapping = map_genes(vocab, pretrained_vocab, hgnc_table=hgnc_table, ensembl_ids=ensembl_ids)
         if embedding_init == "transfer":
             check_transfer_mapping(mapping, vocab.names)
-    state = read_mindspore_checkpoint(checkpoint)
-    check_state_values(state, max_abs=max_abs, source=checkpoint)
-    model, _, _ = split_state(state)
-    config, rows = infer_config(model, num_heads=num_heads, stored_heads=stored_num_heads(state))
+    ckpt = read_trunk_checkpoint(checkpoint, num_heads=num_heads, max_abs=max_abs)
+    config, rows = ckpt.config, ckpt.emb_rows
     if pretrained_vocab is not None and pretrained_vocab.n_genes + 1 > rows:
         raise ValueError(
             f"vocabulary file {os.fspath(vocabulary_file)!r} has {pretrained_vocab.n_genes} "
@@ -183,11 +173,11 @@ def load_pretrained_trunk(
         )
     trunk = CellFMTrunk(config, n_genes=vocab.n_genes)
     load = load_trunk_state(
-        trunk, state, exclude=("gene_emb",), source=os.fspath(checkpoint), check=False
+        trunk, ckpt.state, exclude=("gene_emb",), source=os.fspath(checkpoint), check=False
     )
     table = build_gene_embedding(
         vocab,
-        pretrained=model["gene_emb"],
+        pretrained=ckpt.model["gene_emb"],
         mapping=mapping,
         init=embedding_init,
         seed=seed,

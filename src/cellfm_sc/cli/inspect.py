@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from cellfm_sc.cli._common import (
@@ -62,22 +63,43 @@ def _skip_groups(names: Sequence[str]) -> list[tuple[str, int]]:
     return list(groups.items())
 
 
+#: the checkpoint variants (``cellfm_sc.io.detect_variant``), as ``inspect`` describes them
+_VARIANTS = {
+    "A": "public MindSpore CellFM (zero_emb, value and cellwise decoders)",
+    "A'": "CellFM annotation Backbone (no zero_emb, no decoders)",
+    "B": "CellFM with ST tokens (public PyTorch port's checkpoints)",
+}
+
+
 def run(args: argparse.Namespace, con: Console) -> int:
     path = existing_file(args.checkpoint, "checkpoint")
     from cellfm_sc.io import CheckpointError, read_mindspore_checkpoint
-    from cellfm_sc.io.mapping import detect_variant, infer_config, split_state, stored_num_heads
 
     try:
         state = read_mindspore_checkpoint(path)
     except CheckpointError as exc:
         raise CLIError(f"not a readable MindSpore checkpoint: {exc}") from exc
+    facts, heads_txt = _facts(path, state, args.num_heads)
+    if args.json:
+        con.result(json.dumps(facts, indent=2))
+    else:
+        _print_facts(facts, heads_txt, con)
+    return _verdict(facts)
+
+
+def _facts(path: Path, state: dict[str, Any], num_heads: int | None) -> tuple[dict[str, Any], str]:
+    """What ``inspect`` reports on a read checkpoint (its ``--json``), and the heads line."""
+    from cellfm_sc.io import CheckpointError
+    from cellfm_sc.io.mapping import (
+        check_state_values,
+        detect_variant,
+        infer_config,
+        split_state,
+        stored_num_heads,
+    )
+
     model, skipped, prefix = split_state(state)
     variant = detect_variant(model)
-    descriptions = {
-        "A": "public MindSpore CellFM (zero_emb, value and cellwise decoders)",
-        "A'": "CellFM annotation Backbone (no zero_emb, no decoders)",
-        "B": "CellFM with ST tokens (public PyTorch port's checkpoints)",
-    }
     if "gene_emb" not in model or not any(k.startswith("encoder.") for k in model):
         shown = ", ".join(list(model)[:5])
         raise CLIError(
@@ -87,32 +109,28 @@ def run(args: argparse.Namespace, con: Console) -> int:
     dims = int(model["gene_emb"].shape[1])
     try:
         stored = stored_num_heads(state)
-        heads_known = args.num_heads is not None or stored is not None or dims == 1536
-        heads = args.num_heads or stored or (48 if dims == 1536 else 1)
+        heads_known = num_heads is not None or stored is not None or dims == 1536
+        heads = num_heads or stored or (48 if dims == 1536 else 1)
         config, rows = infer_config(model, num_heads=heads, stored_heads=stored)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
 
     # names in file order, MindSpore spelling
     model_src = [k for k in state if k not in set(skipped)]
-    params = []
-    for name in model_src:
-        arr = state[name]
-        params.append(
-            {
-                "name": name,
-                "dtype": str(arr.dtype),
-                "shape": [int(s) for s in arr.shape],
-                "mb": _mb(int(arr.nbytes)),
-            }
-        )
-    skipped_bytes = sum(int(state[k].nbytes) for k in skipped)
-    n_values = sum(int(state[k].size) for k in model_src)
+    params = [
+        {
+            "name": name,
+            "dtype": str(state[name].dtype),
+            "shape": [int(s) for s in state[name].shape],
+            "mb": _mb(int(state[name].nbytes)),
+        }
+        for name in model_src
+    ]
     facts: dict[str, Any] = {
         "file": str(path),
         "file_mb": _mb(path.stat().st_size),
         "variant": variant,
-        "variant_description": descriptions[variant],
+        "variant_description": _VARIANTS[variant],
         "config": {
             "enc_dims": config.enc_dims,
             "n_layers": config.n_layers,
@@ -128,27 +146,21 @@ def run(args: argparse.Namespace, con: Console) -> int:
         "vocabulary_size_max": rows - 1,
         "wrapper_prefix": prefix,
         "n_parameters": len(params),
-        "n_values": n_values,
+        "n_values": sum(int(state[k].size) for k in model_src),
         "parameters_mb": _mb(sum(int(state[k].nbytes) for k in model_src)),
         "parameters": params,
         "skipped": list(skipped),
-        "skipped_mb": _mb(skipped_bytes),
+        "skipped_mb": _mb(sum(int(state[k].nbytes) for k in skipped)),
     }
-    from cellfm_sc.io.mapping import check_state_values
-
     try:  # the values a load would refuse (non-finite, or beyond max_abs)
         check_state_values(model, source=path)
         facts["values_problem"] = None
     except CheckpointError as exc:
         facts["values_problem"] = str(exc)
-    if args.json:
-        con.result(json.dumps(facts, indent=2))
-        return _verdict(facts)
-
     c = facts["config"]
     heads_how = (
         ""
-        if args.num_heads is not None
+        if num_heads is not None
         else ", recorded in the checkpoint"
         if stored is not None
         else ", assumed for a released 1536-wide model"
@@ -158,9 +170,15 @@ def run(args: argparse.Namespace, con: Console) -> int:
         if heads_known
         else "unknown: pass --num-heads (cannot be read from the shapes)"
     )
+    return facts, heads_txt
+
+
+def _print_facts(facts: dict[str, Any], heads_txt: str, con: Console) -> None:
+    """The text form of ``inspect``: the config, one line per parameter, what a load skips."""
+    c, rows, params = facts["config"], facts["gene_emb_rows"], facts["parameters"]
     lines = [
-        f"file:        {path} ({facts['file_mb']:.2f} MB)",
-        f"variant:     {variant}: {descriptions[variant]}",
+        f"file:        {facts['file']} ({facts['file_mb']:.2f} MB)",
+        f"variant:     {facts['variant']}: {facts['variant_description']}",
         "config:",
         f"  enc_dims   {c['enc_dims']}",
         f"  n_layers   {c['n_layers']}",
@@ -171,8 +189,8 @@ def run(args: argparse.Namespace, con: Console) -> int:
         f"gene_emb:    {rows} rows x {c['enc_dims']} (a vocabulary of up to {rows - 1} genes; "
         "fine-tuning replaces this table with one for your genes)",
     ]
-    if prefix:
-        lines.append(f"wrapper prefix stripped on load: {prefix!r}")
+    if facts["wrapper_prefix"]:
+        lines.append(f"wrapper prefix stripped on load: {facts['wrapper_prefix']!r}")
     con.result("\n".join(lines))
     con.result()
     width = max([len(p["name"]) for p in params] + [4])
@@ -182,8 +200,11 @@ def run(args: argparse.Namespace, con: Console) -> int:
     con.result(f"{'-' * width}  {'-' * 8}  {'-' * swidth}  {'-' * 9}")
     for p, shape in zip(params, shapes):
         con.result(f"{p['name']:<{width}}  {p['dtype']:<8}  {shape:<{swidth}}  {p['mb']:>9.3f}")
-    con.result(f"{len(params)} parameters, {n_values:,} values, {facts['parameters_mb']:.2f} MB")
+    con.result(
+        f"{len(params)} parameters, {facts['n_values']:,} values, {facts['parameters_mb']:.2f} MB"
+    )
     con.result()
+    skipped = facts["skipped"]
     if skipped:
         groups = ", ".join(f"{g} ({n})" if n > 1 else g for g, n in _skip_groups(skipped))
         con.result(
@@ -192,7 +213,6 @@ def run(args: argparse.Namespace, con: Console) -> int:
         )
     else:
         con.result("a load would skip 0 entries (no optimizer state or bookkeeping)")
-    return _verdict(facts)
 
 
 def _verdict(facts: dict[str, Any]) -> int:

@@ -258,14 +258,7 @@ def tokenize(
     norm = cellfm_normalize(csr.data, csr.indptr)
     keep = norm.counts > 0
     if gene_id_map is not None:
-        gene_id_map = np.asarray(gene_id_map, dtype=np.int64)
-        if gene_id_map.shape != (csr.shape[1],):
-            raise ValueError(
-                f"gene_id_map has shape {gene_id_map.shape}, expected ({csr.shape[1]},) "
-                "(one gene id per matrix column)"
-            )
-        if gene_id_map.size and gene_id_map.min() < 0:
-            raise ValueError("gene_id_map holds negative ids (0 = column without a gene id)")
+        gene_id_map = _checked_gene_ids(gene_id_map, csr.shape[1])
         keep &= gene_id_map[csr.indices] > 0  # genes the model does not know: no token
     row, col = norm.row[keep], csr.indices[keep].astype(np.int64)
     values, counts = norm.values[keep], norm.counts[keep]
@@ -287,41 +280,86 @@ def tokenize(
 
     long_rows = n_expr > max_tokens
     if long_rows.any():
-        if cell_keys is not None:
-            keys = np.asarray(cell_keys, dtype=np.uint64)
-        elif train:
-            keys = train_keys(obs_index, seed, epoch)
-        elif obs_names is not None:
-            keys = name_keys(np.asarray(obs_names), seed)
-        else:
-            keys = _mix(_mix(_u64(seed) ^ np.uint64(_EVAL_DOMAIN)) ^ obs_index.astype(np.uint64))
-        cand = np.flatnonzero(long_rows[row])
-        r = row[cand]
-        u = _uniform(keys[r], gid[cand])  # keyed by gene id: independent of column order
-        score = np.log(np.log1p(counts[cand])) - np.log(-np.log(u))
-        keep_cand = _top_k_per_row(score, r, long_rows, n_expr, max_tokens)
-        selected = np.ones(row.size, dtype=bool)
-        selected[cand[~keep_cand]] = False
+        keys = _cell_keys(obs_index, train, seed, epoch, obs_names, cell_keys)
+        selected = _draw_tokens(row, gid, counts, long_rows, n_expr, max_tokens, keys)
         row, gid, values = row[selected], gid[selected], values[selected]
-
     n_tokens = np.minimum(n_expr, max_tokens).astype(np.int64)
+    values_, ids, valid = _padded(row, gid, values, n_tokens)
+    return TokenBatch(
+        values=values_,
+        gene_ids=ids,
+        valid=valid,
+        n_tokens=torch.from_numpy(n_tokens),
+        obs_index=torch.from_numpy(obs_index.copy()),
+        labels=None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64)),
+        total_counts=torch.from_numpy(norm.totals.astype(np.float32)),
+    )
+
+
+def _checked_gene_ids(gene_id_map: np.ndarray, n_cols: int) -> np.ndarray:
+    """``gene_id_map`` as int64 ``(n_cols,)``; ``ValueError`` for a wrong shape or negative id."""
+    gene_id_map = np.asarray(gene_id_map, dtype=np.int64)
+    if gene_id_map.shape != (n_cols,):
+        raise ValueError(
+            f"gene_id_map has shape {gene_id_map.shape}, expected ({n_cols},) "
+            "(one gene id per matrix column)"
+        )
+    if gene_id_map.size and gene_id_map.min() < 0:
+        raise ValueError("gene_id_map holds negative ids (0 = column without a gene id)")
+    return gene_id_map
+
+
+def _cell_keys(
+    obs_index: np.ndarray,
+    train: bool,
+    seed: int,
+    epoch: int,
+    obs_names: Sequence[str] | np.ndarray | None,
+    cell_keys: np.ndarray | None,
+) -> np.ndarray:
+    """uint64 ``(B,)``: the key of each cell's draw (see :func:`tokenize`)."""
+    if cell_keys is not None:
+        return np.asarray(cell_keys, dtype=np.uint64)
+    if train:
+        return train_keys(obs_index, seed, epoch)
+    if obs_names is not None:
+        return name_keys(np.asarray(obs_names), seed)
+    return _mix(_mix(_u64(seed) ^ np.uint64(_EVAL_DOMAIN)) ^ obs_index.astype(np.uint64))
+
+
+def _draw_tokens(
+    row: np.ndarray,
+    gid: np.ndarray,
+    counts: np.ndarray,
+    long_rows: np.ndarray,
+    n_expr: np.ndarray,
+    max_tokens: int,
+    keys: np.ndarray,
+) -> np.ndarray:
+    """bool over the tokens: ``max_tokens`` of every longer cell, drawn by ``log1p(count)``."""
+    cand = np.flatnonzero(long_rows[row])
+    r = row[cand]
+    u = _uniform(keys[r], gid[cand])  # keyed by gene id: independent of column order
+    score = np.log(np.log1p(counts[cand])) - np.log(-np.log(u))
+    keep_cand = _top_k_per_row(score, r, long_rows, n_expr, max_tokens)
+    selected = np.ones(row.size, dtype=bool)
+    selected[cand[~keep_cand]] = False
+    return selected
+
+
+def _padded(
+    row: np.ndarray, gid: np.ndarray, values: np.ndarray, n_tokens: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(values, gene_ids, valid)``, each ``(B, max(n_tokens))``, from row-sorted tokens."""
+    n_rows = n_tokens.shape[0]
     length = int(n_tokens.max()) if n_rows else 0
     starts = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(n_tokens, out=starts[1:])
     pos = np.arange(row.size, dtype=np.int64) - starts[row]
-
     out_values = np.zeros((n_rows, length), dtype=np.float32)
     out_ids = np.zeros((n_rows, length), dtype=np.int64)
     out_valid = np.zeros((n_rows, length), dtype=bool)
     out_values[row, pos] = values
     out_ids[row, pos] = gid
     out_valid[row, pos] = True
-    return TokenBatch(
-        values=torch.from_numpy(out_values),
-        gene_ids=torch.from_numpy(out_ids),
-        valid=torch.from_numpy(out_valid),
-        n_tokens=torch.from_numpy(n_tokens),
-        obs_index=torch.from_numpy(obs_index.copy()),
-        labels=None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64)),
-        total_counts=torch.from_numpy(norm.totals.astype(np.float32)),
-    )
+    return torch.from_numpy(out_values), torch.from_numpy(out_ids), torch.from_numpy(out_valid)

@@ -6,6 +6,13 @@ Variants (recognised by parameter names, never by file name):
   when trained with ``add_zero``).
 * ``"A'"``: the annotation ``Backbone`` (no ``zero_emb``, no decoders).
 * ``"B"``: the public PyTorch port's checkpoints (``ST_emb``, ``ST_enc.*``).
+
+This module works on names, shapes and states: :func:`read_trunk_checkpoint` returns the
+config and the checked state of a file, :func:`load_trunk_state` fills a trunk and returns
+the :class:`LoadReport`, and :func:`build_trunk` does both for a trunk class it is given. It
+does not import :mod:`cellfm_sc.nn.trunk` (whose ``CellFMTrunk.from_mindspore`` calls
+:func:`build_trunk`); :mod:`cellfm_sc.io.trunk` builds and exports the
+:class:`~cellfm_sc.nn.CellFMTrunk` itself.
 """
 
 from __future__ import annotations
@@ -15,31 +22,30 @@ import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from cellfm_sc.io._values import DEFAULT_MAX_ABS, check_values
-from cellfm_sc.io.checkpoint import read_mindspore_checkpoint, write_mindspore_checkpoint
+from cellfm_sc.io.checkpoint import read_mindspore_checkpoint
 from cellfm_sc.nn.config import CellFMConfig
-from cellfm_sc.nn.trunk import CellFMTrunk
 
 __all__ = [
     "NUM_HEADS_ENTRY",
     "LoadReport",
+    "TrunkCheckpoint",
+    "build_trunk",
     "check_state_values",
     "detect_variant",
     "infer_config",
     "is_bookkeeping",
     "load_trunk_state",
-    "save_trunk_mindspore",
+    "read_trunk_checkpoint",
     "split_state",
     "stored_num_heads",
     "to_mindspore_name",
     "to_torch_names",
-    "trunk_from_mindspore",
 ]
 
 # optimizer state and training bookkeeping that MindSpore writes beside the weights
@@ -347,7 +353,7 @@ def check_state_values(
 
 
 def load_trunk_state(
-    trunk: CellFMTrunk,
+    trunk: torch.nn.Module,
     state: Mapping[str, Any],
     *,
     exclude: tuple[str, ...] = (),
@@ -364,7 +370,8 @@ def load_trunk_state(
     Parameters
     ----------
     trunk
-        The trunk to fill (its parameters are overwritten in place).
+        The :class:`~cellfm_sc.nn.CellFMTrunk` to fill (its parameters are overwritten in
+        place).
     state
         Checkpoint name -> array/tensor (MindSpore names: ``post_norm1.gamma`` ...).
     exclude
@@ -431,45 +438,41 @@ def load_trunk_state(
     )
 
 
-def trunk_from_mindspore(
-    path: str | Path,
+@dataclass(frozen=True)
+class TrunkCheckpoint:
+    """A MindSpore checkpoint read and checked, with the trunk it describes.
+
+    Attributes
+    ----------
+    config
+        The trunk's config (inferred from parameter names and shapes, overrides applied).
+    emb_rows
+        Rows of the checkpoint's ``gene_emb`` table.
+    state
+        Every entry of the file under its MindSpore name (bookkeeping included), as
+        :func:`load_trunk_state` takes it.
+    model
+        The model tensors under their torch names (:func:`split_state`).
+    source
+        The file it was read from.
+    """
+
+    config: CellFMConfig
+    emb_rows: int
+    state: dict[str, Any]
+    model: dict[str, Any]
+    source: str
+
+
+def read_trunk_checkpoint(
+    path: str | os.PathLike[str],
     num_heads: int | None = None,
     max_abs: float | None = DEFAULT_MAX_ABS,
     **overrides: Any,
-) -> tuple[CellFMTrunk, LoadReport]:
-    """Read a ``.ckpt`` and build the matching trunk with every parameter loaded.
+) -> TrunkCheckpoint:
+    """Read a ``.ckpt``, check its values and infer the config of the trunk it holds.
 
-    Parameters
-    ----------
-    path
-        MindSpore checkpoint (variants A, A', B; optimizer entries are skipped).
-    num_heads
-        Retention heads; cannot be read from shapes, defaults to the checkpoint's recorded
-        ``num_heads`` entry (``stored_num_heads``), else to 48 only for
-        ``enc_dims == 1536``.
-    max_abs
-        Refuse a model tensor with ``|value| > max_abs`` (``None``: no magnitude check);
-        NaN/inf are always refused. See :func:`check_state_values`.
-    **overrides
-        :class:`~cellfm_sc.nn.CellFMConfig` fields to override (e.g. ``dropout``).
-
-    Returns
-    -------
-    ``(trunk, report)``; ``trunk.gene_emb`` keeps the checkpoint's ``(rows, enc_dims)``
-    table and ``trunk.load_report`` is ``report``.
-
-    Raises
-    ------
-    CheckpointError
-        Unreadable file, or a tensor with NaN/inf or ``|value| > max_abs``.
-    ValueError
-        Missing parameter or disagreeing shape (naming it and both shapes).
-
-    Examples
-    --------
-    >>> trunk, report = trunk_from_mindspore("CellFM_80M_weight.ckpt")  # doctest: +SKIP
-    >>> print(report)  # doctest: +SKIP
-    CellFM checkpoint load: variant A (public MindSpore CellFM)
+    Parameters are those of :func:`cellfm_sc.io.trunk_from_mindspore`.
     """
     state = read_mindspore_checkpoint(path)
     check_state_values(state, max_abs=max_abs, source=path)
@@ -477,92 +480,40 @@ def trunk_from_mindspore(
     cfg, rows = infer_config(
         model, num_heads=num_heads, stored_heads=stored_num_heads(state), **overrides
     )
-    trunk = CellFMTrunk(cfg, n_genes=rows - 1, emb_rows=rows)
-    report = load_trunk_state(trunk, state, source=str(path), check=False)
-    trunk.load_report = report
-    if cfg.st_tokens:
-        warnings.warn(
-            "variant B checkpoint: the two ST tokens are the constant ST_emb rows (inference "
-            "form), also during training; ST_enc is loaded but not used",
-            stacklevel=2,
-        )
-    return trunk, report
+    return TrunkCheckpoint(config=cfg, emb_rows=rows, state=state, model=model, source=str(path))
 
 
-def save_trunk_mindspore(
-    trunk: CellFMTrunk,
+def build_trunk(
+    trunk_class: type[torch.nn.Module],
     path: str | os.PathLike[str],
-    *,
-    crc: bool = False,
-    record_num_heads: bool = False,
-) -> None:
-    """Write ``trunk`` as a variant-A MindSpore ``.ckpt`` (what the original code loads).
+    num_heads: int | None = None,
+    max_abs: float | None = DEFAULT_MAX_ABS,
+    **overrides: Any,
+) -> tuple[Any, LoadReport]:
+    """Read a ``.ckpt`` and build the matching trunk with every parameter loaded.
 
-    Every parameter is written, float32, under its MindSpore name (``to_mindspore_name``:
-    LayerNorm ``weight/bias`` -> ``gamma/beta``; everything else keeps its name), in the
-    order MindSpore's ``parameters_and_names`` lists them for the CellFM class:
-    ``gene_emb (rows, D)``, ``cls_token``, ``zero_emb``, ``value_enc.mask_emb``,
-    ``value_enc.value_enc.{a, w1, w3, table}``, ``encoder.{i}.*``, ``value_dec.*``,
-    ``cellwise_dec.*`` (golden manifests ``manifest_80M_*.json``). A trunk without
-    ``zero_emb``/decoders gives the annotation Backbone's set (variant A'), a variant-B trunk
-    adds ``ST_emb``/``ST_enc.*``. :func:`~cellfm_sc.io.trunk_from_mindspore` reads the file
-    back into an identical trunk (``num_heads`` must be given unless ``enc_dims == 1536`` or the
-    file records it, see ``record_num_heads``).
+    The one place a trunk is built from a MindSpore checkpoint:
+    :func:`cellfm_sc.io.trunk_from_mindspore` and
+    :meth:`CellFMTrunk.from_mindspore <cellfm_sc.nn.CellFMTrunk.from_mindspore>` call it
+    with their class, so this module needs no import of the trunk.
 
     Parameters
     ----------
-    trunk
-        The trunk (any device/dtype; values are copied to CPU float32 as written).
-    path
-        Destination, written atomically (:func:`~cellfm_sc.io.write_mindspore_checkpoint`).
-    crc
-        Append MindSpore's ``crc_num`` trailer.
-    record_num_heads
-        Also write the integer entry ``num_heads`` (``NUM_HEADS_ENTRY``, after the
-        parameters), so that readers need no ``num_heads=`` for a trunk of another width than
-        the released 1536 (``stored_num_heads``). MindSpore's ``load_param_into_net``
-        leaves it unloaded, as it does the ``epoch_num`` entries of ``append_dict``.
-
-    Raises
-    ------
-    ValueError
-        If the trunk's parameters are not those of a plain :class:`~cellfm_sc.nn.CellFMTrunk` of its config
-        (e.g. LoRA adapters still attached: merge them first), naming the differences.
-
-    Examples
-    --------
-    >>> save_trunk_mindspore(trunk, "pretrained.ckpt")  # doctest: +SKIP
-    >>> trunk2, report = trunk_from_mindspore("pretrained.ckpt", num_heads=4)  # doctest: +SKIP
+    trunk_class
+        :class:`~cellfm_sc.nn.CellFMTrunk` (or a subclass), called as
+        ``trunk_class(config, n_genes=emb_rows - 1, emb_rows=emb_rows)``.
+    path, num_heads, max_abs, overrides
+        As for :func:`cellfm_sc.io.trunk_from_mindspore`, which also gives what this returns
+        and raises (the trunk is a ``trunk_class``).
     """
-    own = dict(trunk.named_parameters())
-    with torch.device("meta"):  # the expected names and shapes, without allocating
-        ref = CellFMTrunk(trunk.config, n_genes=trunk.n_genes, emb_rows=trunk.emb_rows)
-    expected = {k: tuple(p.shape) for k, p in ref.named_parameters()}
-    unexpected = [k for k in own if k not in expected]
-    missing = [k for k in expected if k not in own]
-    wrong = [
-        f"{k} {tuple(p.shape)} vs {expected[k]}"
-        for k, p in own.items()
-        if k in expected and tuple(p.shape) != expected[k]
-    ]
-    if unexpected or missing or wrong:
-        parts = [
-            f"{what}: {items[:6]}"
-            for what, items in (
-                ("not trunk parameters (LoRA adapters? merge them first)", unexpected),
-                ("missing", missing),
-                ("shape differs from the config's (found vs expected)", wrong),
-            )
-            if items
-        ]
-        raise ValueError(
-            "cannot export the trunk as a MindSpore checkpoint; its parameters are not those "
-            f"of a CellFMTrunk with its config: {'; '.join(parts)}"
+    ckpt = read_trunk_checkpoint(path, num_heads=num_heads, max_abs=max_abs, **overrides)
+    trunk = trunk_class(ckpt.config, n_genes=ckpt.emb_rows - 1, emb_rows=ckpt.emb_rows)
+    report = load_trunk_state(trunk, ckpt.state, source=ckpt.source, check=False)
+    trunk.load_report = report
+    if ckpt.config.st_tokens:
+        warnings.warn(
+            "variant B checkpoint: the two ST tokens are the constant ST_emb rows (inference "
+            "form), also during training; ST_enc is loaded but not used",
+            stacklevel=3,  # the caller of trunk_from_mindspore / CellFMTrunk.from_mindspore
         )
-    tensors = {
-        to_mindspore_name(name): param.detach().to(device="cpu", dtype=torch.float32)
-        for name, param in own.items()
-    }
-    if record_num_heads:
-        tensors[NUM_HEADS_ENTRY] = np.asarray(int(trunk.config.num_heads), dtype=np.int64)
-    write_mindspore_checkpoint(path, tensors, crc=crc)
+    return trunk, report

@@ -1,131 +1,34 @@
-"""Read and write MindSpore ``.ckpt`` files without MindSpore or protobuf.
+"""Reading a MindSpore ``.ckpt``: a memory-mapped, hand-written protobuf parser.
 
-A MindSpore checkpoint is a stream of protobuf records (proto2 wire format)::
-
-    message Checkpoint  { repeated Value value = 1; }
-    message Value       { string tag = 1; TensorProto tensor = 2; }
-    message TensorProto { repeated int64 dims = 1; string tensor_type = 2;
-                          bytes tensor_content = 3; }
-
-so the file is a sequence of ``0x0a <varint length> <Value>`` records, one per tensor
-(or several consecutive records with the same tag when MindSpore sliced a large tensor:
-every slice repeats the full ``dims`` and carries the next piece of ``tensor_content``).
-``tensor_content`` is the raw little-endian, C-order data. ``dims`` is written unpacked
-(one ``0x08 <varint>`` per dimension); a scalar has no ``dims`` at all. A file saved with
-``crc_check=True`` ends with a 17-byte trailer ``b"crc_num"`` + the CRC32 of all preceding
-bytes as a 10-byte big-endian unsigned integer.
-
-The parser here is hand-written (the format needs four field numbers and two wire types),
-memory-maps the file and copies every tensor once into a freshly allocated array, giving
-the already copied pages of the mapping back to the kernel as it goes, so peak memory
-stays close to one copy of the file.
+Every tensor is copied once into a freshly allocated array, and the copied pages of the
+mapping are handed back to the kernel as it goes, so peak memory stays close to one copy of
+the file. The format is described in :mod:`cellfm_sc.io.checkpoint`.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-import sys
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cellfm_sc._atomic import atomic_path
+from cellfm_sc.io.checkpoint._format import (
+    BF16,
+    CRC_MAGIC,
+    CRC_TRAILER_LEN,
+    ENC_MAGIC,
+    STR,
+    TYPE_TO_DTYPE,
+    CheckpointError,
+)
 
-__all__ = ["CheckpointError", "read_mindspore_checkpoint", "write_mindspore_checkpoint"]
-
-#: tensor_type string -> little-endian numpy dtype (BFloat16 and "str" are handled apart).
-_TYPE_TO_DTYPE: dict[str, np.dtype] = {
-    "Float16": np.dtype("<f2"),
-    "Float32": np.dtype("<f4"),
-    "Float64": np.dtype("<f8"),
-    "Int8": np.dtype("i1"),
-    "Int16": np.dtype("<i2"),
-    "Int32": np.dtype("<i4"),
-    "Int64": np.dtype("<i8"),
-    "UInt8": np.dtype("u1"),
-    "UInt16": np.dtype("<u2"),
-    "UInt32": np.dtype("<u4"),
-    "UInt64": np.dtype("<u8"),
-    # spelling used by older MindSpore releases
-    "Uint8": np.dtype("u1"),
-    "Uint16": np.dtype("<u2"),
-    "Uint32": np.dtype("<u4"),
-    "Uint64": np.dtype("<u8"),
-    "Bool": np.dtype("?"),
-}
-_BF16 = "BFloat16"
-_STR = "str"
-
-#: numpy dtype (native-order-insensitive key: kind + itemsize) -> tensor_type written.
-_DTYPE_TO_TYPE: dict[tuple[str, int], str] = {
-    ("f", 2): "Float16",
-    ("f", 4): "Float32",
-    ("f", 8): "Float64",
-    ("i", 1): "Int8",
-    ("i", 2): "Int16",
-    ("i", 4): "Int32",
-    ("i", 8): "Int64",
-    ("u", 1): "UInt8",
-    ("u", 2): "UInt16",
-    ("u", 4): "UInt32",
-    ("u", 8): "UInt64",
-    ("b", 1): "Bool",
-}
-
-_CRC_MAGIC = b"crc_num"
-_CRC_TRAILER_LEN = len(_CRC_MAGIC) + 10
-#: MindSpore's encrypted checkpoints are written as blocks that start with this int32.
-_ENC_MAGIC = 0x7F3A5ED8
-#: MindSpore slices tensors larger than this (SLICE_SIZE = 512 * 1024 KB) into several records.
-DEFAULT_SLICE_BYTES = 512 * 1024 * 1024
 #: bytes copied (or checksummed) before the mapped pages are handed back to the kernel.
 _STEP = 4 * 1024 * 1024
 _PAGE = mmap.PAGESIZE
-
-
-class CheckpointError(ValueError):
-    """A file that is not a readable MindSpore checkpoint.
-
-    Raised for empty, truncated, corrupted (CRC mismatch, malformed protobuf, tensor data
-    whose length disagrees with its shape, unknown tensor type), encrypted or foreign files.
-    The message names the problem, the byte offset where it was found and the path.
-
-    Also raised for a readable file whose content is unusable: a weight holding NaN/inf or
-    an implausibly large value (see ``max_abs`` of the loaders), a torch file that cannot be
-    unpickled with ``weights_only=True``.
-
-    Parameters
-    ----------
-    problem
-        What is wrong, as a sentence fragment.
-    path
-        The file concerned (``None`` for an in-memory state).
-    offset
-        Byte offset in the file where the problem was found, if it has one.
-    """
-
-    def __init__(
-        self,
-        problem: str,
-        path: str | os.PathLike[str] | None = None,
-        offset: int | None = None,
-    ):
-        self.problem = problem
-        self.path = os.fspath(path) if path is not None else None
-        self.offset = offset
-        where = f" at byte offset {offset}" if offset is not None else ""
-        head = f"{self.path}: " if self.path is not None else ""
-        super().__init__(f"{head}{problem}{where}.")
-
-
-# --------------------------------------------------------------------------------------
-# reading
-# --------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -276,7 +179,7 @@ class _Parser:
 
 def _describe_foreign(head: bytes) -> str:
     """A guess at what a file that is not a checkpoint is, from its first bytes."""
-    if len(head) >= 4 and _ENC_MAGIC in (
+    if len(head) >= 4 and ENC_MAGIC in (
         int.from_bytes(head[:4], "little"),
         int.from_bytes(head[:4], "big"),
     ):
@@ -325,9 +228,9 @@ def _copy_into(
 
 def _check_crc(mm: mmap.mmap, view: memoryview, size: int, parser: _Parser) -> int:
     """Verify and strip a ``crc_num`` trailer; return where the protobuf stream ends."""
-    if size < _CRC_TRAILER_LEN or view[size - _CRC_TRAILER_LEN : size - 10] != _CRC_MAGIC:
+    if size < CRC_TRAILER_LEN or view[size - CRC_TRAILER_LEN : size - 10] != CRC_MAGIC:
         return size
-    data_end = size - _CRC_TRAILER_LEN
+    data_end = size - CRC_TRAILER_LEN
     stored = int.from_bytes(view[size - 10 : size], "big")
     if stored >= 1 << 32:
         raise parser.error("corrupted CRC trailer: the stored value does not fit a CRC32", data_end)
@@ -353,10 +256,10 @@ def _parse_stream(parser: _Parser, end: int) -> list[_Record]:
     while pos < end:
         rec_offset = pos
         if buf[pos] != 0x0A:
-            if bytes(buf[pos : pos + len(_CRC_MAGIC)]) == _CRC_MAGIC:
+            if bytes(buf[pos : pos + len(CRC_MAGIC)]) == CRC_MAGIC:
                 raise parser.error(
                     "truncated or malformed CRC trailer: b'crc_num' must be followed by "
-                    f"exactly 10 bytes, found {end - pos - len(_CRC_MAGIC)}",
+                    f"exactly 10 bytes, found {end - pos - len(CRC_MAGIC)}",
                     pos,
                 )
             if pos == 0:
@@ -410,15 +313,15 @@ def _materialise(
     first = group[0]
     tag, ttype = first.tag, first.tensor_type
     total = sum(r.content_length for r in group)
-    if ttype == _STR:
+    if ttype == STR:
         raw = b"".join(
             bytes(view[r.content_offset : r.content_offset + r.content_length]) for r in group
         )
         return np.array(_utf8(raw, tag, parser, first.offset))
-    if ttype == _BF16:
+    if ttype == BF16:
         dtype = np.dtype("<u2")
-    elif ttype in _TYPE_TO_DTYPE:
-        dtype = _TYPE_TO_DTYPE[ttype]
+    elif ttype in TYPE_TO_DTYPE:
+        dtype = TYPE_TO_DTYPE[ttype]
     else:
         raise parser.error(f"unknown tensor type {ttype!r} for {tag!r}", first.offset)
     shape = tuple(first.dims)
@@ -442,7 +345,7 @@ def _materialise(
     if ttype == "Bool":  # any non-zero byte is True; keep numpy bools 0/1
         as_bytes = out.view(np.uint8)
         np.minimum(as_bytes, 1, out=as_bytes)
-    if ttype == _BF16:
+    if ttype == BF16:
         wide = out.astype("<u4")
         del out
         wide <<= 16
@@ -525,155 +428,3 @@ def read_mindspore_checkpoint(path: str | os.PathLike[str]) -> dict[str, np.ndar
     finally:
         mm.close()
     return out
-
-
-# --------------------------------------------------------------------------------------
-# writing
-# --------------------------------------------------------------------------------------
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _as_payload(name: str, value: Any) -> tuple[str, tuple[int, ...], np.ndarray]:
-    """Convert one value to ``(tensor_type, shape, contiguous uint8 data)``."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(value, torch.Tensor):
-        t = value.detach().cpu().contiguous()
-        if t.dtype == torch.bfloat16:
-            bits = t.view(torch.int16).numpy().view("<u2")
-            return _BF16, tuple(t.shape), bits.reshape(-1).view(np.uint8)
-        try:
-            value = t.numpy()
-        except TypeError as err:
-            raise TypeError(f"{name!r}: torch dtype {t.dtype} cannot be written") from err
-    if isinstance(value, str) or (
-        isinstance(value, np.ndarray | np.generic) and np.asarray(value).dtype.kind == "U"
-    ):
-        arr = np.asarray(value)
-        if arr.ndim != 0:
-            raise TypeError(f"{name!r}: only scalar strings can be written, got shape {arr.shape}")
-        data = np.frombuffer(str(arr.item()).encode("utf-8"), dtype=np.uint8)
-        return _STR, (), data
-    if isinstance(value, bool):
-        arr = np.asarray(value, dtype=np.bool_)
-    elif isinstance(value, int):
-        arr = np.asarray(value, dtype=np.int64)
-    elif isinstance(value, float):
-        arr = np.asarray(value, dtype=np.float64)
-    else:
-        arr = np.asarray(value)
-    if arr.dtype.name == "bfloat16":  # ml_dtypes.bfloat16
-        ttype = _BF16
-        arr = arr.view("<u2")
-    else:
-        ttype = _DTYPE_TO_TYPE.get((arr.dtype.kind, arr.dtype.itemsize), "")
-        if not ttype:
-            raise TypeError(
-                f"{name!r}: dtype {arr.dtype} has no MindSpore checkpoint type "
-                f"(supported: {sorted(set(_DTYPE_TO_TYPE.values()) | {_BF16, _STR})})"
-            )
-    shape = arr.shape  # before ascontiguousarray, which turns 0-d into 1-d
-    if arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-    arr = np.ascontiguousarray(arr)
-    return ttype, shape, arr.reshape(-1).view(np.uint8)
-
-
-class _CrcWriter:
-    """File writer that keeps the running CRC32 of everything written."""
-
-    def __init__(self, fh: Any):
-        self.fh = fh
-        self.crc = 0
-
-    def write(self, data: bytes | memoryview) -> None:
-        self.crc = zlib.crc32(data, self.crc)
-        self.fh.write(data)
-
-
-def _write_records(
-    out: _CrcWriter,
-    tag: bytes,
-    ttype: str,
-    shape: tuple[int, ...],
-    data: np.ndarray,
-    slice_bytes: int,
-) -> None:
-    head_tensor = b"".join(b"\x08" + _varint(d) for d in shape)
-    type_bytes = ttype.encode("ascii")
-    head_tensor += b"\x12" + _varint(len(type_bytes)) + type_bytes
-    nbytes = data.size
-    starts = range(0, nbytes, slice_bytes) if nbytes > slice_bytes else [0]
-    view = memoryview(data)
-    for start in starts:
-        chunk = view[start : min(nbytes, start + slice_bytes)] if nbytes > slice_bytes else view
-        n = len(chunk)
-        tensor_len = len(head_tensor) + 1 + len(_varint(n)) + n
-        value_head = b"\x0a" + _varint(len(tag)) + tag + b"\x12" + _varint(tensor_len)
-        value_len = len(value_head) + tensor_len
-        out.write(b"\x0a" + _varint(value_len) + value_head + head_tensor + b"\x1a" + _varint(n))
-        out.write(chunk)
-
-
-def write_mindspore_checkpoint(
-    path: str | os.PathLike[str],
-    tensors: Mapping[str, Any],
-    *,
-    crc: bool = False,
-    slice_bytes: int = DEFAULT_SLICE_BYTES,
-) -> None:
-    """Write arrays to a MindSpore ``.ckpt`` file that MindSpore can load.
-
-    The encoding is the one ``mindspore.save_checkpoint`` (2.x) produces: one record per
-    tensor in mapping order, unpacked ``dims`` (none for a scalar), then ``tensor_type``,
-    then ``tensor_content``; float32 weights are reproduced byte for byte.
-
-    Parameters
-    ----------
-    path
-        Destination. Written atomically: a temporary file in the same directory is filled,
-        flushed and then renamed over ``path``.
-    tensors
-        Parameter name -> value. Values may be numpy arrays (or numpy scalars), torch
-        tensors (moved to CPU; ``torch.bfloat16`` is written as ``BFloat16``), Python
-        ``bool`` (``Bool``), ``int`` (``Int64``), ``float`` (``Float64``) or ``str``
-        (a ``"str"`` entry). numpy ``bfloat16`` from ``ml_dtypes`` is written as ``BFloat16``.
-    crc
-        Append the ``b"crc_num"`` + 10-byte big-endian CRC32 trailer that
-        ``save_checkpoint(..., crc_check=True)`` writes.
-    slice_bytes
-        Tensors larger than this many bytes are written as consecutive records of at most
-        ``slice_bytes`` bytes each (MindSpore's ``SLICE_SIZE``, 512 MiB by default).
-
-    Raises
-    ------
-    TypeError
-        If a name is not a string or a value has a dtype with no checkpoint type
-        (complex, object, ...).
-    ValueError
-        If ``slice_bytes`` is not positive.
-    """
-    if slice_bytes <= 0:
-        raise ValueError(f"slice_bytes must be positive, got {slice_bytes}")
-    path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        out = _CrcWriter(fh)
-        for name, value in tensors.items():
-            if not isinstance(name, str):
-                raise TypeError(f"parameter names must be str, got {name!r}")
-            ttype, shape, data = _as_payload(name, value)
-            _write_records(out, name.encode("utf-8"), ttype, shape, data, slice_bytes)
-        if crc:
-            fh.write(_CRC_MAGIC + out.crc.to_bytes(10, "big"))
-        fh.flush()
-        os.fsync(fh.fileno())
