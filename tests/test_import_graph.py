@@ -210,7 +210,7 @@ LAYERS: list[set[str]] = [
     {"io"},
     {"vocab"},
     {"data"},
-    {"pretrained", "metrics"},
+    {"pretrained", "metrics", "baselines"},
     {"model"},
     {"plotting", "report", "datasets"},
     {"cli"},

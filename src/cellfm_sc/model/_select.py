@@ -174,10 +174,8 @@ def select_level(
     ...                    indices=train_and_validation, model_kwargs={"preset": "tiny"})  # doctest: +SKIP
     >>> sel.winner, sel.scores  # doctest: +SKIP
     """
-    from cellfm_sc.baselines import pseudobulk_baseline
-    from cellfm_sc.model._classifier import CellFMClassifier, _categories
-    from cellfm_sc.model._donor import CellFMDonorClassifier, check_donor_labels
-    from cellfm_sc.model._donor_eval import stratified_donor_folds
+    from cellfm_sc.model._classifier import CellFMClassifier
+    from cellfm_sc.model._donor import CellFMDonorClassifier
 
     levels = list(dict.fromkeys(levels))
     bad = [lv for lv in levels if lv not in LEVELS]
@@ -185,99 +183,153 @@ def select_level(
         raise ValueError(f"levels must be among {LEVELS}, got {list(levels)}")
     if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 3:
         raise ValueError(f"k must be an integer >= 3 (test, validation, train), got {k!r}")
-    labels = obs_column(adata, labels_key, keyword="labels_key")
-    donors = obs_column(adata, donor_key, keyword="donor_key").astype(str).to_numpy()
-    check_donor_labels(pd.Series(donors), labels, labels_key=labels_key, donor_key=donor_key)
-    classes, ordinal = _categories(labels, label_order)
-    codes = pd.Categorical(labels.astype(str), categories=classes).codes.astype(np.int64)
-    codes[labels.isna().to_numpy()] = -1
-    if indices is None:
-        rows = np.arange(adata.n_obs)
-    else:
-        idx = np.asarray(indices)
-        rows = np.flatnonzero(idx) if idx.dtype == bool else np.sort(idx.astype(np.int64))
-    rows = rows[codes[rows] >= 0]
-    per_donor = pd.Series(codes[rows], index=donors[rows]).groupby(level=0).first()
-    if len(per_donor) < k:
-        raise ValueError(f"select_level needs at least k={k} labelled donors, got {len(per_donor)}")
-    folds = pd.Series(
-        stratified_donor_folds(per_donor.to_numpy(), int(k), seed), index=per_donor.index
-    )
-    cell_fold = folds.reindex(donors[rows]).to_numpy()
-    n_classes = len(classes)
-
+    folds = _InnerFolds.build(adata, labels_key, donor_key, label_order, indices, int(k), seed)
     setup = {"layer": layer, "use_raw": use_raw, "gene_symbols": gene_symbols}
+    fits = {
+        "donor": (CellFMDonorClassifier, donor_kwargs, donor_train_kwargs),
+        "cell": (CellFMClassifier, cell_kwargs, cell_train_kwargs),
+    }
     base = {"seed": seed, **(model_kwargs or {})}
     train_base = {"enable_progress_bar": False, "logger": False, **(train_kwargs or {})}
     preds: dict[str, pd.Series] = {}
     rows_out = []
     for level in levels:
-        if level == "donor":
-            CellFMDonorClassifier.setup_anndata(
-                adata, labels_key=labels_key, donor_key=donor_key, label_order=label_order, **setup
-            )
-        elif level == "cell":
-            CellFMClassifier.setup_anndata(
+        if level in fits:
+            fits[level][0].setup_anndata(
                 adata, labels_key=labels_key, donor_key=donor_key, label_order=label_order, **setup
             )
         got = []
         for i in range(int(k)):
-            split = DataSplit(
-                train=rows[(cell_fold != i) & (cell_fold != (i + 1) % k)],
-                validation=rows[cell_fold == (i + 1) % k],
-                test=rows[cell_fold == i],
-                donor_key=donor_key,
-            )
+            split = folds.split(i, donor_key)
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 if level == "pseudobulk":
-                    table = pseudobulk_baseline(
-                        adata, codes, donors, train=split.train, validation=split.validation,
-                        test=split.test, classes=classes, ordered=ordinal, layer=layer,
-                        use_raw=use_raw,
-                    ).donor_table  # fmt: skip
-                elif level == "donor":
-                    model = CellFMDonorClassifier(adata, **base, **(donor_kwargs or {}))
-                    model.train(split=split, **train_base, **(donor_train_kwargs or {}))
-                    table = model.evaluate(n_bootstrap=0, baseline=False).donor_table
+                    table = folds.pseudobulk_table(adata, split, layer, use_raw)
                 else:
-                    model = CellFMClassifier(adata, **base, **(cell_kwargs or {}))
-                    model.train(split=split, **train_base, **(cell_train_kwargs or {}))
-                    table = model.evaluate(baseline=False).donor_table
+                    cls, kwargs, train_extra = fits[level]
+                    model = cls(adata, **base, **(kwargs or {}))
+                    model.train(split=split, **train_base, **(train_extra or {}))
+                    extra = {"n_bootstrap": 0} if level == "donor" else {}
+                    table = model.evaluate(baseline=False, **extra).donor_table
             pred = pd.Series(table["predicted"].cat.codes.to_numpy(), index=table.index.astype(str))
             got.append(pred)
-            t = per_donor.reindex(pred.index).to_numpy()
             rows_out.append(
                 {
                     "level": level,
                     "fold": i,
                     "n_test": int(pred.size),
-                    "score": _score(t, pred.to_numpy(), n_classes, ordinal),
+                    "score": folds.score(folds.per_donor.reindex(pred.index).to_numpy(), pred),
                     "seconds": round(time.perf_counter() - t0, 2),
                 }
             )
         preds[level] = pd.concat(got)
-    table = pd.DataFrame({"fold": folds, "true": per_donor})
-    table.index.name = "donor"
-    scores = {}
-    for level, pred in preds.items():
-        table[level] = pred.reindex(table.index)
-        ok = table[level].notna().to_numpy()
-        scores[level] = _score(
-            table["true"].to_numpy()[ok], table[level].to_numpy()[ok].astype(np.int64),
-            n_classes, ordinal,
-        )  # fmt: skip
-    order = sorted(levels, key=lambda lv: (-_finite(scores[lv]), LEVELS.index(lv)))
-    winner = order[0]
-    margin = _finite(scores[winner]) - _finite(scores[order[1]]) if len(order) > 1 else float("nan")
-    return LevelSelection(
-        winner=winner,
-        scores=scores,
-        metric="qwk" if ordinal else "balanced_accuracy",
-        margin=float(margin) if math.isfinite(margin) else float("nan"),
-        per_fold=pd.DataFrame(rows_out),
-        donor_table=table,
-        k=int(k),
-        n_donors=len(per_donor),
-    )
+    return folds.selection(preds, levels, pd.DataFrame(rows_out))
+
+
+@dataclasses.dataclass
+class _InnerFolds:
+    """The labelled donors of :func:`select_level` and their stratified inner folds."""
+
+    rows: np.ndarray
+    codes: np.ndarray
+    donors: np.ndarray
+    classes: list[str]
+    ordinal: bool
+    per_donor: pd.Series
+    folds: pd.Series
+    cell_fold: np.ndarray
+    k: int
+
+    @classmethod
+    def build(
+        cls,
+        adata: Any,
+        labels_key: str,
+        donor_key: str,
+        label_order: Sequence[str] | None,
+        indices: Any,
+        k: int,
+        seed: int,
+    ) -> _InnerFolds:
+        from cellfm_sc.model._classifier import _categories
+        from cellfm_sc.model._donor import check_donor_labels
+        from cellfm_sc.model._donor_eval import stratified_donor_folds
+
+        labels = obs_column(adata, labels_key, keyword="labels_key")
+        donors = obs_column(adata, donor_key, keyword="donor_key").astype(str).to_numpy()
+        check_donor_labels(pd.Series(donors), labels, labels_key=labels_key, donor_key=donor_key)
+        classes, ordinal = _categories(labels, label_order)
+        codes = pd.Categorical(labels.astype(str), categories=classes).codes.astype(np.int64)
+        codes[labels.isna().to_numpy()] = -1
+        if indices is None:
+            rows = np.arange(adata.n_obs)
+        else:
+            idx = np.asarray(indices)
+            rows = np.flatnonzero(idx) if idx.dtype == bool else np.sort(idx.astype(np.int64))
+        rows = rows[codes[rows] >= 0]
+        per_donor = pd.Series(codes[rows], index=donors[rows]).groupby(level=0).first()
+        if len(per_donor) < k:
+            raise ValueError(
+                f"select_level needs at least k={k} labelled donors, got {len(per_donor)}"
+            )
+        folds = pd.Series(
+            stratified_donor_folds(per_donor.to_numpy(), k, seed), index=per_donor.index
+        )
+        cell_fold = folds.reindex(donors[rows]).to_numpy()
+        return cls(
+            rows, codes, donors, list(classes), bool(ordinal), per_donor, folds, cell_fold, k
+        )
+
+    def split(self, i: int, donor_key: str) -> DataSplit:
+        """Fold ``i`` tests, fold ``i + 1`` validates, the rest train."""
+        nxt = (i + 1) % self.k
+        return DataSplit(
+            train=self.rows[(self.cell_fold != i) & (self.cell_fold != nxt)],
+            validation=self.rows[self.cell_fold == nxt],
+            test=self.rows[self.cell_fold == i],
+            donor_key=donor_key,
+        )
+
+    def pseudobulk_table(
+        self, adata: Any, split: DataSplit, layer: str | None, use_raw: bool
+    ) -> pd.DataFrame:
+        from cellfm_sc.baselines import pseudobulk_baseline
+
+        return pseudobulk_baseline(
+            adata, self.codes, self.donors, train=split.train, validation=split.validation,
+            test=split.test, classes=self.classes, ordered=self.ordinal, layer=layer,
+            use_raw=use_raw,
+        ).donor_table  # fmt: skip
+
+    def score(self, truth: np.ndarray, pred: pd.Series | np.ndarray) -> float:
+        return _score(truth, np.asarray(pred), len(self.classes), self.ordinal)
+
+    def selection(
+        self, preds: dict[str, pd.Series], levels: list[str], per_fold: pd.DataFrame
+    ) -> LevelSelection:
+        """Pooled out-of-fold scores, the winner and its margin."""
+        table = pd.DataFrame({"fold": self.folds, "true": self.per_donor})
+        table.index.name = "donor"
+        scores = {}
+        for level, pred in preds.items():
+            table[level] = pred.reindex(table.index)
+            ok = table[level].notna().to_numpy()
+            scores[level] = self.score(
+                table["true"].to_numpy()[ok], table[level].to_numpy()[ok].astype(np.int64)
+            )
+        order = sorted(levels, key=lambda lv: (-_finite(scores[lv]), LEVELS.index(lv)))
+        winner = order[0]
+        margin = (
+            _finite(scores[winner]) - _finite(scores[order[1]]) if len(order) > 1 else float("nan")
+        )
+        return LevelSelection(
+            winner=winner,
+            scores=scores,
+            metric="qwk" if self.ordinal else "balanced_accuracy",
+            margin=float(margin) if math.isfinite(margin) else float("nan"),
+            per_fold=per_fold,
+            donor_table=table,
+            k=self.k,
+            n_donors=len(self.per_donor),
+        )
