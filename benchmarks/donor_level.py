@@ -25,7 +25,7 @@ the rest train) compare, with the library's defaults:
 * ``cell``: :class:`~cellfm_sc.CellFMClassifier` on cells with their donor's label, donors
   scored by the mean of their cells' probabilities (``--cell-epochs`` 10);
 * ``pseudobulk``: :func:`cellfm_sc.baselines.pseudobulk_baseline` (per-donor summed counts ->
-  CPM -> log1p, genes with mean CPM >= 10, ``C`` chosen on the validation donors, refit on
+  CPM -> log1p, genes with mean CPM >= 10 or 100 and ``C`` chosen on the validation donors, refit on
   train + validation): what ``evaluate()`` reports beside the models.
 
 ``--variant NAME:key=value,...`` adds donor-model variants (constructor or ``train``

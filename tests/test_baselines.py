@@ -153,6 +153,32 @@ def test_pseudobulk_c_is_the_best_validation_qwk():
     assert kappas[cs.index(clf.C_)] == max(kappas)
 
 
+def test_pseudobulk_gene_filter_is_chosen_on_the_validation_donors():
+    sums, y = _donor_sums()
+    tr, va, te = np.arange(16), np.arange(16, 20), np.arange(20, 24)
+    cands = (10.0, 1000.0, 5000.0)
+    clf = PseudobulkLogisticRegression(4, ordered=True, min_cpm=cands)
+    clf.fit(sums[tr], y[tr], sums[va], y[va])
+    # each filter alone: its best validation score; the choice is the best of them
+    alone = {}
+    for m in cands:
+        one = PseudobulkLogisticRegression(4, ordered=True, min_cpm=m)
+        one.fit(sums[tr], y[tr], sums[va], y[va])
+        alone[m] = (max(one.validation_scores_.values()), one)
+    assert clf.min_cpm_scores_ == pytest.approx({m: s for m, (s, _) in alone.items()})
+    best = max(alone.values(), key=lambda t: t[0])[0]
+    first = next(m for m in cands if alone[m][0] == best)
+    assert clf.min_cpm_ == first
+    ref = alone[first][1]
+    np.testing.assert_array_equal(clf.genes_, ref.genes_)
+    assert clf.C_ == ref.C_
+    np.testing.assert_allclose(clf.predict_proba(sums[te]), ref.predict_proba(sums[te]))
+    # without validation donors: the first filter
+    assert PseudobulkLogisticRegression(4, min_cpm=cands).fit(sums, y).min_cpm_ == 10.0
+    with pytest.raises(ValueError, match="min_cpm must be >= 0"):
+        PseudobulkLogisticRegression(4, min_cpm=(10.0, -1.0))
+
+
 def test_pseudobulk_ordinal_variant_is_frank_hall():
     sums, y = _donor_sums()
     tr, te = np.arange(20), np.arange(20, 24)

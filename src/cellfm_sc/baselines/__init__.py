@@ -11,7 +11,8 @@ same split (``evaluate(baseline=True)``, the CLI report's "model vs baseline"):
 * **donors**: :class:`PseudobulkLogisticRegression`, per-donor summed counts -> CPM ->
   ``log1p``, genes kept whose mean CPM over the fitting donors is at least ``min_cpm``
   (optionally only the ``n_top_genes`` most variable of them), logistic regression with
-  ``C`` chosen on the validation donors and refit on training + validation donors. For
+  ``min_cpm`` (10 or 100) and ``C`` chosen on the validation donors and refit on training +
+  validation donors. For
   ordered labels ``ordinal=True`` fits the ordinal variant (Frank and Hall 2001: one binary
   logistic regression per threshold ``y > k``; the prediction is the median class).
 

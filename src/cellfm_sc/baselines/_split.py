@@ -163,7 +163,7 @@ def pseudobulk_baseline(
         name="pseudobulk",
         description=(
             f"pseudo-bulk {kind}logistic regression: per-donor summed counts -> CPM -> log1p, "
-            f"{clf.genes_.size} genes with mean CPM >= {clf.min_cpm:g}, C={clf.C_:g} chosen on "
+            f"{clf.genes_.size} genes with mean CPM >= {clf.min_cpm_:g}, C={clf.C_:g} chosen on "
             f"{int(va.sum())} validation donors, fit on {int((tr | va).sum())} donors"
         ),
         cell_metrics=None,
@@ -173,7 +173,8 @@ def pseudobulk_baseline(
             "C": clf.C_,
             "validation_scores": {str(k): v for k, v in clf.validation_scores_.items()},
             "n_genes": int(clf.genes_.size),
-            "min_cpm": clf.min_cpm,
+            "min_cpm": clf.min_cpm_,
+            "min_cpm_scores": {str(k): v for k, v in clf.min_cpm_scores_.items()},
             "n_top_genes": clf.n_top_genes,
             "ordinal": clf.ordinal,
             "n_train_donors": int(tr.sum()),
