@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -56,13 +57,15 @@ def assert_usage_error(proc: subprocess.CompletedProcess, *fragments: str) -> st
 
 def test_help_is_fast():
     run_cli("--version")  # warm the file cache
-    start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = run_cli("--help")
-    elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU time: what the command does (no heavy import), not how busy the machine is
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert proc.returncode == 0, proc.stderr
     for command in ("inspect", "finetune", "predict", "embed", "demo"):
         assert command in proc.stdout
-    assert elapsed < 3.0, f"cellfm-sc --help took {elapsed:.2f} s"
+    assert cpu < 3.0, f"cellfm-sc --help used {cpu:.2f} s of CPU"
 
 
 @pytest.mark.parametrize("command", ["inspect", "finetune", "predict", "embed", "demo"])
@@ -572,9 +575,12 @@ def test_predict_and_embed(finetuned, small_h5ad, tmp_path):
 @pytest.mark.slow
 def test_demo(tmp_path):
     pytest.importorskip("cellfm_sc.model", reason="model package missing")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = run_cli("demo", "--output-dir", tmp_path / "demo", "--quiet", cwd=tmp_path)
+    proc = run_cli("demo", "--output-dir", tmp_path / "demo", "--quiet", cwd=tmp_path, timeout=1500)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "NO pretrained CellFM weights" in proc.stdout
     m = re.search(r"demo accuracy \(test cells\): (\d\.\d+)", proc.stdout)
@@ -584,7 +590,8 @@ def test_demo(tmp_path):
     for name in ("training_results.json", "predictions.csv", "best_model.pth"):
         assert (tmp_path / "demo" / name).is_file()
     assert str((tmp_path / "demo" / "training_results.json").resolve()) in proc.stdout
-    print(f"demo: {elapsed:.0f} s, accuracy {accuracy:.3f}")
+    print(f"demo: {elapsed:.0f} s wall, {cpu:.0f} s CPU, accuracy {accuracy:.3f}")
     # a guard against a runaway demo, not its time target (benchmarks/RESULTS.md: about 90 s of
-    # CPU time with its pinned kernels; a shared 2-core machine stretches the wall time)
-    assert elapsed < 300, f"cellfm-sc demo took {elapsed:.0f} s (promised: 1-3 minutes)"
+    # CPU time with its pinned kernels). CPU time, not wall time: other jobs on a shared
+    # machine stretch the wall time without the demo doing more work.
+    assert cpu < 300, f"cellfm-sc demo used {cpu:.0f} s of CPU (promised: about 90 s)"

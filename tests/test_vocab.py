@@ -435,12 +435,12 @@ def test_mapping_is_fast_for_36601_genes(cellfm_vocab_path: Path) -> None:
     n_changed = sum(s != s.lower() for s in syms[:500])
     syms[:500] = [s.lower() for s in syms[:500]]
     names = syms + [f"NOVEL{i}" for i in range(36601 - len(syms))]
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: the work, not the machine's load
     m = map_genes(names, pre)
-    elapsed = time.perf_counter() - t0
+    elapsed = time.process_time() - t0
     assert m.n_dataset == 36601 and m.n_mapped == 27855
     assert m.counts["case"] == n_changed > 400
-    assert elapsed < 1.0, f"mapping 36,601 genes took {elapsed:.2f} s"
+    assert elapsed < 1.0, f"mapping 36,601 genes took {elapsed:.2f} s of CPU"
 
 
 # ---------------------------------------------------------------------------- embedding
