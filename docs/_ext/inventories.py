@@ -88,6 +88,11 @@ PROJECTS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
                 "py:class",
                 "reference/generated/scipy.sparse.csr_matrix.html",
             ),
+            # the runtime name of csr_matrix in annotations resolved by autodoc
+            "scipy.sparse._csr.csr_matrix": (
+                "py:class",
+                "reference/generated/scipy.sparse.csr_matrix.html",
+            ),
             "scipy.sparse.csc_matrix": (
                 "py:class",
                 "reference/generated/scipy.sparse.csc_matrix.html",

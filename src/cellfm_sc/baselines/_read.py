@@ -124,7 +124,7 @@ def gene_variances(
     max_nnz: int = _CHUNK_NNZ,
 ) -> np.ndarray:
     """Variance over ``rows`` of every gene's log-normalised value, float64 ``(n_genes,)``
-    (:func:`gene_moments`)."""
+    (:func:`~cellfm_sc.baselines.gene_moments`)."""
     return gene_moments(adata, rows, layer=layer, use_raw=use_raw, max_nnz=max_nnz)[1]
 
 

@@ -32,13 +32,13 @@ from cellfm_sc.data import DataSplit, obs_column
 
 __all__ = ["LEVELS", "LevelSelection", "select_level"]
 
-#: the levels :func:`select_level` compares (ties go to the earlier one: the cheaper model)
+#: the levels :func:`~cellfm_sc.model.select_level` compares (ties go to the earlier one: the cheaper model)
 LEVELS: tuple[str, ...] = ("pseudobulk", "donor", "cell")
 
 
 @dataclasses.dataclass
 class LevelSelection:
-    """The result of :func:`select_level`.
+    """The result of :func:`~cellfm_sc.model.select_level`.
 
     Attributes
     ----------
