@@ -319,7 +319,7 @@ def run(args: argparse.Namespace, con: Console) -> int:
     files, resume = validate(opts)
     out = Path(opts["output_dir"]).expanduser()
     if opts.get("checkpoint"):
-        from cellfm_sc.cli.finetune import check_checkpoint
+        from cellfm_sc.cli._run import check_checkpoint
 
         check_checkpoint(opts["checkpoint"])
     quiet_libraries(bool(opts.get("quiet")))
