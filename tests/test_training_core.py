@@ -15,8 +15,8 @@ import torch
 
 from cellfm_sc import CellFMClassifier
 from cellfm_sc.model import auto_lr
-from cellfm_sc.model._core import NonFiniteLossError, check_training_numbers, make_scheduler
 from cellfm_sc.nn import CellFMConfig
+from cellfm_sc.train import NonFiniteLossError, check_training_numbers, make_scheduler
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:no checkpoint given", "ignore::UserWarning:lightning", "ignore::DeprecationWarning"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -16,7 +16,6 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 
 from cellfm_sc._constants import MONITORS
-from cellfm_sc._hardware import check_accelerator
 from cellfm_sc.data import (
     DataSplit,
     TokenBatch,
@@ -30,16 +29,14 @@ from cellfm_sc.data import (
     split_by_donor,
     split_stratified,
 )
-from cellfm_sc.model._base import CellFMModel, auto_lr
-from cellfm_sc.model._core import (
-    StepOutput,
-    TrainingPlan,
-    check_resume_file,
-    check_training_numbers,
-)
-from cellfm_sc.model._module import CellFMClassifierModule, ClassifierOutput
+from cellfm_sc.model._module import CellFMClassifierModule
+from cellfm_sc.model.base import CellFMModel, Saved, TrainingRun, saved_rows
 from cellfm_sc.nn import CellFMConfig, CellFMTrunk, FinetuneRecipe
-from cellfm_sc.nn.trainable import RowRateScaler, recipe_param_groups, resolve_recipe
+from cellfm_sc.nn.trainable import resolve_recipe
+from cellfm_sc.train import (
+    ClassifierTrainingPlan,
+)
+from cellfm_sc.train._classifier import _class_weights
 
 logger = logging.getLogger(__name__)
 
@@ -55,253 +52,6 @@ EARLY_STOPPING_MIN_DONORS = 10
 # --------------------------------------------------------------------------------------------
 # training plan: loss and metrics of the classifier
 # --------------------------------------------------------------------------------------------
-
-
-class ClassifierTrainingPlan(TrainingPlan):
-    """Cross-entropy on labelled cells; exact accuracy, macro-F1 and donor-level metrics.
-
-    Training metrics (``train_loss``, ``train_acc``) come from sums over every training
-    cell of the epoch. Validation metrics come from every validation cell's probabilities,
-    gathered across processes, each cell counted once: ``validation_loss``,
-    ``validation_acc``, ``validation_macro_f1``, ``validation_balanced_acc``, and with donors
-    ``validation_donor_acc``, ``validation_donor_balanced_acc`` and (ordinal labels)
-    ``validation_donor_qwk`` from the donors' mean probabilities.
-
-    Parameters
-    ----------
-    module
-        The classifier module.
-    classes, ordinal
-        Class names (in code order) and whether they are ordered.
-    donors
-        ``(n_obs,)`` donor id of every AnnData row, or None.
-    labels
-        ``(n_obs,)`` label code of every AnnData row.
-    sample_weight
-        ``(n_obs,)`` per-cell loss weight for training (``class_weights="balanced_donors"``),
-        or None.
-    masked_value_weight
-        Weight of the auxiliary masked-value loss (0 = off).
-    recipe
-        The fine-tuning recipe (:class:`~cellfm_sc.nn.FinetuneRecipe`): parameter groups
-        with their rates, and a head phase during which the trunk runs without gradients
-        (its features frozen; the auxiliary loss is off then). None: one group at ``lr``.
-    transferred_rows
-        Gene-embedding rows that came from the checkpoint (the recipe's
-        ``transferred_rows_lr`` applies to them).
-    **kwargs
-        :class:`~cellfm_sc.model._core.TrainingPlan` settings (lr, schedule, ...).
-    """
-
-    def __init__(
-        self,
-        module: CellFMClassifierModule,
-        *,
-        classes: Sequence[str],
-        ordinal: bool,
-        labels: np.ndarray,
-        donors: np.ndarray | None = None,
-        sample_weight: np.ndarray | None = None,
-        masked_value_weight: float = 0.0,
-        recipe: FinetuneRecipe | None = None,
-        transferred_rows: np.ndarray | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(module, **kwargs)
-        self.recipe = recipe
-        self.transferred_rows = transferred_rows
-        #: optimizer steps of the head phase (set when the optimizer is built)
-        self.head_steps = 0
-        self._row_hooks: list[Any] = []
-        self.classes = list(classes)
-        self.ordinal = bool(ordinal)
-        self.labels = labels
-        self.donors = donors
-        self.masked_value_weight = float(masked_value_weight)
-        self.register_buffer(
-            "sample_weight",
-            None if sample_weight is None else torch.as_tensor(sample_weight, dtype=torch.float32),
-            persistent=False,
-        )
-
-    # -- the recipe: groups, rates, head phase
-    def optimizer_groups(self, total_steps: int) -> list[dict[str, Any]]:
-        if self.recipe is None:
-            return super().optimizer_groups(total_steps)
-        groups = recipe_param_groups(
-            self.module,
-            self.recipe,
-            n_layers=self.module.trunk.config.n_layers,
-            transferred_rows=self.transferred_rows,
-        )
-        self.head_steps = round(self.recipe.head_phase * total_steps)
-        for hook in self._row_hooks:
-            hook.remove()
-        self._row_hooks, self._row_scalers = [], []
-        out = []
-        for g in groups:
-            if g.rows is not None and g.rows_scale != 1.0:
-                self._row_scalers.append(RowRateScaler(g.params[0], g.rows, g.rows_scale))
-            out.append(
-                {
-                    "params": g.params,
-                    "lr": self.lr * g.lr_scale,
-                    "name": g.name,
-                    "start_step": self.head_steps if g.phase else 0,
-                }
-            )
-        return out
-
-    def configure_optimizers(self) -> Any:
-        config = super().configure_optimizers()
-        optimizer = config["optimizer"] if isinstance(config, dict) else config
-        for scaler in getattr(self, "_row_scalers", []):
-            self._row_hooks.extend(scaler.attach(optimizer))
-        return config
-
-    def in_head_phase(self) -> bool:
-        """Whether the current training step belongs to the recipe's head phase."""
-        return self.head_steps > 0 and self.global_step < self.head_steps
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # the start of weight-space interpolation: the weights when the head phase ends
-        wise = self.recipe is not None and self.recipe.interpolate < 1
-        if wise and self.head_steps and self.global_step == self.head_steps:
-            if getattr(self, "interpolation_start", None) is None:
-                self.interpolation_start = {
-                    n: p.detach().to("cpu", copy=True)
-                    for n, p in self.module.named_parameters()
-                    if p.requires_grad
-                }
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if getattr(self, "interpolation_start", None) is not None:
-            checkpoint["cellfm_interpolation_start"] = self.interpolation_start
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.interpolation_start = checkpoint.get("cellfm_interpolation_start")
-
-    def interpolate_weights(self) -> bool:
-        """Set the module's trainable weights to ``interpolate * now + (1 - interpolate) *
-        start`` (the recipe's weight-space ensemble); False when there is nothing to do."""
-        start = getattr(self, "interpolation_start", None)
-        if self.recipe is None or self.recipe.interpolate >= 1 or start is None:
-            return False
-        a = float(self.recipe.interpolate)
-        with torch.no_grad():
-            for n, p in self.module.named_parameters():
-                if n in start:
-                    p.copy_(a * p + (1.0 - a) * start[n].to(p.device, p.dtype))
-        return True
-
-    def step(self, batch: TokenBatch, stage: str) -> StepOutput:
-        train = stage == "train"
-        if train and self.in_head_phase():  # features frozen: no gradient through the trunk
-            with torch.no_grad():
-                trunk = self.module.trunk(batch.values, batch.gene_ids, batch.valid)
-            out = ClassifierOutput(logits=self.module.head(trunk.cls), cls=trunk.cls)
-            mv_loss = None
-        elif train and self.masked_value_weight > 0:
-            out, mv_loss = self.module.masked_value_loss(batch)
-            self.log("train_masked_value_loss", mv_loss.detach(), batch_size=len(batch))
-        else:
-            out, mv_loss = self.module(batch), None
-        ce = self.module.cell_loss(out.logits, batch.labels)
-        weight = getattr(batch, "weight", None)
-        count = torch.ones_like(ce) if weight is None else weight.to(ce.dtype)
-        n = count.sum()
-        objective = count
-        if train and self.sample_weight is not None:
-            objective = count * self.sample_weight[batch.obs_index]
-        loss = (ce * objective).sum() / n.clamp(min=1.0)
-        if mv_loss is not None:
-            loss = loss + self.masked_value_weight * mv_loss
-        pred = out.logits.argmax(-1)
-        sums = {
-            "loss": (ce.detach() * count).sum(),
-            "n": n,
-            "correct": ((pred == batch.labels).to(ce.dtype) * count).sum(),
-        }
-        collect = None
-        if not train:
-            keep = count > 0
-            collect = {
-                "obs_index": batch.obs_index[keep],
-                "probs": torch.softmax(out.logits.detach().float(), -1)[keep],
-            }
-        return StepOutput(loss=loss, sums=sums, collect=collect)
-
-    def metrics_from_sums(self, sums: Mapping[str, float]) -> dict[str, float]:
-        n = sums.get("n", 0.0)
-        if not n:
-            return {"loss": float("nan"), "acc": float("nan")}
-        return {"loss": sums["loss"] / n, "acc": sums["correct"] / n}
-
-    def collected_metrics(self, collected: Mapping[str, np.ndarray]) -> dict[str, float]:
-        from cellfm_sc.metrics import evaluate_predictions
-
-        idx = collected["obs_index"].astype(np.int64)
-        result = evaluate_predictions(
-            collected["probs"],
-            self.labels[idx],
-            self.classes,
-            donors=None if self.donors is None else self.donors[idx],
-            ordinal=self.ordinal,
-        )
-        cell = result.cell_metrics
-        out = {
-            "macro_f1": cell["macro_f1"],
-            "balanced_acc": cell["balanced_accuracy"],
-            "n_cells": float(cell["n_cells"]),
-        }
-        if result.donor_metrics is not None:
-            donor = result.donor_metrics
-            out["donor_acc"] = donor["accuracy"]
-            out["donor_balanced_acc"] = donor["balanced_accuracy"]
-            if self.ordinal:
-                out["donor_qwk"] = donor["qwk"]
-        return out
-
-
-def _class_weights(
-    spec: Any, codes: np.ndarray, n_classes: int, donors: np.ndarray | None
-) -> tuple[torch.Tensor, np.ndarray | None]:
-    """``(K,)`` class weights and an optional per-training-cell weight from ``class_weights``.
-
-    ``None``: all 1. ``"balanced"``: ``n / (K * n_k)`` (mean 1 over the training cells).
-    ``"balanced_donors"``: each training donor weighs the same (per-cell weights, mean 1).
-    A sequence: one weight per class.
-    """
-    ones = torch.ones(n_classes)
-    if spec is None:
-        return ones, None
-    if isinstance(spec, str):
-        if spec == "balanced":
-            counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
-            w = np.where(counts > 0, len(codes) / (n_classes * np.maximum(counts, 1)), 0.0)
-            return torch.tensor(w, dtype=torch.float32), None
-        if spec == "balanced_donors":
-            if donors is None:
-                raise ValueError(
-                    "class_weights='balanced_donors' needs donors: pass donor_key= to setup_anndata"
-                )
-            _, inverse, counts = np.unique(donors, return_inverse=True, return_counts=True)
-            per_cell = len(donors) / (len(counts) * counts[inverse])
-            return ones, per_cell.astype(np.float32)
-        raise ValueError(
-            "class_weights must be None, 'balanced', 'balanced_donors' or one weight per "
-            f"class, got {spec!r}"
-        )
-    weights = np.asarray(spec, dtype=np.float32)
-    if weights.shape != (n_classes,):
-        raise ValueError(
-            f"class_weights has shape {weights.shape}; expected ({n_classes},) (one per class)"
-        )
-    if not np.all(np.isfinite(weights)) or (weights < 0).any():
-        raise ValueError(f"class_weights must be finite and >= 0, got {weights.tolist()}")
-    return torch.from_numpy(weights), None
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,6 +114,13 @@ class CellFMClassifier(CellFMModel):
     """
 
     _module_cls = CellFMClassifierModule
+    _saved: ClassVar[dict[str, Saved]] = {
+        "classes_": Saved("classes_", list),
+        "ordinal_": Saved("ordinal_", bool),
+        "head_hidden_": Saved("head_hidden", int),
+        "dropout_": Saved("dropout", float),
+        "transferred_rows_": Saved("transferred_rows", saved_rows),
+    }
 
     def __init__(
         self,
@@ -409,8 +166,7 @@ class CellFMClassifier(CellFMModel):
         self.head_hidden_ = int(head_hidden)
         self.dropout_ = float(dropout)
         self.transferred_rows_ = _transferred_rows(self._pretrained_report)
-        module = CellFMClassifierModule(trunk, len(self.classes_), head_hidden, dropout)
-        self._attach(module, trainable, lora_rank, lora_alpha)
+        self._attach(self._make_module(trunk), trainable, lora_rank, lora_alpha)
         self.init_params_ = self._get_init_params(locals())
 
     # ----------------------------------------------------------------- setup_anndata
@@ -683,46 +439,33 @@ class CellFMClassifier(CellFMModel):
         whose weights the model holds, and ``model.train_indices`` /
         ``validation_indices`` / ``test_indices`` the split (kept by obs name).
         """
-        check_training_numbers(
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            lr_schedule=lr_schedule,
-            weight_decay=weight_decay,
-            patience=patience,
-            num_workers=num_workers,
-            check_val_every_n_steps=check_val_every_n_steps,
-            gradient_clip_val=gradient_clip_val,
-            warmup_fraction=warmup_fraction,
-            masked_value_weight=masked_value_weight,
-        )
-        check_accelerator(accelerator, devices)  # before any work: one line, the fix
-        recipe_ = resolve_recipe(recipe, self.pretrained)
-        if early_stopping not in (True, False, "auto"):
+        self._train(locals())
+
+    # the steps of the training template (CellFMModel._train)
+    def _check_train(self, run: TrainingRun) -> None:
+        run.data["recipe"] = resolve_recipe(run["recipe"], self.pretrained)
+        if run["early_stopping"] not in (True, False, "auto"):
             raise ValueError(
-                f"early_stopping must be True, False or 'auto', got {early_stopping!r}"
+                f"early_stopping must be True, False or 'auto', got {run['early_stopping']!r}"
             )
-        if masked_value_weight > 0 and not hasattr(self.module.trunk, "value_dec"):
+        if run["masked_value_weight"] > 0 and not hasattr(self.module.trunk, "value_dec"):
             raise ValueError(
                 "masked_value_weight > 0 needs the value decoder, which this trunk lacks "
                 "(annotation-Backbone checkpoint, variant A'); use masked_value_weight=0"
             )
-        if resume_from is not None:
-            check_resume_file(resume_from)
-        if self.adata_manager is None:
-            raise ValueError(
-                "this model's AnnData is not set up for training: call "
-                f"{type(self).__name__}.setup_anndata(adata, ...) and create the model on it"
-            )
-        adata = self.adata
-        gene_id_map = self._gene_id_map(adata, strict=True)
-        codes = self._label_codes(adata)
-        donors = self._donors(adata)
-        split = self._make_split(adata, split, validation_size, test_size)
-        monitor, mode = self._resolve_monitor(monitor, adata)
+
+    def _prepare_training(self, run: TrainingRun) -> None:
+        adata = run.adata = self._training_adata()
+        run.data["gene_id_map"] = self._gene_id_map(adata, strict=True)
+        codes = run.data["labels"] = self._label_codes(adata)
+        donors = run.data["donors"] = self._donors(adata)
+        split = run.split = self._make_split(
+            adata, run["split"], run["validation_size"], run["test_size"]
+        )
+        run.monitor, run.mode = self._resolve_monitor(run["monitor"], adata)
         self._check_cells(adata, np.concatenate([split.train, split.validation, split.test]))
         class_w, per_cell = _class_weights(
-            class_weights,
+            run["class_weights"],
             codes[split.train],
             len(self.classes_),
             None if donors is None else donors[split.train],
@@ -731,18 +474,26 @@ class CellFMClassifier(CellFMModel):
         if per_cell is not None:
             sample_weight = np.zeros(adata.n_obs, dtype=np.float32)
             sample_weight[split.train] = per_cell
+        run.data["sample_weight"] = sample_weight
         self.module.class_weights = class_w  # this call's weights only
+        early_stopping = run["early_stopping"]
         if early_stopping == "auto":
             if self._donor_level_labels(adata):
                 n_val_donors = len(np.unique(donors[split.validation]))
                 early_stopping = n_val_donors >= EARLY_STOPPING_MIN_DONORS
             else:
                 early_stopping = len(split.validation) >= EARLY_STOPPING_MIN_CELLS
-        lr_value = auto_lr(self.pretrained, self.module.trunk.config) if lr == "auto" else float(lr)
+        run.early_stopping = bool(early_stopping)
+        if run.data["recipe"].head_phase > 0:  # under DDP the trunk is unused then
+            run.find_unused_parameters = True
+
+    def _training_plan(self, run: TrainingRun, **plan_kwargs: Any) -> ClassifierTrainingPlan:
         objective_params: tuple[str, ...] = ()
-        if masked_value_weight > 0:  # the auxiliary objective trains its decoder too
+        if run["masked_value_weight"] > 0:  # the auxiliary objective trains its decoder too
             objective_params = ("value_dec.", "value_enc.mask_emb")
-        trained_before = {n for n, p in self.module.named_parameters() if p.requires_grad}
+        run.data["trained_before"] = {
+            n for n, p in self.module.named_parameters() if p.requires_grad
+        }
         for name, p in self.module.trunk.named_parameters():
             if name.startswith(objective_params):
                 p.requires_grad_(True)
@@ -750,70 +501,37 @@ class CellFMClassifier(CellFMModel):
             self.module,
             classes=self.classes_,
             ordinal=self.ordinal_,
-            labels=codes,
-            donors=donors,
-            sample_weight=sample_weight,
-            masked_value_weight=masked_value_weight,
-            recipe=recipe_,
+            labels=run.data["labels"],
+            donors=run.data["donors"],
+            sample_weight=run.data["sample_weight"],
+            masked_value_weight=run["masked_value_weight"],
+            recipe=run.data["recipe"],
             transferred_rows=self.transferred_rows_,
-            lr=lr_value,
-            weight_decay=weight_decay,
-            lr_schedule=lr_schedule,
-            max_epochs=max_epochs,
-            warmup_fraction=warmup_fraction,
+            **plan_kwargs,
         )
-        self.module.trunk.gradient_checkpointing = gradient_checkpointing
-        settings = {
-            "max_epochs": max_epochs,
-            "batch_size": batch_size,
-            "lr": lr_value,
-            "lr_requested": lr,
-            "weight_decay": weight_decay,
-            "lr_schedule": lr_schedule,
-            "warmup_fraction": warmup_fraction,
+        self.module.trunk.gradient_checkpointing = run["gradient_checkpointing"]
+        return plan
+
+    def _train_settings(self, run: TrainingRun) -> dict[str, Any]:
+        class_weights = run["class_weights"]
+        return {
             "class_weights": class_weights
             if isinstance(class_weights, str | None)
             else list(class_weights),
-            "monitor": monitor,
-            "early_stopping": bool(early_stopping),
-            "patience": patience,
-            "gradient_checkpointing": gradient_checkpointing,
-            "masked_value_weight": masked_value_weight,
-            "trainable": self.trainable_,
-            "recipe": recipe_.to_dict(),
+            "monitor": run.monitor,
+            "gradient_checkpointing": run["gradient_checkpointing"],
+            "masked_value_weight": run["masked_value_weight"],
+            "recipe": run.data["recipe"].to_dict(),
         }
-        runner = self._runner_options(locals())
-        if recipe_.head_phase > 0:  # under DDP the trunk is unused during the head phase
-            runner["find_unused_parameters"] = True
+
+    def _run_fit(self, run: TrainingRun, plan: Any, datamodule: Any, settings: dict) -> None:
         try:
-            self._fit(
-                plan,
-                adata,
-                split,
-                loader_kwargs=dict(
-                    batch_size=batch_size,
-                    max_tokens=self.max_tokens,
-                    seed=self.seed,
-                    labels=codes,
-                    gene_id_map=gene_id_map,
-                    num_workers=num_workers,
-                    **self._data_kwargs(),
-                ),
-                settings=settings,
-                max_epochs=max_epochs,
-                monitor=monitor,
-                mode=mode,
-                early_stopping=bool(early_stopping),
-                patience=patience,
-                check_val_every_n_steps=check_val_every_n_steps,
-                **runner,
-                **trainer_kwargs,
-            )
+            super()._run_fit(run, plan, datamodule, settings)
             plan.interpolate_weights()
         finally:
             self.module.class_weights = torch.ones(len(self.classes_))
             for name, p in self.module.named_parameters():
-                p.requires_grad_(name in trained_before)
+                p.requires_grad_(name in run.data["trained_before"])
 
     # ----------------------------------------------------------------- inference
     def _infer(
@@ -904,46 +622,6 @@ class CellFMClassifier(CellFMModel):
         if soft:
             return pd.DataFrame(probs, index=adata.obs_names[idx], columns=self.classes_)
         return self._predicted(probs)
-
-    def get_latent_representation(
-        self,
-        adata: Any | None = None,
-        indices: Any = None,
-        batch_size: int = 64,
-        device: str | torch.device | None = None,
-        enable_progress_bar: bool = False,
-        min_gene_coverage: float = 0.5,
-        out: Any = None,
-        num_workers: int = 0,
-        allow_untrained: bool = False,
-    ) -> Any:
-        """Cell embeddings (the cls token), float32 ``(n_cells, D)``.
-
-        Query data with another gene set work as in :meth:`predict`. For atlases, pass
-        ``out``: an array-like ``(n_cells, D)`` (an h5py or zarr dataset, a numpy memmap, in
-        float32 or float16) that the rows are written into as they are computed, so memory
-        does not grow with the number of cells; ``out`` is returned. ``num_workers`` loader
-        processes read and tokenise ahead of the model. A model never trained is refused
-        (:class:`~cellfm_sc.model.UntrainedModelError`) unless its trunk is a pretrained
-        checkpoint's with ``embedding_init="transfer"`` or ``allow_untrained=True``.
-        """
-        self._require_trained(allow_untrained, head=False)
-        adata = self._adata_or_default(adata)
-        idx = self._indices(adata, indices)
-        return self._forward_cells(
-            adata,
-            idx,
-            batch_size,
-            device,
-            {"emb": (self.module.trunk.config.enc_dims,)},
-            _embedding,
-            enable_progress_bar,
-            min_gene_coverage,
-            sinks=None if out is None else {"emb": out},
-            num_workers=num_workers,
-            allow_untrained=allow_untrained,
-            head=False,
-        )["emb"]
 
     def annotate(
         self,
@@ -1182,32 +860,11 @@ class CellFMClassifier(CellFMModel):
         return self.summary
 
     # ----------------------------------------------------------------- save / load parts
-    def _save_attrs(self) -> dict[str, Any]:
-        return {
-            "classes_": list(self.classes_),
-            "ordinal_": bool(self.ordinal_),
-            "head_hidden": self.head_hidden_,
-            "dropout": self.dropout_,
-            "transferred_rows": None
-            if self.transferred_rows_ is None
-            else self.transferred_rows_.tolist(),
-        }
-
     def _restore_attrs(self, attrs: dict[str, Any]) -> None:
-        args = self._read_setup_args()
-        self.labels_key = args["labels_key"]
-        self.classes_ = list(attrs["classes_"])
-        self.ordinal_ = bool(attrs["ordinal_"])
-        self.head_hidden_ = int(attrs["head_hidden"])
-        self.dropout_ = float(attrs["dropout"])
-        rows = attrs.get("transferred_rows")
-        self.transferred_rows_ = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self.labels_key = self._read_setup_args()["labels_key"]
 
-    @classmethod
-    def _make_module(cls, trunk: CellFMTrunk, attrs: dict[str, Any]) -> CellFMClassifierModule:
-        return CellFMClassifierModule(
-            trunk, len(attrs["classes_"]), int(attrs["head_hidden"]), float(attrs["dropout"])
-        )
+    def _make_module(self, trunk: CellFMTrunk) -> CellFMClassifierModule:
+        return CellFMClassifierModule(trunk, len(self.classes_), self.head_hidden_, self.dropout_)
 
 
 def _transferred_rows(report: Any) -> np.ndarray | None:
@@ -1216,10 +873,6 @@ def _transferred_rows(report: Any) -> np.ndarray | None:
     if report is None or report.embedding_init != "transfer" or report.mapping is None:
         return None
     return (np.flatnonzero(report.mapping.pretrained_ids) + 1).astype(np.int64)
-
-
-def _embedding(module: CellFMClassifierModule, batch: TokenBatch) -> dict[str, Any]:
-    return {"emb": module.trunk(batch.values, batch.gene_ids, batch.valid, return_hidden=False).cls}
 
 
 def _probs_and_embedding(module: CellFMClassifierModule, batch: TokenBatch) -> dict[str, Any]:

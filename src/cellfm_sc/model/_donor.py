@@ -15,9 +15,9 @@ import logging
 import os
 import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -27,7 +27,6 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 
 from cellfm_sc._constants import DONOR_LOSSES, DONOR_MONITORS, POOLINGS
-from cellfm_sc._hardware import check_accelerator
 from cellfm_sc.data import (
     DataSplit,
     check_count_source,
@@ -39,41 +38,33 @@ from cellfm_sc.data import (
     obs_column,
     split_by_donor,
 )
-from cellfm_sc.model._base import CellFMModel, auto_lr
-from cellfm_sc.model._classifier import _categories
-from cellfm_sc.model._core import (
-    StepOutput,
-    TrainingPlan,
-    check_resume_file,
-    check_training_numbers,
-)
-from cellfm_sc.model._donor_bags import (
-    BagBatch,
+from cellfm_sc.dataloaders._bags import (
     DonorDataModule,
     ExpressionRows,
     eval_keys,
     partition_bags,
 )
+from cellfm_sc.metrics._donor import aggregate_bag_logits, donor_metrics
+from cellfm_sc.model._classifier import _categories
 from cellfm_sc.model._donor_eval import (
     CrossValidationResult,
     DonorEvaluationResult,
-    aggregate_bag_logits,
     bootstrap_intervals,
-    donor_metrics,
     stratified_donor_folds,
 )
 from cellfm_sc.model._donor_module import CELL_VIEWS, CellFMDonorModule
+from cellfm_sc.model.base import CellFMModel, Saved, TrainingRun
 from cellfm_sc.nn import CellFMConfig, CellFMTrunk
 from cellfm_sc.nn.ordinal import class_probabilities, predict_classes
+from cellfm_sc.train import (
+    DonorTrainingPlan,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CellFMDonorClassifier", "DonorTrainingPlan"]
 
 DONOR_FIELD = "donor"
-#: weight of the validation donor loss in ``validation_donor_score`` (only breaks ties of QWK
-#: or balanced accuracy, which move in steps of about 1 / n_donors)
-SCORE_LOSS_WEIGHT = 1e-3
 #: cells per head call at inference (bags are never split across calls)
 _HEAD_CELLS = 65_536
 
@@ -81,134 +72,6 @@ _HEAD_CELLS = 65_536
 # --------------------------------------------------------------------------------------------
 # training plan
 # --------------------------------------------------------------------------------------------
-
-
-class DonorTrainingPlan(TrainingPlan):
-    """Bag loss and donor-level validation metrics.
-
-    Training metrics come from sums over the epoch's bags (``train_loss``: mean bag loss,
-    ``train_acc``: share of bags classified right). Validation gathers every validation bag's
-    logits (across processes, each bag once), averages them per donor (weighted by the bags'
-    cell counts, as :meth:`CellFMDonorClassifier.predict_donors` does) and reports
-    ``validation_loss`` (per bag), ``validation_donor_loss``, ``validation_donor_acc``,
-    ``validation_donor_balanced_acc``, for ordinal labels ``validation_donor_qwk``, and
-    ``validation_donor_score``: the QWK (ordinal) or balanced accuracy minus ``1e-3`` times
-    the donor loss, i.e. the main score with its ties broken by the loss (what
-    ``monitor="auto"`` follows).
-
-    Parameters
-    ----------
-    module
-        The donor module.
-    n_classes, ordinal
-        Number of classes and whether they are ordered.
-    chunk_size
-        Cells per trunk chunk (trainable trunk).
-    gradient_checkpointing
-        Recompute each chunk's activations in the backward pass.
-    cell_loss_weight
-        Weight of an auxiliary cell-level loss (each cell classified by the same head with
-        its donor's label, weighted by its attention within the bag; 0 = off).
-    **kwargs
-        :class:`~cellfm_sc.model._core.TrainingPlan` settings.
-    """
-
-    def __init__(
-        self,
-        module: CellFMDonorModule,
-        *,
-        n_classes: int,
-        ordinal: bool,
-        chunk_size: int = 32,
-        gradient_checkpointing: bool = False,
-        cell_loss_weight: float = 0.0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(module, **kwargs)
-        self.n_classes = int(n_classes)
-        self.ordinal = bool(ordinal)
-        self.chunk_size = int(chunk_size)
-        self.gradient_checkpointing = bool(gradient_checkpointing)
-        self.cell_loss_weight = float(cell_loss_weight)
-
-    def _embed(self, batch: BagBatch) -> torch.Tensor | None:
-        if batch.emb is not None:
-            return batch.emb
-        c = batch.cells
-        if c is None:
-            return None
-        return self.module.encode(
-            c.values,
-            c.gene_ids,
-            c.valid,
-            batch.chunk_lengths,
-            self.chunk_size,
-            self.gradient_checkpointing,
-        )
-
-    def step(self, batch: BagBatch, stage: str) -> StepOutput:
-        train = stage == "train"
-        emb = self._embed(batch)
-        out = self.module(emb, batch.bag, batch.n_bags, batch.expr)
-        w = batch.weight.float()
-        objective, per_bag = self.module.loss(out.logits, batch.labels, w)
-        loss = objective
-        if train and self.cell_loss_weight > 0:
-            # each cell predicts its donor's label, weighted by its attention in the bag (a
-            # bag's weights sum to 1, so every bag counts once whatever its size)
-            cell_logits = self.module.head.classify_cells(out.cells)
-            cell_w = w[batch.bag] * out.attention.detach().float()
-            cell_objective, _ = self.module.loss(cell_logits, batch.labels[batch.bag], cell_w)
-            loss = loss + self.cell_loss_weight * cell_objective
-        logits = out.logits.detach().float()
-        pred = predict_classes(self.module.probabilities(logits), self.ordinal)
-        sums = {
-            "loss": (per_bag.detach() * w).sum(),
-            "n": w.sum(),
-            "correct": ((pred == batch.labels).float() * w).sum(),
-        }
-        collect = None
-        if not train:
-            keep = w > 0
-            n_cells = torch.bincount(batch.bag, minlength=batch.n_bags)
-            collect = {
-                "donor": batch.donor[keep],
-                "n_cells": n_cells[keep],
-                "logits": logits[keep],
-                "labels": batch.labels[keep],
-            }
-        return StepOutput(loss=loss, sums=sums, collect=collect)
-
-    def metrics_from_sums(self, sums: Mapping[str, float]) -> dict[str, float]:
-        n = sums.get("n", 0.0)
-        if not n:
-            return {"loss": float("nan"), "acc": float("nan")}
-        return {"loss": sums["loss"] / n, "acc": sums["correct"] / n}
-
-    def collected_metrics(self, collected: Mapping[str, np.ndarray]) -> dict[str, float]:
-        donors, logits, _ = aggregate_bag_logits(
-            collected["logits"], collected["donor"], collected["n_cells"]
-        )
-        label_of = dict(zip(collected["donor"].tolist(), collected["labels"].tolist()))
-        y = torch.tensor([label_of[d] for d in donors.tolist()], dtype=torch.int64)
-        z = torch.from_numpy(logits).float()
-        _, per = self.module.loss(z, y)
-        pred = predict_classes(self.module.probabilities(z), self.ordinal).numpy()
-        m = donor_metrics(y.numpy(), pred, self.n_classes, self.ordinal)
-        out = {
-            "donor_loss": float(per.mean()),
-            "donor_acc": m["accuracy"],
-            "donor_balanced_acc": m["balanced_accuracy"],
-            "n_donors": m["n_donors"],
-        }
-        if self.ordinal:
-            out["donor_qwk"] = m["qwk"]
-        main = m["qwk"] if self.ordinal else m["balanced_accuracy"]
-        # model selection: the main score, ties (frequent with few donors) broken by the loss
-        out["donor_score"] = (main if np.isfinite(main) else 0.0) - SCORE_LOSS_WEIGHT * out[
-            "donor_loss"
-        ]
-        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,6 +170,20 @@ class CellFMDonorClassifier(CellFMModel):
     """
 
     _module_cls = CellFMDonorModule
+    _saved: ClassVar[dict[str, Saved]] = {
+        "classes_": Saved("classes_", list),
+        "ordinal_": Saved("ordinal_", bool),
+        "loss_": Saved("loss_", str),
+        "bag_size": Saved("bag_size", int),
+        "pooling_": Saved("pooling_", str),
+        "attention_hidden_": Saved("attention_hidden", int),
+        "head_hidden_": Saved("head_hidden", int),
+        "dropout_": Saved("dropout", float),
+        # models saved before the expression view: the trunk alone
+        "cell_view_": Saved("cell_view", str, "trunk"),
+        "expression_genes_": Saved("expression_genes", int, 0),
+        "expression_dim_": Saved("expression_dim", int, 64),
+    }
 
     def __init__(
         self,
@@ -390,18 +267,7 @@ class CellFMDonorClassifier(CellFMModel):
             0 if cell_view == "trunk" else min(int(expression_genes), int(self.vocab.n_genes))
         )
         self.expression_dim_ = int(expression_dim)
-        module = CellFMDonorModule(
-            trunk,
-            len(self.classes_),
-            self.loss_,
-            pooling=pooling,
-            attention_hidden=attention_hidden,
-            head_hidden=head_hidden,
-            dropout=dropout,
-            view=cell_view,
-            expression_genes=self.expression_genes_,
-            expression_dim=self.expression_dim_,
-        )
+        module = self._make_module(trunk)
         #: the policy asked for (``trainable_`` holds the one applied)
         self.trainable_requested_ = trainable
         self._attach(
@@ -693,43 +559,31 @@ class CellFMDonorClassifier(CellFMModel):
         epochs only train pooling + head. ``model.history`` has one row per epoch
         (``train_loss``, ``train_acc`` over bags, the validation metrics).
         """
-        check_training_numbers(
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            lr_schedule=lr_schedule,
-            weight_decay=weight_decay,
-            patience=patience,
-            num_workers=num_workers,
-            gradient_clip_val=gradient_clip_val,
-            warmup_fraction=warmup_fraction,
-        )
-        check_accelerator(accelerator, devices)  # before any work: one line, the fix
-        for name, value in (
-            ("chunk_size", chunk_size),
-            ("embedding_batch_size", embedding_batch_size),
-        ):
+        self._train(locals())
+
+    # the steps of the training template (CellFMModel._train)
+    def _check_train(self, run: TrainingRun) -> None:
+        for name in ("chunk_size", "embedding_batch_size"):
+            value = run[name]
             if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(cell_loss_weight, int | float) or not cell_loss_weight >= 0:
-            raise ValueError(f"cell_loss_weight must be a number >= 0, got {cell_loss_weight!r}")
-        if gradient_checkpointing not in (True, False, "auto"):
+        weight = run["cell_loss_weight"]
+        if not isinstance(weight, int | float) or not weight >= 0:
+            raise ValueError(f"cell_loss_weight must be a number >= 0, got {weight!r}")
+        if run["gradient_checkpointing"] not in (True, False, "auto"):
             raise ValueError(
-                f"gradient_checkpointing must be True, False or 'auto', got {gradient_checkpointing!r}"
+                "gradient_checkpointing must be True, False or 'auto', got "
+                f"{run['gradient_checkpointing']!r}"
             )
-        if early_stopping not in (True, False):
-            raise ValueError(f"early_stopping must be True or False, got {early_stopping!r}")
-        monitor, mode = self._resolve_monitor(monitor)
-        if resume_from is not None:
-            check_resume_file(resume_from)
-        if self.adata_manager is None:
-            raise ValueError(
-                "this model's AnnData is not set up for training: call "
-                "CellFMDonorClassifier.setup_anndata(adata, ...) and create the model on it"
-            )
-        adata = self.adata
-        gene_id_map = self._gene_id_map(adata, strict=True)
-        split = self._make_split(adata, split, validation_size, test_size)
+        super()._check_train(run)
+        run.monitor, run.mode = self._resolve_monitor(run["monitor"])
+
+    def _prepare_training(self, run: TrainingRun) -> None:
+        adata = run.adata = self._training_adata()
+        run.data["gene_id_map"] = self._gene_id_map(adata, strict=True)
+        split = run.split = self._make_split(
+            adata, run["split"], run["validation_size"], run["test_size"]
+        )
         cells = np.concatenate([split.train, split.validation])
         donor_names = self._donors(adata)
         per_donor = self._donor_label_codes(adata, cells)
@@ -740,30 +594,35 @@ class CellFMDonorClassifier(CellFMModel):
                 f"that is not among the classes {self.classes_}"
             )
         self._check_cells(adata, np.concatenate([split.train, split.validation, split.test]))
-        names = np.asarray(per_donor.index)
         donor_codes = np.full(adata.n_obs, -1, np.int64)
-        pos = pd.Index(names).get_indexer(donor_names[cells])
-        donor_codes[cells] = pos
-        labels = per_donor.to_numpy()
-
-        frozen = self._trunk_frozen()
-        if lr == "auto":
-            lr_value = 1e-3 if frozen else auto_lr(self.pretrained, self.module.trunk.config)
-        else:
-            lr_value = float(lr)
+        donor_codes[cells] = pd.Index(np.asarray(per_donor.index)).get_indexer(donor_names[cells])
+        run.data.update(cells=cells, donor_codes=donor_codes, labels=per_donor.to_numpy())
+        accelerator = run["accelerator"]
         on_gpu = accelerator in ("gpu", "cuda") or (
             accelerator == "auto" and torch.cuda.is_available()
         )
-        checkpointing = on_gpu if gradient_checkpointing == "auto" else bool(gradient_checkpointing)
+        wanted = run["gradient_checkpointing"]
+        run.data["checkpointing"] = on_gpu if wanted == "auto" else bool(wanted)
+
+    def _auto_lr(self) -> float:
+        return 1e-3 if self._trunk_frozen() else super()._auto_lr()
+
+    def _datamodule(self, run: TrainingRun) -> DonorDataModule:
+        adata, split, cells = run.adata, run.split, run.data["cells"]
         data_kwargs: dict[str, Any] = {}
         expression = None
         if self.module.expression_view is not None:
             expression = self._set_expression_genes(adata, split.train)
         if not self.module.uses_trunk:
             pass  # the expression view alone: no trunk, no embeddings
-        elif frozen:
+        elif self._trunk_frozen():
             emb = self._cell_embeddings(
-                adata, cells, embedding_batch_size, None, enable_progress_bar, allow_untrained=True
+                adata,
+                cells,
+                run["embedding_batch_size"],
+                None,
+                run["enable_progress_bar"],
+                allow_untrained=True,
             )
             emb_index = np.full(adata.n_obs, -1, np.int64)
             emb_index[cells] = np.arange(cells.size)
@@ -776,72 +635,48 @@ class CellFMDonorClassifier(CellFMModel):
                     "adata": adata,
                     "max_tokens": self.max_tokens,
                     "seed": self.seed,
-                    "gene_id_map": gene_id_map,
+                    "gene_id_map": run.data["gene_id_map"],
                     **self._data_kwargs(),
                 }
             }
-        datamodule = DonorDataModule(
+        return DonorDataModule(
             {"train": split.train, "validation": split.validation},
-            donor_codes,
-            labels,
+            run.data["donor_codes"],
+            run.data["labels"],
             bag_size=self.bag_size,
-            bags_per_step=int(batch_size),
+            bags_per_step=int(run["batch_size"]),
             seed=self.seed,
             eval_keys=eval_keys(adata.obs_names, self.seed),
-            chunk_size=int(chunk_size),
-            num_workers=num_workers,
+            chunk_size=int(run["chunk_size"]),
+            num_workers=run["num_workers"],
             expression=expression,
             **data_kwargs,
         )
-        plan = DonorTrainingPlan(
+
+    def _training_plan(self, run: TrainingRun, **plan_kwargs: Any) -> DonorTrainingPlan:
+        return DonorTrainingPlan(
             self.module,
             n_classes=len(self.classes_),
             ordinal=self.ordinal_,
-            chunk_size=int(chunk_size),
-            gradient_checkpointing=checkpointing,
-            cell_loss_weight=float(cell_loss_weight),
-            lr=lr_value,
-            weight_decay=weight_decay,
-            lr_schedule=lr_schedule,
-            max_epochs=max_epochs,
-            warmup_fraction=warmup_fraction,
+            chunk_size=int(run["chunk_size"]),
+            gradient_checkpointing=run.data["checkpointing"],
+            cell_loss_weight=float(run["cell_loss_weight"]),
+            **plan_kwargs,
         )
-        settings = {
-            "max_epochs": max_epochs,
-            "batch_size": batch_size,
+
+    def _train_settings(self, run: TrainingRun) -> dict[str, Any]:
+        return {
             "bag_size": self.bag_size,
-            "lr": lr_value,
-            "lr_requested": lr,
-            "weight_decay": weight_decay,
-            "lr_schedule": lr_schedule,
-            "warmup_fraction": warmup_fraction,
-            "monitor": monitor,
-            "early_stopping": bool(early_stopping),
-            "patience": patience,
-            "cell_loss_weight": float(cell_loss_weight),
-            "chunk_size": int(chunk_size),
-            "gradient_checkpointing": checkpointing,
-            "frozen_trunk": frozen,
-            "trainable": self.trainable_,
+            "monitor": run.monitor,
+            "cell_loss_weight": float(run["cell_loss_weight"]),
+            "chunk_size": int(run["chunk_size"]),
+            "gradient_checkpointing": run.data["checkpointing"],
+            "frozen_trunk": self._trunk_frozen(),
             "loss": self.loss_,
             "pooling": self.pooling_,
             "cell_view": self.cell_view_,
             "expression_genes": self.expression_genes_,
         }
-        self._fit(
-            plan,
-            adata,
-            split,
-            datamodule=datamodule,
-            settings=settings,
-            max_epochs=max_epochs,
-            monitor=monitor,
-            mode=mode,
-            early_stopping=bool(early_stopping),
-            patience=patience,
-            **self._runner_options(locals()),
-            **trainer_kwargs,
-        )
 
     # ----------------------------------------------------------------- expression view
     def _set_expression_genes(self, adata: Any, train_rows: np.ndarray) -> ExpressionRows:
@@ -1406,51 +1241,22 @@ class CellFMDonorClassifier(CellFMModel):
         return self.summary
 
     # ----------------------------------------------------------------- save / load parts
-    def _save_attrs(self) -> dict[str, Any]:
-        return {
-            "classes_": list(self.classes_),
-            "ordinal_": bool(self.ordinal_),
-            "loss_": self.loss_,
-            "bag_size": self.bag_size,
-            "pooling_": self.pooling_,
-            "attention_hidden": self.attention_hidden_,
-            "head_hidden": self.head_hidden_,
-            "dropout": self.dropout_,
-            "cell_view": self.cell_view_,
-            "expression_genes": self.expression_genes_,
-            "expression_dim": self.expression_dim_,
-        }
-
     def _restore_attrs(self, attrs: dict[str, Any]) -> None:
-        args = self._read_setup_args()
-        self.labels_key = args["labels_key"]
-        self.classes_ = list(attrs["classes_"])
-        self.ordinal_ = bool(attrs["ordinal_"])
-        self.loss_ = str(attrs["loss_"])
-        self.bag_size = int(attrs["bag_size"])
-        self.pooling_ = str(attrs["pooling_"])
-        self.attention_hidden_ = int(attrs["attention_hidden"])
-        self.head_hidden_ = int(attrs["head_hidden"])
-        self.dropout_ = float(attrs["dropout"])
-        # models saved before the expression view: the trunk alone
-        self.cell_view_ = str(attrs.get("cell_view", "trunk"))
-        self.expression_genes_ = int(attrs.get("expression_genes", 0))
-        self.expression_dim_ = int(attrs.get("expression_dim", 64))
+        self.labels_key = self._read_setup_args()["labels_key"]
         self._cache = None
 
-    @classmethod
-    def _make_module(cls, trunk: CellFMTrunk, attrs: dict[str, Any]) -> CellFMDonorModule:
+    def _make_module(self, trunk: CellFMTrunk) -> CellFMDonorModule:
         return CellFMDonorModule(
             trunk,
-            len(attrs["classes_"]),
-            str(attrs["loss_"]),
-            pooling=str(attrs["pooling_"]),
-            attention_hidden=int(attrs["attention_hidden"]),
-            head_hidden=int(attrs["head_hidden"]),
-            dropout=float(attrs["dropout"]),
-            view=str(attrs.get("cell_view", "trunk")),
-            expression_genes=int(attrs.get("expression_genes", 0)),
-            expression_dim=int(attrs.get("expression_dim", 64)),
+            len(self.classes_),
+            self.loss_,
+            pooling=self.pooling_,
+            attention_hidden=self.attention_hidden_,
+            head_hidden=self.head_hidden_,
+            dropout=self.dropout_,
+            view=self.cell_view_,
+            expression_genes=self.expression_genes_,
+            expression_dim=self.expression_dim_,
         )
 
 

@@ -9,7 +9,7 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -18,16 +18,8 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField
 
 from cellfm_sc._constants import CORPUS_SAMPLING
-from cellfm_sc._hardware import check_accelerator
-from cellfm_sc.data import DataSplit, TokenBatch, check_count_source, check_counts, get_matrix
-from cellfm_sc.model._base import CellFMModel, auto_lr, model_not_set_up
-from cellfm_sc.model._core import (
-    StepOutput,
-    TrainingPlan,
-    check_resume_file,
-    check_training_numbers,
-)
-from cellfm_sc.model._corpus import (
+from cellfm_sc.data import DataSplit, check_count_source, check_counts, get_matrix
+from cellfm_sc.dataloaders._corpus import (
     CorpusDataModule,
     CorpusMember,
     looks_ensembl,
@@ -37,7 +29,11 @@ from cellfm_sc.model._corpus import (
 )
 from cellfm_sc.model._pretrain_module import CellFMPretrainModule
 from cellfm_sc.model._probe import EmbeddingProbe
+from cellfm_sc.model.base import CellFMModel, Saved, TrainingRun, model_not_set_up
 from cellfm_sc.nn import CellFMConfig, CellFMTrunk
+from cellfm_sc.train import (
+    PretrainingPlan,
+)
 from cellfm_sc.vocab import GeneVocab
 
 logger = logging.getLogger(__name__)
@@ -47,100 +43,11 @@ __all__ = ["CHECKPOINT_FILE", "VOCABULARY_FILE", "CellFMPretrainer", "Pretrainin
 #: file names written by :meth:`CellFMPretrainer.export_mindspore`
 CHECKPOINT_FILE = "cellfm.ckpt"
 VOCABULARY_FILE = "gene_info.csv"
-#: seed offset of the validation masks (fixed, so validation losses compare across epochs)
-_VALIDATION_STREAM = 0x5EED
 
 
 # --------------------------------------------------------------------------------------------
 # training plan: the masked-value loss and its metrics
 # --------------------------------------------------------------------------------------------
-
-
-class PretrainingPlan(TrainingPlan):
-    """Masked-value loss; exact epoch metrics over every selected token.
-
-    Training draws fresh masks every step; validation draws them from a generator reset to
-    ``seed`` at the start of every validation run, so each validation cell gets the same
-    masks every epoch and the validation loss is comparable across epochs.
-
-    Metrics (history columns ``train_<k>`` / ``validation_<k>``): ``loss`` (value MSE +
-    cellwise MSE, plus the zero BCE terms when they apply), ``value_mse``, ``cellwise_mse``,
-    all over the selected tokens of the epoch (sums, reduced across processes). The sums
-    ``"loss"``/``"tokens"`` are token sums, not cell sums; ``"n"`` counts cells.
-
-    Parameters
-    ----------
-    module
-        The pretraining module.
-    seed
-        Seed of the validation masks.
-    **kwargs
-        :class:`~cellfm_sc.model._core.TrainingPlan` settings (lr, schedule, ...).
-    """
-
-    def __init__(
-        self,
-        module: CellFMPretrainModule,
-        *,
-        seed: int = 0,
-        probes: Mapping[str, EmbeddingProbe] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(module, **kwargs)
-        self.seed = int(seed)
-        self.probes = dict(probes or {})
-        self.probe_initial: dict[str, float] | None = None
-        self._generator: torch.Generator | None = None
-
-    def on_train_start(self) -> None:
-        # the probes of the weights training starts from (a random trunk: the baseline)
-        if self.probes and self.probe_initial is None and not self.history:
-            self.probe_initial = {
-                column: p.score(self.module.trunk) for column, p in self.probes.items()
-            }
-
-    def on_train_epoch_end(self) -> None:
-        super().on_train_epoch_end()
-        for column, p in self.probes.items():
-            score = p.score(self.module.trunk)
-            self.history[-1][column] = score
-            self.log(column, score, prog_bar=True)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["cellfm_probe_initial"] = self.probe_initial
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.probe_initial = checkpoint.get("cellfm_probe_initial")
-
-    def on_validation_epoch_start(self) -> None:
-        super().on_validation_epoch_start()
-        self._generator = torch.Generator(device=self.device)
-        self._generator.manual_seed(self.seed + _VALIDATION_STREAM)
-
-    def step(self, batch: TokenBatch, stage: str) -> StepOutput:
-        generator = None if stage == "train" else self._generator
-        _, parts = self.module.masked_loss(batch, generator)
-        weight = batch.weight.to(parts.loss.dtype)
-        sums = {
-            "loss": (parts.se_value + parts.se_cell + parts.bce).detach(),
-            "se_value": parts.se_value.detach(),
-            "se_cell": parts.se_cell.detach(),
-            "tokens": parts.n_selected.detach(),
-            "n": weight.sum(),
-        }
-        return StepOutput(loss=parts.loss, sums=sums)
-
-    def metrics_from_sums(self, sums: Mapping[str, float]) -> dict[str, float]:
-        tokens = sums.get("tokens", 0.0)
-        if not tokens:
-            return {"loss": float("nan"), "value_mse": float("nan"), "cellwise_mse": float("nan")}
-        return {
-            "loss": sums["loss"] / tokens,
-            "value_mse": sums["se_value"] / tokens,
-            "cellwise_mse": sums["se_cell"] / tokens,
-        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,6 +121,11 @@ class CellFMPretrainer(CellFMModel):
     """
 
     _module_cls = CellFMPretrainModule
+    _saved: ClassVar[dict[str, Saved]] = {
+        "mask_ratio_": Saved("mask_ratio", float),
+        "dropout_": Saved("dropout", float, 0.1),
+        "corpus_names_": Saved("corpus_names_", list, []),
+    }
     _objective_params = ("value_dec.", "cellwise_dec.", "value_enc.mask_emb")
 
     def __init__(
@@ -266,8 +178,7 @@ class CellFMPretrainer(CellFMModel):
             self.members_.append(member)
         self.corpus_names_ = [m.name for m in self.members_]
         self.dropout_ = float(dropout)
-        module = CellFMPretrainModule(trunk, mask_ratio=self.mask_ratio_)
-        self._attach(module, trainable, lora_rank, lora_alpha)
+        self._attach(self._make_module(trunk), trainable, lora_rank, lora_alpha)
         self.init_params_ = self._get_init_params(locals())
 
     # ----------------------------------------------------------------- setup_anndata
@@ -558,117 +469,70 @@ class CellFMPretrainer(CellFMModel):
         every selected token of the epoch (and ``probe_macro_f1`` with a ``probe``);
         ``model.best_epoch`` is the epoch whose weights the model holds.
         """
-        check_training_numbers(
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            lr_schedule=lr_schedule,
-            weight_decay=weight_decay,
-            patience=patience,
-            num_workers=num_workers,
-            check_val_every_n_steps=check_val_every_n_steps,
-            gradient_clip_val=gradient_clip_val,
-            warmup_fraction=warmup_fraction,
-        )
-        check_accelerator(accelerator, devices)  # before any work: one line, the fix
+        self._train(locals())
+
+    # the steps of the training template (CellFMModel._train)
+    def _check_train(self, run: TrainingRun) -> None:
+        validation_size = run["validation_size"]
         if not isinstance(validation_size, int | float) or not 0.0 <= validation_size < 1.0:
             raise ValueError(
                 f"validation_size must be a fraction in [0, 1), got {validation_size!r}"
             )
-        if early_stopping not in (True, False):
-            raise ValueError(f"early_stopping must be True or False, got {early_stopping!r}")
+        super()._check_train(run)
         if not getattr(self, "members_", None):
             raise ValueError(
                 "this model holds no corpus to train on (a loaded model): create a "
                 f"{type(self).__name__} on the data, or load it with adata= set up for it"
             )
-        if corpus_sampling not in CORPUS_SAMPLING:
+        if run["corpus_sampling"] not in CORPUS_SAMPLING:
             raise ValueError(
-                f"corpus_sampling must be one of {CORPUS_SAMPLING}, got {corpus_sampling!r}"
+                f"corpus_sampling must be one of {CORPUS_SAMPLING}, got {run['corpus_sampling']!r}"
             )
-        probes = _probe_columns(probe)
-        if resume_from is not None:
-            check_resume_file(resume_from)
-        for p in probes.values():  # bad probe cells are named before any training
+        run.data["probes"] = _probe_columns(run["probe"])
+
+    def _prepare_training(self, run: TrainingRun) -> None:
+        for p in run.data["probes"].values():  # bad probe cells are named before training
             p.bind(self._probe_reading, self._gene_id_map, self.max_tokens, self.seed)
-        self._split_members(float(validation_size))
-        lr_value = auto_lr(self.pretrained, self.module.trunk.config) if lr == "auto" else float(lr)
-        plan = PretrainingPlan(
-            self.module,
-            seed=self.seed,
-            probes=probes,
-            lr=lr_value,
-            weight_decay=weight_decay,
-            lr_schedule=lr_schedule,
-            max_epochs=max_epochs,
-            warmup_fraction=warmup_fraction,
-        )
-        self.module.trunk.gradient_checkpointing = gradient_checkpointing
-        datamodule = CorpusDataModule(
+        self._split_members(float(run["validation_size"]))
+        run.has_validation = any(m.validation.size for m in self.members_)
+
+    def _datamodule(self, run: TrainingRun) -> CorpusDataModule:
+        return CorpusDataModule(
             self.members_,
-            batch_size=batch_size,
+            batch_size=run["batch_size"],
             max_tokens=self.max_tokens,
             seed=self.seed,
-            num_workers=num_workers,
-            sampling=corpus_sampling,
+            num_workers=run["num_workers"],
+            sampling=run["corpus_sampling"],
         )
-        has_validation = any(m.validation.size for m in self.members_)
-        settings = {
-            "max_epochs": max_epochs,
-            "batch_size": batch_size,
-            "lr": lr_value,
-            "lr_requested": lr,
-            "weight_decay": weight_decay,
-            "lr_schedule": lr_schedule,
-            "warmup_fraction": warmup_fraction,
-            "validation_size": validation_size,
-            "early_stopping": bool(early_stopping),
-            "patience": patience,
+
+    def _training_plan(self, run: TrainingRun, **plan_kwargs: Any) -> PretrainingPlan:
+        plan = PretrainingPlan(
+            self.module, seed=self.seed, probes=run.data["probes"], **plan_kwargs
+        )
+        self.module.trunk.gradient_checkpointing = run["gradient_checkpointing"]
+        return plan
+
+    def _train_settings(self, run: TrainingRun) -> dict[str, Any]:
+        probes = run.data["probes"]
+        return {
+            "validation_size": run["validation_size"],
             "mask_ratio": self.mask_ratio_,
-            "trainable": self.trainable_,
-            "gradient_checkpointing": gradient_checkpointing,
-            "corpus_sampling": corpus_sampling,
+            "gradient_checkpointing": run["gradient_checkpointing"],
+            "corpus_sampling": run["corpus_sampling"],
             "probe": {c: p.describe() for c, p in probes.items()} or None,
             "corpus": {
                 m.name: {"train": int(m.train.size), "validation": int(m.validation.size)}
                 for m in self.members_
             },
         }
-        self._fit_corpus(
-            plan,
-            datamodule,
-            settings,
-            has_validation=has_validation,
-            max_epochs=max_epochs,
-            monitor="validation_loss",
-            mode="min",
-            early_stopping=bool(early_stopping),
-            patience=patience,
-            check_val_every_n_steps=check_val_every_n_steps,
-            **self._runner_options(locals()),
-            **trainer_kwargs,
-        )
 
-    def _fit_corpus(
-        self,
-        plan: PretrainingPlan,
-        datamodule: CorpusDataModule,
-        settings: dict[str, Any],
-        *,
-        has_validation: bool,
-        **fit_kwargs: Any,
-    ) -> None:
-        """The base's ``_fit`` for a corpus: train through the core, store the results."""
-        from cellfm_sc.model._core import fit
-
-        logger.info("%s", self.trainable_summary)
-        result = fit(plan, datamodule, has_validation=has_validation, **fit_kwargs)
+    def _after_fit(self, run: TrainingRun, plan: Any, settings: dict[str, Any]) -> None:
         for column, score in (plan.probe_initial or {}).items():
             settings["probe"][column]["initial_macro_f1"] = score
         if len(self.members_) == 1:  # "train"/"validation" indices of the one AnnData
             m = self.members_[0]
             self._set_split(m.adata, DataSplit(m.train, m.validation, np.zeros(0, np.int64)))
-        self._record_fit(result, settings)
 
     # ----------------------------------------------------------------- inference
     def _default_adata(self, adata: Any | None) -> Any:
@@ -712,22 +576,15 @@ class CellFMPretrainer(CellFMModel):
             baseline); otherwise that is an :class:`~cellfm_sc.model.UntrainedModelError`
             (a checkpoint's trunk with ``embedding_init="transfer"`` counts as trained).
         """
-        self._require_trained(allow_untrained, head=False)
-        adata = self._default_adata(adata)
-        idx = self._indices(adata, indices)
-        with self._reading(adata):
-            return self._forward_cells(
-                adata,
-                idx,
-                batch_size,
-                device,
-                {"emb": (self.module.trunk.config.enc_dims,)},
-                _embedding,
-                enable_progress_bar,
-                min_gene_coverage,
-                allow_untrained=allow_untrained,
-                head=False,
-            )["emb"]
+        return self._latent(
+            self._default_adata(adata),
+            indices,
+            batch_size,
+            device,
+            enable_progress_bar,
+            min_gene_coverage,
+            allow_untrained=allow_untrained,
+        )
 
     # ----------------------------------------------------------------- export
     def export_trunk(self) -> CellFMTrunk:
@@ -820,17 +677,9 @@ class CellFMPretrainer(CellFMModel):
     # ----------------------------------------------------------------- save / load parts
     def _save_attrs(self) -> dict[str, Any]:
         ens = self.vocab.ensembl_ids
-        return {
-            "mask_ratio": self.mask_ratio_,
-            "dropout": self.dropout_,
-            "corpus_names_": list(self.corpus_names_),
-            "ensembl_ids": None if ens is None else list(ens),
-        }
+        return {"ensembl_ids": None if ens is None else list(ens)}
 
     def _restore_attrs(self, attrs: dict[str, Any]) -> None:
-        self.mask_ratio_ = float(attrs["mask_ratio"])
-        self.dropout_ = float(attrs.get("dropout", 0.1))
-        self.corpus_names_ = list(attrs.get("corpus_names_", []))
         if attrs.get("ensembl_ids") is not None:
             self.vocab = GeneVocab(self.vocab.names, ensembl_ids=attrs["ensembl_ids"])
         adata = self._adata
@@ -840,13 +689,8 @@ class CellFMPretrainer(CellFMModel):
             member.gene_id_map = self.vocab.ids(names, missing="zero")
             self.members_ = [member]
 
-    @classmethod
-    def _make_module(cls, trunk: CellFMTrunk, attrs: dict[str, Any]) -> CellFMPretrainModule:
-        return CellFMPretrainModule(trunk, mask_ratio=float(attrs["mask_ratio"]))
-
-
-def _embedding(module: CellFMPretrainModule, batch: TokenBatch) -> dict[str, torch.Tensor]:
-    return {"emb": module.trunk(batch.values, batch.gene_ids, batch.valid, return_hidden=False).cls}
+    def _make_module(self, trunk: CellFMTrunk) -> CellFMPretrainModule:
+        return CellFMPretrainModule(trunk, mask_ratio=self.mask_ratio_)
 
 
 def _probe_columns(probe: Any) -> dict[str, EmbeddingProbe]:
