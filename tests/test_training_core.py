@@ -242,7 +242,7 @@ def test_donor_labels_select_on_donor_score(donor_cells):
 
 
 def test_balanced_donor_weights_weigh_donors_equally():
-    from cellfm_sc.model._classifier import _class_weights
+    from cellfm_sc.train._classifier import _class_weights
 
     donors = np.array(["a"] * 90 + ["b"] * 10)
     codes = np.zeros(100, dtype=np.int64)

@@ -10,13 +10,11 @@ its cells, and each cell's attention weight shows which cells drive the call.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import warnings
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -26,36 +24,24 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 
-from cellfm_sc._constants import DONOR_LOSSES, DONOR_MONITORS, POOLINGS
+from cellfm_sc._constants import DONOR_LOSSES, POOLINGS
 from cellfm_sc.data import (
     DataSplit,
     check_count_source,
     check_counts,
-    check_donors_disjoint,
     check_labels,
     get_matrix,
     matrix_gene_symbols,
     obs_column,
-    split_by_donor,
 )
-from cellfm_sc.dataloaders._bags import (
-    DonorDataModule,
-    ExpressionRows,
-    eval_keys,
-    partition_bags,
-)
-from cellfm_sc.metrics._donor import aggregate_bag_logits, donor_metrics
 from cellfm_sc.model._classifier import _categories
-from cellfm_sc.model._donor_eval import (
-    CrossValidationResult,
-    DonorEvaluationResult,
-    bootstrap_intervals,
-    stratified_donor_folds,
-)
+from cellfm_sc.model._donor_evaluate import DonorEvaluationMixin
+from cellfm_sc.model._donor_inference import DonorInferenceMixin
 from cellfm_sc.model._donor_module import CELL_VIEWS, CellFMDonorModule
-from cellfm_sc.model.base import CellFMModel, Saved, TrainingRun
+from cellfm_sc.model._donor_training import DonorTrainingMixin
+from cellfm_sc.model.base import CellFMModel, Saved
+from cellfm_sc.model.base._inference import cls_embedding
 from cellfm_sc.nn import CellFMConfig, CellFMTrunk
-from cellfm_sc.nn.ordinal import class_probabilities, predict_classes
 from cellfm_sc.train import (
     DonorTrainingPlan,
 )
@@ -65,8 +51,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["CellFMDonorClassifier", "DonorTrainingPlan"]
 
 DONOR_FIELD = "donor"
-#: cells per head call at inference (bags are never split across calls)
-_HEAD_CELLS = 65_536
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,25 +63,14 @@ _HEAD_CELLS = 65_536
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _DonorInference:
-    idx: np.ndarray  # (m,) AnnData rows
-    cell_donor: np.ndarray  # (m,) donor name of each cell
-    emb: np.ndarray  # (m, D)
-    attention: np.ndarray  # (m,) weight within the donor (NaN: cell without counts)
-    donors: np.ndarray  # (n_d,) donor names, sorted
-    logits: np.ndarray  # (n_d, n_out)
-    probs: np.ndarray  # (n_d, K)
-    pred: np.ndarray  # (n_d,) codes (-1: donor without usable cells)
-    n_cells: np.ndarray  # (n_d,)
-
-
 # --------------------------------------------------------------------------------------------
 # the model class
 # --------------------------------------------------------------------------------------------
 
 
-class CellFMDonorClassifier(CellFMModel):
+class CellFMDonorClassifier(
+    DonorTrainingMixin, DonorInferenceMixin, DonorEvaluationMixin, CellFMModel
+):
     """Predict donor-level labels (e.g. ADNC stage) from bags of each donor's cells.
 
     Parameters
@@ -411,7 +384,7 @@ class CellFMDonorClassifier(CellFMModel):
                 batch_size,
                 device,
                 {"emb": (d,)},
-                _cls_forward,
+                cls_embedding,
                 enable_progress_bar,
                 min_gene_coverage,
                 allow_untrained=True,  # checked above
@@ -439,32 +412,6 @@ class CellFMDonorClassifier(CellFMModel):
             c["computed"] += int(need.size)
             c["token"] = self._cache_token(adata)
         return c["emb"][idx]
-
-    # ----------------------------------------------------------------- training
-    def _make_split(
-        self, adata: Any, split: DataSplit | None, validation_size: float, test_size: float
-    ) -> DataSplit:
-        if split is None:
-            split = split_by_donor(
-                adata, self.donor_key, self.labels_key, test_size, validation_size, self.seed
-            )
-        else:
-            check_donors_disjoint(split, self._donors(adata))
-        if len(split.train) == 0:
-            raise ValueError("the training split is empty")
-        return split
-
-    def _resolve_monitor(self, monitor: str) -> tuple[str, str]:
-        if monitor not in DONOR_MONITORS:
-            raise ValueError(f"monitor must be one of {DONOR_MONITORS}, got {monitor!r}")
-        if monitor == "auto":
-            monitor = "validation_donor_score"
-        if monitor == "validation_donor_qwk" and not self.ordinal_:
-            raise ValueError(
-                "monitor='validation_donor_qwk' needs ordinal labels (label_order= in "
-                "setup_anndata)"
-            )
-        return monitor, "min" if monitor.endswith("loss") else "max"
 
     def train(
         self,
@@ -562,680 +509,6 @@ class CellFMDonorClassifier(CellFMModel):
         self._train(locals())
 
     # the steps of the training template (CellFMModel._train)
-    def _check_train(self, run: TrainingRun) -> None:
-        for name in ("chunk_size", "embedding_batch_size"):
-            value = run[name]
-            if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        weight = run["cell_loss_weight"]
-        if not isinstance(weight, int | float) or not weight >= 0:
-            raise ValueError(f"cell_loss_weight must be a number >= 0, got {weight!r}")
-        if run["gradient_checkpointing"] not in (True, False, "auto"):
-            raise ValueError(
-                "gradient_checkpointing must be True, False or 'auto', got "
-                f"{run['gradient_checkpointing']!r}"
-            )
-        super()._check_train(run)
-        run.monitor, run.mode = self._resolve_monitor(run["monitor"])
-
-    def _prepare_training(self, run: TrainingRun) -> None:
-        adata = run.adata = self._training_adata()
-        run.data["gene_id_map"] = self._gene_id_map(adata, strict=True)
-        split = run.split = self._make_split(
-            adata, run["split"], run["validation_size"], run["test_size"]
-        )
-        cells = np.concatenate([split.train, split.validation])
-        donor_names = self._donors(adata)
-        per_donor = self._donor_label_codes(adata, cells)
-        if (per_donor < 0).any():
-            bad = per_donor.index[per_donor.to_numpy() < 0][:5].tolist()
-            raise ValueError(
-                f"donors {bad} of labels_key={self.labels_key!r} have a missing label or one "
-                f"that is not among the classes {self.classes_}"
-            )
-        self._check_cells(adata, np.concatenate([split.train, split.validation, split.test]))
-        donor_codes = np.full(adata.n_obs, -1, np.int64)
-        donor_codes[cells] = pd.Index(np.asarray(per_donor.index)).get_indexer(donor_names[cells])
-        run.data.update(cells=cells, donor_codes=donor_codes, labels=per_donor.to_numpy())
-        accelerator = run["accelerator"]
-        on_gpu = accelerator in ("gpu", "cuda") or (
-            accelerator == "auto" and torch.cuda.is_available()
-        )
-        wanted = run["gradient_checkpointing"]
-        run.data["checkpointing"] = on_gpu if wanted == "auto" else bool(wanted)
-
-    def _auto_lr(self) -> float:
-        return 1e-3 if self._trunk_frozen() else super()._auto_lr()
-
-    def _datamodule(self, run: TrainingRun) -> DonorDataModule:
-        adata, split, cells = run.adata, run.split, run.data["cells"]
-        data_kwargs: dict[str, Any] = {}
-        expression = None
-        if self.module.expression_view is not None:
-            expression = self._set_expression_genes(adata, split.train)
-        if not self.module.uses_trunk:
-            pass  # the expression view alone: no trunk, no embeddings
-        elif self._trunk_frozen():
-            emb = self._cell_embeddings(
-                adata,
-                cells,
-                run["embedding_batch_size"],
-                None,
-                run["enable_progress_bar"],
-                allow_untrained=True,
-            )
-            emb_index = np.full(adata.n_obs, -1, np.int64)
-            emb_index[cells] = np.arange(cells.size)
-            # exact statistics of the training cells (the trunk will not change them)
-            self.module.head.norm.reset_from(torch.from_numpy(emb[: split.train.size]))
-            data_kwargs = {"embeddings": torch.from_numpy(emb), "emb_index": emb_index}
-        else:
-            data_kwargs = {
-                "cell_kwargs": {
-                    "adata": adata,
-                    "max_tokens": self.max_tokens,
-                    "seed": self.seed,
-                    "gene_id_map": run.data["gene_id_map"],
-                    **self._data_kwargs(),
-                }
-            }
-        return DonorDataModule(
-            {"train": split.train, "validation": split.validation},
-            run.data["donor_codes"],
-            run.data["labels"],
-            bag_size=self.bag_size,
-            bags_per_step=int(run["batch_size"]),
-            seed=self.seed,
-            eval_keys=eval_keys(adata.obs_names, self.seed),
-            chunk_size=int(run["chunk_size"]),
-            num_workers=run["num_workers"],
-            expression=expression,
-            **data_kwargs,
-        )
-
-    def _training_plan(self, run: TrainingRun, **plan_kwargs: Any) -> DonorTrainingPlan:
-        return DonorTrainingPlan(
-            self.module,
-            n_classes=len(self.classes_),
-            ordinal=self.ordinal_,
-            chunk_size=int(run["chunk_size"]),
-            gradient_checkpointing=run.data["checkpointing"],
-            cell_loss_weight=float(run["cell_loss_weight"]),
-            **plan_kwargs,
-        )
-
-    def _train_settings(self, run: TrainingRun) -> dict[str, Any]:
-        return {
-            "bag_size": self.bag_size,
-            "monitor": run.monitor,
-            "cell_loss_weight": float(run["cell_loss_weight"]),
-            "chunk_size": int(run["chunk_size"]),
-            "gradient_checkpointing": run.data["checkpointing"],
-            "frozen_trunk": self._trunk_frozen(),
-            "loss": self.loss_,
-            "pooling": self.pooling_,
-            "cell_view": self.cell_view_,
-            "expression_genes": self.expression_genes_,
-        }
-
-    # ----------------------------------------------------------------- expression view
-    def _set_expression_genes(self, adata: Any, train_rows: np.ndarray) -> ExpressionRows:
-        """Choose the expression view's genes (the most variable, log-normalised, over at
-        most 20,000 training cells; one chunked pass) and set their statistics; return the
-        reader of ``adata``."""
-        from cellfm_sc.baselines import top_variable_genes
-
-        view = self.module.expression_view
-        cols, mean, var = top_variable_genes(
-            adata, train_rows, view.n_genes, seed=self.seed, **self._data_kwargs()
-        )
-        names = np.asarray(self._gene_names(adata), dtype=object)
-        genes = pd.Index(list(self.vocab.names)).get_indexer(names[cols])
-        view.set_genes(
-            torch.from_numpy(genes.astype(np.int64)),
-            torch.from_numpy(mean).float(),
-            torch.from_numpy(var).float(),
-        )
-        return self._expression_rows(adata)
-
-    def _expression_rows(self, adata: Any) -> ExpressionRows | None:
-        """The expression view's reader of ``adata`` (its genes matched by name), or None."""
-        view = self.module.expression_view
-        if view is None:
-            return None
-        wanted = np.asarray(list(self.vocab.names), dtype=object)[view.genes.cpu().numpy()]
-        columns = pd.Index(self._gene_names(adata)).get_indexer(wanted)
-        return ExpressionRows(adata, columns, **self._data_kwargs())
-
-    # ----------------------------------------------------------------- inference
-    def _infer(
-        self,
-        adata: Any | None,
-        indices: Any,
-        donor_key: str | None = None,
-        batch_size: int = 64,
-        device: str | torch.device | None = None,
-        enable_progress_bar: bool = False,
-        min_gene_coverage: float = 0.5,
-        allow_untrained: bool = False,
-    ) -> tuple[Any, _DonorInference]:
-        self._require_trained(allow_untrained)  # before any other complaint
-        adata = self._adata_or_default(adata)
-        idx = self._indices(adata, indices)
-        cell_donor = self._donors(adata, donor_key)[idx]
-        reader = self._expression_rows(adata)
-        if self.module.uses_trunk:
-            emb = self._cell_embeddings(
-                adata, idx, batch_size, device, enable_progress_bar, min_gene_coverage, True
-            )
-            ok = ~np.isnan(emb[:, 0]) if len(idx) else np.zeros(0, bool)
-        else:
-            # no trunk: the embedding reported is the expression view's output
-            emb = np.full((len(idx), self.expression_dim_), np.nan, np.float32)
-            ok = reader.source.row_nnz()[idx] > 0
-        max_cells = _HEAD_CELLS if reader is None else _HEAD_CELLS // 8
-        codes, donors = pd.factorize(cell_donor, sort=True)
-        donors = np.asarray(donors, dtype=object)
-        keys = eval_keys(np.asarray(adata.obs_names)[idx], self.seed)
-        pos = np.flatnonzero(ok)
-        bags = partition_bags(pos, codes[pos], self.bag_size, keys=keys[pos])
-        attention = np.full(len(idx), np.nan, np.float32)
-        bag_logits, bag_donor, bag_size = [], [], []
-        module = self.module.eval()
-        dev = self.device
-        with torch.inference_mode():
-            start = 0
-            while start < len(bags):
-                group, n = [], 0
-                while start < len(bags) and (not group or n + bags[start].rows.size <= max_cells):
-                    group.append(bags[start])
-                    n += bags[start].rows.size
-                    start += 1
-                rows = np.concatenate([b.rows for b in group])
-                bag = np.repeat(np.arange(len(group)), [b.rows.size for b in group])
-                expr = None if reader is None else torch.from_numpy(reader(idx[rows])).to(dev)
-                out = module(
-                    torch.from_numpy(emb[rows]).to(dev) if self.module.uses_trunk else None,
-                    torch.from_numpy(bag).to(dev),
-                    len(group),
-                    expr,
-                )
-                if not self.module.uses_trunk:
-                    emb[rows] = out.cells.float().cpu().numpy()
-                attention[rows] = out.attention.float().cpu().numpy()
-                bag_logits.append(out.logits.float().cpu().numpy())
-                bag_donor.extend(b.donor for b in group)
-                bag_size.extend(b.rows.size for b in group)
-        n_d, k = len(donors), len(self.classes_)
-        logits = np.full((n_d, k if self.loss_ == "cross_entropy" else k - 1), np.nan)
-        probs = np.full((n_d, k), np.nan)
-        pred = np.full(n_d, -1, np.int64)
-        n_cells = np.zeros(n_d, np.int64)
-        if bags:
-            have, z, total = aggregate_bag_logits(
-                np.concatenate(bag_logits), np.asarray(bag_donor), np.asarray(bag_size)
-            )
-            p = class_probabilities(self.loss_, torch.from_numpy(z))
-            logits[have] = z
-            probs[have] = p.double().numpy()
-            pred[have] = predict_classes(p, self.ordinal_).numpy()
-            n_cells[have] = total
-            # a bag's weights sum to 1; scaled by its share of the donor's cells, a donor's
-            # weights sum to 1 (the same weights that average the bags' logits)
-            share = (
-                np.asarray(bag_size, np.float64)
-                / np.bincount(
-                    np.asarray(bag_donor), weights=np.asarray(bag_size, np.float64), minlength=n_d
-                )[np.asarray(bag_donor)]
-            )
-            for b, s in zip(bags, share):
-                attention[b.rows] *= s
-        missing = np.flatnonzero(n_cells == 0)
-        if missing.size:
-            warnings.warn(
-                f"{missing.size} donor(s) have no cell with counts and get no prediction: "
-                f"{donors[missing[:5]].tolist()}",
-                UserWarning,
-                stacklevel=3,
-            )
-        return adata, _DonorInference(
-            idx=idx,
-            cell_donor=cell_donor,
-            emb=emb,
-            attention=attention,
-            donors=donors,
-            logits=logits,
-            probs=probs,
-            pred=pred,
-            n_cells=n_cells,
-        )
-
-    def _categorical(self, codes: np.ndarray) -> pd.Categorical:
-        return pd.Categorical.from_codes(
-            np.asarray(codes, dtype=np.int64), categories=self.classes_, ordered=self.ordinal_
-        )
-
-    def predict_donors(
-        self,
-        adata: Any | None = None,
-        indices: Any = None,
-        donor_key: str | None = None,
-        batch_size: int = 64,
-        device: str | torch.device | None = None,
-        enable_progress_bar: bool = False,
-        min_gene_coverage: float = 0.5,
-        allow_untrained: bool = False,
-    ) -> pd.DataFrame:
-        """One prediction per donor, from all of the donor's cells.
-
-        The donor's cells are cut into ``ceil(n / bag_size)`` fixed bags (ordered by a hash
-        of their obs names, so the result does not depend on the AnnData's row order), and
-        the bags' logits are averaged, weighted by their cell counts.
-
-        Parameters
-        ----------
-        adata
-            Default: the model's AnnData. Query data need the donor column (the labels
-            column is not read); other gene sets are aligned as in
-            :meth:`CellFMClassifier.predict <cellfm_sc.model.CellFMClassifier.predict>`.
-        indices
-            Cells to use (positions, a boolean mask, obs names, or ``"train"`` /
-            ``"validation"`` / ``"test"``); default all.
-        donor_key
-            Donor column of ``adata`` (default: the one set up).
-        batch_size, device, enable_progress_bar, min_gene_coverage
-            Inference settings.
-        allow_untrained
-            Predict with a model never trained (random outputs); otherwise that is an
-            :class:`~cellfm_sc.model.UntrainedModelError`.
-
-        Returns
-        -------
-        DataFrame indexed by donor (sorted, index name ``"donor"``): ``predicted``
-        (categorical, in class order), ``p_<class>`` per class, ``n_cells`` (cells used).
-        """
-        _, res = self._infer(
-            adata,
-            indices,
-            donor_key,
-            batch_size,
-            device,
-            enable_progress_bar,
-            min_gene_coverage,
-            allow_untrained,
-        )
-        return self._donor_frame(res)
-
-    def _donor_frame(self, res: _DonorInference) -> pd.DataFrame:
-        out = pd.DataFrame(index=pd.Index(res.donors, name="donor"))
-        out["predicted"] = self._categorical(res.pred)
-        for j, c in enumerate(self.classes_):
-            out[f"p_{c}"] = res.probs[:, j]
-        out["n_cells"] = res.n_cells
-        return out
-
-    def annotate(
-        self,
-        adata: Any | None = None,
-        key_added: str = "cellfm",
-        donor_key: str | None = None,
-        batch_size: int = 64,
-        device: str | torch.device | None = None,
-        enable_progress_bar: bool = False,
-        min_gene_coverage: float = 0.5,
-        allow_untrained: bool = False,
-    ) -> pd.DataFrame:
-        """Write per-cell results into the AnnData; return :meth:`predict_donors`' table.
-
-        Adds ``obs[f"{key_added}_attention"]`` (each cell's weight within its donor; a
-        donor's weights sum to 1; NaN for cells without counts),
-        ``obs[f"{key_added}_donor_prediction"]`` (the cell's donor's prediction,
-        categorical), ``obs[f"{key_added}_split"]`` and ``obsm[f"X_{key_added}"]`` (the cell
-        embeddings ``(n, D)``); ``uns[key_added]`` holds the classes and settings. A model
-        never trained is refused (:class:`~cellfm_sc.model.UntrainedModelError`) unless
-        ``allow_untrained=True``.
-        """
-        adata, res = self._infer(
-            adata,
-            None,
-            donor_key,
-            batch_size,
-            device,
-            enable_progress_bar,
-            min_gene_coverage,
-            allow_untrained,
-        )
-        where = pd.Index(res.donors).get_indexer(res.cell_donor)
-        adata.obs[f"{key_added}_attention"] = res.attention
-        adata.obs[f"{key_added}_donor_prediction"] = self._categorical(res.pred[where])
-        adata.obs[f"{key_added}_split"] = pd.Categorical(
-            self.split_labels(adata), categories=["train", "validation", "test", "none"]
-        )
-        adata.obsm[f"X_{key_added}"] = res.emb
-        adata.uns[key_added] = {
-            "classes": list(self.classes_),
-            "ordinal": bool(self.ordinal_),
-            "labels_key": self.labels_key,
-            "donor_key": donor_key or self.donor_key,
-            "attention_key": f"{key_added}_attention",
-            "embedding_key": f"X_{key_added}",
-            "settings": {
-                "bag_size": self.bag_size,
-                "pooling": self.pooling_,
-                "loss": self.loss_,
-                "max_tokens": self.max_tokens,
-                "seed": self.seed,
-                "trainable": self.trainable_,
-                "cell_view": self.cell_view_,
-                "expression_genes": self.expression_genes_,
-            },
-        }
-        return self._donor_frame(res)
-
-    def evaluate(
-        self,
-        adata: Any | None = None,
-        indices: Any = "test",
-        n_bootstrap: int = 1000,
-        confidence: float = 0.95,
-        batch_size: int = 64,
-        device: str | torch.device | None = None,
-        enable_progress_bar: bool = False,
-        min_gene_coverage: float = 0.5,
-        allow_untrained: bool = False,
-        baseline: bool = True,
-    ) -> DonorEvaluationResult:
-        """Donor-level scores of held-out donors with bootstrap intervals over donors, beside
-        the pseudo-bulk baseline.
-
-        Parameters
-        ----------
-        adata
-            Default: the model's AnnData (other data: matched to the split by obs name).
-        indices
-            ``"test"`` (default), ``"validation"``, ``"train"`` or cells; the donors of
-            these cells are scored from these cells.
-        n_bootstrap, confidence
-            Donor resamples and the level of the percentile intervals (0: no intervals).
-        allow_untrained
-            Score a model never trained (random predictions); otherwise that is an
-            :class:`~cellfm_sc.model.UntrainedModelError`, raised before anything else.
-        baseline
-            Also fit pseudo-bulk logistic regression
-            (:class:`~cellfm_sc.baselines.PseudobulkLogisticRegression`: per-donor summed
-            counts -> CPM -> log1p, ``C`` chosen on the validation donors) on the model's
-            training + validation donors and score it on the same donors
-            (``result.baseline``, printed as "model vs baseline"). One chunked pass over the
-            cells, also of backed files. ``False`` skips it.
-
-        Returns
-        -------
-        DonorEvaluationResult
-            ``donor_metrics``: ``qwk`` and ``ordinal_mae`` (ordinal labels), ``accuracy``,
-            ``balanced_accuracy``, ``macro_f1``, ``n_donors``; ``intervals`` per metric;
-            ``donor_table``; per-cell ``predictions`` (with ``attention``); the cells'
-            ``embedding``. Donors whose label the model does not know are not scored
-            (``notes`` says which).
-        """
-        self._require_trained(allow_untrained)  # "untrained" comes before any other complaint
-        adata = self._adata_or_default(adata)
-        adata, res = self._infer(
-            adata,
-            indices,
-            None,
-            batch_size,
-            device,
-            enable_progress_bar,
-            min_gene_coverage,
-            allow_untrained,
-        )
-        truth = self._donor_label_codes(adata, res.idx).reindex(res.donors).to_numpy()
-        scored = (truth >= 0) & (res.pred >= 0)
-        notes = []
-        if not scored.all():
-            notes.append(
-                f"{int((~scored).sum())} donor(s) not scored (label unknown to the model or "
-                f"missing, or no cell with counts): {res.donors[~scored][:10].tolist()}"
-            )
-        if not scored.any():
-            raise ValueError("no donor with a known label and cells with counts: nothing to score")
-        k = len(self.classes_)
-        t, p = truth[scored], res.pred[scored]
-        metrics = donor_metrics(t, p, k, self.ordinal_)
-        intervals = bootstrap_intervals(t, p, k, self.ordinal_, n_bootstrap, confidence, self.seed)
-        table = self._donor_frame(res)[scored]
-        table.insert(0, "true", self._categorical(t))
-        table = table[["true", "predicted", "n_cells", *[f"p_{c}" for c in self.classes_]]]
-        # cells: each cell carries its donor's prediction
-        where = pd.Index(res.donors).get_indexer(res.cell_donor)
-        cell_ok = scored[where] & ~np.isnan(res.attention)
-        cw = where[cell_ok]
-        cells = pd.DataFrame(
-            index=pd.Index(np.asarray(adata.obs_names)[res.idx[cell_ok]], name="obs_name")
-        )
-        cells["donor"] = res.cell_donor[cell_ok]
-        cells["true"] = self._categorical(truth[cw])
-        cells["predicted"] = self._categorical(res.pred[cw])
-        cells["confidence"] = res.probs[cw].max(axis=1)
-        cells["attention"] = res.attention[cell_ok]
-        for j, c in enumerate(self.classes_):
-            cells[f"p_{c}"] = res.probs[cw, j]
-        cell_m = donor_metrics(truth[cw], res.pred[cw], k, self.ordinal_)
-        cell_m["n_cells"] = cell_m.pop("n_donors")
-        from cellfm_sc.metrics import confusion_matrix
-
-        result = DonorEvaluationResult(
-            cell_metrics=cell_m,
-            donor_metrics=metrics,
-            donor_table=table,
-            confusion=confusion_matrix(truth[cw], res.pred[cw], n_classes=k),
-            classes=list(self.classes_),
-            ordinal=bool(self.ordinal_),
-            predictions=cells,
-            donor_method="mean_bag_logits",
-            notes=notes,
-            evaluated_on=indices if isinstance(indices, str) else "cells",
-            embedding=res.emb[cell_ok],
-            intervals=intervals,
-            confidence_level=float(confidence),
-            n_bootstrap=int(n_bootstrap),
-        )
-        if baseline:
-            from cellfm_sc.model._baseline import split_baseline
-
-            donors = self._donors(adata)
-            label_of = self._donor_label_codes(adata, np.arange(adata.n_obs))
-            codes = label_of.reindex(donors).fillna(-1).to_numpy().astype(np.int64)
-            result.baseline = split_baseline(
-                self, adata, res.idx[cell_ok], codes, donors, cells=False
-            )
-        return result
-
-    def cross_validate(
-        self,
-        k: int = 5,
-        n_bootstrap: int = 1000,
-        confidence: float = 0.95,
-        batch_size: int = 64,
-        **train_kwargs: Any,
-    ) -> CrossValidationResult:
-        """Donor-level ``k``-fold cross-validation, folds stratified by label.
-
-        Fold ``i``'s donors are the test donors of round ``i``; fold ``i + 1``'s donors
-        validate (model selection), the others train. Every round starts from the model's
-        current weights, and the model gets them back at the end (it is left as it was).
-
-        Parameters
-        ----------
-        k
-            Folds (>= 3: one tests, one validates, the rest train).
-        n_bootstrap, confidence
-            Bootstrap intervals of the pooled metrics.
-        batch_size
-            Inference batch size.
-        **train_kwargs
-            Passed to :meth:`train` (``max_epochs``, ``lr``, ...; not ``split``).
-
-        Returns
-        -------
-        CrossValidationResult
-            ``per_fold`` metrics, ``pooled`` metrics of all out-of-fold predictions with
-            ``intervals``, and the out-of-fold ``donor_table``.
-        """
-        if "split" in train_kwargs:
-            raise ValueError("cross_validate makes its own splits; do not pass split=")
-        if not isinstance(k, int | np.integer) or k < 3:
-            raise ValueError(f"k must be an integer >= 3 (test, validation, train), got {k!r}")
-        adata = self.adata
-        if adata is None or self.adata_manager is None:
-            raise ValueError("cross_validate needs the model's set-up AnnData")
-        all_idx = np.arange(adata.n_obs)
-        per_donor = self._donor_label_codes(adata, all_idx)
-        folds = stratified_donor_folds(per_donor.to_numpy(), int(k), self.seed)
-        fold_of = pd.Series(folds, index=per_donor.index)
-        cell_fold = fold_of.reindex(self._donors(adata)).to_numpy()
-        saved = self._snapshot()
-        rows, tables = [], []
-        try:
-            for i in range(int(k)):
-                split = DataSplit(
-                    train=np.flatnonzero((cell_fold != i) & (cell_fold != (i + 1) % k)),
-                    validation=np.flatnonzero(cell_fold == (i + 1) % k),
-                    test=np.flatnonzero(cell_fold == i),
-                    donor_key=self.donor_key,
-                )
-                self._restore(saved, weights_only=True)
-                self.train(split=split, **train_kwargs)
-                res = self.evaluate(
-                    indices="test", n_bootstrap=0, batch_size=batch_size, baseline=False
-                )
-                row = {
-                    "fold": i,
-                    "n_train": int((folds != i).sum() - (folds == (i + 1) % k).sum()),
-                    "n_validation": int((folds == (i + 1) % k).sum()),
-                    "n_test": int((folds == i).sum()),
-                    "best_epoch": self.best_epoch_,
-                    **{m: v for m, v in res.donor_metrics.items() if m != "n_donors"},
-                }
-                rows.append(row)
-                table = res.donor_table.copy()
-                table.insert(0, "fold", i)
-                tables.append(table)
-        finally:
-            self._restore(saved, weights_only=False)
-        donor_table = pd.concat(tables).sort_index()
-        t = donor_table["true"].cat.codes.to_numpy()
-        p = donor_table["predicted"].cat.codes.to_numpy()
-        n_classes = len(self.classes_)
-        return CrossValidationResult(
-            per_fold=pd.DataFrame(rows),
-            pooled=donor_metrics(t, p, n_classes, self.ordinal_),
-            intervals=bootstrap_intervals(
-                t, p, n_classes, self.ordinal_, n_bootstrap, confidence, self.seed
-            ),
-            donor_table=donor_table,
-            confidence_level=float(confidence),
-        )
-
-    def _snapshot(self) -> dict[str, Any]:
-        return {
-            "state": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
-            "attrs": {
-                name: copy.deepcopy(getattr(self, name, None))
-                for name in (
-                    "history_",
-                    "step_history_",
-                    "best_epoch_",
-                    "best_score_",
-                    "train_settings_",
-                    "split_",
-                    "split_names_",
-                    "is_trained_",
-                )
-            },
-            "indices": {
-                name: getattr(self, name, None)
-                for name in ("train_indices_", "validation_indices_", "test_indices_")
-            },
-        }
-
-    def _restore(self, saved: dict[str, Any], weights_only: bool) -> None:
-        with torch.no_grad():
-            for key, value in self.module.state_dict().items():
-                value.copy_(saved["state"][key])
-        if weights_only:
-            return
-        for name, value in {**saved["attrs"], **saved["indices"]}.items():
-            setattr(self, name, value)
-
-    # ----------------------------------------------------------------- reporting
-    def report_info(self) -> dict[str, Any]:
-        """Run facts for :func:`cellfm_sc.report.write_report` (``info=``)."""
-        cfg = self.module.trunk.config
-        info: dict[str, Any] = {
-            "level": "donor",
-            "n_genes": int(self.vocab.n_genes),
-            "gene_embedding": self.embedding_init_,
-            "num_classes": len(self.classes_),
-            "labels_key": self.labels_key,
-            "donor_key": self.donor_key,
-            "trainable": self.trainable_,
-            "n_trainable_parameters": int(self.trainable_summary.n_trainable),
-            "n_parameters": int(self.trainable_summary.n_total),
-            "config": cfg.to_dict(),
-            "preset": self.preset_,
-            "max_tokens": self.max_tokens,
-            "bag_size": self.bag_size,
-            "pooling": self.pooling_,
-            "loss": self.loss_,
-            "cell_view": self.cell_view_,
-            "expression_genes": self.expression_genes_,
-            "seed": self.seed,
-            "checkpoint": self.pretrained_report_,
-        }
-        settings = self.train_settings_
-        if settings:
-            info.update(
-                epochs=settings["epochs_run"],
-                batch_size=settings["batch_size"],
-                lr=settings["lr"],
-                train_settings=settings,
-            )
-        info["best_epoch"] = self.best_epoch_
-        if self.split_names_ is not None:
-            info["split_sizes"] = {s: len(v) for s, v in self.split_names_.items()}
-        return info
-
-    @property
-    def summary(self) -> str:
-        cfg = self.module.trunk.config
-        rep = self.pretrained_report_
-        lines = [f"CellFMDonorClassifier ({'trained' if self.is_trained_ else 'not trained'})"]
-        if rep is not None:
-            lines.append(f"  pretrained: variant {rep.get('variant')}, {rep.get('source')}")
-        else:
-            lines.append(
-                f"  no pretrained weights: random trunk (preset {self.preset_ or 'custom'})"
-            )
-        lines.append(
-            f"  trunk: enc_dims={cfg.enc_dims}, num_heads={cfg.num_heads}, n_layers={cfg.n_layers}"
-        )
-        kind = "ordinal" if self.ordinal_ else "categorical"
-        lines.append(
-            f"  labels: {self.labels_key!r} ({len(self.classes_)} {kind} classes), donors: "
-            f"{self.donor_key!r}"
-        )
-        view = {
-            "both": f"trunk embedding + expression view of {self.expression_genes_} genes",
-            "trunk": "trunk embedding",
-            "expression": f"expression view of {self.expression_genes_} genes (no trunk)",
-        }[self.cell_view_]
-        lines.append(
-            f"  bags of <= {self.bag_size} cells ({view}), {self.pooling_} pooling, "
-            f"loss {self.loss_}"
-        )
-        lines.append(f"  {self.trainable_summary}")
-        return "\n".join(lines)
 
     def __repr__(self) -> str:
         return self.summary
@@ -1263,10 +536,6 @@ class CellFMDonorClassifier(CellFMModel):
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _cls_forward(module: CellFMDonorModule, batch: Any) -> dict[str, torch.Tensor]:
-    return {"emb": module.trunk(batch.values, batch.gene_ids, batch.valid, return_hidden=False).cls}
 
 
 def _resolve_trainable(trainable: str, pretrained: bool, cell_view: str) -> str:

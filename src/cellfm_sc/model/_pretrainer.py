@@ -3,11 +3,10 @@ user API), over one AnnData or a corpus of several files read in place."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,19 +16,18 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField
 
-from cellfm_sc._constants import CORPUS_SAMPLING
-from cellfm_sc.data import DataSplit, check_count_source, check_counts, get_matrix
+from cellfm_sc.data import check_count_source, check_counts, get_matrix
 from cellfm_sc.dataloaders._corpus import (
-    CorpusDataModule,
     CorpusMember,
     looks_ensembl,
     member_ensembl_ids,
-    member_gene_names,
     union_genes,
 )
 from cellfm_sc.model._pretrain_module import CellFMPretrainModule
+from cellfm_sc.model._pretrainer_corpus import PretrainerCorpusMixin
+from cellfm_sc.model._pretrainer_training import PretrainerTrainingMixin
 from cellfm_sc.model._probe import EmbeddingProbe
-from cellfm_sc.model.base import CellFMModel, Saved, TrainingRun, model_not_set_up
+from cellfm_sc.model.base import CellFMModel, Saved, model_not_set_up
 from cellfm_sc.nn import CellFMConfig, CellFMTrunk
 from cellfm_sc.train import (
     PretrainingPlan,
@@ -55,7 +53,7 @@ VOCABULARY_FILE = "gene_info.csv"
 # --------------------------------------------------------------------------------------------
 
 
-class CellFMPretrainer(CellFMModel):
+class CellFMPretrainer(PretrainerTrainingMixin, PretrainerCorpusMixin, CellFMModel):
     """Pretrain CellFM (or continue its pretraining) on unlabelled cells.
 
     The objective is CellFM's masked-value loss (DESIGN.md section 7): in every cell,
@@ -227,154 +225,6 @@ class CellFMPretrainer(CellFMModel):
             manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
 
-    # ----------------------------------------------------------------- the corpus
-    @classmethod
-    def _open_corpus(cls, adata: Any) -> list[tuple[Any, str]]:
-        """``[(AnnData, name)]`` for one AnnData / path or a list of them (paths set up)."""
-        import anndata
-
-        items = list(adata) if isinstance(adata, list | tuple) else [adata]
-        if not items:
-            raise ValueError("the corpus is empty: pass an AnnData, an .h5ad path or a list")
-        out: list[tuple[Any, str]] = []
-        seen: set[str] = set()
-        for i, item in enumerate(items):
-            if isinstance(item, str | os.PathLike):
-                path = Path(item)
-                if not path.is_file():
-                    raise FileNotFoundError(f"corpus file {os.fspath(path)!r} does not exist")
-                key = os.fspath(path.resolve())
-                if key in seen:
-                    raise ValueError(f"corpus file {os.fspath(path)!r} is listed twice")
-                seen.add(key)
-                try:
-                    a = anndata.read_h5ad(path, backed="r")
-                except (OSError, KeyError, ValueError, TypeError) as exc:
-                    raise ValueError(f"cannot read corpus file {os.fspath(path)!r}: {exc}") from exc
-                cls.setup_anndata(a)
-                out.append((a, path.name))
-            elif isinstance(item, anndata.AnnData):
-                if model_not_set_up(cls, item):
-                    raise ValueError(
-                        f"corpus member {i} (an AnnData of {item.n_obs} cells) is not set up: "
-                        f"call {cls.__name__}.setup_anndata(adata, ...) first"
-                    )
-                filename = getattr(item, "filename", None)
-                out.append((item, Path(filename).name if filename else f"adata[{i}]"))
-            else:
-                raise TypeError(
-                    f"corpus member {i} must be an AnnData or an .h5ad path, got "
-                    f"{type(item).__name__}"
-                )
-        return out
-
-    @classmethod
-    def _member_args(cls, adata: Any) -> dict[str, Any]:
-        return dict(cls._get_most_recent_anndata_manager(adata).registry["setup_args"])
-
-    def _member(self, adata: Any, name: str) -> tuple[CorpusMember, np.ndarray]:
-        args = self._member_args(adata)
-        use_raw = bool(args.get("use_raw", False))
-        names = member_gene_names(adata, use_raw=use_raw, gene_symbols=args.get("gene_symbols"))
-        member = CorpusMember(
-            adata=adata,
-            name=name,
-            layer=args.get("layer"),
-            use_raw=use_raw,
-            gene_symbols=args.get("gene_symbols"),
-            gene_id_map=np.zeros(len(names), dtype=np.int64),
-        )
-        return member, names
-
-    @property
-    def corpus(self) -> list[str]:
-        """Names of the corpus members (file names, or ``adata[i]``)."""
-        return list(self.corpus_names_)
-
-    # ----------------------------------------------------------------- genes of other data
-    def _settings_of(self, adata: Any) -> tuple[str | None, bool, str | None]:
-        """``(layer, use_raw, gene_symbols)`` of ``adata``: its own registration with this
-        class, else the model's first member's."""
-        if not model_not_set_up(type(self), adata):
-            args = self._member_args(adata)
-            return args.get("layer"), bool(args.get("use_raw", False)), args.get("gene_symbols")
-        return self.layer, self.use_raw, self.gene_symbols_key
-
-    def _gene_id_map(
-        self, adata: Any, min_gene_coverage: float = 0.5, *, strict: bool = False
-    ) -> np.ndarray | None:
-        """Token ids of ``adata``'s columns in the corpus vocabulary (0 = unknown gene).
-
-        The vocabulary is the union of the corpus' genes, so coverage is counted on the
-        query's side: below ``min_gene_coverage`` of ``adata``'s genes known to the model is
-        an error, below 100% a warning.
-        """
-        _, use_raw, symbols = self._settings_of(adata)
-        names = member_gene_names(adata, use_raw=use_raw, gene_symbols=symbols)
-        ids = self.vocab.ids(names, missing="zero")
-        known = int((ids > 0).sum())
-        share = known / max(len(names), 1)
-        if known == 0 or share < min_gene_coverage:
-            hint = (
-                "; its var_names look like Ensembl ids: set it up with "
-                "CellFMPretrainer.setup_anndata(adata, gene_symbols=...)"
-                if looks_ensembl(names)
-                else ""
-            )
-            raise ValueError(
-                f"only {known:,} of the data's {len(names):,} genes ({100 * share:.1f}%) are in "
-                f"the model's vocabulary of {self.vocab.n_genes:,} genes, below "
-                f"min_gene_coverage={min_gene_coverage}{hint}"
-            )
-        if known < len(names):
-            warnings.warn(
-                f"{len(names) - known:,} of the data's {len(names):,} genes are not in the "
-                "model's vocabulary (dropped; they still count toward each cell's total)",
-                UserWarning,
-                stacklevel=3,
-            )
-        if len(names) == self.vocab.n_genes and np.array_equal(ids, np.arange(1, known + 1)):
-            return None
-        return ids
-
-    def _probe_reading(self, adata: Any) -> dict[str, Any]:
-        """Where a probe AnnData's counts are (its own settings, else the first member's)."""
-        layer, use_raw, _ = self._settings_of(adata)
-        return {"layer": layer, "use_raw": use_raw}
-
-    @contextlib.contextmanager
-    def _reading(self, adata: Any) -> Iterator[None]:
-        """Read ``adata`` with its own settings (layer, raw) for the base's inference loop."""
-        before = (self.layer, self.use_raw)
-        self.layer, self.use_raw, _ = self._settings_of(adata)
-        try:
-            yield
-        finally:
-            self.layer, self.use_raw = before
-
-    # ----------------------------------------------------------------- training
-    def _split_members(self, validation_size: float) -> None:
-        """Drop cells without counts (warning) and draw each member's validation cells."""
-        for i, m in enumerate(self.members_):
-            summary = check_counts(m.adata, m.layer, use_raw=m.use_raw, full=True)
-            empty = summary.empty if summary.empty is not None else np.zeros(0, np.int64)
-            pool = np.setdiff1d(np.arange(m.n_obs, dtype=np.int64), empty)
-            if empty.size:
-                warnings.warn(
-                    f"{m.name}: {empty.size:,} cell(s) without counts are left out of pretraining",
-                    UserWarning,
-                    stacklevel=3,
-                )
-            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, i, 0x5B17])
-            n_val = round(validation_size * pool.size)
-            if validation_size > 0 and pool.size > 1:
-                n_val = min(max(n_val, 1), pool.size - 1)
-            perm = rng.permutation(pool)
-            m.validation = np.sort(perm[:n_val])
-            m.train = np.sort(perm[n_val:])
-        if sum(m.train.size for m in self.members_) == 0:
-            raise ValueError("the corpus holds no cell with counts to pretrain on")
-
     def train(
         self,
         max_epochs: int = 16,
@@ -472,79 +322,6 @@ class CellFMPretrainer(CellFMModel):
         self._train(locals())
 
     # the steps of the training template (CellFMModel._train)
-    def _check_train(self, run: TrainingRun) -> None:
-        validation_size = run["validation_size"]
-        if not isinstance(validation_size, int | float) or not 0.0 <= validation_size < 1.0:
-            raise ValueError(
-                f"validation_size must be a fraction in [0, 1), got {validation_size!r}"
-            )
-        super()._check_train(run)
-        if not getattr(self, "members_", None):
-            raise ValueError(
-                "this model holds no corpus to train on (a loaded model): create a "
-                f"{type(self).__name__} on the data, or load it with adata= set up for it"
-            )
-        if run["corpus_sampling"] not in CORPUS_SAMPLING:
-            raise ValueError(
-                f"corpus_sampling must be one of {CORPUS_SAMPLING}, got {run['corpus_sampling']!r}"
-            )
-        run.data["probes"] = _probe_columns(run["probe"])
-
-    def _prepare_training(self, run: TrainingRun) -> None:
-        for p in run.data["probes"].values():  # bad probe cells are named before training
-            p.bind(self._probe_reading, self._gene_id_map, self.max_tokens, self.seed)
-        self._split_members(float(run["validation_size"]))
-        run.has_validation = any(m.validation.size for m in self.members_)
-
-    def _datamodule(self, run: TrainingRun) -> CorpusDataModule:
-        return CorpusDataModule(
-            self.members_,
-            batch_size=run["batch_size"],
-            max_tokens=self.max_tokens,
-            seed=self.seed,
-            num_workers=run["num_workers"],
-            sampling=run["corpus_sampling"],
-        )
-
-    def _training_plan(self, run: TrainingRun, **plan_kwargs: Any) -> PretrainingPlan:
-        plan = PretrainingPlan(
-            self.module, seed=self.seed, probes=run.data["probes"], **plan_kwargs
-        )
-        self.module.trunk.gradient_checkpointing = run["gradient_checkpointing"]
-        return plan
-
-    def _train_settings(self, run: TrainingRun) -> dict[str, Any]:
-        probes = run.data["probes"]
-        return {
-            "validation_size": run["validation_size"],
-            "mask_ratio": self.mask_ratio_,
-            "gradient_checkpointing": run["gradient_checkpointing"],
-            "corpus_sampling": run["corpus_sampling"],
-            "probe": {c: p.describe() for c, p in probes.items()} or None,
-            "corpus": {
-                m.name: {"train": int(m.train.size), "validation": int(m.validation.size)}
-                for m in self.members_
-            },
-        }
-
-    def _after_fit(self, run: TrainingRun, plan: Any, settings: dict[str, Any]) -> None:
-        for column, score in (plan.probe_initial or {}).items():
-            settings["probe"][column]["initial_macro_f1"] = score
-        if len(self.members_) == 1:  # "train"/"validation" indices of the one AnnData
-            m = self.members_[0]
-            self._set_split(m.adata, DataSplit(m.train, m.validation, np.zeros(0, np.int64)))
-
-    # ----------------------------------------------------------------- inference
-    def _default_adata(self, adata: Any | None) -> Any:
-        if adata is not None:
-            return adata
-        members = getattr(self, "members_", None) or []
-        if len(members) > 1:
-            raise ValueError(
-                f"the model was trained on a corpus of {len(members)} AnnData: pass adata= "
-                "(any AnnData with these genes)"
-            )
-        return self._adata_or_default(None)
 
     def get_latent_representation(
         self,
@@ -691,26 +468,6 @@ class CellFMPretrainer(CellFMModel):
 
     def _make_module(self, trunk: CellFMTrunk) -> CellFMPretrainModule:
         return CellFMPretrainModule(trunk, mask_ratio=self.mask_ratio_)
-
-
-def _probe_columns(probe: Any) -> dict[str, EmbeddingProbe]:
-    """History column -> probe for ``train(probe=...)`` (one probe or a dict of them)."""
-    if probe is None:
-        return {}
-    if isinstance(probe, EmbeddingProbe):
-        return {"probe_macro_f1": probe}
-    if isinstance(probe, Mapping) and probe:
-        out = {}
-        for name, p in probe.items():
-            if not isinstance(p, EmbeddingProbe):
-                raise TypeError(
-                    f"probe[{name!r}] must be an EmbeddingProbe, got {type(p).__name__}"
-                )
-            out[f"probe_{name}_macro_f1"] = p
-        return out
-    raise TypeError(
-        f"probe must be an EmbeddingProbe or a dict of them, got {type(probe).__name__}"
-    )
 
 
 def _with_ensembl_ids(

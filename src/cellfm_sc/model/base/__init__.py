@@ -8,7 +8,7 @@ template), ``_inference`` (the forward pass over cells, the cell embedding) and 
 from cellfm_sc._errors import UntrainedModelError
 from cellfm_sc.model.base._model import CellFMModel
 from cellfm_sc.model.base._saving import Saved, model_not_set_up, saved_rows
-from cellfm_sc.model.base._training import TrainingRun, auto_lr
+from cellfm_sc.model.base._training import TrainingRun, auto_lr, train_doc
 
 __all__ = [
     "CellFMModel",
@@ -18,4 +18,5 @@ __all__ = [
     "auto_lr",
     "model_not_set_up",
     "saved_rows",
+    "train_doc",
 ]
