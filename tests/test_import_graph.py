@@ -8,9 +8,8 @@ there is one, else to ``pkg``. An import of ``a.b.c`` is an edge to ``a.b.c`` on
 the packages ``a`` and ``a.b`` whose ``__init__`` runs first: counting those would make every
 package that re-exports its submodules a cycle.
 
-The allow-lists below name what is known to break a rule today, in files that issue 20's
-part B rewrites. They must shrink to empty: a new offender fails, and so does an entry that
-no longer offends (remove it).
+The allow-lists below name what is known to break a rule (empty since issue 20's part B).
+A new offender fails, and so does an entry that no longer offends (remove it).
 """
 
 from __future__ import annotations
@@ -29,11 +28,7 @@ MAX_FUNCTION_LINES = 120
 
 KNOWN_CYCLES: set[frozenset[str]] = set()
 KNOWN_LONG_FILES: set[str] = set()
-# issue 20 part B: (file, qualified name)
-KNOWN_LONG_FUNCTIONS: set[tuple[str, str]] = {
-    ("cellfm_sc/cli/pretrain.py", "add_parser"),
-    ("cellfm_sc/report.py", "write_report"),
-}
+KNOWN_LONG_FUNCTIONS: set[tuple[str, str]] = set()
 
 
 # ---------------------------------------------------------------------------- the graph
