@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -12,7 +11,6 @@ import numpy as np
 import pandas as pd
 import torch
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 
 from cellfm_sc.data import (
@@ -224,12 +222,7 @@ class CellFMClassifier(ClassifierTrainingMixin, ClassifierEvaluationMixin, CellF
         ]
         if donor_key is not None:
             fields.append(CategoricalObsField(DONOR_KEY, donor_key))
-        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*integer.*")
-            warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*")
-            manager.register_fields(adata, **kwargs)
-        cls.register_manager(manager)
+        cls._register(adata, fields, setup_method_args, **kwargs)
 
     # ----------------------------------------------------------------- labels
     def _label_codes(self, adata: Any, strict: bool = True) -> np.ndarray:

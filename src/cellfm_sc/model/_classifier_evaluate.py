@@ -122,39 +122,13 @@ class ClassifierEvaluationMixin:
     # ----------------------------------------------------------------- reporting
     def report_info(self) -> dict[str, Any]:
         """Run facts for :func:`cellfm_sc.report.write_report` (``info=``)."""
-        cfg = self.module.trunk.config
         report = self.pretrained_report_ or {}
-        info: dict[str, Any] = {
-            "n_genes": int(self.vocab.n_genes),
-            "gene_embedding": self.embedding_init_,
-            "gene_embedding_shape": list(self.module.trunk.gene_emb.shape),
-            "num_classes": len(self.classes_),
-            "labels_key": self.labels_key,
-            "donor_key": self.donor_key,
-            "trainable": self.trainable_,
-            "n_trainable_parameters": int(self.trainable_summary.n_trainable),
-            "n_parameters": int(self.trainable_summary.n_total),
-            "config": cfg.to_dict(),
-            "preset": self.preset_,
-            "max_tokens": self.max_tokens,
-            "seed": self.seed,
-            "checkpoint": self.pretrained_report_,
-            "checkpoint_variant": report.get("variant"),
-            "embedding_coverage": report.get("coverage"),
-        }
-        settings = self.train_settings_
-        if settings:
-            info.update(
-                epochs=settings["epochs_run"],
-                batch_size=settings["batch_size"],
-                lr=settings["lr"],
-                train_settings=settings,
-            )
-        info["best_epoch"] = self.best_epoch_
-        info["best_validation_acc"] = self._history_at_best("validation_acc")
-        if self.split_names_ is not None:
-            info["split_sizes"] = {s: len(v) for s, v in self.split_names_.items()}
-        return info
+        return self._report_facts(
+            gene_embedding_shape=list(self.module.trunk.gene_emb.shape),
+            checkpoint_variant=report.get("variant"),
+            embedding_coverage=report.get("coverage"),
+            best_validation_acc=self._history_at_best("validation_acc"),
+        )
 
     def _history_at_best(self, column: str) -> float | None:
         hist = self.history_
@@ -166,18 +140,8 @@ class ClassifierEvaluationMixin:
     @property
     def summary(self) -> str:
         """A few lines on the model (pretrained or random trunk, gene coverage, what trains)."""
-        cfg = self.module.trunk.config
         rep = self.pretrained_report_
-        lines = [f"CellFMClassifier ({'trained' if self.is_trained_ else 'not trained'})"]
-        if rep is not None:
-            lines.append(f"  pretrained: variant {rep.get('variant')}, {rep.get('source')}")
-        else:
-            lines.append(
-                f"  no pretrained weights: random trunk (preset {self.preset_ or 'custom'})"
-            )
-        lines.append(
-            f"  trunk: enc_dims={cfg.enc_dims}, num_heads={cfg.num_heads}, n_layers={cfg.n_layers}"
-        )
+        lines = self._summary_lines("pretrained", "no pretrained weights")
         emb = tuple(self.module.trunk.gene_emb.shape)
         line = f"  vocabulary: {self.vocab.n_genes:,} genes, gene_emb {emb}, init '{self.embedding_init_}'"
         if rep is not None and rep.get("coverage") is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -21,7 +20,6 @@ import numpy as np
 import pandas as pd
 import torch
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 
 from cellfm_sc._constants import DONOR_LOSSES, POOLINGS
@@ -301,12 +299,7 @@ class CellFMDonorClassifier(
             CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
             CategoricalObsField(DONOR_FIELD, donor_key),
         ]
-        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*integer.*")
-            warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*")
-            manager.register_fields(adata, **kwargs)
-        cls.register_manager(manager)
+        cls._register(adata, fields, setup_method_args, **kwargs)
 
     # ----------------------------------------------------------------- donors and labels
     def _donors(self, adata: Any, donor_key: str | None = None) -> np.ndarray:

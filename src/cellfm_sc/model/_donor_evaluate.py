@@ -265,55 +265,20 @@ class DonorEvaluationMixin:
     # ----------------------------------------------------------------- reporting
     def report_info(self) -> dict[str, Any]:
         """Run facts for :func:`cellfm_sc.report.write_report` (``info=``)."""
-        cfg = self.module.trunk.config
-        info: dict[str, Any] = {
+        return {
             "level": "donor",
-            "n_genes": int(self.vocab.n_genes),
-            "gene_embedding": self.embedding_init_,
-            "num_classes": len(self.classes_),
-            "labels_key": self.labels_key,
-            "donor_key": self.donor_key,
-            "trainable": self.trainable_,
-            "n_trainable_parameters": int(self.trainable_summary.n_trainable),
-            "n_parameters": int(self.trainable_summary.n_total),
-            "config": cfg.to_dict(),
-            "preset": self.preset_,
-            "max_tokens": self.max_tokens,
-            "bag_size": self.bag_size,
-            "pooling": self.pooling_,
-            "loss": self.loss_,
-            "cell_view": self.cell_view_,
-            "expression_genes": self.expression_genes_,
-            "seed": self.seed,
-            "checkpoint": self.pretrained_report_,
+            **self._report_facts(
+                bag_size=self.bag_size,
+                pooling=self.pooling_,
+                loss=self.loss_,
+                cell_view=self.cell_view_,
+                expression_genes=self.expression_genes_,
+            ),
         }
-        settings = self.train_settings_
-        if settings:
-            info.update(
-                epochs=settings["epochs_run"],
-                batch_size=settings["batch_size"],
-                lr=settings["lr"],
-                train_settings=settings,
-            )
-        info["best_epoch"] = self.best_epoch_
-        if self.split_names_ is not None:
-            info["split_sizes"] = {s: len(v) for s, v in self.split_names_.items()}
-        return info
 
     @property
     def summary(self) -> str:
-        cfg = self.module.trunk.config
-        rep = self.pretrained_report_
-        lines = [f"CellFMDonorClassifier ({'trained' if self.is_trained_ else 'not trained'})"]
-        if rep is not None:
-            lines.append(f"  pretrained: variant {rep.get('variant')}, {rep.get('source')}")
-        else:
-            lines.append(
-                f"  no pretrained weights: random trunk (preset {self.preset_ or 'custom'})"
-            )
-        lines.append(
-            f"  trunk: enc_dims={cfg.enc_dims}, num_heads={cfg.num_heads}, n_layers={cfg.n_layers}"
-        )
+        lines = self._summary_lines("pretrained", "no pretrained weights")
         kind = "ordinal" if self.ordinal_ else "categorical"
         lines.append(
             f"  labels: {self.labels_key!r} ({len(self.classes_)} {kind} classes), donors: "

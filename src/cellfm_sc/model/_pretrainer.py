@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -13,7 +12,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField
 
 from cellfm_sc.data import check_count_source, check_counts, get_matrix
@@ -218,12 +216,7 @@ class CellFMPretrainer(PretrainerTrainingMixin, PretrainerCorpusMixin, CellFMMod
             )
         check_counts(adata, layer, use_raw=use_raw)
         fields = [LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=not use_raw)]
-        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*integer.*")
-            warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*")
-            manager.register_fields(adata, **kwargs)
-        cls.register_manager(manager)
+        cls._register(adata, fields, setup_method_args, **kwargs)
 
     def train(
         self,
@@ -426,16 +419,7 @@ class CellFMPretrainer(PretrainerTrainingMixin, PretrainerCorpusMixin, CellFMMod
     # ----------------------------------------------------------------- reporting
     @property
     def summary(self) -> str:
-        cfg = self.module.trunk.config
-        rep = self.pretrained_report_
-        lines = [f"CellFMPretrainer ({'trained' if self.is_trained_ else 'not trained'})"]
-        if rep is not None:
-            lines.append(f"  continued from: variant {rep.get('variant')}, {rep.get('source')}")
-        else:
-            lines.append(f"  from scratch: random trunk (preset {self.preset_ or 'custom'})")
-        lines.append(
-            f"  trunk: enc_dims={cfg.enc_dims}, num_heads={cfg.num_heads}, n_layers={cfg.n_layers}"
-        )
+        lines = self._summary_lines("continued from", "from scratch")
         lines.append(
             f"  vocabulary: {self.vocab.n_genes:,} genes (union of the corpus), gene_emb "
             f"{tuple(self.module.trunk.gene_emb.shape)}, init '{self.embedding_init_}'"

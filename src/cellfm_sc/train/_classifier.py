@@ -11,7 +11,7 @@ import torch
 from cellfm_sc.data import TokenBatch
 from cellfm_sc.nn import FinetuneRecipe
 from cellfm_sc.nn.trainable import RowRateScaler, recipe_param_groups
-from cellfm_sc.train._plan import StepOutput, TrainingPlan
+from cellfm_sc.train._plan import StepOutput, TrainingPlan, loss_and_accuracy
 
 __all__ = ["ClassifierTrainingPlan"]
 
@@ -190,11 +190,7 @@ class ClassifierTrainingPlan(TrainingPlan):
             }
         return StepOutput(loss=loss, sums=sums, collect=collect)
 
-    def metrics_from_sums(self, sums: Mapping[str, float]) -> dict[str, float]:
-        n = sums.get("n", 0.0)
-        if not n:
-            return {"loss": float("nan"), "acc": float("nan")}
-        return {"loss": sums["loss"] / n, "acc": sums["correct"] / n}
+    metrics_from_sums = staticmethod(loss_and_accuracy)
 
     def collected_metrics(self, collected: Mapping[str, np.ndarray]) -> dict[str, float]:
         from cellfm_sc.metrics import evaluate_predictions

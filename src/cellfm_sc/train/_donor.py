@@ -11,7 +11,7 @@ import torch
 from cellfm_sc.dataloaders._bags import BagBatch
 from cellfm_sc.metrics._donor import aggregate_bag_logits, donor_metrics
 from cellfm_sc.nn.ordinal import predict_classes
-from cellfm_sc.train._plan import StepOutput, TrainingPlan
+from cellfm_sc.train._plan import StepOutput, TrainingPlan, loss_and_accuracy
 
 __all__ = ["DonorTrainingPlan"]
 
@@ -117,11 +117,7 @@ class DonorTrainingPlan(TrainingPlan):
             }
         return StepOutput(loss=loss, sums=sums, collect=collect)
 
-    def metrics_from_sums(self, sums: Mapping[str, float]) -> dict[str, float]:
-        n = sums.get("n", 0.0)
-        if not n:
-            return {"loss": float("nan"), "acc": float("nan")}
-        return {"loss": sums["loss"] / n, "acc": sums["correct"] / n}
+    metrics_from_sums = staticmethod(loss_and_accuracy)
 
     def collected_metrics(self, collected: Mapping[str, np.ndarray]) -> dict[str, float]:
         donors, logits, _ = aggregate_bag_logits(

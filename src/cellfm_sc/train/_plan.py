@@ -14,7 +14,13 @@ import torch
 from cellfm_sc._constants import LR_SCHEDULES
 from cellfm_sc.data import TokenBatch
 
-__all__ = ["NonFiniteLossError", "StepOutput", "TrainingPlan", "make_scheduler"]
+__all__ = [
+    "NonFiniteLossError",
+    "StepOutput",
+    "TrainingPlan",
+    "loss_and_accuracy",
+    "make_scheduler",
+]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -110,6 +116,15 @@ def _gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def loss_and_accuracy(sums: Mapping[str, float]) -> dict[str, float]:
+    """Epoch ``loss`` and ``acc`` from the sums ``"loss"``, ``"correct"`` and ``"n"`` (NaN
+    when nothing was counted): the classifier's and the donor plan's epoch metrics."""
+    n = sums.get("n", 0.0)
+    if not n:
+        return {"loss": float("nan"), "acc": float("nan")}
+    return {"loss": sums["loss"] / n, "acc": sums["correct"] / n}
 
 
 class TrainingPlan(pl.LightningModule):

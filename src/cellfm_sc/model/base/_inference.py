@@ -264,10 +264,11 @@ class InferenceMixin:
     ) -> Any:
         """Cell embeddings (the cls token), float32 ``(n_cells, D)``.
 
-        Query data with another gene set work as in :meth:`predict`. For atlases, pass
-        ``out``: an array-like ``(n_cells, D)`` (an h5py or zarr dataset, a numpy memmap, in
-        float32 or float16) that the rows are written into as they are computed, so memory
-        does not grow with the number of cells; ``out`` is returned. ``num_workers`` loader
+        Query data with another gene set work as in
+        :meth:`CellFMClassifier.predict <cellfm_sc.model.CellFMClassifier.predict>`. For
+        atlases, pass ``out``: an array-like ``(n_cells, D)`` (an h5py or zarr dataset, a
+        numpy memmap, in float32 or float16) that the rows are written into as they are
+        computed, so memory does not grow with the number of cells; ``out`` is returned. ``num_workers`` loader
         processes read and tokenise ahead of the model. A model never trained is refused
         (:class:`~cellfm_sc.model.UntrainedModelError`) unless its trunk is a pretrained
         checkpoint's with ``embedding_init="transfer"`` or ``allow_untrained=True``.

@@ -355,6 +355,70 @@ class CellFMModel(TrainingMixin, InferenceMixin, SaveLoadMixin, BaseModelClass):
             raise ValueError("indices hold repeated cells")
         return idx
 
+    # ------------------------------------------------------------------ registration, report
+    @classmethod
+    def _register(
+        cls, adata: Any, fields: list[Any], setup_method_args: dict[str, Any], **kwargs: Any
+    ) -> None:
+        """Register ``adata``'s ``fields`` with a new :class:`~scvi.data.AnnDataManager`
+        (scvi-tools' warnings about counts and small categories held back: cellfm-sc
+        checks the counts itself)."""
+        from scvi.data import AnnDataManager
+
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*integer.*")
+            warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*")
+            manager.register_fields(adata, **kwargs)
+        cls.register_manager(manager)
+
+    def _summary_lines(self, pretrained: str, random: str) -> list[str]:
+        """The first lines of ``summary``: the class and whether it is trained, the trunk's
+        source (``pretrained`` / ``random`` name it) and its size."""
+        cfg = self.module.trunk.config
+        rep = self.pretrained_report_
+        lines = [f"{type(self).__name__} ({'trained' if self.is_trained_ else 'not trained'})"]
+        if rep is not None:
+            lines.append(f"  {pretrained}: variant {rep.get('variant')}, {rep.get('source')}")
+        else:
+            lines.append(f"  {random}: random trunk (preset {self.preset_ or 'custom'})")
+        lines.append(
+            f"  trunk: enc_dims={cfg.enc_dims}, num_heads={cfg.num_heads}, n_layers={cfg.n_layers}"
+        )
+        return lines
+
+    def _report_facts(self, **facts: Any) -> dict[str, Any]:
+        """Run facts for :func:`cellfm_sc.report.write_report` (``info=``) of a labelled
+        model: the model's, then ``facts``, then those of its training."""
+        info: dict[str, Any] = {
+            "n_genes": int(self.vocab.n_genes),
+            "gene_embedding": self.embedding_init_,
+            "num_classes": len(self.classes_),
+            "labels_key": self.labels_key,
+            "donor_key": self.donor_key,
+            "trainable": self.trainable_,
+            "n_trainable_parameters": int(self.trainable_summary.n_trainable),
+            "n_parameters": int(self.trainable_summary.n_total),
+            "config": self.module.trunk.config.to_dict(),
+            "preset": self.preset_,
+            "max_tokens": self.max_tokens,
+            "seed": self.seed,
+            "checkpoint": self.pretrained_report_,
+            **facts,
+        }
+        settings = self.train_settings_
+        if settings:
+            info.update(
+                epochs=settings["epochs_run"],
+                batch_size=settings["batch_size"],
+                lr=settings["lr"],
+                train_settings=settings,
+            )
+        info["best_epoch"] = self.best_epoch_
+        if self.split_names_ is not None:
+            info["split_sizes"] = {s: len(v) for s, v in self.split_names_.items()}
+        return info
+
     # ------------------------------------------------------------------ checks
     def _check_cells(self, adata: Any, indices: np.ndarray) -> None:
         """Every cell that training will read holds counts and is not empty (one pass)."""
