@@ -71,7 +71,8 @@ toc_object_entries_show_parents = "hide"
 nitpick_ignore = [
     # the return type of ``load``, a classmethod of the base every model class shares: it
     # returns the class it is called on (documented there), the base itself is internal
-    ("py:class", "cellfm_sc.model._base.CellFMModel"),
+    ("py:class", "cellfm_sc.model.base._model.CellFMModel"),
+    ("py:class", "CellFMModel"),
     # torch.Generator's runtime name in signatures (not in torch's inventory)
     ("py:class", "torch._C.Generator"),
 ]

@@ -13,8 +13,8 @@ import torch
 
 from cellfm_sc import CellFMDonorClassifier
 from cellfm_sc.data import split_from_obs
+from cellfm_sc.dataloaders._bags import BagSampler, DonorDataModule, eval_keys, partition_bags
 from cellfm_sc.metrics import quadratic_weighted_kappa
-from cellfm_sc.model._donor_bags import BagSampler, DonorDataModule, eval_keys, partition_bags
 from cellfm_sc.model._donor_eval import aggregate_bag_logits, stratified_donor_folds
 
 STAGES = ["A", "B", "C", "D"]

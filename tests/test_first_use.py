@@ -21,7 +21,7 @@ from cellfm_sc import CellFMClassifier, CellFMPretrainer
 from cellfm_sc._checkpoints import epoch_checkpoints
 from cellfm_sc._hardware import check_accelerator, check_device
 from cellfm_sc.model import UntrainedModelError
-from cellfm_sc.model._core import BestStateCallback, EpochCheckpoint
+from cellfm_sc.train import BestStateCallback, EpochCheckpoint
 from tests.test_cli import HEAVY, assert_usage_error, run_cli
 from tests.test_donor import make_model, toy_donors
 from tests.test_donor import setup as setup_donors

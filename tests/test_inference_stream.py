@@ -106,7 +106,7 @@ def test_empty_cells_stream_as_nan(trained, tmp_path):
 
 def test_block_writer_writes_whole_blocks_once():
     """Rows arriving scattered (bucketed batches) reach a chunked file as consecutive blocks."""
-    from cellfm_sc.model._base import _BlockWriter
+    from cellfm_sc.model.base._inference import _BlockWriter
 
     class Chunked:  # an h5py-like dataset that records how it is written
         def __init__(self, n, width, chunk):

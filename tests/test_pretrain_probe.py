@@ -10,7 +10,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 
 from cellfm_sc import CellFMPretrainer, EmbeddingProbe
-from cellfm_sc.model._corpus import CorpusDataModule, balanced_quotas
+from cellfm_sc.dataloaders._corpus import CorpusDataModule, balanced_quotas
 from cellfm_sc.model._probe import probe_score
 
 pytestmark = pytest.mark.filterwarnings(

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 import torch
 
 from cellfm_sc import CellFMClassifier, CellFMPretrainer
-from cellfm_sc.model._corpus import member_gene_names, union_genes
+from cellfm_sc.dataloaders._corpus import member_gene_names, union_genes
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:no checkpoint given", "ignore::UserWarning:lightning", "ignore::DeprecationWarning"
@@ -120,7 +120,7 @@ def test_corpus_union_vocabulary_and_per_file_maps(corpus_files):
 
     # one epoch: every training cell of both files once, batches of one file each
     model._split_members(0.1)
-    from cellfm_sc.model._corpus import CorpusDataModule
+    from cellfm_sc.dataloaders._corpus import CorpusDataModule
 
     dm = CorpusDataModule(model.members_, batch_size=16, max_tokens=64, seed=1)
     loader = dm.loader(train=True)

@@ -18,7 +18,6 @@ import torch
 from cellfm_sc import CellFMClassifier, CellFMPretrainer
 from cellfm_sc.data import DataSplit
 from cellfm_sc.model import CellFMClassifierModule
-from cellfm_sc.model._core import make_scheduler
 from cellfm_sc.nn import CellFMConfig, CellFMTrunk, FinetuneRecipe, apply_trainable
 from cellfm_sc.nn.trainable import (
     AUTO_RECIPES,
@@ -27,6 +26,7 @@ from cellfm_sc.nn.trainable import (
     recipe_param_groups,
     resolve_recipe,
 )
+from cellfm_sc.train import make_scheduler
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:no checkpoint given", "ignore::UserWarning:lightning", "ignore::DeprecationWarning"

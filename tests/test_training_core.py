@@ -15,8 +15,8 @@ import torch
 
 from cellfm_sc import CellFMClassifier
 from cellfm_sc.model import auto_lr
-from cellfm_sc.model._core import NonFiniteLossError, check_training_numbers, make_scheduler
 from cellfm_sc.nn import CellFMConfig
+from cellfm_sc.train import NonFiniteLossError, check_training_numbers, make_scheduler
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:no checkpoint given", "ignore::UserWarning:lightning", "ignore::DeprecationWarning"
@@ -242,7 +242,7 @@ def test_donor_labels_select_on_donor_score(donor_cells):
 
 
 def test_balanced_donor_weights_weigh_donors_equally():
-    from cellfm_sc.model._classifier import _class_weights
+    from cellfm_sc.train._classifier import _class_weights
 
     donors = np.array(["a"] * 90 + ["b"] * 10)
     codes = np.zeros(100, dtype=np.int64)

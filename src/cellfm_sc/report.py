@@ -210,6 +210,27 @@ def write_report(
             result.donor_table.to_csv(tmp, index_label="donor")
         files["donor_predictions"] = out / "donor_predictions.csv"
 
+    _write_figures(out, result, history, files, plt, plotting)
+    umap_note = _write_umap(out, result, umap, files, plt, plotting)
+
+    # training_results.json last, so that it lists every file
+    record = _results_record(result, history, info, files, umap_note)
+    files["training_results"] = out / "training_results.json"
+    record["files"] = {key: path.name for key, path in files.items()}
+    write_json_atomic(files["training_results"], record)
+    return files
+
+
+def _write_figures(
+    out: Path,
+    result: EvaluationResult,
+    history: pd.DataFrame | None,
+    files: dict[str, Path],
+    plt: Any,
+    plotting: Any,
+) -> None:
+    """``confusion_matrix.png`` (cell level, and donor level beside it when there are
+    donors) and ``training_curves.png``."""
     # confusion matrix: cell level, and donor level beside it when there are donors
     if result.donor_table is not None:
         k = len(result.classes)
@@ -227,7 +248,16 @@ def write_report(
         _save_close(fig, out / "training_curves.png", plt)
         files["training_curves"] = out / "training_curves.png"
 
-    # UMAP of the embedding
+
+def _write_umap(
+    out: Path,
+    result: EvaluationResult,
+    umap: bool | None,
+    files: dict[str, Path],
+    plt: Any,
+    plotting: Any,
+) -> str | None:
+    """``umap.png`` of the embedding when it is drawn; else the note that says why not."""
     n_cells = len(result.predictions)
     umap_note: str | None = None
     embedding = result.embedding
@@ -247,7 +277,17 @@ def write_report(
         _save_close(fig, out / "umap.png", plt)
         files["umap"] = out / "umap.png"
 
-    # training_results.json last, so that it lists every file
+    return umap_note
+
+
+def _results_record(
+    result: EvaluationResult,
+    history: pd.DataFrame | None,
+    info: dict[str, Any],
+    files: dict[str, Path],
+    umap_note: str | None,
+) -> dict[str, Any]:
+    """The content of ``training_results.json`` (without its ``files`` entry)."""
     train_hist, test_hist = _history_lists(history)
     summary = result.to_dict()
     cell_m = summary["cell_metrics"]
@@ -258,7 +298,7 @@ def write_report(
         qwk = (donor_m if donor_m is not None else cell_m).get("qwk")
     else:
         qwk_level, qwk = None, None
-    record: dict[str, Any] = {
+    return {
         # the original scripts' keys
         "train_acc_history": train_hist,
         "test_acc_history": test_hist,
@@ -281,10 +321,6 @@ def write_report(
         "package_versions": package_versions(),
         "umap": {"written": "umap" in files, "note": umap_note},
     }
-    files["training_results"] = out / "training_results.json"
-    record["files"] = {key: path.name for key, path in files.items()}
-    write_json_atomic(files["training_results"], record)
-    return files
 
 
 def _save_close(fig: Figure, path: Path, plt: Any) -> None:

@@ -19,10 +19,8 @@ from cellfm_sc.baselines._estimators import (
 from cellfm_sc.baselines._read import (
     pseudobulk,
 )
-from cellfm_sc.metrics import (
-    _metric_set,
-    aggregate_by_donor,
-)
+from cellfm_sc.metrics import aggregate_by_donor
+from cellfm_sc.metrics._evaluation import _metric_set
 
 # --------------------------------------------------------------------------------------------
 # fit-and-score on a split

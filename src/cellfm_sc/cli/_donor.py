@@ -13,7 +13,6 @@ the usual report (``training_results.json`` with donor metrics and their bootstr
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,17 @@ from cellfm_sc.cli._common import (
     RunDirectory,
     show_progress,
     write_split_h5ads,
+)
+from cellfm_sc.cli._run import (
+    held_out,
+    model_kwargs,
+    report_info,
+    run_facts,
+    save_best_state,
+    save_outputs,
+    setup_kwargs,
+    train_kwargs,
+    write_resolved_config,
 )
 
 __all__ = ["build_donor_model", "choose_level", "run_donor_level"]
@@ -53,7 +63,6 @@ def _check_options(opts: dict[str, Any]) -> None:
 def build_donor_model(opts: dict[str, Any], con: Console, adata: Any) -> Any:
     """Set the data up and build the donor model: every data and model error comes before
     any file is written."""
-    from cellfm_sc.cli.finetune import model_kwargs, setup_kwargs
     from cellfm_sc.model import CellFMDonorClassifier
 
     _check_options(opts)
@@ -74,7 +83,6 @@ def choose_level(opts: dict[str, Any], con: Console, adata: Any, split: Any) -> 
     donors of the split, set ``opts["level"]`` to the better CellFM level (``"donor"`` or
     ``"cell"``) and keep the selection in ``opts["_level_selection"]``; returns the split (made
     here by donor when the options give none, so that the chosen model trains on it)."""
-    from cellfm_sc.cli.finetune import model_kwargs
     from cellfm_sc.data import split_by_donor
     from cellfm_sc.model import select_level
 
@@ -141,57 +149,24 @@ def run_donor_level(
 ) -> dict[str, Any]:
     """Train, evaluate and write a donor-level run of ``model`` (from
     :func:`build_donor_model`); returns the run's facts."""
-    import torch
-
     from cellfm_sc import plotting
     from cellfm_sc._atomic import atomic_path
-    from cellfm_sc.cli.finetune import _make_logger, report_info, write_resolved_config
     from cellfm_sc.report import UMAP_MAX_CELLS, write_report
 
     work, out = run_dir.work, run_dir.out
     write_resolved_config(work, opts, resume_from, demo)
     early = {"auto": False, "on": True, "off": False}[opts.get("early_stopping", "auto")]
-    patience = opts.get("patience", 3)
     model.train(
-        max_epochs=opts["epochs"],
-        split=split,
-        validation_size=opts.get("validation_size", 0.1),
-        test_size=opts.get("test_size", 0.1),
-        lr=opts.get("lr", "auto"),
-        lr_schedule=opts.get("lr_schedule", "warmup_cosine"),
-        weight_decay=opts.get("weight_decay", 1e-5),
-        monitor=opts.get("monitor", "auto"),
-        early_stopping=early and patience > 0,
-        patience=max(patience, 1),
-        precision=opts.get("precision"),
-        accelerator=opts.get("accelerator", "auto"),
-        devices=opts.get("devices", "auto"),
-        strategy=opts.get("strategy"),
-        num_workers=opts.get("num_workers", 0),
+        early_stopping=early and opts.get("patience", 3) > 0,
         gradient_checkpointing=True if opts.get("gradient_checkpointing") else "auto",
-        checkpoint_dir=str(out),
-        keep_checkpoints=opts.get("keep_checkpoints", 1),
-        resume_from=str(resume_from) if resume_from else None,
-        logger=_make_logger(opts.get("logger", "csv"), work / "logs"),
-        enable_progress_bar=show_progress(opts),
-        **({"num_nodes": opts["num_nodes"]} if opts.get("num_nodes", 1) > 1 else {}),
+        **train_kwargs(opts, work, out, split, resume_from),
     )
     if model.global_rank_ != 0:
         return {"rank": model.global_rank_}
 
-    with atomic_path(work / "best_model.pth") as tmp:
-        torch.save(model.export_state_dict(), tmp)
+    save_best_state(model, work)
     batch = max(opts.get("batch_size", 16), 64)
-    n_test, n_val = len(model.test_indices), len(model.validation_indices)
-    if n_test:
-        where, indices = f"test donors ({n_test:,} cells)", "test"
-    elif n_val:
-        where, indices = "validation donors (no test split: optimistic)", "validation"
-        con.warn("no test split (--test-size 0): the report scores the validation donors")
-    else:
-        where, indices = "training donors (nothing held out: optimistic)", "train"
-        con.warn("nothing was held out; the report scores the training donors")
-    con.info(f"evaluating on the {where}")
+    where, indices = held_out(model, con, "donors")
     result = model.evaluate(
         indices=indices,
         batch_size=batch,
@@ -229,19 +204,7 @@ def run_donor_level(
     else:
         con.warn(f"attention_umap.png skipped: {adata.n_obs:,} cells > {UMAP_MAX_CELLS:,}")
 
-    model.save(str(work / "model"), overwrite=True)
-    files["model"] = work / "model"
-    files["best_model"] = work / "best_model.pth"
-    files["config_resolved"] = work / "config_resolved.json"
-    if (work / "logs").is_dir():
-        files["logs"] = work / "logs"
+    save_outputs(model, work, files)
     if opts.get("write_split_h5ad"):
         files.update(write_split_h5ads(adata, model, work, ["X_cellfm"], "cellfm"))
-    return {
-        "rank": 0,
-        "result": result,
-        "files": {k: out / Path(v).name for k, v in files.items()},
-        "where": where,
-        "elapsed": time.perf_counter() - started,
-        "model": model,
-    }
+    return run_facts(result, files, out, where, started, model)

@@ -166,7 +166,7 @@ def resume_checkpoint(out: Path) -> Path:
         No checkpoint, or one that is empty, truncated, corrupt or not an epoch checkpoint.
     """
     from cellfm_sc.io import CheckpointError
-    from cellfm_sc.model._core import check_resume_file
+    from cellfm_sc.train import check_resume_file
 
     path = newest_checkpoint(out) if out.is_dir() else None
     if path is None:

@@ -8,14 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cellfm_sc import __version__
 from cellfm_sc._constants import (
-    EMBEDDING_INITS,
-    FINETUNE_RECIPES,
-    LR_SCHEDULES,
-    MONITORS,
     PRESET_NAMES,
-    TRAINABLE_POLICIES,
 )
 from cellfm_sc.cli._common import (
     CLIError,
@@ -23,88 +17,38 @@ from cellfm_sc.cli._common import (
     Formatter,
     RunDirectory,
     add_diagnostics,
-    add_hardware_args,
-    add_keep_checkpoints,
     checkpoints_line,
     existing_file,
-    label_order_type,
-    lr_type,
     message_of,
     newest_checkpoint,
-    non_negative_float,
-    non_negative_int,
-    positive_int,
     quiet_libraries,
     read_h5ad,
     resume_checkpoint,
     show_progress,
-    split_size,
     writable_dir,
     write_split_h5ads,
 )
+from cellfm_sc.cli._finetune_options import add_finetune_options, add_training_options
 from cellfm_sc.cli._precheck import (
     check_data_columns,
     check_hardware,
     check_split_json,
     read_header,
 )
+from cellfm_sc.cli._run import (
+    check_checkpoint,
+    held_out,
+    model_kwargs,
+    report_info,
+    run_facts,
+    save_best_state,
+    save_outputs,
+    setup_kwargs,
+    train_kwargs,
+    write_resolved_config,
+)
 
 __all__ = ["add_parser", "add_training_options", "finetune", "run"]
-
-# the resolved finetune options that are not argparse bookkeeping
-FINETUNE_KEYS = (
-    "data",
-    "labels_key",
-    "donor_key",
-    "label_order",
-    "layer",
-    "use_raw",
-    "gene_symbols",
-    "backed",
-    "split_json",
-    "split_key",
-    "validation_size",
-    "test_size",
-    "checkpoint",
-    "vocabulary",
-    "hgnc_table",
-    "num_heads",
-    "preset",
-    "embedding_init",
-    "trainable",
-    "recipe",
-    "max_tokens",
-    "level",
-    "auto_folds",
-    "bag_size",
-    "output_dir",
-    "no_baseline",
-    "batch_size",
-    "epochs",
-    "lr",
-    "lr_schedule",
-    "weight_decay",
-    "eval_every_steps",
-    "early_stopping",
-    "patience",
-    "monitor",
-    "class_weights",
-    "accelerator",
-    "devices",
-    "num_nodes",
-    "strategy",
-    "precision",
-    "num_workers",
-    "gradient_checkpointing",
-    "logger",
-    "seed",
-    "write_split_h5ad",
-    "resume",
-    "keep_checkpoints",
-    "quiet",
-    "progress",
-    "debug",
-)
 
 OUTPUT_FILES = (
     ("model", "saved model (CellFMClassifier.load)"),
@@ -123,86 +67,6 @@ OUTPUT_FILES = (
     ("validation_h5ad", "validation cells: obs + X_cellfm"),
     ("test_h5ad", "test cells: obs + X_cellfm"),
 )
-
-
-def add_training_options(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
-    """Options shared by ``finetune`` (all) and ``demo`` (the number of epochs)."""
-    train = p.add_argument_group("training")
-    train.add_argument(
-        "--epochs",
-        metavar="N",
-        type=positive_int,
-        default=5 if demo else 20,
-        help="maximum epochs",
-    )
-    if demo:
-        return
-    train.add_argument(
-        "--batch-size", metavar="N", type=positive_int, default=16, help="cells per batch"
-    )
-    train.add_argument(
-        "--lr",
-        type=lr_type,
-        default="auto",
-        help="learning rate (AdamW); auto: 1e-3 for a random trunk, for a pretrained one 1e-4 "
-        "at the released width (1536) and 1e-3 for narrower trunks",
-    )
-    train.add_argument(
-        "--lr-schedule",
-        choices=LR_SCHEDULES,
-        default="warmup_cosine",
-        help="warmup_cosine: linear warm-up over 5%% of the steps, then cosine to 0; step: "
-        "x0.95 per epoch (the original scripts)",
-    )
-    train.add_argument(
-        "--weight-decay",
-        metavar="WD",
-        type=non_negative_float,
-        default=1e-5,
-        help="AdamW weight decay",
-    )
-    train.add_argument(
-        "--eval-every-steps",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help="also score the validation cells every N training steps (default: once per epoch)",
-    )
-    train.add_argument(
-        "--monitor",
-        choices=MONITORS,
-        default="auto",
-        help="what chooses the kept weights (and stops early); auto: validation donors' QWK "
-        "(ordinal) or balanced accuracy when labels belong to donors, else validation loss",
-    )
-    train.add_argument(
-        "--early-stopping",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="auto: on from 1,000 validation cells (or 10 validation donors), off below",
-    )
-    train.add_argument(
-        "--patience",
-        metavar="N",
-        type=non_negative_int,
-        default=3,
-        help="early stopping: evaluations without improvement (0 turns early stopping off)",
-    )
-    train.add_argument(
-        "--class-weights",
-        choices=("none", "balanced", "balanced_donors"),
-        default="none",
-        help="balanced: classes weigh the same; balanced_donors: donors weigh the same",
-    )
-    train.add_argument(
-        "--seed", metavar="N", type=int, default=0, help="seed of splits, init and sampling"
-    )
-    train.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint_epoch_*.pth in --output-dir",
-    )
-    add_hardware_args(p, num_nodes=True)
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -235,184 +99,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="TOML, YAML or JSON file of options (keys as the long flags, e.g. labels_key or "
         "labels-key; optionally under a [finetune] table); flags given here override it",
     )
-    data = p.add_argument_group("data")
-    data.add_argument(
-        "--labels-key", metavar="COLUMN", default=None, help="obs column to predict (required)"
-    )
-    data.add_argument(
-        "--donor-key",
-        metavar="COLUMN",
-        default=None,
-        help="obs column of donors: donor-level split and metrics (QWK for ordinal labels)",
-    )
-    data.add_argument(
-        "--label-order",
-        type=label_order_type,
-        default=None,
-        metavar="A,B,C",
-        help="comma-separated labels, lowest first: makes the labels ordinal "
-        "(e.g. 'Not AD,Low,Intermediate,High')",
-    )
-    data.add_argument(
-        "--layer", default=None, help="adata.layers key holding raw counts (default: X)"
-    )
-    data.add_argument(
-        "--use-raw",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="raw counts are in adata.raw.X (the CELLxGENE layout; X holds normalised "
-        "values of a gene subset); the genes are adata.raw.var_names",
-    )
-    data.add_argument(
-        "--gene-symbols",
-        metavar="COLUMN",
-        default=None,
-        help="var column of gene symbols when var_names are not symbols",
-    )
-    data.add_argument(
-        "--backed",
-        action="store_true",
-        help="open DATA.h5ad backed (read rows from disk; for files larger than memory)",
-    )
-    split = p.add_argument_group("split")
-    split.add_argument(
-        "--split-json",
-        metavar="FILE",
-        default=None,
-        help="split file with train_indices / test_indices (and val_indices)",
-    )
-    split.add_argument(
-        "--split-key",
-        metavar="COLUMN",
-        default=None,
-        help="obs column with values train / validation / test",
-    )
-    split.add_argument(
-        "--validation-size",
-        metavar="SIZE",
-        type=split_size,
-        default=0.1,
-        help="fraction (or count) of donors, or of cells without --donor-key, for validation",
-    )
-    split.add_argument(
-        "--test-size",
-        metavar="SIZE",
-        type=split_size,
-        default=0.1,
-        help="fraction (or count) held out for the final evaluation",
-    )
-    model = p.add_argument_group("model")
-    model.add_argument(
-        "--checkpoint",
-        metavar="CKPT",
-        default=None,
-        help="pretrained MindSpore CellFM checkpoint (e.g. CellFM_80M_weight.ckpt)",
-    )
-    model.add_argument(
-        "--vocabulary",
-        metavar="CSV",
-        default=None,
-        help="the checkpoint's gene vocabulary (CellFM's expand_gene_info.csv)",
-    )
-    model.add_argument(
-        "--hgnc-table",
-        metavar="FILE",
-        default=None,
-        help="HGNC table for alias / previous-symbol gene mapping",
-    )
-    model.add_argument(
-        "--num-heads",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help="retention heads of the checkpoint (48 assumed for the released models)",
-    )
-    model.add_argument(
-        "--preset",
-        choices=PRESET_NAMES,
-        default=None,
-        help="model size without a checkpoint (randomly initialised)",
-    )
-    model.add_argument(
-        "--embedding-init",
-        choices=EMBEDDING_INITS,
-        default="random",
-        help="new gene-embedding table: random, or transfer CellFM's rows of mapped genes",
-    )
-    model.add_argument(
-        "--trainable",
-        choices=TRAINABLE_POLICIES,
-        default="auto",
-        help="what is trained; auto: everything the classification uses (encoder+head is the "
-        "original scripts' policy)",
-    )
-    model.add_argument(
-        "--recipe",
-        choices=FINETUNE_RECIPES,
-        default="auto",
-        help="how a pretrained trunk is fine-tuned: auto (the measured winner after a "
-        "--checkpoint, full without), full (everything at --lr), lp-ft (head first on frozen "
-        "features, then everything, the trunk slower), llrd (trunk slower, layer-wise decay), "
-        "lp-ft+llrd, frozen-rows (transferred gene rows frozen)",
-    )
-    model.add_argument(
-        "--max-tokens",
-        metavar="N",
-        type=positive_int,
-        default=2048,
-        help="expressed genes per cell fed to the model (sampled when a cell has more)",
-    )
-    model.add_argument(
-        "--level",
-        choices=("cell", "donor", "auto"),
-        default="cell",
-        help="cell: classify cells (CellFMClassifier); donor: learn one label per donor from "
-        "bags of its cells (CellFMDonorClassifier; needs --donor-key and a label that is "
-        "constant within donors; a training step is one bag, --batch-size sets the "
-        "inference batch); auto: compare the donor model, the cell classifier + mean and "
-        "pseudo-bulk by an inner cross-validation on the training donors "
-        "(cellfm_sc.select_level), then train the better CellFM level; the report says "
-        "which won and by how much",
-    )
-    model.add_argument(
-        "--auto-folds",
-        metavar="K",
-        type=positive_int,
-        default=5,
-        help="--level auto: inner cross-validation folds (>= 3)",
-    )
-    model.add_argument(
-        "--bag-size",
-        metavar="N",
-        type=positive_int,
-        default=128,
-        help="--level donor: most cells per bag",
-    )
-    out = p.add_argument_group("output")
-    out.add_argument(
-        "--output-dir", "-o", metavar="OUT", default=None, help="output directory (required)"
-    )
-    out.add_argument(
-        "--write-split-h5ad",
-        action="store_true",
-        help="also write train.h5ad / validation.h5ad / test.h5ad: obs with predictions and "
-        "obsm['X_cellfm'], no count matrix",
-    )
-    out.add_argument(
-        "--no-baseline",
-        action="store_true",
-        help="skip the baselines fitted on the same split for the report's 'model vs "
-        "baseline' (cells: logistic regression on log-normalised counts; donor labels: "
-        "pseudo-bulk logistic regression)",
-    )
-    out.add_argument(
-        "--logger",
-        choices=("csv", "tensorboard", "none"),
-        default="csv",
-        help="where the training metrics are logged (under OUT/logs)",
-    )
-    add_keep_checkpoints(out)
-    add_training_options(p)
+    add_finetune_options(p)
     add_diagnostics(p)
     p.set_defaults(handler=run)
     return p
@@ -470,16 +157,6 @@ def validate_options(opts: dict[str, Any], need_data: bool = True) -> None:
         existing_file(opts["data"], "data file")
 
 
-def check_checkpoint(path: str) -> None:
-    """Fail early, with a usage error, on a file that is not a sound MindSpore checkpoint."""
-    from cellfm_sc.io import CheckpointError, read_mindspore_checkpoint
-
-    try:
-        read_mindspore_checkpoint(path)
-    except CheckpointError as exc:
-        raise CLIError(f"--checkpoint is not a readable MindSpore checkpoint: {exc}") from exc
-
-
 def split_from_options(opts: dict[str, Any], adata: Any) -> Any:
     import json
 
@@ -500,34 +177,6 @@ def split_from_options(opts: dict[str, Any], adata: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------
-
-
-def write_resolved_config(
-    work: Path, opts: dict[str, Any], resume_from: Path | None, demo: bool
-) -> None:
-    """``config_resolved.json``: every finetune option as the run used it."""
-    from cellfm_sc._atomic import write_json_atomic
-
-    resolved = {k: opts.get(k) for k in FINETUNE_KEYS if k in opts}
-    resolved.update(
-        {
-            "command": "demo" if demo else "finetune",
-            "config": opts.get("config"),
-            "cellfm_sc_version": __version__,
-            "resume_from": str(resume_from) if resume_from else None,
-        }
-    )
-    write_json_atomic(work / "config_resolved.json", resolved)
-
-
-def _make_logger(kind: str, folder: Path) -> Any:
-    if kind == "none":
-        return False
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    if kind == "tensorboard":
-        return TensorBoardLogger(str(folder), name="", version="")
-    return CSVLogger(str(folder), name="", version="")
 
 
 def finetune(
@@ -602,37 +251,6 @@ def build_model(opts: dict[str, Any], con: Console, adata: Any) -> Any:
     return model
 
 
-def setup_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
-    """``setup_anndata`` keywords every labelled model class takes, from the options."""
-    return {
-        "labels_key": opts["labels_key"],
-        "layer": opts.get("layer"),
-        "gene_symbols": opts.get("gene_symbols"),
-        "label_order": opts.get("label_order"),
-        "use_raw": bool(opts.get("use_raw")),
-    }
-
-
-def model_kwargs(opts: dict[str, Any], con: Console) -> dict[str, Any]:
-    """Constructor keywords every fine-tuned model class takes (says when no checkpoint)."""
-    if not opts.get("checkpoint"):
-        con.info(
-            f"no --checkpoint: a randomly initialised '{opts.get('preset')}' trunk is trained "
-            "(no pretrained CellFM weights)"
-        )
-    return {
-        "checkpoint": opts.get("checkpoint"),
-        "vocabulary_file": opts.get("vocabulary"),
-        "num_heads": opts.get("num_heads"),
-        "preset": opts.get("preset"),
-        "embedding_init": opts.get("embedding_init", "random"),
-        "trainable": opts.get("trainable", "auto"),
-        "max_tokens": opts.get("max_tokens", 2048),
-        "seed": opts.get("seed", 0),
-        "hgnc_table": opts.get("hgnc_table"),
-    }
-
-
 def _run(
     opts: dict[str, Any],
     con: Console,
@@ -644,9 +262,6 @@ def _run(
     started: float,
     demo: bool,
 ) -> dict[str, Any]:
-    import torch
-
-    from cellfm_sc._atomic import atomic_path
     from cellfm_sc.report import write_report
 
     if opts.get("level", "cell") == "donor":
@@ -656,73 +271,31 @@ def _run(
     work, out = run_dir.work, run_dir.out
     write_resolved_config(work, opts, resume_from, demo)
 
-    patience = opts.get("patience", 3)
     early = {"auto": "auto", "on": True, "off": False}[opts.get("early_stopping", "auto")]
-    if patience == 0:
+    if opts.get("patience", 3) == 0:
         early = False
     class_weights = opts.get("class_weights", "none")
     model.train(
-        max_epochs=opts["epochs"],
         batch_size=opts.get("batch_size", 16),
-        lr=opts.get("lr", "auto"),
-        lr_schedule=opts.get("lr_schedule", "warmup_cosine"),
-        weight_decay=opts.get("weight_decay", 1e-5),
-        validation_size=opts.get("validation_size", 0.1),
-        test_size=opts.get("test_size", 0.1),
-        split=split,
         recipe=opts.get("recipe", "auto"),
         early_stopping=early,
-        patience=max(patience, 1),
-        monitor=opts.get("monitor", "auto"),
         class_weights=None if class_weights == "none" else class_weights,
         check_val_every_n_steps=opts.get("eval_every_steps"),
-        precision=opts.get("precision"),
-        accelerator=opts.get("accelerator", "auto"),
-        devices=opts.get("devices", "auto"),
-        strategy=opts.get("strategy"),
-        num_workers=opts.get("num_workers", 0),
         gradient_checkpointing=bool(opts.get("gradient_checkpointing")),
-        checkpoint_dir=str(out),
-        keep_checkpoints=opts.get("keep_checkpoints", 1),
-        resume_from=str(resume_from) if resume_from else None,
-        logger=_make_logger(opts.get("logger", "csv"), work / "logs"),
-        enable_progress_bar=show_progress(opts),
-        **({"num_nodes": opts["num_nodes"]} if opts.get("num_nodes", 1) > 1 else {}),
+        **train_kwargs(opts, work, out, split, resume_from),
     )
     if model.global_rank_ != 0:
         return {"rank": model.global_rank_}  # under DDP only the first process writes
 
-    # the model holds the best weights after training
-    with atomic_path(work / "best_model.pth") as tmp:
-        torch.save(model.export_state_dict(), tmp)
-
-    n_test, n_val = len(model.test_indices), len(model.validation_indices)
-    if n_test:
-        where, indices = f"test split ({n_test:,} cells)", "test"
-    elif n_val:
-        where, indices = (
-            f"validation split ({n_val:,} cells; no test split: optimistic)",
-            "validation",
-        )
-        con.warn(
-            "no test split (--test-size 0): the report scores the validation cells, which chose the model"
-        )
-    else:
-        where, indices = "training cells (nothing held out: optimistic)", "train"
-        con.warn("nothing was held out; the report scores the training cells")
-    con.info(f"evaluating on the {where}")
+    save_best_state(model, work)  # the model holds the best weights after training
+    where, indices = held_out(model, con, "cells")
     result = model.evaluate(
         indices=indices,
         enable_progress_bar=show_progress(opts),
         baseline=not opts.get("no_baseline"),
     )
     files = dict(write_report(work, result, history=model.history, info=report_info(model, opts)))
-    model.save(str(work / "model"), overwrite=True)
-    files["model"] = work / "model"
-    files["best_model"] = work / "best_model.pth"
-    files["config_resolved"] = work / "config_resolved.json"
-    if (work / "logs").is_dir():
-        files["logs"] = work / "logs"
+    save_outputs(model, work, files)
 
     if opts.get("write_split_h5ad"):
         key = "cellfm"
@@ -735,23 +308,7 @@ def _run(
         files.update(
             write_split_h5ads(adata, model, work, ["X_cellfm", f"{key}_probabilities"], key)
         )
-    return {
-        "rank": 0,
-        "result": result,
-        "files": {k: out / Path(v).name for k, v in files.items()},
-        "where": where,
-        "elapsed": time.perf_counter() - started,
-        "model": model,
-    }
-
-
-def report_info(model: Any, opts: dict[str, Any]) -> dict[str, Any]:
-    """The run facts of ``training_results.json``: the model's, and the level selection of
-    ``--level auto``."""
-    info = dict(model.report_info())
-    if opts.get("_level_selection") is not None:
-        info["level_selection"] = opts["_level_selection"].to_dict()
-    return info
+    return run_facts(result, files, out, where, started, model)
 
 
 def print_summary(con: Console, facts: dict[str, Any], out: Path) -> None:

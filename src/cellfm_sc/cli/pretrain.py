@@ -68,6 +68,16 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         formatter_class=Formatter,
     )
     p.add_argument("data", metavar="DATA.h5ad", nargs="+", help="input AnnData files (.h5ad)")
+    _add_data_options(p)
+    _add_model_options(p)
+    _add_training_options(p)
+    _add_output_options(p)
+    p.set_defaults(handler=run)
+    return p
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    """``pretrain``'s data options."""
     data = p.add_argument_group("data")
     data.add_argument(
         "--layer", default=None, help="adata.layers key holding raw counts in every file"
@@ -86,6 +96,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "with symbols in var['gene_names']), or COLUMN for every file that has that column; "
         "repeatable. Other files use their var_names",
     )
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """``pretrain``'s model options."""
     model = p.add_argument_group("model")
     model.add_argument(
         "--preset",
@@ -130,6 +144,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         default=0.2,
         help="share of each cell's genes whose values are predicted (80%% of them hidden)",
     )
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    """``pretrain``'s training options."""
     train = p.add_argument_group("training")
     train.add_argument("--epochs", metavar="N", type=positive_int, default=16, help="epochs")
     train.add_argument(
@@ -188,12 +206,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="continue from the newest checkpoint_epoch_*.pth in --output-dir",
     )
     add_hardware_args(p, num_nodes=False)
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    """``pretrain``'s output options."""
     out = p.add_argument_group("output")
     out.add_argument("--output-dir", "-o", metavar="OUT", required=True, help="output directory")
     add_keep_checkpoints(out)
     add_diagnostics(p)
-    p.set_defaults(handler=run)
-    return p
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,7 +339,7 @@ def run(args: argparse.Namespace, con: Console) -> int:
     files, resume = validate(opts)
     out = Path(opts["output_dir"]).expanduser()
     if opts.get("checkpoint"):
-        from cellfm_sc.cli.finetune import check_checkpoint
+        from cellfm_sc.cli._run import check_checkpoint
 
         check_checkpoint(opts["checkpoint"])
     quiet_libraries(bool(opts.get("quiet")))

@@ -14,12 +14,12 @@ from cellfm_sc.model._pretrain_module import CellFMPretrainModule, select_masked
 
 if TYPE_CHECKING:  # pragma: no cover
     from cellfm_sc._errors import UntrainedModelError
-    from cellfm_sc.model._base import auto_lr
     from cellfm_sc.model._classifier import CellFMClassifier
     from cellfm_sc.model._donor import CellFMDonorClassifier
     from cellfm_sc.model._pretrainer import CellFMPretrainer
     from cellfm_sc.model._probe import EmbeddingProbe
     from cellfm_sc.model._select import LevelSelection, select_level
+    from cellfm_sc.model.base import auto_lr
 
 __all__ = [
     "CellFMClassifier",
@@ -41,7 +41,7 @@ _LAZY = {
     "CellFMPretrainer": "cellfm_sc.model._pretrainer",
     "UntrainedModelError": "cellfm_sc._errors",
     "EmbeddingProbe": "cellfm_sc.model._probe",
-    "auto_lr": "cellfm_sc.model._base",
+    "auto_lr": "cellfm_sc.model.base",
     "LevelSelection": "cellfm_sc.model._select",
     "select_level": "cellfm_sc.model._select",
 }

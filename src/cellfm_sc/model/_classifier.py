@@ -4,52 +4,39 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 
-from cellfm_sc._constants import MONITORS
-from cellfm_sc._hardware import check_accelerator
 from cellfm_sc.data import (
     DataSplit,
     TokenBatch,
     check_count_source,
     check_counts,
-    check_donors_disjoint,
     check_labels,
     donor_labels,
     matrix_gene_symbols,
     obs_column,
-    split_by_donor,
-    split_stratified,
 )
-from cellfm_sc.model._base import CellFMModel, auto_lr
-from cellfm_sc.model._core import (
-    StepOutput,
-    TrainingPlan,
-    check_resume_file,
-    check_training_numbers,
-)
-from cellfm_sc.model._module import CellFMClassifierModule, ClassifierOutput
+from cellfm_sc.model._classifier_evaluate import ClassifierEvaluationMixin
+from cellfm_sc.model._classifier_training import TRAIN_DOC, ClassifierTrainingMixin
+from cellfm_sc.model._module import CellFMClassifierModule
+from cellfm_sc.model.base import CellFMModel, Saved, saved_rows, train_doc
 from cellfm_sc.nn import CellFMConfig, CellFMTrunk, FinetuneRecipe
-from cellfm_sc.nn.trainable import RowRateScaler, recipe_param_groups, resolve_recipe
+from cellfm_sc.train import (
+    ClassifierTrainingPlan,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CellFMClassifier", "ClassifierTrainingPlan"]
 
 DONOR_KEY = "donor"
-#: early_stopping="auto" turns early stopping on from this many validation cells ...
-EARLY_STOPPING_MIN_CELLS = 1000
-#: ... or, for donor labels, from this many validation donors
-EARLY_STOPPING_MIN_DONORS = 10
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,259 +44,12 @@ EARLY_STOPPING_MIN_DONORS = 10
 # --------------------------------------------------------------------------------------------
 
 
-class ClassifierTrainingPlan(TrainingPlan):
-    """Cross-entropy on labelled cells; exact accuracy, macro-F1 and donor-level metrics.
-
-    Training metrics (``train_loss``, ``train_acc``) come from sums over every training
-    cell of the epoch. Validation metrics come from every validation cell's probabilities,
-    gathered across processes, each cell counted once: ``validation_loss``,
-    ``validation_acc``, ``validation_macro_f1``, ``validation_balanced_acc``, and with donors
-    ``validation_donor_acc``, ``validation_donor_balanced_acc`` and (ordinal labels)
-    ``validation_donor_qwk`` from the donors' mean probabilities.
-
-    Parameters
-    ----------
-    module
-        The classifier module.
-    classes, ordinal
-        Class names (in code order) and whether they are ordered.
-    donors
-        ``(n_obs,)`` donor id of every AnnData row, or None.
-    labels
-        ``(n_obs,)`` label code of every AnnData row.
-    sample_weight
-        ``(n_obs,)`` per-cell loss weight for training (``class_weights="balanced_donors"``),
-        or None.
-    masked_value_weight
-        Weight of the auxiliary masked-value loss (0 = off).
-    recipe
-        The fine-tuning recipe (:class:`~cellfm_sc.nn.FinetuneRecipe`): parameter groups
-        with their rates, and a head phase during which the trunk runs without gradients
-        (its features frozen; the auxiliary loss is off then). None: one group at ``lr``.
-    transferred_rows
-        Gene-embedding rows that came from the checkpoint (the recipe's
-        ``transferred_rows_lr`` applies to them).
-    **kwargs
-        :class:`~cellfm_sc.model._core.TrainingPlan` settings (lr, schedule, ...).
-    """
-
-    def __init__(
-        self,
-        module: CellFMClassifierModule,
-        *,
-        classes: Sequence[str],
-        ordinal: bool,
-        labels: np.ndarray,
-        donors: np.ndarray | None = None,
-        sample_weight: np.ndarray | None = None,
-        masked_value_weight: float = 0.0,
-        recipe: FinetuneRecipe | None = None,
-        transferred_rows: np.ndarray | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(module, **kwargs)
-        self.recipe = recipe
-        self.transferred_rows = transferred_rows
-        #: optimizer steps of the head phase (set when the optimizer is built)
-        self.head_steps = 0
-        self._row_hooks: list[Any] = []
-        self.classes = list(classes)
-        self.ordinal = bool(ordinal)
-        self.labels = labels
-        self.donors = donors
-        self.masked_value_weight = float(masked_value_weight)
-        self.register_buffer(
-            "sample_weight",
-            None if sample_weight is None else torch.as_tensor(sample_weight, dtype=torch.float32),
-            persistent=False,
-        )
-
-    # -- the recipe: groups, rates, head phase
-    def optimizer_groups(self, total_steps: int) -> list[dict[str, Any]]:
-        if self.recipe is None:
-            return super().optimizer_groups(total_steps)
-        groups = recipe_param_groups(
-            self.module,
-            self.recipe,
-            n_layers=self.module.trunk.config.n_layers,
-            transferred_rows=self.transferred_rows,
-        )
-        self.head_steps = round(self.recipe.head_phase * total_steps)
-        for hook in self._row_hooks:
-            hook.remove()
-        self._row_hooks, self._row_scalers = [], []
-        out = []
-        for g in groups:
-            if g.rows is not None and g.rows_scale != 1.0:
-                self._row_scalers.append(RowRateScaler(g.params[0], g.rows, g.rows_scale))
-            out.append(
-                {
-                    "params": g.params,
-                    "lr": self.lr * g.lr_scale,
-                    "name": g.name,
-                    "start_step": self.head_steps if g.phase else 0,
-                }
-            )
-        return out
-
-    def configure_optimizers(self) -> Any:
-        config = super().configure_optimizers()
-        optimizer = config["optimizer"] if isinstance(config, dict) else config
-        for scaler in getattr(self, "_row_scalers", []):
-            self._row_hooks.extend(scaler.attach(optimizer))
-        return config
-
-    def in_head_phase(self) -> bool:
-        """Whether the current training step belongs to the recipe's head phase."""
-        return self.head_steps > 0 and self.global_step < self.head_steps
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # the start of weight-space interpolation: the weights when the head phase ends
-        wise = self.recipe is not None and self.recipe.interpolate < 1
-        if wise and self.head_steps and self.global_step == self.head_steps:
-            if getattr(self, "interpolation_start", None) is None:
-                self.interpolation_start = {
-                    n: p.detach().to("cpu", copy=True)
-                    for n, p in self.module.named_parameters()
-                    if p.requires_grad
-                }
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if getattr(self, "interpolation_start", None) is not None:
-            checkpoint["cellfm_interpolation_start"] = self.interpolation_start
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.interpolation_start = checkpoint.get("cellfm_interpolation_start")
-
-    def interpolate_weights(self) -> bool:
-        """Set the module's trainable weights to ``interpolate * now + (1 - interpolate) *
-        start`` (the recipe's weight-space ensemble); False when there is nothing to do."""
-        start = getattr(self, "interpolation_start", None)
-        if self.recipe is None or self.recipe.interpolate >= 1 or start is None:
-            return False
-        a = float(self.recipe.interpolate)
-        with torch.no_grad():
-            for n, p in self.module.named_parameters():
-                if n in start:
-                    p.copy_(a * p + (1.0 - a) * start[n].to(p.device, p.dtype))
-        return True
-
-    def step(self, batch: TokenBatch, stage: str) -> StepOutput:
-        train = stage == "train"
-        if train and self.in_head_phase():  # features frozen: no gradient through the trunk
-            with torch.no_grad():
-                trunk = self.module.trunk(batch.values, batch.gene_ids, batch.valid)
-            out = ClassifierOutput(logits=self.module.head(trunk.cls), cls=trunk.cls)
-            mv_loss = None
-        elif train and self.masked_value_weight > 0:
-            out, mv_loss = self.module.masked_value_loss(batch)
-            self.log("train_masked_value_loss", mv_loss.detach(), batch_size=len(batch))
-        else:
-            out, mv_loss = self.module(batch), None
-        ce = self.module.cell_loss(out.logits, batch.labels)
-        weight = getattr(batch, "weight", None)
-        count = torch.ones_like(ce) if weight is None else weight.to(ce.dtype)
-        n = count.sum()
-        objective = count
-        if train and self.sample_weight is not None:
-            objective = count * self.sample_weight[batch.obs_index]
-        loss = (ce * objective).sum() / n.clamp(min=1.0)
-        if mv_loss is not None:
-            loss = loss + self.masked_value_weight * mv_loss
-        pred = out.logits.argmax(-1)
-        sums = {
-            "loss": (ce.detach() * count).sum(),
-            "n": n,
-            "correct": ((pred == batch.labels).to(ce.dtype) * count).sum(),
-        }
-        collect = None
-        if not train:
-            keep = count > 0
-            collect = {
-                "obs_index": batch.obs_index[keep],
-                "probs": torch.softmax(out.logits.detach().float(), -1)[keep],
-            }
-        return StepOutput(loss=loss, sums=sums, collect=collect)
-
-    def metrics_from_sums(self, sums: Mapping[str, float]) -> dict[str, float]:
-        n = sums.get("n", 0.0)
-        if not n:
-            return {"loss": float("nan"), "acc": float("nan")}
-        return {"loss": sums["loss"] / n, "acc": sums["correct"] / n}
-
-    def collected_metrics(self, collected: Mapping[str, np.ndarray]) -> dict[str, float]:
-        from cellfm_sc.metrics import evaluate_predictions
-
-        idx = collected["obs_index"].astype(np.int64)
-        result = evaluate_predictions(
-            collected["probs"],
-            self.labels[idx],
-            self.classes,
-            donors=None if self.donors is None else self.donors[idx],
-            ordinal=self.ordinal,
-        )
-        cell = result.cell_metrics
-        out = {
-            "macro_f1": cell["macro_f1"],
-            "balanced_acc": cell["balanced_accuracy"],
-            "n_cells": float(cell["n_cells"]),
-        }
-        if result.donor_metrics is not None:
-            donor = result.donor_metrics
-            out["donor_acc"] = donor["accuracy"]
-            out["donor_balanced_acc"] = donor["balanced_accuracy"]
-            if self.ordinal:
-                out["donor_qwk"] = donor["qwk"]
-        return out
-
-
-def _class_weights(
-    spec: Any, codes: np.ndarray, n_classes: int, donors: np.ndarray | None
-) -> tuple[torch.Tensor, np.ndarray | None]:
-    """``(K,)`` class weights and an optional per-training-cell weight from ``class_weights``.
-
-    ``None``: all 1. ``"balanced"``: ``n / (K * n_k)`` (mean 1 over the training cells).
-    ``"balanced_donors"``: each training donor weighs the same (per-cell weights, mean 1).
-    A sequence: one weight per class.
-    """
-    ones = torch.ones(n_classes)
-    if spec is None:
-        return ones, None
-    if isinstance(spec, str):
-        if spec == "balanced":
-            counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
-            w = np.where(counts > 0, len(codes) / (n_classes * np.maximum(counts, 1)), 0.0)
-            return torch.tensor(w, dtype=torch.float32), None
-        if spec == "balanced_donors":
-            if donors is None:
-                raise ValueError(
-                    "class_weights='balanced_donors' needs donors: pass donor_key= to setup_anndata"
-                )
-            _, inverse, counts = np.unique(donors, return_inverse=True, return_counts=True)
-            per_cell = len(donors) / (len(counts) * counts[inverse])
-            return ones, per_cell.astype(np.float32)
-        raise ValueError(
-            "class_weights must be None, 'balanced', 'balanced_donors' or one weight per "
-            f"class, got {spec!r}"
-        )
-    weights = np.asarray(spec, dtype=np.float32)
-    if weights.shape != (n_classes,):
-        raise ValueError(
-            f"class_weights has shape {weights.shape}; expected ({n_classes},) (one per class)"
-        )
-    if not np.all(np.isfinite(weights)) or (weights < 0).any():
-        raise ValueError(f"class_weights must be finite and >= 0, got {weights.tolist()}")
-    return torch.from_numpy(weights), None
-
-
 # --------------------------------------------------------------------------------------------
 # the model class
 # --------------------------------------------------------------------------------------------
 
 
-class CellFMClassifier(CellFMModel):
+class CellFMClassifier(ClassifierTrainingMixin, ClassifierEvaluationMixin, CellFMModel):
     """Fine-tune CellFM to classify cells (or donors' cells) of an AnnData.
 
     Parameters
@@ -364,6 +104,13 @@ class CellFMClassifier(CellFMModel):
     """
 
     _module_cls = CellFMClassifierModule
+    _saved: ClassVar[dict[str, Saved]] = {
+        "classes_": Saved("classes_", list),
+        "ordinal_": Saved("ordinal_", bool),
+        "head_hidden_": Saved("head_hidden", int),
+        "dropout_": Saved("dropout", float),
+        "transferred_rows_": Saved("transferred_rows", saved_rows),
+    }
 
     def __init__(
         self,
@@ -409,8 +156,7 @@ class CellFMClassifier(CellFMModel):
         self.head_hidden_ = int(head_hidden)
         self.dropout_ = float(dropout)
         self.transferred_rows_ = _transferred_rows(self._pretrained_report)
-        module = CellFMClassifierModule(trunk, len(self.classes_), head_hidden, dropout)
-        self._attach(module, trainable, lora_rank, lora_alpha)
+        self._attach(self._make_module(trunk), trainable, lora_rank, lora_alpha)
         self.init_params_ = self._get_init_params(locals())
 
     # ----------------------------------------------------------------- setup_anndata
@@ -476,12 +222,7 @@ class CellFMClassifier(CellFMModel):
         ]
         if donor_key is not None:
             fields.append(CategoricalObsField(DONOR_KEY, donor_key))
-        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*integer.*")
-            warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*")
-            manager.register_fields(adata, **kwargs)
-        cls.register_manager(manager)
+        cls._register(adata, fields, setup_method_args, **kwargs)
 
     # ----------------------------------------------------------------- labels
     def _label_codes(self, adata: Any, strict: bool = True) -> np.ndarray:
@@ -514,44 +255,7 @@ class CellFMClassifier(CellFMModel):
             return False
         return True
 
-    # ----------------------------------------------------------------- training
-    def _make_split(
-        self, adata: Any, split: DataSplit | None, validation_size: float, test_size: float
-    ) -> DataSplit:
-        if split is None:
-            if self.donor_key is not None:
-                split = split_by_donor(
-                    adata, self.donor_key, self.labels_key, test_size, validation_size, self.seed
-                )
-            else:
-                split = split_stratified(
-                    adata, self.labels_key, test_size, validation_size, self.seed
-                )
-        elif self.donor_key is not None:
-            check_donors_disjoint(split, self._donors(adata))
-        if len(split.train) == 0:
-            raise ValueError("the training split is empty")
-        return split
-
-    def _resolve_monitor(self, monitor: str, adata: Any) -> tuple[str, str]:
-        if monitor not in MONITORS:
-            raise ValueError(f"monitor must be one of {MONITORS}, got {monitor!r}")
-        if monitor == "auto":
-            if self._donor_level_labels(adata):
-                monitor = (
-                    "validation_donor_qwk" if self.ordinal_ else "validation_donor_balanced_acc"
-                )
-            else:
-                monitor = "validation_loss"
-        if monitor.startswith("validation_donor") and self.donor_key is None:
-            raise ValueError(f"monitor={monitor!r} needs donor_key= in setup_anndata")
-        if monitor == "validation_donor_qwk" and not self.ordinal_:
-            raise ValueError(
-                "monitor='validation_donor_qwk' needs ordinal labels (label_order= in "
-                "setup_anndata)"
-            )
-        return monitor, "min" if monitor == "validation_loss" else "max"
-
+    @train_doc(TRAIN_DOC)
     def train(
         self,
         max_epochs: int = 20,
@@ -584,236 +288,9 @@ class CellFMClassifier(CellFMModel):
         gradient_checkpointing: bool = False,
         **trainer_kwargs: Any,
     ) -> None:
-        """Fine-tune: AdamW on the trainable parameters, the best validation weights kept.
+        self._train(locals())
 
-        Parameters
-        ----------
-        max_epochs
-            Epochs (total, also when resuming). Default 20: with ~200 labelled cells
-            (pbmc3k, 10% of the labels) 10 epochs left a random tiny trunk under-trained
-            (held-out macro-F1 0.58 vs 0.71 with 20; ``benchmarks/learning_curves.py``);
-            with early stopping on (large validation sets) training usually ends sooner.
-        batch_size
-            Cells per batch (per device).
-        lr
-            AdamW learning rate; ``"auto"`` (default) follows :func:`~cellfm_sc.model.auto_lr`:
-            1e-3 for a random trunk, for a pretrained one 1e-4 at the released width (1536)
-            and 1e-3 for narrower trunks.
-        weight_decay
-            AdamW weight decay.
-        validation_size, test_size
-            Fractions (or counts) of donors (with ``donor_key``) or cells (stratified by
-            label) held out for validation (model selection) and test (:meth:`evaluate`).
-        split
-            Explicit :class:`~cellfm_sc.data.DataSplit` (``split_from_obs``,
-            ``split_from_json``, ``split_by_donor``); overrides the sizes.
-        recipe
-            How the trunk is fine-tuned (which parameters train in which phase, at which
-            rate; ``lr`` is the head's): ``"auto"`` (default; see
-            :func:`~cellfm_sc.nn.resolve_recipe`), ``"full"`` (everything at
-            ``lr`` from the first step), ``"lp-ft"`` (the head alone on frozen features for
-            the first quarter of the steps, then everything, the trunk at 0.3 ``lr``),
-            ``"llrd"`` (trunk at 0.3 ``lr``, x0.7 per layer towards the input),
-            ``"lp-ft+llrd"``, ``"frozen-rows"`` (the gene-embedding rows transferred from
-            the checkpoint frozen), or a :class:`~cellfm_sc.nn.FinetuneRecipe` of your
-            own. The head and re-initialised gene rows always train at ``lr``. The
-            pretraining page of the documentation shows what each scored on shifted data.
-        early_stopping, patience
-            Stop after ``patience`` validations without improvement of ``monitor``.
-            ``"auto"`` (default): on when the validation set is large enough for its score
-            to mean something (at least 1,000 cells, or 10 donors when labels belong to
-            donors), off otherwise; the best validation weights are kept either way. On
-            pbmc3k, patience 3 on 22 or 217 validation cells stopped runs after 3-6 of 20
-            epochs and cost 0.12-0.19 held-out macro-F1.
-        monitor
-            What model selection (and early stopping) follow: ``"auto"`` (default) is the
-            validation donors' QWK (ordinal) or balanced accuracy when labels belong to
-            donors, else the validation loss. Also ``"validation_loss"``,
-            ``"validation_acc"``, ``"validation_macro_f1"``, ``"validation_donor_qwk"``,
-            ``"validation_donor_balanced_acc"``.
-        check_val_every_n_steps
-            Validate every N training steps instead of every epoch.
-        class_weights
-            ``None``, ``"balanced"`` (classes weigh the same), ``"balanced_donors"``
-            (donors weigh the same) or one weight per class. They hold for this call only.
-        lr_schedule
-            ``"warmup_cosine"`` (default: linear warm-up over ``warmup_fraction`` of the
-            steps, then cosine to 0, per step), ``"cosine"`` (per epoch), ``"step"`` (x0.95
-            per epoch, as the original scripts) or ``"constant"``.
-        warmup_fraction
-            Share of the optimizer steps spent warming up (``"warmup_cosine"``).
-        precision
-            Lightning precision; default ``"bf16-mixed"`` on a GPU that supports it, 32 else.
-        accelerator, devices, strategy
-            Lightning settings; ``devices=N, strategy="ddp"`` trains on N processes (run it
-            as a script; see the multi-GPU docs).
-        gradient_clip_val
-            Gradient-norm clipping.
-        masked_value_weight
-            Weight of an auxiliary masked-value loss (CellFM's pretraining objective, value
-            decoder part) added to the cross-entropy; 0 (default) turns it off.
-        num_workers
-            DataLoader worker processes.
-        checkpoint_dir
-            Where ``checkpoint_epoch_{n}.pth`` (resumable) is written after every epoch,
-            and the CSV log (``logs/metrics.csv``).
-        keep_checkpoints
-            Epoch checkpoints kept there: the newest ``keep_checkpoints`` (default 1, what
-            ``resume_from`` needs) plus the best epoch's; -1 keeps every epoch's (each holds
-            the model and the optimizer state: about 3x the model's size).
-        resume_from
-            A ``checkpoint_epoch_{n}.pth`` to continue from (model, optimizer, scheduler,
-            epoch, history, RNG state).
-        logger
-            Lightning logger(s): ``None`` (default: CSV under ``checkpoint_dir`` when given),
-            ``False``, ``"csv"``, ``"tensorboard"``, or logger objects.
-        enable_progress_bar
-            Show the progress bar (on stderr).
-        gradient_checkpointing
-            Recompute layer activations in the backward pass: much less GPU memory for deep
-            trunks (800M preset) for about one extra forward pass of time.
-        **trainer_kwargs
-            Passed to :class:`lightning.pytorch.Trainer`.
-
-        Notes
-        -----
-        Afterwards ``model.history`` has one row per epoch (``epoch``, ``train_loss``,
-        ``train_acc``, the validation metrics, ``lr``; over all cells, each counted once),
-        ``model.step_history`` one row per validation run, ``model.best_epoch`` the epoch
-        whose weights the model holds, and ``model.train_indices`` /
-        ``validation_indices`` / ``test_indices`` the split (kept by obs name).
-        """
-        check_training_numbers(
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            lr_schedule=lr_schedule,
-            weight_decay=weight_decay,
-            patience=patience,
-            num_workers=num_workers,
-            check_val_every_n_steps=check_val_every_n_steps,
-            gradient_clip_val=gradient_clip_val,
-            warmup_fraction=warmup_fraction,
-            masked_value_weight=masked_value_weight,
-        )
-        check_accelerator(accelerator, devices)  # before any work: one line, the fix
-        recipe_ = resolve_recipe(recipe, self.pretrained)
-        if early_stopping not in (True, False, "auto"):
-            raise ValueError(
-                f"early_stopping must be True, False or 'auto', got {early_stopping!r}"
-            )
-        if masked_value_weight > 0 and not hasattr(self.module.trunk, "value_dec"):
-            raise ValueError(
-                "masked_value_weight > 0 needs the value decoder, which this trunk lacks "
-                "(annotation-Backbone checkpoint, variant A'); use masked_value_weight=0"
-            )
-        if resume_from is not None:
-            check_resume_file(resume_from)
-        if self.adata_manager is None:
-            raise ValueError(
-                "this model's AnnData is not set up for training: call "
-                f"{type(self).__name__}.setup_anndata(adata, ...) and create the model on it"
-            )
-        adata = self.adata
-        gene_id_map = self._gene_id_map(adata, strict=True)
-        codes = self._label_codes(adata)
-        donors = self._donors(adata)
-        split = self._make_split(adata, split, validation_size, test_size)
-        monitor, mode = self._resolve_monitor(monitor, adata)
-        self._check_cells(adata, np.concatenate([split.train, split.validation, split.test]))
-        class_w, per_cell = _class_weights(
-            class_weights,
-            codes[split.train],
-            len(self.classes_),
-            None if donors is None else donors[split.train],
-        )
-        sample_weight = None
-        if per_cell is not None:
-            sample_weight = np.zeros(adata.n_obs, dtype=np.float32)
-            sample_weight[split.train] = per_cell
-        self.module.class_weights = class_w  # this call's weights only
-        if early_stopping == "auto":
-            if self._donor_level_labels(adata):
-                n_val_donors = len(np.unique(donors[split.validation]))
-                early_stopping = n_val_donors >= EARLY_STOPPING_MIN_DONORS
-            else:
-                early_stopping = len(split.validation) >= EARLY_STOPPING_MIN_CELLS
-        lr_value = auto_lr(self.pretrained, self.module.trunk.config) if lr == "auto" else float(lr)
-        objective_params: tuple[str, ...] = ()
-        if masked_value_weight > 0:  # the auxiliary objective trains its decoder too
-            objective_params = ("value_dec.", "value_enc.mask_emb")
-        trained_before = {n for n, p in self.module.named_parameters() if p.requires_grad}
-        for name, p in self.module.trunk.named_parameters():
-            if name.startswith(objective_params):
-                p.requires_grad_(True)
-        plan = ClassifierTrainingPlan(
-            self.module,
-            classes=self.classes_,
-            ordinal=self.ordinal_,
-            labels=codes,
-            donors=donors,
-            sample_weight=sample_weight,
-            masked_value_weight=masked_value_weight,
-            recipe=recipe_,
-            transferred_rows=self.transferred_rows_,
-            lr=lr_value,
-            weight_decay=weight_decay,
-            lr_schedule=lr_schedule,
-            max_epochs=max_epochs,
-            warmup_fraction=warmup_fraction,
-        )
-        self.module.trunk.gradient_checkpointing = gradient_checkpointing
-        settings = {
-            "max_epochs": max_epochs,
-            "batch_size": batch_size,
-            "lr": lr_value,
-            "lr_requested": lr,
-            "weight_decay": weight_decay,
-            "lr_schedule": lr_schedule,
-            "warmup_fraction": warmup_fraction,
-            "class_weights": class_weights
-            if isinstance(class_weights, str | None)
-            else list(class_weights),
-            "monitor": monitor,
-            "early_stopping": bool(early_stopping),
-            "patience": patience,
-            "gradient_checkpointing": gradient_checkpointing,
-            "masked_value_weight": masked_value_weight,
-            "trainable": self.trainable_,
-            "recipe": recipe_.to_dict(),
-        }
-        runner = self._runner_options(locals())
-        if recipe_.head_phase > 0:  # under DDP the trunk is unused during the head phase
-            runner["find_unused_parameters"] = True
-        try:
-            self._fit(
-                plan,
-                adata,
-                split,
-                loader_kwargs=dict(
-                    batch_size=batch_size,
-                    max_tokens=self.max_tokens,
-                    seed=self.seed,
-                    labels=codes,
-                    gene_id_map=gene_id_map,
-                    num_workers=num_workers,
-                    **self._data_kwargs(),
-                ),
-                settings=settings,
-                max_epochs=max_epochs,
-                monitor=monitor,
-                mode=mode,
-                early_stopping=bool(early_stopping),
-                patience=patience,
-                check_val_every_n_steps=check_val_every_n_steps,
-                **runner,
-                **trainer_kwargs,
-            )
-            plan.interpolate_weights()
-        finally:
-            self.module.class_weights = torch.ones(len(self.classes_))
-            for name, p in self.module.named_parameters():
-                p.requires_grad_(name in trained_before)
+    # the steps of the training template (CellFMModel._train)
 
     # ----------------------------------------------------------------- inference
     def _infer(
@@ -905,46 +382,6 @@ class CellFMClassifier(CellFMModel):
             return pd.DataFrame(probs, index=adata.obs_names[idx], columns=self.classes_)
         return self._predicted(probs)
 
-    def get_latent_representation(
-        self,
-        adata: Any | None = None,
-        indices: Any = None,
-        batch_size: int = 64,
-        device: str | torch.device | None = None,
-        enable_progress_bar: bool = False,
-        min_gene_coverage: float = 0.5,
-        out: Any = None,
-        num_workers: int = 0,
-        allow_untrained: bool = False,
-    ) -> Any:
-        """Cell embeddings (the cls token), float32 ``(n_cells, D)``.
-
-        Query data with another gene set work as in :meth:`predict`. For atlases, pass
-        ``out``: an array-like ``(n_cells, D)`` (an h5py or zarr dataset, a numpy memmap, in
-        float32 or float16) that the rows are written into as they are computed, so memory
-        does not grow with the number of cells; ``out`` is returned. ``num_workers`` loader
-        processes read and tokenise ahead of the model. A model never trained is refused
-        (:class:`~cellfm_sc.model.UntrainedModelError`) unless its trunk is a pretrained
-        checkpoint's with ``embedding_init="transfer"`` or ``allow_untrained=True``.
-        """
-        self._require_trained(allow_untrained, head=False)
-        adata = self._adata_or_default(adata)
-        idx = self._indices(adata, indices)
-        return self._forward_cells(
-            adata,
-            idx,
-            batch_size,
-            device,
-            {"emb": (self.module.trunk.config.enc_dims,)},
-            _embedding,
-            enable_progress_bar,
-            min_gene_coverage,
-            sinks=None if out is None else {"emb": out},
-            num_workers=num_workers,
-            allow_untrained=allow_untrained,
-            head=False,
-        )["emb"]
-
     def annotate(
         self,
         adata: Any | None = None,
@@ -1002,212 +439,15 @@ class CellFMClassifier(CellFMModel):
             },
         }
 
-    def evaluate(
-        self,
-        adata: Any | None = None,
-        indices: Any = "test",
-        batch_size: int = 64,
-        donor_method: str = "mean_probability",
-        device: str | torch.device | None = None,
-        enable_progress_bar: bool = False,
-        min_gene_coverage: float = 0.5,
-        allow_untrained: bool = False,
-        baseline: bool = True,
-    ):
-        """Cell- and donor-level metrics on held-out cells, beside the baselines.
-
-        Parameters
-        ----------
-        adata
-            Default: the model's AnnData. Other data are matched to the saved split by obs
-            name (an error when the split's cells are not all there).
-        indices
-            ``"test"`` (default), ``"validation"``, ``"train"``, or cells (positions, a
-            boolean mask or obs names). With no test cells, ``"test"`` is an error: the
-            validation cells chose the model, so their score is optimistic; pass
-            ``indices="validation"`` knowingly.
-        batch_size, device, enable_progress_bar
-            Inference settings (a progress bar over the cells on stderr).
-        donor_method
-            How a donor's cells are aggregated (see :func:`~cellfm_sc.metrics.aggregate_by_donor`).
-        allow_untrained
-            Score a model that was never trained (random predictions, e.g. as a floor);
-            otherwise that is an :class:`~cellfm_sc.model.UntrainedModelError`, raised
-            before anything else is checked.
-        baseline
-            Also fit the baselines on the model's training (+ validation) cells and score
-            them on the same cells (``result.baseline``, printed as "model vs baseline"):
-            logistic regression on log-normalised counts
-            (:class:`~cellfm_sc.baselines.CellLogisticRegression`), and with donor-level labels
-            pseudo-bulk logistic regression
-            (:class:`~cellfm_sc.baselines.PseudobulkLogisticRegression`). Chunked reads, also
-            of backed files; seconds to a few minutes on large data. ``False`` skips them.
-
-        Returns
-        -------
-        EvaluationResult
-            Accuracy, balanced accuracy, macro/weighted F1; QWK, ordinal MAE and Spearman
-            for ordinal labels; the per-donor table when a ``donor_key`` was registered; the
-            cells' embedding (``result.embedding``); the baselines (``result.baseline``).
-            Cells whose label the model does not know (or is missing) are not scored;
-            ``result.notes`` says how many.
-        """
-        from cellfm_sc.metrics import evaluate_predictions
-
-        self._require_trained(allow_untrained)  # "untrained" comes before any other complaint
-        adata = self._adata_or_default(adata)
-        adata, idx, probs, emb = self._infer(
-            adata,
-            indices,
-            batch_size,
-            device,
-            enable_progress_bar,
-            min_gene_coverage,
-            allow_untrained=allow_untrained,
-        )
-        all_codes = self._label_codes(adata, strict=False)
-        codes = all_codes[idx]
-        known = (codes >= 0) & ~np.isnan(probs[:, 0])
-        notes = []
-        if not known.all():
-            labels = obs_column(adata, self.labels_key, keyword="labels_key", allow_missing=True)
-            unknown = labels.iloc[idx[~known]].astype(str)
-            counts = unknown.value_counts()
-            shown = ", ".join(f"{k} ({v})" for k, v in counts.head(10).items())
-            notes.append(
-                f"{int((~known).sum())} cell(s) not scored: label unknown to the model, missing, "
-                f"or no counts: {shown}"
-            )
-            if not known.any():
-                raise ValueError(
-                    f"none of the {len(idx)} cells has a label the model knows "
-                    f"({self.classes_}): nothing to score"
-                )
-        donors = self._donors(adata)
-        result = evaluate_predictions(
-            probs[known],
-            codes[known],
-            list(self.classes_),
-            obs_names=np.asarray(adata.obs_names[idx[known]]),
-            donors=None if donors is None else donors[idx[known]],
-            ordinal=bool(self.ordinal_),
-            donor_method=donor_method,
-        )
-        result.notes.extend(notes)
-        result.embedding = emb[known]
-        result.evaluated_on = indices if isinstance(indices, str) else "cells"
-        if baseline:
-            from cellfm_sc.model._baseline import split_baseline
-
-            result.baseline = split_baseline(
-                self, adata, idx[known], all_codes, donors, cells=True, donor_method=donor_method
-            )
-        return result
-
-    # ----------------------------------------------------------------- reporting
-    def report_info(self) -> dict[str, Any]:
-        """Run facts for :func:`cellfm_sc.report.write_report` (``info=``)."""
-        cfg = self.module.trunk.config
-        report = self.pretrained_report_ or {}
-        info: dict[str, Any] = {
-            "n_genes": int(self.vocab.n_genes),
-            "gene_embedding": self.embedding_init_,
-            "gene_embedding_shape": list(self.module.trunk.gene_emb.shape),
-            "num_classes": len(self.classes_),
-            "labels_key": self.labels_key,
-            "donor_key": self.donor_key,
-            "trainable": self.trainable_,
-            "n_trainable_parameters": int(self.trainable_summary.n_trainable),
-            "n_parameters": int(self.trainable_summary.n_total),
-            "config": cfg.to_dict(),
-            "preset": self.preset_,
-            "max_tokens": self.max_tokens,
-            "seed": self.seed,
-            "checkpoint": self.pretrained_report_,
-            "checkpoint_variant": report.get("variant"),
-            "embedding_coverage": report.get("coverage"),
-        }
-        settings = self.train_settings_
-        if settings:
-            info.update(
-                epochs=settings["epochs_run"],
-                batch_size=settings["batch_size"],
-                lr=settings["lr"],
-                train_settings=settings,
-            )
-        info["best_epoch"] = self.best_epoch_
-        info["best_validation_acc"] = self._history_at_best("validation_acc")
-        if self.split_names_ is not None:
-            info["split_sizes"] = {s: len(v) for s, v in self.split_names_.items()}
-        return info
-
-    def _history_at_best(self, column: str) -> float | None:
-        hist = self.history_
-        if hist is None or self.best_epoch_ is None or column not in hist:
-            return None
-        rows = hist.loc[hist["epoch"] == self.best_epoch_, column]
-        return None if rows.empty else float(rows.iloc[-1])
-
-    @property
-    def summary(self) -> str:
-        """A few lines on the model (pretrained or random trunk, gene coverage, what trains)."""
-        cfg = self.module.trunk.config
-        rep = self.pretrained_report_
-        lines = [f"CellFMClassifier ({'trained' if self.is_trained_ else 'not trained'})"]
-        if rep is not None:
-            lines.append(f"  pretrained: variant {rep.get('variant')}, {rep.get('source')}")
-        else:
-            lines.append(
-                f"  no pretrained weights: random trunk (preset {self.preset_ or 'custom'})"
-            )
-        lines.append(
-            f"  trunk: enc_dims={cfg.enc_dims}, num_heads={cfg.num_heads}, n_layers={cfg.n_layers}"
-        )
-        emb = tuple(self.module.trunk.gene_emb.shape)
-        line = f"  vocabulary: {self.vocab.n_genes:,} genes, gene_emb {emb}, init '{self.embedding_init_}'"
-        if rep is not None and rep.get("coverage") is not None:
-            line += (
-                f", coverage {rep['n_mapped']:,}/{self.vocab.n_genes:,} "
-                f"({100 * rep['coverage']:.1f}%)"
-            )
-        lines.append(line)
-        kind = "ordinal" if self.ordinal_ else "categorical"
-        lines.append(f"  labels: {self.labels_key!r}, {len(self.classes_)} {kind} classes")
-        if self.donor_key:
-            lines.append(f"  donors: {self.donor_key!r}")
-        lines.append(f"  {self.trainable_summary}")
-        return "\n".join(lines)
-
     def __repr__(self) -> str:
         return self.summary
 
     # ----------------------------------------------------------------- save / load parts
-    def _save_attrs(self) -> dict[str, Any]:
-        return {
-            "classes_": list(self.classes_),
-            "ordinal_": bool(self.ordinal_),
-            "head_hidden": self.head_hidden_,
-            "dropout": self.dropout_,
-            "transferred_rows": None
-            if self.transferred_rows_ is None
-            else self.transferred_rows_.tolist(),
-        }
-
     def _restore_attrs(self, attrs: dict[str, Any]) -> None:
-        args = self._read_setup_args()
-        self.labels_key = args["labels_key"]
-        self.classes_ = list(attrs["classes_"])
-        self.ordinal_ = bool(attrs["ordinal_"])
-        self.head_hidden_ = int(attrs["head_hidden"])
-        self.dropout_ = float(attrs["dropout"])
-        rows = attrs.get("transferred_rows")
-        self.transferred_rows_ = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self.labels_key = self._read_setup_args()["labels_key"]
 
-    @classmethod
-    def _make_module(cls, trunk: CellFMTrunk, attrs: dict[str, Any]) -> CellFMClassifierModule:
-        return CellFMClassifierModule(
-            trunk, len(attrs["classes_"]), int(attrs["head_hidden"]), float(attrs["dropout"])
-        )
+    def _make_module(self, trunk: CellFMTrunk) -> CellFMClassifierModule:
+        return CellFMClassifierModule(trunk, len(self.classes_), self.head_hidden_, self.dropout_)
 
 
 def _transferred_rows(report: Any) -> np.ndarray | None:
@@ -1216,10 +456,6 @@ def _transferred_rows(report: Any) -> np.ndarray | None:
     if report is None or report.embedding_init != "transfer" or report.mapping is None:
         return None
     return (np.flatnonzero(report.mapping.pretrained_ids) + 1).astype(np.int64)
-
-
-def _embedding(module: CellFMClassifierModule, batch: TokenBatch) -> dict[str, Any]:
-    return {"emb": module.trunk(batch.values, batch.gene_ids, batch.valid, return_hidden=False).cls}
 
 
 def _probs_and_embedding(module: CellFMClassifierModule, batch: TokenBatch) -> dict[str, Any]:

@@ -10,72 +10,45 @@ its cells, and each cell's attention weight shows which cells drive the call.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-import warnings
 import weakref
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 
-from cellfm_sc._constants import DONOR_LOSSES, DONOR_MONITORS, POOLINGS
-from cellfm_sc._hardware import check_accelerator
+from cellfm_sc._constants import DONOR_LOSSES, POOLINGS
 from cellfm_sc.data import (
     DataSplit,
     check_count_source,
     check_counts,
-    check_donors_disjoint,
     check_labels,
     get_matrix,
     matrix_gene_symbols,
     obs_column,
-    split_by_donor,
 )
-from cellfm_sc.model._base import CellFMModel, auto_lr
 from cellfm_sc.model._classifier import _categories
-from cellfm_sc.model._core import (
-    StepOutput,
-    TrainingPlan,
-    check_resume_file,
-    check_training_numbers,
-)
-from cellfm_sc.model._donor_bags import (
-    BagBatch,
-    DonorDataModule,
-    ExpressionRows,
-    eval_keys,
-    partition_bags,
-)
-from cellfm_sc.model._donor_eval import (
-    CrossValidationResult,
-    DonorEvaluationResult,
-    aggregate_bag_logits,
-    bootstrap_intervals,
-    donor_metrics,
-    stratified_donor_folds,
-)
+from cellfm_sc.model._donor_evaluate import DonorEvaluationMixin
+from cellfm_sc.model._donor_inference import DonorInferenceMixin
 from cellfm_sc.model._donor_module import CELL_VIEWS, CellFMDonorModule
+from cellfm_sc.model._donor_training import DonorTrainingMixin
+from cellfm_sc.model.base import CellFMModel, Saved
+from cellfm_sc.model.base._inference import cls_embedding
 from cellfm_sc.nn import CellFMConfig, CellFMTrunk
-from cellfm_sc.nn.ordinal import class_probabilities, predict_classes
+from cellfm_sc.train import (
+    DonorTrainingPlan,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CellFMDonorClassifier", "DonorTrainingPlan"]
 
 DONOR_FIELD = "donor"
-#: weight of the validation donor loss in ``validation_donor_score`` (only breaks ties of QWK
-#: or balanced accuracy, which move in steps of about 1 / n_donors)
-SCORE_LOSS_WEIGHT = 1e-3
-#: cells per head call at inference (bags are never split across calls)
-_HEAD_CELLS = 65_536
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,150 +56,9 @@ _HEAD_CELLS = 65_536
 # --------------------------------------------------------------------------------------------
 
 
-class DonorTrainingPlan(TrainingPlan):
-    """Bag loss and donor-level validation metrics.
-
-    Training metrics come from sums over the epoch's bags (``train_loss``: mean bag loss,
-    ``train_acc``: share of bags classified right). Validation gathers every validation bag's
-    logits (across processes, each bag once), averages them per donor (weighted by the bags'
-    cell counts, as :meth:`CellFMDonorClassifier.predict_donors` does) and reports
-    ``validation_loss`` (per bag), ``validation_donor_loss``, ``validation_donor_acc``,
-    ``validation_donor_balanced_acc``, for ordinal labels ``validation_donor_qwk``, and
-    ``validation_donor_score``: the QWK (ordinal) or balanced accuracy minus ``1e-3`` times
-    the donor loss, i.e. the main score with its ties broken by the loss (what
-    ``monitor="auto"`` follows).
-
-    Parameters
-    ----------
-    module
-        The donor module.
-    n_classes, ordinal
-        Number of classes and whether they are ordered.
-    chunk_size
-        Cells per trunk chunk (trainable trunk).
-    gradient_checkpointing
-        Recompute each chunk's activations in the backward pass.
-    cell_loss_weight
-        Weight of an auxiliary cell-level loss (each cell classified by the same head with
-        its donor's label, weighted by its attention within the bag; 0 = off).
-    **kwargs
-        :class:`~cellfm_sc.model._core.TrainingPlan` settings.
-    """
-
-    def __init__(
-        self,
-        module: CellFMDonorModule,
-        *,
-        n_classes: int,
-        ordinal: bool,
-        chunk_size: int = 32,
-        gradient_checkpointing: bool = False,
-        cell_loss_weight: float = 0.0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(module, **kwargs)
-        self.n_classes = int(n_classes)
-        self.ordinal = bool(ordinal)
-        self.chunk_size = int(chunk_size)
-        self.gradient_checkpointing = bool(gradient_checkpointing)
-        self.cell_loss_weight = float(cell_loss_weight)
-
-    def _embed(self, batch: BagBatch) -> torch.Tensor | None:
-        if batch.emb is not None:
-            return batch.emb
-        c = batch.cells
-        if c is None:
-            return None
-        return self.module.encode(
-            c.values,
-            c.gene_ids,
-            c.valid,
-            batch.chunk_lengths,
-            self.chunk_size,
-            self.gradient_checkpointing,
-        )
-
-    def step(self, batch: BagBatch, stage: str) -> StepOutput:
-        train = stage == "train"
-        emb = self._embed(batch)
-        out = self.module(emb, batch.bag, batch.n_bags, batch.expr)
-        w = batch.weight.float()
-        objective, per_bag = self.module.loss(out.logits, batch.labels, w)
-        loss = objective
-        if train and self.cell_loss_weight > 0:
-            # each cell predicts its donor's label, weighted by its attention in the bag (a
-            # bag's weights sum to 1, so every bag counts once whatever its size)
-            cell_logits = self.module.head.classify_cells(out.cells)
-            cell_w = w[batch.bag] * out.attention.detach().float()
-            cell_objective, _ = self.module.loss(cell_logits, batch.labels[batch.bag], cell_w)
-            loss = loss + self.cell_loss_weight * cell_objective
-        logits = out.logits.detach().float()
-        pred = predict_classes(self.module.probabilities(logits), self.ordinal)
-        sums = {
-            "loss": (per_bag.detach() * w).sum(),
-            "n": w.sum(),
-            "correct": ((pred == batch.labels).float() * w).sum(),
-        }
-        collect = None
-        if not train:
-            keep = w > 0
-            n_cells = torch.bincount(batch.bag, minlength=batch.n_bags)
-            collect = {
-                "donor": batch.donor[keep],
-                "n_cells": n_cells[keep],
-                "logits": logits[keep],
-                "labels": batch.labels[keep],
-            }
-        return StepOutput(loss=loss, sums=sums, collect=collect)
-
-    def metrics_from_sums(self, sums: Mapping[str, float]) -> dict[str, float]:
-        n = sums.get("n", 0.0)
-        if not n:
-            return {"loss": float("nan"), "acc": float("nan")}
-        return {"loss": sums["loss"] / n, "acc": sums["correct"] / n}
-
-    def collected_metrics(self, collected: Mapping[str, np.ndarray]) -> dict[str, float]:
-        donors, logits, _ = aggregate_bag_logits(
-            collected["logits"], collected["donor"], collected["n_cells"]
-        )
-        label_of = dict(zip(collected["donor"].tolist(), collected["labels"].tolist()))
-        y = torch.tensor([label_of[d] for d in donors.tolist()], dtype=torch.int64)
-        z = torch.from_numpy(logits).float()
-        _, per = self.module.loss(z, y)
-        pred = predict_classes(self.module.probabilities(z), self.ordinal).numpy()
-        m = donor_metrics(y.numpy(), pred, self.n_classes, self.ordinal)
-        out = {
-            "donor_loss": float(per.mean()),
-            "donor_acc": m["accuracy"],
-            "donor_balanced_acc": m["balanced_accuracy"],
-            "n_donors": m["n_donors"],
-        }
-        if self.ordinal:
-            out["donor_qwk"] = m["qwk"]
-        main = m["qwk"] if self.ordinal else m["balanced_accuracy"]
-        # model selection: the main score, ties (frequent with few donors) broken by the loss
-        out["donor_score"] = (main if np.isfinite(main) else 0.0) - SCORE_LOSS_WEIGHT * out[
-            "donor_loss"
-        ]
-        return out
-
-
 # --------------------------------------------------------------------------------------------
 # inference result (internal)
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _DonorInference:
-    idx: np.ndarray  # (m,) AnnData rows
-    cell_donor: np.ndarray  # (m,) donor name of each cell
-    emb: np.ndarray  # (m, D)
-    attention: np.ndarray  # (m,) weight within the donor (NaN: cell without counts)
-    donors: np.ndarray  # (n_d,) donor names, sorted
-    logits: np.ndarray  # (n_d, n_out)
-    probs: np.ndarray  # (n_d, K)
-    pred: np.ndarray  # (n_d,) codes (-1: donor without usable cells)
-    n_cells: np.ndarray  # (n_d,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +66,9 @@ class _DonorInference:
 # --------------------------------------------------------------------------------------------
 
 
-class CellFMDonorClassifier(CellFMModel):
+class CellFMDonorClassifier(
+    DonorTrainingMixin, DonorInferenceMixin, DonorEvaluationMixin, CellFMModel
+):
     """Predict donor-level labels (e.g. ADNC stage) from bags of each donor's cells.
 
     Parameters
@@ -307,6 +141,20 @@ class CellFMDonorClassifier(CellFMModel):
     """
 
     _module_cls = CellFMDonorModule
+    _saved: ClassVar[dict[str, Saved]] = {
+        "classes_": Saved("classes_", list),
+        "ordinal_": Saved("ordinal_", bool),
+        "loss_": Saved("loss_", str),
+        "bag_size": Saved("bag_size", int),
+        "pooling_": Saved("pooling_", str),
+        "attention_hidden_": Saved("attention_hidden", int),
+        "head_hidden_": Saved("head_hidden", int),
+        "dropout_": Saved("dropout", float),
+        # models saved before the expression view: the trunk alone
+        "cell_view_": Saved("cell_view", str, "trunk"),
+        "expression_genes_": Saved("expression_genes", int, 0),
+        "expression_dim_": Saved("expression_dim", int, 64),
+    }
 
     def __init__(
         self,
@@ -390,18 +238,7 @@ class CellFMDonorClassifier(CellFMModel):
             0 if cell_view == "trunk" else min(int(expression_genes), int(self.vocab.n_genes))
         )
         self.expression_dim_ = int(expression_dim)
-        module = CellFMDonorModule(
-            trunk,
-            len(self.classes_),
-            self.loss_,
-            pooling=pooling,
-            attention_hidden=attention_hidden,
-            head_hidden=head_hidden,
-            dropout=dropout,
-            view=cell_view,
-            expression_genes=self.expression_genes_,
-            expression_dim=self.expression_dim_,
-        )
+        module = self._make_module(trunk)
         #: the policy asked for (``trainable_`` holds the one applied)
         self.trainable_requested_ = trainable
         self._attach(
@@ -462,12 +299,7 @@ class CellFMDonorClassifier(CellFMModel):
             CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
             CategoricalObsField(DONOR_FIELD, donor_key),
         ]
-        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*integer.*")
-            warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*")
-            manager.register_fields(adata, **kwargs)
-        cls.register_manager(manager)
+        cls._register(adata, fields, setup_method_args, **kwargs)
 
     # ----------------------------------------------------------------- donors and labels
     def _donors(self, adata: Any, donor_key: str | None = None) -> np.ndarray:
@@ -545,7 +377,7 @@ class CellFMDonorClassifier(CellFMModel):
                 batch_size,
                 device,
                 {"emb": (d,)},
-                _cls_forward,
+                cls_embedding,
                 enable_progress_bar,
                 min_gene_coverage,
                 allow_untrained=True,  # checked above
@@ -573,32 +405,6 @@ class CellFMDonorClassifier(CellFMModel):
             c["computed"] += int(need.size)
             c["token"] = self._cache_token(adata)
         return c["emb"][idx]
-
-    # ----------------------------------------------------------------- training
-    def _make_split(
-        self, adata: Any, split: DataSplit | None, validation_size: float, test_size: float
-    ) -> DataSplit:
-        if split is None:
-            split = split_by_donor(
-                adata, self.donor_key, self.labels_key, test_size, validation_size, self.seed
-            )
-        else:
-            check_donors_disjoint(split, self._donors(adata))
-        if len(split.train) == 0:
-            raise ValueError("the training split is empty")
-        return split
-
-    def _resolve_monitor(self, monitor: str) -> tuple[str, str]:
-        if monitor not in DONOR_MONITORS:
-            raise ValueError(f"monitor must be one of {DONOR_MONITORS}, got {monitor!r}")
-        if monitor == "auto":
-            monitor = "validation_donor_score"
-        if monitor == "validation_donor_qwk" and not self.ordinal_:
-            raise ValueError(
-                "monitor='validation_donor_qwk' needs ordinal labels (label_order= in "
-                "setup_anndata)"
-            )
-        return monitor, "min" if monitor.endswith("loss") else "max"
 
     def train(
         self,
@@ -693,774 +499,36 @@ class CellFMDonorClassifier(CellFMModel):
         epochs only train pooling + head. ``model.history`` has one row per epoch
         (``train_loss``, ``train_acc`` over bags, the validation metrics).
         """
-        check_training_numbers(
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            lr_schedule=lr_schedule,
-            weight_decay=weight_decay,
-            patience=patience,
-            num_workers=num_workers,
-            gradient_clip_val=gradient_clip_val,
-            warmup_fraction=warmup_fraction,
-        )
-        check_accelerator(accelerator, devices)  # before any work: one line, the fix
-        for name, value in (
-            ("chunk_size", chunk_size),
-            ("embedding_batch_size", embedding_batch_size),
-        ):
-            if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(cell_loss_weight, int | float) or not cell_loss_weight >= 0:
-            raise ValueError(f"cell_loss_weight must be a number >= 0, got {cell_loss_weight!r}")
-        if gradient_checkpointing not in (True, False, "auto"):
-            raise ValueError(
-                f"gradient_checkpointing must be True, False or 'auto', got {gradient_checkpointing!r}"
-            )
-        if early_stopping not in (True, False):
-            raise ValueError(f"early_stopping must be True or False, got {early_stopping!r}")
-        monitor, mode = self._resolve_monitor(monitor)
-        if resume_from is not None:
-            check_resume_file(resume_from)
-        if self.adata_manager is None:
-            raise ValueError(
-                "this model's AnnData is not set up for training: call "
-                "CellFMDonorClassifier.setup_anndata(adata, ...) and create the model on it"
-            )
-        adata = self.adata
-        gene_id_map = self._gene_id_map(adata, strict=True)
-        split = self._make_split(adata, split, validation_size, test_size)
-        cells = np.concatenate([split.train, split.validation])
-        donor_names = self._donors(adata)
-        per_donor = self._donor_label_codes(adata, cells)
-        if (per_donor < 0).any():
-            bad = per_donor.index[per_donor.to_numpy() < 0][:5].tolist()
-            raise ValueError(
-                f"donors {bad} of labels_key={self.labels_key!r} have a missing label or one "
-                f"that is not among the classes {self.classes_}"
-            )
-        self._check_cells(adata, np.concatenate([split.train, split.validation, split.test]))
-        names = np.asarray(per_donor.index)
-        donor_codes = np.full(adata.n_obs, -1, np.int64)
-        pos = pd.Index(names).get_indexer(donor_names[cells])
-        donor_codes[cells] = pos
-        labels = per_donor.to_numpy()
+        self._train(locals())
 
-        frozen = self._trunk_frozen()
-        if lr == "auto":
-            lr_value = 1e-3 if frozen else auto_lr(self.pretrained, self.module.trunk.config)
-        else:
-            lr_value = float(lr)
-        on_gpu = accelerator in ("gpu", "cuda") or (
-            accelerator == "auto" and torch.cuda.is_available()
-        )
-        checkpointing = on_gpu if gradient_checkpointing == "auto" else bool(gradient_checkpointing)
-        data_kwargs: dict[str, Any] = {}
-        expression = None
-        if self.module.expression_view is not None:
-            expression = self._set_expression_genes(adata, split.train)
-        if not self.module.uses_trunk:
-            pass  # the expression view alone: no trunk, no embeddings
-        elif frozen:
-            emb = self._cell_embeddings(
-                adata, cells, embedding_batch_size, None, enable_progress_bar, allow_untrained=True
-            )
-            emb_index = np.full(adata.n_obs, -1, np.int64)
-            emb_index[cells] = np.arange(cells.size)
-            # exact statistics of the training cells (the trunk will not change them)
-            self.module.head.norm.reset_from(torch.from_numpy(emb[: split.train.size]))
-            data_kwargs = {"embeddings": torch.from_numpy(emb), "emb_index": emb_index}
-        else:
-            data_kwargs = {
-                "cell_kwargs": {
-                    "adata": adata,
-                    "max_tokens": self.max_tokens,
-                    "seed": self.seed,
-                    "gene_id_map": gene_id_map,
-                    **self._data_kwargs(),
-                }
-            }
-        datamodule = DonorDataModule(
-            {"train": split.train, "validation": split.validation},
-            donor_codes,
-            labels,
-            bag_size=self.bag_size,
-            bags_per_step=int(batch_size),
-            seed=self.seed,
-            eval_keys=eval_keys(adata.obs_names, self.seed),
-            chunk_size=int(chunk_size),
-            num_workers=num_workers,
-            expression=expression,
-            **data_kwargs,
-        )
-        plan = DonorTrainingPlan(
-            self.module,
-            n_classes=len(self.classes_),
-            ordinal=self.ordinal_,
-            chunk_size=int(chunk_size),
-            gradient_checkpointing=checkpointing,
-            cell_loss_weight=float(cell_loss_weight),
-            lr=lr_value,
-            weight_decay=weight_decay,
-            lr_schedule=lr_schedule,
-            max_epochs=max_epochs,
-            warmup_fraction=warmup_fraction,
-        )
-        settings = {
-            "max_epochs": max_epochs,
-            "batch_size": batch_size,
-            "bag_size": self.bag_size,
-            "lr": lr_value,
-            "lr_requested": lr,
-            "weight_decay": weight_decay,
-            "lr_schedule": lr_schedule,
-            "warmup_fraction": warmup_fraction,
-            "monitor": monitor,
-            "early_stopping": bool(early_stopping),
-            "patience": patience,
-            "cell_loss_weight": float(cell_loss_weight),
-            "chunk_size": int(chunk_size),
-            "gradient_checkpointing": checkpointing,
-            "frozen_trunk": frozen,
-            "trainable": self.trainable_,
-            "loss": self.loss_,
-            "pooling": self.pooling_,
-            "cell_view": self.cell_view_,
-            "expression_genes": self.expression_genes_,
-        }
-        self._fit(
-            plan,
-            adata,
-            split,
-            datamodule=datamodule,
-            settings=settings,
-            max_epochs=max_epochs,
-            monitor=monitor,
-            mode=mode,
-            early_stopping=bool(early_stopping),
-            patience=patience,
-            **self._runner_options(locals()),
-            **trainer_kwargs,
-        )
-
-    # ----------------------------------------------------------------- expression view
-    def _set_expression_genes(self, adata: Any, train_rows: np.ndarray) -> ExpressionRows:
-        """Choose the expression view's genes (the most variable, log-normalised, over at
-        most 20,000 training cells; one chunked pass) and set their statistics; return the
-        reader of ``adata``."""
-        from cellfm_sc.baselines import top_variable_genes
-
-        view = self.module.expression_view
-        cols, mean, var = top_variable_genes(
-            adata, train_rows, view.n_genes, seed=self.seed, **self._data_kwargs()
-        )
-        names = np.asarray(self._gene_names(adata), dtype=object)
-        genes = pd.Index(list(self.vocab.names)).get_indexer(names[cols])
-        view.set_genes(
-            torch.from_numpy(genes.astype(np.int64)),
-            torch.from_numpy(mean).float(),
-            torch.from_numpy(var).float(),
-        )
-        return self._expression_rows(adata)
-
-    def _expression_rows(self, adata: Any) -> ExpressionRows | None:
-        """The expression view's reader of ``adata`` (its genes matched by name), or None."""
-        view = self.module.expression_view
-        if view is None:
-            return None
-        wanted = np.asarray(list(self.vocab.names), dtype=object)[view.genes.cpu().numpy()]
-        columns = pd.Index(self._gene_names(adata)).get_indexer(wanted)
-        return ExpressionRows(adata, columns, **self._data_kwargs())
-
-    # ----------------------------------------------------------------- inference
-    def _infer(
-        self,
-        adata: Any | None,
-        indices: Any,
-        donor_key: str | None = None,
-        batch_size: int = 64,
-        device: str | torch.device | None = None,
-        enable_progress_bar: bool = False,
-        min_gene_coverage: float = 0.5,
-        allow_untrained: bool = False,
-    ) -> tuple[Any, _DonorInference]:
-        self._require_trained(allow_untrained)  # before any other complaint
-        adata = self._adata_or_default(adata)
-        idx = self._indices(adata, indices)
-        cell_donor = self._donors(adata, donor_key)[idx]
-        reader = self._expression_rows(adata)
-        if self.module.uses_trunk:
-            emb = self._cell_embeddings(
-                adata, idx, batch_size, device, enable_progress_bar, min_gene_coverage, True
-            )
-            ok = ~np.isnan(emb[:, 0]) if len(idx) else np.zeros(0, bool)
-        else:
-            # no trunk: the embedding reported is the expression view's output
-            emb = np.full((len(idx), self.expression_dim_), np.nan, np.float32)
-            ok = reader.source.row_nnz()[idx] > 0
-        max_cells = _HEAD_CELLS if reader is None else _HEAD_CELLS // 8
-        codes, donors = pd.factorize(cell_donor, sort=True)
-        donors = np.asarray(donors, dtype=object)
-        keys = eval_keys(np.asarray(adata.obs_names)[idx], self.seed)
-        pos = np.flatnonzero(ok)
-        bags = partition_bags(pos, codes[pos], self.bag_size, keys=keys[pos])
-        attention = np.full(len(idx), np.nan, np.float32)
-        bag_logits, bag_donor, bag_size = [], [], []
-        module = self.module.eval()
-        dev = self.device
-        with torch.inference_mode():
-            start = 0
-            while start < len(bags):
-                group, n = [], 0
-                while start < len(bags) and (not group or n + bags[start].rows.size <= max_cells):
-                    group.append(bags[start])
-                    n += bags[start].rows.size
-                    start += 1
-                rows = np.concatenate([b.rows for b in group])
-                bag = np.repeat(np.arange(len(group)), [b.rows.size for b in group])
-                expr = None if reader is None else torch.from_numpy(reader(idx[rows])).to(dev)
-                out = module(
-                    torch.from_numpy(emb[rows]).to(dev) if self.module.uses_trunk else None,
-                    torch.from_numpy(bag).to(dev),
-                    len(group),
-                    expr,
-                )
-                if not self.module.uses_trunk:
-                    emb[rows] = out.cells.float().cpu().numpy()
-                attention[rows] = out.attention.float().cpu().numpy()
-                bag_logits.append(out.logits.float().cpu().numpy())
-                bag_donor.extend(b.donor for b in group)
-                bag_size.extend(b.rows.size for b in group)
-        n_d, k = len(donors), len(self.classes_)
-        logits = np.full((n_d, k if self.loss_ == "cross_entropy" else k - 1), np.nan)
-        probs = np.full((n_d, k), np.nan)
-        pred = np.full(n_d, -1, np.int64)
-        n_cells = np.zeros(n_d, np.int64)
-        if bags:
-            have, z, total = aggregate_bag_logits(
-                np.concatenate(bag_logits), np.asarray(bag_donor), np.asarray(bag_size)
-            )
-            p = class_probabilities(self.loss_, torch.from_numpy(z))
-            logits[have] = z
-            probs[have] = p.double().numpy()
-            pred[have] = predict_classes(p, self.ordinal_).numpy()
-            n_cells[have] = total
-            # a bag's weights sum to 1; scaled by its share of the donor's cells, a donor's
-            # weights sum to 1 (the same weights that average the bags' logits)
-            share = (
-                np.asarray(bag_size, np.float64)
-                / np.bincount(
-                    np.asarray(bag_donor), weights=np.asarray(bag_size, np.float64), minlength=n_d
-                )[np.asarray(bag_donor)]
-            )
-            for b, s in zip(bags, share):
-                attention[b.rows] *= s
-        missing = np.flatnonzero(n_cells == 0)
-        if missing.size:
-            warnings.warn(
-                f"{missing.size} donor(s) have no cell with counts and get no prediction: "
-                f"{donors[missing[:5]].tolist()}",
-                UserWarning,
-                stacklevel=3,
-            )
-        return adata, _DonorInference(
-            idx=idx,
-            cell_donor=cell_donor,
-            emb=emb,
-            attention=attention,
-            donors=donors,
-            logits=logits,
-            probs=probs,
-            pred=pred,
-            n_cells=n_cells,
-        )
-
-    def _categorical(self, codes: np.ndarray) -> pd.Categorical:
-        return pd.Categorical.from_codes(
-            np.asarray(codes, dtype=np.int64), categories=self.classes_, ordered=self.ordinal_
-        )
-
-    def predict_donors(
-        self,
-        adata: Any | None = None,
-        indices: Any = None,
-        donor_key: str | None = None,
-        batch_size: int = 64,
-        device: str | torch.device | None = None,
-        enable_progress_bar: bool = False,
-        min_gene_coverage: float = 0.5,
-        allow_untrained: bool = False,
-    ) -> pd.DataFrame:
-        """One prediction per donor, from all of the donor's cells.
-
-        The donor's cells are cut into ``ceil(n / bag_size)`` fixed bags (ordered by a hash
-        of their obs names, so the result does not depend on the AnnData's row order), and
-        the bags' logits are averaged, weighted by their cell counts.
-
-        Parameters
-        ----------
-        adata
-            Default: the model's AnnData. Query data need the donor column (the labels
-            column is not read); other gene sets are aligned as in
-            :meth:`CellFMClassifier.predict <cellfm_sc.model.CellFMClassifier.predict>`.
-        indices
-            Cells to use (positions, a boolean mask, obs names, or ``"train"`` /
-            ``"validation"`` / ``"test"``); default all.
-        donor_key
-            Donor column of ``adata`` (default: the one set up).
-        batch_size, device, enable_progress_bar, min_gene_coverage
-            Inference settings.
-        allow_untrained
-            Predict with a model never trained (random outputs); otherwise that is an
-            :class:`~cellfm_sc.model.UntrainedModelError`.
-
-        Returns
-        -------
-        DataFrame indexed by donor (sorted, index name ``"donor"``): ``predicted``
-        (categorical, in class order), ``p_<class>`` per class, ``n_cells`` (cells used).
-        """
-        _, res = self._infer(
-            adata,
-            indices,
-            donor_key,
-            batch_size,
-            device,
-            enable_progress_bar,
-            min_gene_coverage,
-            allow_untrained,
-        )
-        return self._donor_frame(res)
-
-    def _donor_frame(self, res: _DonorInference) -> pd.DataFrame:
-        out = pd.DataFrame(index=pd.Index(res.donors, name="donor"))
-        out["predicted"] = self._categorical(res.pred)
-        for j, c in enumerate(self.classes_):
-            out[f"p_{c}"] = res.probs[:, j]
-        out["n_cells"] = res.n_cells
-        return out
-
-    def annotate(
-        self,
-        adata: Any | None = None,
-        key_added: str = "cellfm",
-        donor_key: str | None = None,
-        batch_size: int = 64,
-        device: str | torch.device | None = None,
-        enable_progress_bar: bool = False,
-        min_gene_coverage: float = 0.5,
-        allow_untrained: bool = False,
-    ) -> pd.DataFrame:
-        """Write per-cell results into the AnnData; return :meth:`predict_donors`' table.
-
-        Adds ``obs[f"{key_added}_attention"]`` (each cell's weight within its donor; a
-        donor's weights sum to 1; NaN for cells without counts),
-        ``obs[f"{key_added}_donor_prediction"]`` (the cell's donor's prediction,
-        categorical), ``obs[f"{key_added}_split"]`` and ``obsm[f"X_{key_added}"]`` (the cell
-        embeddings ``(n, D)``); ``uns[key_added]`` holds the classes and settings. A model
-        never trained is refused (:class:`~cellfm_sc.model.UntrainedModelError`) unless
-        ``allow_untrained=True``.
-        """
-        adata, res = self._infer(
-            adata,
-            None,
-            donor_key,
-            batch_size,
-            device,
-            enable_progress_bar,
-            min_gene_coverage,
-            allow_untrained,
-        )
-        where = pd.Index(res.donors).get_indexer(res.cell_donor)
-        adata.obs[f"{key_added}_attention"] = res.attention
-        adata.obs[f"{key_added}_donor_prediction"] = self._categorical(res.pred[where])
-        adata.obs[f"{key_added}_split"] = pd.Categorical(
-            self.split_labels(adata), categories=["train", "validation", "test", "none"]
-        )
-        adata.obsm[f"X_{key_added}"] = res.emb
-        adata.uns[key_added] = {
-            "classes": list(self.classes_),
-            "ordinal": bool(self.ordinal_),
-            "labels_key": self.labels_key,
-            "donor_key": donor_key or self.donor_key,
-            "attention_key": f"{key_added}_attention",
-            "embedding_key": f"X_{key_added}",
-            "settings": {
-                "bag_size": self.bag_size,
-                "pooling": self.pooling_,
-                "loss": self.loss_,
-                "max_tokens": self.max_tokens,
-                "seed": self.seed,
-                "trainable": self.trainable_,
-                "cell_view": self.cell_view_,
-                "expression_genes": self.expression_genes_,
-            },
-        }
-        return self._donor_frame(res)
-
-    def evaluate(
-        self,
-        adata: Any | None = None,
-        indices: Any = "test",
-        n_bootstrap: int = 1000,
-        confidence: float = 0.95,
-        batch_size: int = 64,
-        device: str | torch.device | None = None,
-        enable_progress_bar: bool = False,
-        min_gene_coverage: float = 0.5,
-        allow_untrained: bool = False,
-        baseline: bool = True,
-    ) -> DonorEvaluationResult:
-        """Donor-level scores of held-out donors with bootstrap intervals over donors, beside
-        the pseudo-bulk baseline.
-
-        Parameters
-        ----------
-        adata
-            Default: the model's AnnData (other data: matched to the split by obs name).
-        indices
-            ``"test"`` (default), ``"validation"``, ``"train"`` or cells; the donors of
-            these cells are scored from these cells.
-        n_bootstrap, confidence
-            Donor resamples and the level of the percentile intervals (0: no intervals).
-        allow_untrained
-            Score a model never trained (random predictions); otherwise that is an
-            :class:`~cellfm_sc.model.UntrainedModelError`, raised before anything else.
-        baseline
-            Also fit pseudo-bulk logistic regression
-            (:class:`~cellfm_sc.baselines.PseudobulkLogisticRegression`: per-donor summed
-            counts -> CPM -> log1p, ``C`` chosen on the validation donors) on the model's
-            training + validation donors and score it on the same donors
-            (``result.baseline``, printed as "model vs baseline"). One chunked pass over the
-            cells, also of backed files. ``False`` skips it.
-
-        Returns
-        -------
-        DonorEvaluationResult
-            ``donor_metrics``: ``qwk`` and ``ordinal_mae`` (ordinal labels), ``accuracy``,
-            ``balanced_accuracy``, ``macro_f1``, ``n_donors``; ``intervals`` per metric;
-            ``donor_table``; per-cell ``predictions`` (with ``attention``); the cells'
-            ``embedding``. Donors whose label the model does not know are not scored
-            (``notes`` says which).
-        """
-        self._require_trained(allow_untrained)  # "untrained" comes before any other complaint
-        adata = self._adata_or_default(adata)
-        adata, res = self._infer(
-            adata,
-            indices,
-            None,
-            batch_size,
-            device,
-            enable_progress_bar,
-            min_gene_coverage,
-            allow_untrained,
-        )
-        truth = self._donor_label_codes(adata, res.idx).reindex(res.donors).to_numpy()
-        scored = (truth >= 0) & (res.pred >= 0)
-        notes = []
-        if not scored.all():
-            notes.append(
-                f"{int((~scored).sum())} donor(s) not scored (label unknown to the model or "
-                f"missing, or no cell with counts): {res.donors[~scored][:10].tolist()}"
-            )
-        if not scored.any():
-            raise ValueError("no donor with a known label and cells with counts: nothing to score")
-        k = len(self.classes_)
-        t, p = truth[scored], res.pred[scored]
-        metrics = donor_metrics(t, p, k, self.ordinal_)
-        intervals = bootstrap_intervals(t, p, k, self.ordinal_, n_bootstrap, confidence, self.seed)
-        table = self._donor_frame(res)[scored]
-        table.insert(0, "true", self._categorical(t))
-        table = table[["true", "predicted", "n_cells", *[f"p_{c}" for c in self.classes_]]]
-        # cells: each cell carries its donor's prediction
-        where = pd.Index(res.donors).get_indexer(res.cell_donor)
-        cell_ok = scored[where] & ~np.isnan(res.attention)
-        cw = where[cell_ok]
-        cells = pd.DataFrame(
-            index=pd.Index(np.asarray(adata.obs_names)[res.idx[cell_ok]], name="obs_name")
-        )
-        cells["donor"] = res.cell_donor[cell_ok]
-        cells["true"] = self._categorical(truth[cw])
-        cells["predicted"] = self._categorical(res.pred[cw])
-        cells["confidence"] = res.probs[cw].max(axis=1)
-        cells["attention"] = res.attention[cell_ok]
-        for j, c in enumerate(self.classes_):
-            cells[f"p_{c}"] = res.probs[cw, j]
-        cell_m = donor_metrics(truth[cw], res.pred[cw], k, self.ordinal_)
-        cell_m["n_cells"] = cell_m.pop("n_donors")
-        from cellfm_sc.metrics import confusion_matrix
-
-        result = DonorEvaluationResult(
-            cell_metrics=cell_m,
-            donor_metrics=metrics,
-            donor_table=table,
-            confusion=confusion_matrix(truth[cw], res.pred[cw], n_classes=k),
-            classes=list(self.classes_),
-            ordinal=bool(self.ordinal_),
-            predictions=cells,
-            donor_method="mean_bag_logits",
-            notes=notes,
-            evaluated_on=indices if isinstance(indices, str) else "cells",
-            embedding=res.emb[cell_ok],
-            intervals=intervals,
-            confidence_level=float(confidence),
-            n_bootstrap=int(n_bootstrap),
-        )
-        if baseline:
-            from cellfm_sc.model._baseline import split_baseline
-
-            donors = self._donors(adata)
-            label_of = self._donor_label_codes(adata, np.arange(adata.n_obs))
-            codes = label_of.reindex(donors).fillna(-1).to_numpy().astype(np.int64)
-            result.baseline = split_baseline(
-                self, adata, res.idx[cell_ok], codes, donors, cells=False
-            )
-        return result
-
-    def cross_validate(
-        self,
-        k: int = 5,
-        n_bootstrap: int = 1000,
-        confidence: float = 0.95,
-        batch_size: int = 64,
-        **train_kwargs: Any,
-    ) -> CrossValidationResult:
-        """Donor-level ``k``-fold cross-validation, folds stratified by label.
-
-        Fold ``i``'s donors are the test donors of round ``i``; fold ``i + 1``'s donors
-        validate (model selection), the others train. Every round starts from the model's
-        current weights, and the model gets them back at the end (it is left as it was).
-
-        Parameters
-        ----------
-        k
-            Folds (>= 3: one tests, one validates, the rest train).
-        n_bootstrap, confidence
-            Bootstrap intervals of the pooled metrics.
-        batch_size
-            Inference batch size.
-        **train_kwargs
-            Passed to :meth:`train` (``max_epochs``, ``lr``, ...; not ``split``).
-
-        Returns
-        -------
-        CrossValidationResult
-            ``per_fold`` metrics, ``pooled`` metrics of all out-of-fold predictions with
-            ``intervals``, and the out-of-fold ``donor_table``.
-        """
-        if "split" in train_kwargs:
-            raise ValueError("cross_validate makes its own splits; do not pass split=")
-        if not isinstance(k, int | np.integer) or k < 3:
-            raise ValueError(f"k must be an integer >= 3 (test, validation, train), got {k!r}")
-        adata = self.adata
-        if adata is None or self.adata_manager is None:
-            raise ValueError("cross_validate needs the model's set-up AnnData")
-        all_idx = np.arange(adata.n_obs)
-        per_donor = self._donor_label_codes(adata, all_idx)
-        folds = stratified_donor_folds(per_donor.to_numpy(), int(k), self.seed)
-        fold_of = pd.Series(folds, index=per_donor.index)
-        cell_fold = fold_of.reindex(self._donors(adata)).to_numpy()
-        saved = self._snapshot()
-        rows, tables = [], []
-        try:
-            for i in range(int(k)):
-                split = DataSplit(
-                    train=np.flatnonzero((cell_fold != i) & (cell_fold != (i + 1) % k)),
-                    validation=np.flatnonzero(cell_fold == (i + 1) % k),
-                    test=np.flatnonzero(cell_fold == i),
-                    donor_key=self.donor_key,
-                )
-                self._restore(saved, weights_only=True)
-                self.train(split=split, **train_kwargs)
-                res = self.evaluate(
-                    indices="test", n_bootstrap=0, batch_size=batch_size, baseline=False
-                )
-                row = {
-                    "fold": i,
-                    "n_train": int((folds != i).sum() - (folds == (i + 1) % k).sum()),
-                    "n_validation": int((folds == (i + 1) % k).sum()),
-                    "n_test": int((folds == i).sum()),
-                    "best_epoch": self.best_epoch_,
-                    **{m: v for m, v in res.donor_metrics.items() if m != "n_donors"},
-                }
-                rows.append(row)
-                table = res.donor_table.copy()
-                table.insert(0, "fold", i)
-                tables.append(table)
-        finally:
-            self._restore(saved, weights_only=False)
-        donor_table = pd.concat(tables).sort_index()
-        t = donor_table["true"].cat.codes.to_numpy()
-        p = donor_table["predicted"].cat.codes.to_numpy()
-        n_classes = len(self.classes_)
-        return CrossValidationResult(
-            per_fold=pd.DataFrame(rows),
-            pooled=donor_metrics(t, p, n_classes, self.ordinal_),
-            intervals=bootstrap_intervals(
-                t, p, n_classes, self.ordinal_, n_bootstrap, confidence, self.seed
-            ),
-            donor_table=donor_table,
-            confidence_level=float(confidence),
-        )
-
-    def _snapshot(self) -> dict[str, Any]:
-        return {
-            "state": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
-            "attrs": {
-                name: copy.deepcopy(getattr(self, name, None))
-                for name in (
-                    "history_",
-                    "step_history_",
-                    "best_epoch_",
-                    "best_score_",
-                    "train_settings_",
-                    "split_",
-                    "split_names_",
-                    "is_trained_",
-                )
-            },
-            "indices": {
-                name: getattr(self, name, None)
-                for name in ("train_indices_", "validation_indices_", "test_indices_")
-            },
-        }
-
-    def _restore(self, saved: dict[str, Any], weights_only: bool) -> None:
-        with torch.no_grad():
-            for key, value in self.module.state_dict().items():
-                value.copy_(saved["state"][key])
-        if weights_only:
-            return
-        for name, value in {**saved["attrs"], **saved["indices"]}.items():
-            setattr(self, name, value)
-
-    # ----------------------------------------------------------------- reporting
-    def report_info(self) -> dict[str, Any]:
-        """Run facts for :func:`cellfm_sc.report.write_report` (``info=``)."""
-        cfg = self.module.trunk.config
-        info: dict[str, Any] = {
-            "level": "donor",
-            "n_genes": int(self.vocab.n_genes),
-            "gene_embedding": self.embedding_init_,
-            "num_classes": len(self.classes_),
-            "labels_key": self.labels_key,
-            "donor_key": self.donor_key,
-            "trainable": self.trainable_,
-            "n_trainable_parameters": int(self.trainable_summary.n_trainable),
-            "n_parameters": int(self.trainable_summary.n_total),
-            "config": cfg.to_dict(),
-            "preset": self.preset_,
-            "max_tokens": self.max_tokens,
-            "bag_size": self.bag_size,
-            "pooling": self.pooling_,
-            "loss": self.loss_,
-            "cell_view": self.cell_view_,
-            "expression_genes": self.expression_genes_,
-            "seed": self.seed,
-            "checkpoint": self.pretrained_report_,
-        }
-        settings = self.train_settings_
-        if settings:
-            info.update(
-                epochs=settings["epochs_run"],
-                batch_size=settings["batch_size"],
-                lr=settings["lr"],
-                train_settings=settings,
-            )
-        info["best_epoch"] = self.best_epoch_
-        if self.split_names_ is not None:
-            info["split_sizes"] = {s: len(v) for s, v in self.split_names_.items()}
-        return info
-
-    @property
-    def summary(self) -> str:
-        cfg = self.module.trunk.config
-        rep = self.pretrained_report_
-        lines = [f"CellFMDonorClassifier ({'trained' if self.is_trained_ else 'not trained'})"]
-        if rep is not None:
-            lines.append(f"  pretrained: variant {rep.get('variant')}, {rep.get('source')}")
-        else:
-            lines.append(
-                f"  no pretrained weights: random trunk (preset {self.preset_ or 'custom'})"
-            )
-        lines.append(
-            f"  trunk: enc_dims={cfg.enc_dims}, num_heads={cfg.num_heads}, n_layers={cfg.n_layers}"
-        )
-        kind = "ordinal" if self.ordinal_ else "categorical"
-        lines.append(
-            f"  labels: {self.labels_key!r} ({len(self.classes_)} {kind} classes), donors: "
-            f"{self.donor_key!r}"
-        )
-        view = {
-            "both": f"trunk embedding + expression view of {self.expression_genes_} genes",
-            "trunk": "trunk embedding",
-            "expression": f"expression view of {self.expression_genes_} genes (no trunk)",
-        }[self.cell_view_]
-        lines.append(
-            f"  bags of <= {self.bag_size} cells ({view}), {self.pooling_} pooling, "
-            f"loss {self.loss_}"
-        )
-        lines.append(f"  {self.trainable_summary}")
-        return "\n".join(lines)
+    # the steps of the training template (CellFMModel._train)
 
     def __repr__(self) -> str:
         return self.summary
 
     # ----------------------------------------------------------------- save / load parts
-    def _save_attrs(self) -> dict[str, Any]:
-        return {
-            "classes_": list(self.classes_),
-            "ordinal_": bool(self.ordinal_),
-            "loss_": self.loss_,
-            "bag_size": self.bag_size,
-            "pooling_": self.pooling_,
-            "attention_hidden": self.attention_hidden_,
-            "head_hidden": self.head_hidden_,
-            "dropout": self.dropout_,
-            "cell_view": self.cell_view_,
-            "expression_genes": self.expression_genes_,
-            "expression_dim": self.expression_dim_,
-        }
-
     def _restore_attrs(self, attrs: dict[str, Any]) -> None:
-        args = self._read_setup_args()
-        self.labels_key = args["labels_key"]
-        self.classes_ = list(attrs["classes_"])
-        self.ordinal_ = bool(attrs["ordinal_"])
-        self.loss_ = str(attrs["loss_"])
-        self.bag_size = int(attrs["bag_size"])
-        self.pooling_ = str(attrs["pooling_"])
-        self.attention_hidden_ = int(attrs["attention_hidden"])
-        self.head_hidden_ = int(attrs["head_hidden"])
-        self.dropout_ = float(attrs["dropout"])
-        # models saved before the expression view: the trunk alone
-        self.cell_view_ = str(attrs.get("cell_view", "trunk"))
-        self.expression_genes_ = int(attrs.get("expression_genes", 0))
-        self.expression_dim_ = int(attrs.get("expression_dim", 64))
+        self.labels_key = self._read_setup_args()["labels_key"]
         self._cache = None
 
-    @classmethod
-    def _make_module(cls, trunk: CellFMTrunk, attrs: dict[str, Any]) -> CellFMDonorModule:
+    def _make_module(self, trunk: CellFMTrunk) -> CellFMDonorModule:
         return CellFMDonorModule(
             trunk,
-            len(attrs["classes_"]),
-            str(attrs["loss_"]),
-            pooling=str(attrs["pooling_"]),
-            attention_hidden=int(attrs["attention_hidden"]),
-            head_hidden=int(attrs["head_hidden"]),
-            dropout=float(attrs["dropout"]),
-            view=str(attrs.get("cell_view", "trunk")),
-            expression_genes=int(attrs.get("expression_genes", 0)),
-            expression_dim=int(attrs.get("expression_dim", 64)),
+            len(self.classes_),
+            self.loss_,
+            pooling=self.pooling_,
+            attention_hidden=self.attention_hidden_,
+            head_hidden=self.head_hidden_,
+            dropout=self.dropout_,
+            view=self.cell_view_,
+            expression_genes=self.expression_genes_,
+            expression_dim=self.expression_dim_,
         )
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _cls_forward(module: CellFMDonorModule, batch: Any) -> dict[str, torch.Tensor]:
-    return {"emb": module.trunk(batch.values, batch.gene_ids, batch.valid, return_hidden=False).cls}
 
 
 def _resolve_trainable(trainable: str, pretrained: bool, cell_view: str) -> str:

@@ -13,12 +13,8 @@ import pandas as pd
 from cellfm_sc._json import to_plain
 from cellfm_sc.metrics import (
     EvaluationResult,
-    accuracy,
-    balanced_accuracy,
-    macro_f1,
-    ordinal_mae,
-    quadratic_weighted_kappa,
 )
+from cellfm_sc.metrics._donor import aggregate_bag_logits, donor_metrics
 
 __all__ = [
     "CrossValidationResult",
@@ -28,59 +24,6 @@ __all__ = [
     "donor_metrics",
     "stratified_donor_folds",
 ]
-
-
-def aggregate_bag_logits(
-    logits: np.ndarray, donors: np.ndarray, n_cells: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Donor logits: the mean of the donor's bag logits weighted by the bags' cell counts.
-
-    Parameters
-    ----------
-    logits
-        ``(n_bags, n_out)``.
-    donors
-        ``(n_bags,)`` donor of each bag (codes or names).
-    n_cells
-        ``(n_bags,)`` cells per bag.
-
-    Returns
-    -------
-    ``(donors (n_donors,) sorted, logits (n_donors, n_out) float64, cells (n_donors,))``.
-
-    Examples
-    --------
-    >>> d, z, n = aggregate_bag_logits(np.array([[1.0], [4.0], [2.0]]), np.array([0, 0, 1]),
-    ...                                np.array([2, 1, 5]))
-    >>> d.tolist(), z[:, 0].tolist(), n.tolist()
-    ([0, 1], [2.0, 2.0], [3, 5])
-    """
-    logits = np.asarray(logits, dtype=np.float64)
-    codes, uniques = pd.factorize(np.asarray(donors), sort=True)
-    w = np.asarray(n_cells, dtype=np.float64)
-    total = np.bincount(codes, weights=w, minlength=len(uniques))
-    out = np.zeros((len(uniques), logits.shape[1]))
-    np.add.at(out, codes, logits * w[:, None])
-    return np.asarray(uniques), out / total[:, None], total.astype(np.int64)
-
-
-def donor_metrics(
-    y_true: np.ndarray, y_pred: np.ndarray, k: int, ordinal: bool
-) -> dict[str, float]:
-    """Donor-level metrics of true and predicted codes: ``accuracy``, ``balanced_accuracy``,
-    ``macro_f1`` and (ordinal) ``qwk``, ``ordinal_mae``; plus ``n_donors``."""
-    t = np.asarray(y_true, dtype=np.int64)
-    p = np.asarray(y_pred, dtype=np.int64)
-    out = {
-        "accuracy": accuracy(t, p),
-        "balanced_accuracy": balanced_accuracy(t, p),
-        "macro_f1": macro_f1(t, p),
-    }
-    if ordinal:
-        out["qwk"] = quadratic_weighted_kappa(t, p, n_classes=k)
-        out["ordinal_mae"] = ordinal_mae(t, p)
-    out["n_donors"] = float(t.size)
-    return out
 
 
 def bootstrap_intervals(

@@ -94,6 +94,13 @@ class CellFMClassifierModule(nn.Module):
         err = (pred.float() - batch.values.float()) ** 2 * hide
         return out, err.sum() / hide.sum().clamp(min=1)
 
+    def forward_frozen_trunk(self, batch: TokenBatch) -> ClassifierOutput:
+        """Logits and cls embedding of ``batch`` with the trunk run without gradients (its
+        features frozen: a fine-tuning recipe's head phase)."""
+        with torch.no_grad():
+            trunk = self.trunk(batch.values, batch.gene_ids, batch.valid)
+        return ClassifierOutput(logits=self.head(trunk.cls), cls=trunk.cls)
+
     def cell_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Per-cell cross-entropy times the class weight of the cell's label.
 

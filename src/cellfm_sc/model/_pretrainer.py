@@ -3,41 +3,33 @@ user API), over one AnnData or a corpus of several files read in place."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField
 
-from cellfm_sc._constants import CORPUS_SAMPLING
-from cellfm_sc._hardware import check_accelerator
-from cellfm_sc.data import DataSplit, TokenBatch, check_count_source, check_counts, get_matrix
-from cellfm_sc.model._base import CellFMModel, auto_lr, model_not_set_up
-from cellfm_sc.model._core import (
-    StepOutput,
-    TrainingPlan,
-    check_resume_file,
-    check_training_numbers,
-)
-from cellfm_sc.model._corpus import (
-    CorpusDataModule,
+from cellfm_sc.data import check_count_source, check_counts, get_matrix
+from cellfm_sc.dataloaders._corpus import (
     CorpusMember,
     looks_ensembl,
     member_ensembl_ids,
-    member_gene_names,
     union_genes,
 )
 from cellfm_sc.model._pretrain_module import CellFMPretrainModule
+from cellfm_sc.model._pretrainer_corpus import PretrainerCorpusMixin
+from cellfm_sc.model._pretrainer_training import PretrainerTrainingMixin
 from cellfm_sc.model._probe import EmbeddingProbe
+from cellfm_sc.model.base import CellFMModel, Saved, model_not_set_up
 from cellfm_sc.nn import CellFMConfig, CellFMTrunk
+from cellfm_sc.train import (
+    PretrainingPlan,
+)
 from cellfm_sc.vocab import GeneVocab
 
 logger = logging.getLogger(__name__)
@@ -47,8 +39,6 @@ __all__ = ["CHECKPOINT_FILE", "VOCABULARY_FILE", "CellFMPretrainer", "Pretrainin
 #: file names written by :meth:`CellFMPretrainer.export_mindspore`
 CHECKPOINT_FILE = "cellfm.ckpt"
 VOCABULARY_FILE = "gene_info.csv"
-#: seed offset of the validation masks (fixed, so validation losses compare across epochs)
-_VALIDATION_STREAM = 0x5EED
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,99 +46,12 @@ _VALIDATION_STREAM = 0x5EED
 # --------------------------------------------------------------------------------------------
 
 
-class PretrainingPlan(TrainingPlan):
-    """Masked-value loss; exact epoch metrics over every selected token.
-
-    Training draws fresh masks every step; validation draws them from a generator reset to
-    ``seed`` at the start of every validation run, so each validation cell gets the same
-    masks every epoch and the validation loss is comparable across epochs.
-
-    Metrics (history columns ``train_<k>`` / ``validation_<k>``): ``loss`` (value MSE +
-    cellwise MSE, plus the zero BCE terms when they apply), ``value_mse``, ``cellwise_mse``,
-    all over the selected tokens of the epoch (sums, reduced across processes). The sums
-    ``"loss"``/``"tokens"`` are token sums, not cell sums; ``"n"`` counts cells.
-
-    Parameters
-    ----------
-    module
-        The pretraining module.
-    seed
-        Seed of the validation masks.
-    **kwargs
-        :class:`~cellfm_sc.model._core.TrainingPlan` settings (lr, schedule, ...).
-    """
-
-    def __init__(
-        self,
-        module: CellFMPretrainModule,
-        *,
-        seed: int = 0,
-        probes: Mapping[str, EmbeddingProbe] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(module, **kwargs)
-        self.seed = int(seed)
-        self.probes = dict(probes or {})
-        self.probe_initial: dict[str, float] | None = None
-        self._generator: torch.Generator | None = None
-
-    def on_train_start(self) -> None:
-        # the probes of the weights training starts from (a random trunk: the baseline)
-        if self.probes and self.probe_initial is None and not self.history:
-            self.probe_initial = {
-                column: p.score(self.module.trunk) for column, p in self.probes.items()
-            }
-
-    def on_train_epoch_end(self) -> None:
-        super().on_train_epoch_end()
-        for column, p in self.probes.items():
-            score = p.score(self.module.trunk)
-            self.history[-1][column] = score
-            self.log(column, score, prog_bar=True)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["cellfm_probe_initial"] = self.probe_initial
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.probe_initial = checkpoint.get("cellfm_probe_initial")
-
-    def on_validation_epoch_start(self) -> None:
-        super().on_validation_epoch_start()
-        self._generator = torch.Generator(device=self.device)
-        self._generator.manual_seed(self.seed + _VALIDATION_STREAM)
-
-    def step(self, batch: TokenBatch, stage: str) -> StepOutput:
-        generator = None if stage == "train" else self._generator
-        _, parts = self.module.masked_loss(batch, generator)
-        weight = batch.weight.to(parts.loss.dtype)
-        sums = {
-            "loss": (parts.se_value + parts.se_cell + parts.bce).detach(),
-            "se_value": parts.se_value.detach(),
-            "se_cell": parts.se_cell.detach(),
-            "tokens": parts.n_selected.detach(),
-            "n": weight.sum(),
-        }
-        return StepOutput(loss=parts.loss, sums=sums)
-
-    def metrics_from_sums(self, sums: Mapping[str, float]) -> dict[str, float]:
-        tokens = sums.get("tokens", 0.0)
-        if not tokens:
-            return {"loss": float("nan"), "value_mse": float("nan"), "cellwise_mse": float("nan")}
-        return {
-            "loss": sums["loss"] / tokens,
-            "value_mse": sums["se_value"] / tokens,
-            "cellwise_mse": sums["se_cell"] / tokens,
-        }
-
-
 # --------------------------------------------------------------------------------------------
 # the model class
 # --------------------------------------------------------------------------------------------
 
 
-class CellFMPretrainer(CellFMModel):
+class CellFMPretrainer(PretrainerTrainingMixin, PretrainerCorpusMixin, CellFMModel):
     """Pretrain CellFM (or continue its pretraining) on unlabelled cells.
 
     The objective is CellFM's masked-value loss (DESIGN.md section 7): in every cell,
@@ -214,6 +117,11 @@ class CellFMPretrainer(CellFMModel):
     """
 
     _module_cls = CellFMPretrainModule
+    _saved: ClassVar[dict[str, Saved]] = {
+        "mask_ratio_": Saved("mask_ratio", float),
+        "dropout_": Saved("dropout", float, 0.1),
+        "corpus_names_": Saved("corpus_names_", list, []),
+    }
     _objective_params = ("value_dec.", "cellwise_dec.", "value_enc.mask_emb")
 
     def __init__(
@@ -266,8 +174,7 @@ class CellFMPretrainer(CellFMModel):
             self.members_.append(member)
         self.corpus_names_ = [m.name for m in self.members_]
         self.dropout_ = float(dropout)
-        module = CellFMPretrainModule(trunk, mask_ratio=self.mask_ratio_)
-        self._attach(module, trainable, lora_rank, lora_alpha)
+        self._attach(self._make_module(trunk), trainable, lora_rank, lora_alpha)
         self.init_params_ = self._get_init_params(locals())
 
     # ----------------------------------------------------------------- setup_anndata
@@ -309,160 +216,7 @@ class CellFMPretrainer(CellFMModel):
             )
         check_counts(adata, layer, use_raw=use_raw)
         fields = [LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=not use_raw)]
-        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*integer.*")
-            warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*")
-            manager.register_fields(adata, **kwargs)
-        cls.register_manager(manager)
-
-    # ----------------------------------------------------------------- the corpus
-    @classmethod
-    def _open_corpus(cls, adata: Any) -> list[tuple[Any, str]]:
-        """``[(AnnData, name)]`` for one AnnData / path or a list of them (paths set up)."""
-        import anndata
-
-        items = list(adata) if isinstance(adata, list | tuple) else [adata]
-        if not items:
-            raise ValueError("the corpus is empty: pass an AnnData, an .h5ad path or a list")
-        out: list[tuple[Any, str]] = []
-        seen: set[str] = set()
-        for i, item in enumerate(items):
-            if isinstance(item, str | os.PathLike):
-                path = Path(item)
-                if not path.is_file():
-                    raise FileNotFoundError(f"corpus file {os.fspath(path)!r} does not exist")
-                key = os.fspath(path.resolve())
-                if key in seen:
-                    raise ValueError(f"corpus file {os.fspath(path)!r} is listed twice")
-                seen.add(key)
-                try:
-                    a = anndata.read_h5ad(path, backed="r")
-                except (OSError, KeyError, ValueError, TypeError) as exc:
-                    raise ValueError(f"cannot read corpus file {os.fspath(path)!r}: {exc}") from exc
-                cls.setup_anndata(a)
-                out.append((a, path.name))
-            elif isinstance(item, anndata.AnnData):
-                if model_not_set_up(cls, item):
-                    raise ValueError(
-                        f"corpus member {i} (an AnnData of {item.n_obs} cells) is not set up: "
-                        f"call {cls.__name__}.setup_anndata(adata, ...) first"
-                    )
-                filename = getattr(item, "filename", None)
-                out.append((item, Path(filename).name if filename else f"adata[{i}]"))
-            else:
-                raise TypeError(
-                    f"corpus member {i} must be an AnnData or an .h5ad path, got "
-                    f"{type(item).__name__}"
-                )
-        return out
-
-    @classmethod
-    def _member_args(cls, adata: Any) -> dict[str, Any]:
-        return dict(cls._get_most_recent_anndata_manager(adata).registry["setup_args"])
-
-    def _member(self, adata: Any, name: str) -> tuple[CorpusMember, np.ndarray]:
-        args = self._member_args(adata)
-        use_raw = bool(args.get("use_raw", False))
-        names = member_gene_names(adata, use_raw=use_raw, gene_symbols=args.get("gene_symbols"))
-        member = CorpusMember(
-            adata=adata,
-            name=name,
-            layer=args.get("layer"),
-            use_raw=use_raw,
-            gene_symbols=args.get("gene_symbols"),
-            gene_id_map=np.zeros(len(names), dtype=np.int64),
-        )
-        return member, names
-
-    @property
-    def corpus(self) -> list[str]:
-        """Names of the corpus members (file names, or ``adata[i]``)."""
-        return list(self.corpus_names_)
-
-    # ----------------------------------------------------------------- genes of other data
-    def _settings_of(self, adata: Any) -> tuple[str | None, bool, str | None]:
-        """``(layer, use_raw, gene_symbols)`` of ``adata``: its own registration with this
-        class, else the model's first member's."""
-        if not model_not_set_up(type(self), adata):
-            args = self._member_args(adata)
-            return args.get("layer"), bool(args.get("use_raw", False)), args.get("gene_symbols")
-        return self.layer, self.use_raw, self.gene_symbols_key
-
-    def _gene_id_map(
-        self, adata: Any, min_gene_coverage: float = 0.5, *, strict: bool = False
-    ) -> np.ndarray | None:
-        """Token ids of ``adata``'s columns in the corpus vocabulary (0 = unknown gene).
-
-        The vocabulary is the union of the corpus' genes, so coverage is counted on the
-        query's side: below ``min_gene_coverage`` of ``adata``'s genes known to the model is
-        an error, below 100% a warning.
-        """
-        _, use_raw, symbols = self._settings_of(adata)
-        names = member_gene_names(adata, use_raw=use_raw, gene_symbols=symbols)
-        ids = self.vocab.ids(names, missing="zero")
-        known = int((ids > 0).sum())
-        share = known / max(len(names), 1)
-        if known == 0 or share < min_gene_coverage:
-            hint = (
-                "; its var_names look like Ensembl ids: set it up with "
-                "CellFMPretrainer.setup_anndata(adata, gene_symbols=...)"
-                if looks_ensembl(names)
-                else ""
-            )
-            raise ValueError(
-                f"only {known:,} of the data's {len(names):,} genes ({100 * share:.1f}%) are in "
-                f"the model's vocabulary of {self.vocab.n_genes:,} genes, below "
-                f"min_gene_coverage={min_gene_coverage}{hint}"
-            )
-        if known < len(names):
-            warnings.warn(
-                f"{len(names) - known:,} of the data's {len(names):,} genes are not in the "
-                "model's vocabulary (dropped; they still count toward each cell's total)",
-                UserWarning,
-                stacklevel=3,
-            )
-        if len(names) == self.vocab.n_genes and np.array_equal(ids, np.arange(1, known + 1)):
-            return None
-        return ids
-
-    def _probe_reading(self, adata: Any) -> dict[str, Any]:
-        """Where a probe AnnData's counts are (its own settings, else the first member's)."""
-        layer, use_raw, _ = self._settings_of(adata)
-        return {"layer": layer, "use_raw": use_raw}
-
-    @contextlib.contextmanager
-    def _reading(self, adata: Any) -> Iterator[None]:
-        """Read ``adata`` with its own settings (layer, raw) for the base's inference loop."""
-        before = (self.layer, self.use_raw)
-        self.layer, self.use_raw, _ = self._settings_of(adata)
-        try:
-            yield
-        finally:
-            self.layer, self.use_raw = before
-
-    # ----------------------------------------------------------------- training
-    def _split_members(self, validation_size: float) -> None:
-        """Drop cells without counts (warning) and draw each member's validation cells."""
-        for i, m in enumerate(self.members_):
-            summary = check_counts(m.adata, m.layer, use_raw=m.use_raw, full=True)
-            empty = summary.empty if summary.empty is not None else np.zeros(0, np.int64)
-            pool = np.setdiff1d(np.arange(m.n_obs, dtype=np.int64), empty)
-            if empty.size:
-                warnings.warn(
-                    f"{m.name}: {empty.size:,} cell(s) without counts are left out of pretraining",
-                    UserWarning,
-                    stacklevel=3,
-                )
-            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, i, 0x5B17])
-            n_val = round(validation_size * pool.size)
-            if validation_size > 0 and pool.size > 1:
-                n_val = min(max(n_val, 1), pool.size - 1)
-            perm = rng.permutation(pool)
-            m.validation = np.sort(perm[:n_val])
-            m.train = np.sort(perm[n_val:])
-        if sum(m.train.size for m in self.members_) == 0:
-            raise ValueError("the corpus holds no cell with counts to pretrain on")
+        cls._register(adata, fields, setup_method_args, **kwargs)
 
     def train(
         self,
@@ -558,129 +312,9 @@ class CellFMPretrainer(CellFMModel):
         every selected token of the epoch (and ``probe_macro_f1`` with a ``probe``);
         ``model.best_epoch`` is the epoch whose weights the model holds.
         """
-        check_training_numbers(
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            lr_schedule=lr_schedule,
-            weight_decay=weight_decay,
-            patience=patience,
-            num_workers=num_workers,
-            check_val_every_n_steps=check_val_every_n_steps,
-            gradient_clip_val=gradient_clip_val,
-            warmup_fraction=warmup_fraction,
-        )
-        check_accelerator(accelerator, devices)  # before any work: one line, the fix
-        if not isinstance(validation_size, int | float) or not 0.0 <= validation_size < 1.0:
-            raise ValueError(
-                f"validation_size must be a fraction in [0, 1), got {validation_size!r}"
-            )
-        if early_stopping not in (True, False):
-            raise ValueError(f"early_stopping must be True or False, got {early_stopping!r}")
-        if not getattr(self, "members_", None):
-            raise ValueError(
-                "this model holds no corpus to train on (a loaded model): create a "
-                f"{type(self).__name__} on the data, or load it with adata= set up for it"
-            )
-        if corpus_sampling not in CORPUS_SAMPLING:
-            raise ValueError(
-                f"corpus_sampling must be one of {CORPUS_SAMPLING}, got {corpus_sampling!r}"
-            )
-        probes = _probe_columns(probe)
-        if resume_from is not None:
-            check_resume_file(resume_from)
-        for p in probes.values():  # bad probe cells are named before any training
-            p.bind(self._probe_reading, self._gene_id_map, self.max_tokens, self.seed)
-        self._split_members(float(validation_size))
-        lr_value = auto_lr(self.pretrained, self.module.trunk.config) if lr == "auto" else float(lr)
-        plan = PretrainingPlan(
-            self.module,
-            seed=self.seed,
-            probes=probes,
-            lr=lr_value,
-            weight_decay=weight_decay,
-            lr_schedule=lr_schedule,
-            max_epochs=max_epochs,
-            warmup_fraction=warmup_fraction,
-        )
-        self.module.trunk.gradient_checkpointing = gradient_checkpointing
-        datamodule = CorpusDataModule(
-            self.members_,
-            batch_size=batch_size,
-            max_tokens=self.max_tokens,
-            seed=self.seed,
-            num_workers=num_workers,
-            sampling=corpus_sampling,
-        )
-        has_validation = any(m.validation.size for m in self.members_)
-        settings = {
-            "max_epochs": max_epochs,
-            "batch_size": batch_size,
-            "lr": lr_value,
-            "lr_requested": lr,
-            "weight_decay": weight_decay,
-            "lr_schedule": lr_schedule,
-            "warmup_fraction": warmup_fraction,
-            "validation_size": validation_size,
-            "early_stopping": bool(early_stopping),
-            "patience": patience,
-            "mask_ratio": self.mask_ratio_,
-            "trainable": self.trainable_,
-            "gradient_checkpointing": gradient_checkpointing,
-            "corpus_sampling": corpus_sampling,
-            "probe": {c: p.describe() for c, p in probes.items()} or None,
-            "corpus": {
-                m.name: {"train": int(m.train.size), "validation": int(m.validation.size)}
-                for m in self.members_
-            },
-        }
-        self._fit_corpus(
-            plan,
-            datamodule,
-            settings,
-            has_validation=has_validation,
-            max_epochs=max_epochs,
-            monitor="validation_loss",
-            mode="min",
-            early_stopping=bool(early_stopping),
-            patience=patience,
-            check_val_every_n_steps=check_val_every_n_steps,
-            **self._runner_options(locals()),
-            **trainer_kwargs,
-        )
+        self._train(locals())
 
-    def _fit_corpus(
-        self,
-        plan: PretrainingPlan,
-        datamodule: CorpusDataModule,
-        settings: dict[str, Any],
-        *,
-        has_validation: bool,
-        **fit_kwargs: Any,
-    ) -> None:
-        """The base's ``_fit`` for a corpus: train through the core, store the results."""
-        from cellfm_sc.model._core import fit
-
-        logger.info("%s", self.trainable_summary)
-        result = fit(plan, datamodule, has_validation=has_validation, **fit_kwargs)
-        for column, score in (plan.probe_initial or {}).items():
-            settings["probe"][column]["initial_macro_f1"] = score
-        if len(self.members_) == 1:  # "train"/"validation" indices of the one AnnData
-            m = self.members_[0]
-            self._set_split(m.adata, DataSplit(m.train, m.validation, np.zeros(0, np.int64)))
-        self._record_fit(result, settings)
-
-    # ----------------------------------------------------------------- inference
-    def _default_adata(self, adata: Any | None) -> Any:
-        if adata is not None:
-            return adata
-        members = getattr(self, "members_", None) or []
-        if len(members) > 1:
-            raise ValueError(
-                f"the model was trained on a corpus of {len(members)} AnnData: pass adata= "
-                "(any AnnData with these genes)"
-            )
-        return self._adata_or_default(None)
+    # the steps of the training template (CellFMModel._train)
 
     def get_latent_representation(
         self,
@@ -712,22 +346,15 @@ class CellFMPretrainer(CellFMModel):
             baseline); otherwise that is an :class:`~cellfm_sc.model.UntrainedModelError`
             (a checkpoint's trunk with ``embedding_init="transfer"`` counts as trained).
         """
-        self._require_trained(allow_untrained, head=False)
-        adata = self._default_adata(adata)
-        idx = self._indices(adata, indices)
-        with self._reading(adata):
-            return self._forward_cells(
-                adata,
-                idx,
-                batch_size,
-                device,
-                {"emb": (self.module.trunk.config.enc_dims,)},
-                _embedding,
-                enable_progress_bar,
-                min_gene_coverage,
-                allow_untrained=allow_untrained,
-                head=False,
-            )["emb"]
+        return self._latent(
+            self._default_adata(adata),
+            indices,
+            batch_size,
+            device,
+            enable_progress_bar,
+            min_gene_coverage,
+            allow_untrained=allow_untrained,
+        )
 
     # ----------------------------------------------------------------- export
     def export_trunk(self) -> CellFMTrunk:
@@ -792,16 +419,7 @@ class CellFMPretrainer(CellFMModel):
     # ----------------------------------------------------------------- reporting
     @property
     def summary(self) -> str:
-        cfg = self.module.trunk.config
-        rep = self.pretrained_report_
-        lines = [f"CellFMPretrainer ({'trained' if self.is_trained_ else 'not trained'})"]
-        if rep is not None:
-            lines.append(f"  continued from: variant {rep.get('variant')}, {rep.get('source')}")
-        else:
-            lines.append(f"  from scratch: random trunk (preset {self.preset_ or 'custom'})")
-        lines.append(
-            f"  trunk: enc_dims={cfg.enc_dims}, num_heads={cfg.num_heads}, n_layers={cfg.n_layers}"
-        )
+        lines = self._summary_lines("continued from", "from scratch")
         lines.append(
             f"  vocabulary: {self.vocab.n_genes:,} genes (union of the corpus), gene_emb "
             f"{tuple(self.module.trunk.gene_emb.shape)}, init '{self.embedding_init_}'"
@@ -820,17 +438,9 @@ class CellFMPretrainer(CellFMModel):
     # ----------------------------------------------------------------- save / load parts
     def _save_attrs(self) -> dict[str, Any]:
         ens = self.vocab.ensembl_ids
-        return {
-            "mask_ratio": self.mask_ratio_,
-            "dropout": self.dropout_,
-            "corpus_names_": list(self.corpus_names_),
-            "ensembl_ids": None if ens is None else list(ens),
-        }
+        return {"ensembl_ids": None if ens is None else list(ens)}
 
     def _restore_attrs(self, attrs: dict[str, Any]) -> None:
-        self.mask_ratio_ = float(attrs["mask_ratio"])
-        self.dropout_ = float(attrs.get("dropout", 0.1))
-        self.corpus_names_ = list(attrs.get("corpus_names_", []))
         if attrs.get("ensembl_ids") is not None:
             self.vocab = GeneVocab(self.vocab.names, ensembl_ids=attrs["ensembl_ids"])
         adata = self._adata
@@ -840,33 +450,8 @@ class CellFMPretrainer(CellFMModel):
             member.gene_id_map = self.vocab.ids(names, missing="zero")
             self.members_ = [member]
 
-    @classmethod
-    def _make_module(cls, trunk: CellFMTrunk, attrs: dict[str, Any]) -> CellFMPretrainModule:
-        return CellFMPretrainModule(trunk, mask_ratio=float(attrs["mask_ratio"]))
-
-
-def _embedding(module: CellFMPretrainModule, batch: TokenBatch) -> dict[str, torch.Tensor]:
-    return {"emb": module.trunk(batch.values, batch.gene_ids, batch.valid, return_hidden=False).cls}
-
-
-def _probe_columns(probe: Any) -> dict[str, EmbeddingProbe]:
-    """History column -> probe for ``train(probe=...)`` (one probe or a dict of them)."""
-    if probe is None:
-        return {}
-    if isinstance(probe, EmbeddingProbe):
-        return {"probe_macro_f1": probe}
-    if isinstance(probe, Mapping) and probe:
-        out = {}
-        for name, p in probe.items():
-            if not isinstance(p, EmbeddingProbe):
-                raise TypeError(
-                    f"probe[{name!r}] must be an EmbeddingProbe, got {type(p).__name__}"
-                )
-            out[f"probe_{name}_macro_f1"] = p
-        return out
-    raise TypeError(
-        f"probe must be an EmbeddingProbe or a dict of them, got {type(probe).__name__}"
-    )
+    def _make_module(self, trunk: CellFMTrunk) -> CellFMPretrainModule:
+        return CellFMPretrainModule(trunk, mask_ratio=self.mask_ratio_)
 
 
 def _with_ensembl_ids(

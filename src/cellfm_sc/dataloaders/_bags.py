@@ -19,13 +19,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cellfm_sc.data import CellDataset, TokenBatch, name_keys, row_source
+from cellfm_sc.dataloaders._base import CellFMDataModuleBase
 
 __all__ = [
     "Bag",
@@ -432,7 +432,7 @@ class _Tagged(Sampler):
         return iter(self.sampler)
 
 
-class DonorDataModule(pl.LightningDataModule):
+class DonorDataModule(CellFMDataModuleBase):
     """Training bags (random, fresh each epoch) and validation bags (fixed), by rank.
 
     Parameters
@@ -493,13 +493,9 @@ class DonorDataModule(pl.LightningDataModule):
         self.cell_kwargs = dict(cell_kwargs or {})
         self.num_workers = num_workers
 
-    def _rank(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
-    def _loader(self, name: str, train: bool) -> DataLoader:
+    def loader(self, train: bool) -> DataLoader:
         rank, world = self._rank()
-        rows = self.split_rows[name]
+        rows = self.split_rows["train" if train else "validation"]
         if self.embeddings is not None:
             dataset = BagDataset(
                 self.labels,
@@ -534,17 +530,6 @@ class DonorDataModule(pl.LightningDataModule):
             num_workers=self.num_workers if self.cell_kwargs else 0,
             pin_memory=torch.cuda.is_available(),
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", train=False)
-
-    def transfer_batch_to_device(
-        self, batch: Any, device: torch.device, dataloader_idx: int
-    ) -> Any:
-        return batch.to(device, non_blocking=True)
 
 
 def eval_keys(obs_names: Sequence[str] | np.ndarray, seed: int) -> np.ndarray:

@@ -22,7 +22,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import torch
@@ -30,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cellfm_sc._constants import CORPUS_SAMPLING
 from cellfm_sc.data import CellBatchSampler, CellDataset, TokenBatch, matrix_var_names
+from cellfm_sc.dataloaders._base import CellFMDataModuleBase
 
 __all__ = [
     "CorpusDataModule",
@@ -252,7 +252,7 @@ def balanced_quotas(n_batches: Sequence[int]) -> list[int]:
     return out
 
 
-class CorpusDataModule(pl.LightningDataModule):
+class CorpusDataModule(CellFMDataModuleBase):
     """Train/validation loaders over a corpus, built at fit time, sharded by rank.
 
     Parameters
@@ -291,10 +291,6 @@ class CorpusDataModule(pl.LightningDataModule):
         self.max_tokens = int(max_tokens)
         self.seed = int(seed)
         self.num_workers = int(num_workers)
-
-    def _rank(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def loader(self, train: bool) -> DataLoader:
         """The training (``train=True``) or validation loader."""
@@ -336,14 +332,3 @@ class CorpusDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self.loader(train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.loader(train=False)
-
-    def transfer_batch_to_device(
-        self, batch: Any, device: torch.device, dataloader_idx: int
-    ) -> Any:
-        return batch.to(device, non_blocking=True) if hasattr(batch, "to") else batch

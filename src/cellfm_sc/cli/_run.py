@@ -1,0 +1,254 @@
+"""What a ``finetune`` run does at either level (cells: :mod:`cellfm_sc.cli.finetune`, donors:
+:mod:`cellfm_sc.cli._donor`): options to keywords, the resolved config, the logger, the
+held-out cells the report scores and the files every run writes. Both levels import this
+module; it imports neither."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from cellfm_sc import __version__
+from cellfm_sc.cli._common import CLIError, Console, show_progress
+
+__all__ = [
+    "FINETUNE_KEYS",
+    "check_checkpoint",
+    "held_out",
+    "make_logger",
+    "model_kwargs",
+    "report_info",
+    "run_facts",
+    "save_best_state",
+    "save_outputs",
+    "setup_kwargs",
+    "train_kwargs",
+    "write_resolved_config",
+]
+
+# the resolved finetune options that are not argparse bookkeeping
+FINETUNE_KEYS = (
+    "data",
+    "labels_key",
+    "donor_key",
+    "label_order",
+    "layer",
+    "use_raw",
+    "gene_symbols",
+    "backed",
+    "split_json",
+    "split_key",
+    "validation_size",
+    "test_size",
+    "checkpoint",
+    "vocabulary",
+    "hgnc_table",
+    "num_heads",
+    "preset",
+    "embedding_init",
+    "trainable",
+    "recipe",
+    "max_tokens",
+    "level",
+    "auto_folds",
+    "bag_size",
+    "output_dir",
+    "no_baseline",
+    "batch_size",
+    "epochs",
+    "lr",
+    "lr_schedule",
+    "weight_decay",
+    "eval_every_steps",
+    "early_stopping",
+    "patience",
+    "monitor",
+    "class_weights",
+    "accelerator",
+    "devices",
+    "num_nodes",
+    "strategy",
+    "precision",
+    "num_workers",
+    "gradient_checkpointing",
+    "logger",
+    "seed",
+    "write_split_h5ad",
+    "resume",
+    "keep_checkpoints",
+    "quiet",
+    "progress",
+    "debug",
+)
+
+
+def check_checkpoint(path: str) -> None:
+    """Fail early, with a usage error, on a file that is not a sound MindSpore checkpoint."""
+    from cellfm_sc.io import CheckpointError, read_mindspore_checkpoint
+
+    try:
+        read_mindspore_checkpoint(path)
+    except CheckpointError as exc:
+        raise CLIError(f"--checkpoint is not a readable MindSpore checkpoint: {exc}") from exc
+
+
+def setup_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
+    """``setup_anndata`` keywords every labelled model class takes, from the options."""
+    return {
+        "labels_key": opts["labels_key"],
+        "layer": opts.get("layer"),
+        "gene_symbols": opts.get("gene_symbols"),
+        "label_order": opts.get("label_order"),
+        "use_raw": bool(opts.get("use_raw")),
+    }
+
+
+def model_kwargs(opts: dict[str, Any], con: Console) -> dict[str, Any]:
+    """Constructor keywords every fine-tuned model class takes (says when no checkpoint)."""
+    if not opts.get("checkpoint"):
+        con.info(
+            f"no --checkpoint: a randomly initialised '{opts.get('preset')}' trunk is trained "
+            "(no pretrained CellFM weights)"
+        )
+    return {
+        "checkpoint": opts.get("checkpoint"),
+        "vocabulary_file": opts.get("vocabulary"),
+        "num_heads": opts.get("num_heads"),
+        "preset": opts.get("preset"),
+        "embedding_init": opts.get("embedding_init", "random"),
+        "trainable": opts.get("trainable", "auto"),
+        "max_tokens": opts.get("max_tokens", 2048),
+        "seed": opts.get("seed", 0),
+        "hgnc_table": opts.get("hgnc_table"),
+    }
+
+
+def write_resolved_config(
+    work: Path, opts: dict[str, Any], resume_from: Path | None, demo: bool
+) -> None:
+    """``config_resolved.json``: every finetune option as the run used it."""
+    from cellfm_sc._atomic import write_json_atomic
+
+    resolved = {k: opts.get(k) for k in FINETUNE_KEYS if k in opts}
+    resolved.update(
+        {
+            "command": "demo" if demo else "finetune",
+            "config": opts.get("config"),
+            "cellfm_sc_version": __version__,
+            "resume_from": str(resume_from) if resume_from else None,
+        }
+    )
+    write_json_atomic(work / "config_resolved.json", resolved)
+
+
+def make_logger(kind: str, folder: Path) -> Any:
+    """The Lightning logger of ``--logger`` under ``folder`` (``False`` for ``none``)."""
+    if kind == "none":
+        return False
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if kind == "tensorboard":
+        return TensorBoardLogger(str(folder), name="", version="")
+    return CSVLogger(str(folder), name="", version="")
+
+
+def train_kwargs(
+    opts: dict[str, Any], work: Path, out: Path, split: Any, resume_from: Path | None
+) -> dict[str, Any]:
+    """The ``train`` keywords both levels take the same way from the options."""
+    return {
+        "max_epochs": opts["epochs"],
+        "split": split,
+        "validation_size": opts.get("validation_size", 0.1),
+        "test_size": opts.get("test_size", 0.1),
+        "lr": opts.get("lr", "auto"),
+        "lr_schedule": opts.get("lr_schedule", "warmup_cosine"),
+        "weight_decay": opts.get("weight_decay", 1e-5),
+        "monitor": opts.get("monitor", "auto"),
+        "patience": max(opts.get("patience", 3), 1),
+        "precision": opts.get("precision"),
+        "accelerator": opts.get("accelerator", "auto"),
+        "devices": opts.get("devices", "auto"),
+        "strategy": opts.get("strategy"),
+        "num_workers": opts.get("num_workers", 0),
+        "checkpoint_dir": str(out),
+        "keep_checkpoints": opts.get("keep_checkpoints", 1),
+        "resume_from": str(resume_from) if resume_from else None,
+        "logger": make_logger(opts.get("logger", "csv"), work / "logs"),
+        "enable_progress_bar": show_progress(opts),
+        **({"num_nodes": opts["num_nodes"]} if opts.get("num_nodes", 1) > 1 else {}),
+    }
+
+
+def held_out(model: Any, con: Console, unit: str) -> tuple[str, str]:
+    """``(where, indices)`` the report scores: the test split, else the validation split
+    (with a warning), else the training cells; ``unit`` is ``"cells"`` or ``"donors"``."""
+    n_test, n_val = len(model.test_indices), len(model.validation_indices)
+    cells = unit == "cells"
+    if n_test:
+        where, indices = (
+            (f"test split ({n_test:,} cells)" if cells else f"test donors ({n_test:,} cells)"),
+            "test",
+        )
+    elif n_val:
+        where = (
+            f"validation split ({n_val:,} cells; no test split: optimistic)"
+            if cells
+            else "validation donors (no test split: optimistic)"
+        )
+        indices = "validation"
+        con.warn(
+            "no test split (--test-size 0): the report scores the validation cells, which chose the model"
+            if cells
+            else "no test split (--test-size 0): the report scores the validation donors"
+        )
+    else:
+        where, indices = f"training {unit} (nothing held out: optimistic)", "train"
+        con.warn(f"nothing was held out; the report scores the training {unit}")
+    con.info(f"evaluating on the {where}")
+    return where, indices
+
+
+def report_info(model: Any, opts: dict[str, Any]) -> dict[str, Any]:
+    """The run facts of ``training_results.json``: the model's, and the level selection of
+    ``--level auto``."""
+    info = dict(model.report_info())
+    if opts.get("_level_selection") is not None:
+        info["level_selection"] = opts["_level_selection"].to_dict()
+    return info
+
+
+def save_outputs(model: Any, work: Path, files: dict[str, Any]) -> None:
+    """Write the saved model folder, and name it, ``best_model.pth``, the resolved config and
+    the logs in ``files``."""
+    model.save(str(work / "model"), overwrite=True)
+    files["model"] = work / "model"
+    files["best_model"] = work / "best_model.pth"
+    files["config_resolved"] = work / "config_resolved.json"
+    if (work / "logs").is_dir():
+        files["logs"] = work / "logs"
+
+
+def save_best_state(model: Any, work: Path) -> None:
+    """``best_model.pth``: the plain state dict of the model (it holds the best weights)."""
+    import torch
+
+    from cellfm_sc._atomic import atomic_path
+
+    with atomic_path(work / "best_model.pth") as tmp:
+        torch.save(model.export_state_dict(), tmp)
+
+
+def run_facts(
+    result: Any, files: dict[str, Any], out: Path, where: str, started: float, model: Any
+) -> dict[str, Any]:
+    """What a successful run returns to its command (the summary it prints)."""
+    return {
+        "rank": 0,
+        "result": result,
+        "files": {k: out / Path(v).name for k, v in files.items()},
+        "where": where,
+        "elapsed": time.perf_counter() - started,
+        "model": model,
+    }

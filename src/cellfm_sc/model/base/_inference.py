@@ -1,0 +1,286 @@
+"""The inference engine every model class shares: evaluation batches over cells, the forward
+pass into arrays or sinks (:class:`_BlockWriter`), the cls embedding."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from cellfm_sc.data import check_counts
+
+__all__ = ["InferenceMixin", "cls_embedding"]
+
+
+def _select(batch: Any, mask: torch.Tensor) -> Any:
+    """The cells of a batch where ``mask (B,)`` is true (every per-cell tensor field)."""
+    import dataclasses
+
+    values = {}
+    for f in dataclasses.fields(batch):
+        v = getattr(batch, f.name)
+        is_cells = isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == mask.shape[0]
+        values[f.name] = v[mask] if is_cells else v
+    return type(batch)(**values)
+
+
+class _BlockWriter:
+    """Collects output rows in blocks of consecutive rows and writes each block once, whole.
+
+    ``target`` takes ``target[lo:hi] = block`` (an h5py / zarr dataset or an array); rows
+    arrive in any order within a few blocks (bucketing windows), each exactly once. Memory:
+    the blocks not yet complete (a window spans at most two).
+    """
+
+    def __init__(self, target: Any, n_rows: int, shape: tuple[int, ...]) -> None:
+        self.target, self.n_rows, self.shape = target, int(n_rows), tuple(shape)
+        chunk = getattr(target, "chunks", None)
+        step = int(chunk[0]) if chunk else 1
+        self.block = max(step, -(-4096 // step) * step)
+        self.open: dict[int, np.ndarray] = {}
+        self.filled: dict[int, int] = {}
+
+    def _size(self, b: int) -> int:
+        return min(self.block, self.n_rows - b * self.block)
+
+    def write(self, rows: np.ndarray, values: np.ndarray | None) -> None:
+        """Rows ``rows`` (positions) get ``values`` (``(len(rows), *shape)``; None: NaN)."""
+        blocks = rows // self.block
+        for b in np.unique(blocks):
+            sel = blocks == b
+            buf = self.open.get(int(b))
+            if buf is None:
+                buf = np.full((self._size(int(b)), *self.shape), np.nan, np.float32)
+                self.open[int(b)] = buf
+            if values is not None:
+                buf[rows[sel] - b * self.block] = values[sel]
+            self.filled[int(b)] = self.filled.get(int(b), 0) + int(sel.sum())
+            if self.filled[int(b)] == len(buf):
+                self._flush(int(b))
+
+    def _flush(self, b: int) -> None:
+        buf = self.open.pop(b)
+        self.filled.pop(b, None)
+        lo = b * self.block
+        self.target[lo : lo + len(buf)] = buf.astype(getattr(self.target, "dtype", np.float32))
+
+    def close(self) -> None:
+        """Write what is left (rows never visited stay NaN)."""
+        for b in sorted(self.open):
+            self._flush(b)
+
+
+def _progress(total: int, enable: bool) -> Any:
+    """A tqdm bar over cells on stderr (disabled unless ``enable``)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enable, file=sys.stderr, unit="cells", desc="cells")
+
+
+def cls_embedding(module: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+    """The forward of :meth:`InferenceMixin.get_latent_representation`: ``{"emb": (B, D)}``,
+    the trunk's cls token (no head, no masking)."""
+    return {"emb": module.trunk(batch.values, batch.gene_ids, batch.valid, return_hidden=False).cls}
+
+
+class InferenceMixin:
+    """The forward pass over cells (:meth:`_forward_cells`) and the cell embedding."""
+
+    # ------------------------------------------------------------------ inference
+    def _loader(
+        self,
+        adata: Any,
+        idx: np.ndarray,
+        batch_size: int,
+        gene_id_map: np.ndarray | None,
+        num_workers: int = 0,
+    ) -> Any:
+        """Evaluation batches over ``idx``, bucketed by length (each cell once)."""
+        from cellfm_sc.data import make_dataloader
+
+        return make_dataloader(
+            adata,
+            idx,
+            batch_size,
+            max_tokens=self.max_tokens,
+            train=False,
+            shuffle=False,
+            seed=self.seed,
+            gene_id_map=gene_id_map,
+            bucket=True,
+            num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(),
+            check=False,  # checked once, in full, by the caller
+            **self._data_kwargs(),
+        )
+
+    @torch.inference_mode()
+    def _forward_cells(
+        self,
+        adata: Any,
+        idx: np.ndarray,
+        batch_size: int,
+        device: str | torch.device | None,
+        outputs: dict[str, tuple[int, ...]],
+        forward: Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]],
+        enable_progress_bar: bool = False,
+        min_gene_coverage: float = 0.5,
+        sinks: dict[str, Any] | None = None,
+        num_workers: int = 0,
+        *,
+        allow_untrained: bool = False,
+        head: bool = True,
+    ) -> dict[str, Any]:
+        """Run ``forward(module, batch)`` over cells ``idx``; rows in the order of ``idx``.
+
+        ``outputs`` maps each output name to its per-cell shape. By default each output is a
+        float32 array ``(len(idx), *shape)``; a ``sinks`` entry instead receives the rows as
+        they are computed (any array-like that takes ``sink[sorted_rows] = values``: a numpy
+        array or memmap, an h5py or zarr dataset), so no ``(n, D)`` array is ever held.
+        Cells without counts get NaN rows (with a warning). Every cell's counts are checked
+        first, in one pass, so a bad cell is named before any work. ``num_workers`` loader
+        processes read and tokenise ahead of the model; ``enable_progress_bar`` shows a bar
+        over the cells on stderr. An untrained model is refused first
+        (``_require_trained``: ``allow_untrained``, ``head`` whether ``forward`` uses the
+        model's head).
+        """
+        self._require_trained(allow_untrained, head=head)
+        sinks = dict(sinks or {})
+        gene_id_map = self._gene_id_map(adata, min_gene_coverage)
+        summary = check_counts(adata, indices=idx, full=True, **self._data_kwargs())
+        dev = self._inference_device(device)
+        module = self.module.to(dev).eval()
+        arrays: dict[str, Any] = {}
+        for key, shape in outputs.items():
+            if key in sinks:
+                want = (len(idx), *shape)
+                if tuple(sinks[key].shape) != want:
+                    raise ValueError(
+                        f"the output for {key!r} has shape {tuple(sinks[key].shape)}, "
+                        f"expected {want}"
+                    )
+                arrays[key] = sinks[key]
+            else:
+                arrays[key] = np.full((len(idx), *shape), np.nan, np.float32)
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        use_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        )
+        # sinks (h5py / zarr datasets) get whole blocks of consecutive rows: a bucketed batch
+        # scatters over a window of cells, and fancy-indexed writes into chunked files are slow
+        writers = {
+            key: _BlockWriter(arrays[key], len(idx), outputs[key]) for key in arrays if key in sinks
+        }
+        bar = _progress(len(idx), enable_progress_bar)
+        for batch in self._loader(adata, idx, batch_size, gene_id_map, num_workers):
+            bar.update(len(batch))
+            ok = (batch.n_tokens > 0).numpy()
+            rows = order[np.searchsorted(sorted_idx, batch.obs_index.numpy())]
+            if not ok.all():
+                for writer in writers.values():  # NaN rows: written as they are
+                    writer.write(rows[~ok], None)
+                rows = rows[ok]
+                if len(rows) == 0:
+                    continue
+                batch = _select(batch, torch.from_numpy(ok))
+            batch = batch.to(dev, non_blocking=True)
+            with autocast:
+                result = forward(module, batch)
+            for key, value in result.items():
+                values = value.float().cpu().numpy()
+                if key in writers:
+                    writers[key].write(rows, values)
+                else:
+                    arrays[key][rows] = values
+        bar.close()
+        for writer in writers.values():
+            writer.close()
+        n_empty = len(summary.empty) if summary.empty is not None else 0
+        if n_empty:
+            warnings.warn(
+                f"{n_empty} cell(s) have no counts: their outputs are NaN",
+                UserWarning,
+                stacklevel=3,
+            )
+        return arrays
+
+    def _reading(self, adata: Any) -> Any:
+        """A context within which ``adata`` is read with the right settings (default: as
+        the model was set up)."""
+        return contextlib.nullcontext()
+
+    def _latent(
+        self,
+        adata: Any | None,
+        indices: Any,
+        batch_size: int,
+        device: str | torch.device | None,
+        enable_progress_bar: bool,
+        min_gene_coverage: float,
+        out: Any = None,
+        num_workers: int = 0,
+        allow_untrained: bool = False,
+    ) -> Any:
+        """The cls embedding of cells ``indices`` of ``adata`` (see
+        :meth:`get_latent_representation`)."""
+        self._require_trained(allow_untrained, head=False)
+        adata = self._adata_or_default(adata)
+        idx = self._indices(adata, indices)
+        with self._reading(adata):
+            return self._forward_cells(
+                adata,
+                idx,
+                batch_size,
+                device,
+                {"emb": (self.module.trunk.config.enc_dims,)},
+                cls_embedding,
+                enable_progress_bar,
+                min_gene_coverage,
+                sinks=None if out is None else {"emb": out},
+                num_workers=num_workers,
+                allow_untrained=allow_untrained,
+                head=False,
+            )["emb"]
+
+    def get_latent_representation(
+        self,
+        adata: Any | None = None,
+        indices: Any = None,
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+        enable_progress_bar: bool = False,
+        min_gene_coverage: float = 0.5,
+        out: Any = None,
+        num_workers: int = 0,
+        allow_untrained: bool = False,
+    ) -> Any:
+        """Cell embeddings (the cls token), float32 ``(n_cells, D)``.
+
+        Query data with another gene set work as in
+        :meth:`CellFMClassifier.predict <cellfm_sc.model.CellFMClassifier.predict>`. For
+        atlases, pass ``out``: an array-like ``(n_cells, D)`` (an h5py or zarr dataset, a
+        numpy memmap, in float32 or float16) that the rows are written into as they are
+        computed, so memory does not grow with the number of cells; ``out`` is returned. ``num_workers`` loader
+        processes read and tokenise ahead of the model. A model never trained is refused
+        (:class:`~cellfm_sc.model.UntrainedModelError`) unless its trunk is a pretrained
+        checkpoint's with ``embedding_init="transfer"`` or ``allow_untrained=True``.
+        """
+        return self._latent(
+            adata,
+            indices,
+            batch_size,
+            device,
+            enable_progress_bar,
+            min_gene_coverage,
+            out,
+            num_workers,
+            allow_untrained,
+        )
