@@ -108,6 +108,14 @@ def _part(rows: np.ndarray, donors: np.ndarray | None, exclude: set[str]) -> np.
     return rows[~np.isin(donors[rows], list(exclude))]
 
 
+def _attempt(out: BaselineComparison, key: str, what: str, fit: Any, **kw: Any) -> None:
+    """``out.results[key] = fit(**kw)``; a ValueError becomes a note naming ``what``."""
+    try:
+        out.results[key] = fit(**kw)
+    except ValueError as exc:
+        out.notes.append(f"{what} baseline skipped: {exc}")
+
+
 def compare_on_split(
     adata: Any,
     labels: np.ndarray,
@@ -162,47 +170,20 @@ def compare_on_split(
     train = _part(train, d, exclude)
     validation = _part(validation, d, exclude)
     out = BaselineComparison()
-    where = {"layer": layer, "use_raw": use_raw}
+    common = {"adata": adata, "labels": labels, "classes": classes, "ordered": ordered}
+    common.update(train=train, validation=validation, layer=layer, use_raw=use_raw)
     if cells:
-        try:
-            out.results["cell_logistic_regression"] = cell_baseline(
-                adata,
-                labels,
-                train=train,
-                validation=validation,
-                evaluate=evaluate,
-                classes=classes,
-                ordered=ordered,
-                donors=d,
-                donor_method=donor_method,
-                seed=seed,
-                **where,
-            )
-        except ValueError as exc:
-            out.notes.append(f"cell baseline skipped: {exc}")
+        extra = {"evaluate": evaluate, "donors": d, "donor_method": donor_method, "seed": seed}
+        _attempt(out, "cell_logistic_regression", "cell", cell_baseline, **extra, **common)
     if d is not None:
         rows = np.concatenate([train, validation, evaluate])
         frame = pd.DataFrame({"d": d[rows], "y": labels[rows]})
         frame = frame[frame["y"] >= 0]
-        constant = bool((frame.groupby("d")["y"].nunique() <= 1).all())
-        if not constant:
+        if not bool((frame.groupby("d")["y"].nunique() <= 1).all()):
             out.notes.append(
                 "pseudo-bulk baseline skipped: the labels are not constant within donors"
             )
         else:
-            try:
-                out.results["pseudobulk"] = pseudobulk_baseline(
-                    adata,
-                    labels,
-                    d,
-                    train=train,
-                    validation=validation,
-                    test=evaluate,
-                    classes=classes,
-                    ordered=ordered,
-                    ordinal=False,
-                    **where,
-                )
-            except ValueError as exc:
-                out.notes.append(f"pseudo-bulk baseline skipped: {exc}")
+            extra = {"donors": d, "test": evaluate, "ordinal": False}
+            _attempt(out, "pseudobulk", "pseudo-bulk", pseudobulk_baseline, **extra, **common)
     return out

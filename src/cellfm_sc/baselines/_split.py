@@ -20,7 +20,7 @@ from cellfm_sc.baselines._read import (
     pseudobulk,
 )
 from cellfm_sc.metrics import aggregate_by_donor
-from cellfm_sc.metrics._evaluation import _metric_set
+from cellfm_sc.metrics._cell import metric_set
 
 # --------------------------------------------------------------------------------------------
 # fit-and-score on a split
@@ -154,7 +154,7 @@ def pseudobulk_baseline(
     clf.fit(sums[tr], y[tr], sums[va] if va.any() else None, y[va] if va.any() else None)
     proba = clf.predict_proba(sums[te])
     pred = _predict_from_proba(proba, ordered)
-    metrics = _metric_set(y[te], pred, len(classes), ordered)
+    metrics = metric_set(y[te], pred, len(classes), ordered)
     metrics["n_donors"] = int(te.sum())
     kind = "ordinal (Frank-Hall) " if clf.ordinal else ""
     return BaselineResult(
@@ -250,7 +250,7 @@ def cell_baseline(
     proba = clf.predict_proba(target, ev)
     t = eval_labels[ev]
     pred = np.argmax(proba, axis=1)
-    cell_m = _metric_set(t, pred, len(classes), ordered)
+    cell_m = metric_set(t, pred, len(classes), ordered)
     cell_m["n_cells"] = int(ev.size)
     donor_m, table = None, None
     if donors is not None:
@@ -258,7 +258,7 @@ def cell_baseline(
         agg = aggregate_by_donor(proba, d, method=donor_method)
         truth = _donor_truth(t, d).reindex(agg.index).to_numpy()
         dpred = agg["predicted"].to_numpy().astype(np.int64)
-        donor_m = _metric_set(truth, dpred, len(classes), ordered)
+        donor_m = metric_set(truth, dpred, len(classes), ordered)
         donor_m["n_donors"] = len(agg)
         table = _table(
             np.asarray(agg.index),

@@ -35,10 +35,10 @@ from .tokenize import DEFAULT_MAX_TOKENS, TokenBatch
 __all__ = ["BUCKET_BATCHES", "CellBatchSampler", "CellDataset", "batches", "make_dataloader"]
 
 
-class _EpochTagged(Sampler):
-    """Wraps a :class:`CellBatchSampler` to send ``(epoch, rows, weight)`` to the dataset."""
+class EpochRelay(Sampler):
+    """Wraps a batch sampler so that Lightning's ``set_epoch`` reaches it and the dataset."""
 
-    def __init__(self, sampler: CellBatchSampler, dataset: CellDataset):
+    def __init__(self, sampler: Any, dataset: Any) -> None:
         self.sampler = sampler
         self.dataset = dataset
 
@@ -49,10 +49,21 @@ class _EpochTagged(Sampler):
     def __len__(self) -> int:
         return len(self.sampler)
 
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.sampler)
+
+
+class _EpochTagged(EpochRelay):
+    """Sends ``(epoch, rows, weight)`` of a :class:`CellBatchSampler` to the dataset."""
+
     def __iter__(self) -> Iterator[tuple[int, np.ndarray, float]]:
         epoch = self.sampler.epoch
         for rows, weight in self.sampler.iter_weighted():
             yield epoch, rows, weight
+
+
+#: arguments of :func:`make_dataloader` that go to the ``DataLoader``, not to :func:`_prepare`
+_LOADER_ONLY = ("num_workers", "pin_memory", "persistent_workers")
 
 
 def _prepare(
@@ -185,27 +196,9 @@ def make_dataloader(
     >>> next(iter(loader)).values.shape  # doctest: +SKIP
     torch.Size([16, 1873])
     """
-    dataset, sampler = _prepare(
-        adata,
-        indices,
-        batch_size,
-        layer=layer,
-        use_raw=use_raw,
-        max_tokens=max_tokens,
-        train=train,
-        shuffle=train if shuffle is None else shuffle,
-        seed=seed,
-        labels=labels,
-        gene_id_map=gene_id_map,
-        rank=rank,
-        world_size=world_size,
-        bucket=bucket,
-        bucket_size=bucket_size,
-        drop_last=drop_last,
-        chunk_size=chunk_size,
-        buffer_size=buffer_size,
-        check=check,
-    )
+    args = {k: v for k, v in locals().items() if k not in _LOADER_ONLY}
+    args["shuffle"] = train if shuffle is None else shuffle
+    dataset, sampler = _prepare(**args)
     return DataLoader(
         dataset,
         batch_size=None,
@@ -251,27 +244,8 @@ def batches(
     >>> tuple(batch.values.shape)
     (8, 256)
     """
-    dataset, sampler = _prepare(
-        adata,
-        indices,
-        batch_size,
-        layer=layer,
-        use_raw=use_raw,
-        max_tokens=max_tokens,
-        train=train,
-        shuffle=shuffle,
-        seed=seed,
-        labels=labels,
-        gene_id_map=gene_id_map,
-        rank=0,
-        world_size=1,
-        bucket=bucket,
-        bucket_size=bucket_size,
-        drop_last=False,
-        chunk_size=chunk_size,
-        buffer_size=buffer_size,
-        check=check,
-    )
+    args = {k: v for k, v in locals().items() if k != "epoch"}
+    dataset, sampler = _prepare(**args, rank=0, world_size=1, drop_last=False)
     sampler.set_epoch(epoch)
     dataset.set_epoch(epoch)
     for rows in sampler:

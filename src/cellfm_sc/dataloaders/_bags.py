@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cellfm_sc.data import CellDataset, TokenBatch, name_keys, row_source
+from cellfm_sc.data.loader import EpochRelay
 from cellfm_sc.dataloaders._base import CellFMDataModuleBase
 
 __all__ = [
@@ -366,30 +367,23 @@ class BagDataset(Dataset):
         )
         donor = np.array([b.donor for b, _ in items], dtype=np.int64)
         weight = torch.tensor([w for _, w in items], dtype=torch.float32)
-        labels = torch.from_numpy(self.labels[donor])
-        if self.cells is None and self.embeddings is None:
+        common = {"labels": torch.from_numpy(self.labels[donor]), "weight": weight}
+        common["donor"] = torch.from_numpy(donor)
+        if self.cells is None:
+            emb = None
+            if self.embeddings is not None:
+                pos = self.emb_index[rows]
+                if (pos < 0).any():
+                    raise IndexError(
+                        f"no cached embedding for AnnData rows {rows[pos < 0][:5].tolist()}"
+                    )
+                emb = self.embeddings[torch.from_numpy(pos)]
             return BagBatch(
                 bag=torch.from_numpy(bag),
                 obs_index=torch.from_numpy(rows),
-                labels=labels,
-                donor=torch.from_numpy(donor),
-                weight=weight,
+                emb=emb,
                 expr=self._expr(rows),
-            )
-        if self.embeddings is not None:
-            pos = self.emb_index[rows]
-            if (pos < 0).any():
-                raise IndexError(
-                    f"no cached embedding for AnnData rows {rows[pos < 0][:5].tolist()}"
-                )
-            return BagBatch(
-                bag=torch.from_numpy(bag),
-                obs_index=torch.from_numpy(rows),
-                labels=labels,
-                donor=torch.from_numpy(donor),
-                weight=weight,
-                emb=self.embeddings[torch.from_numpy(pos)],
-                expr=self._expr(rows),
+                **common,
             )
         tokens = self.cells[(epoch, rows)]
         order = torch.argsort(tokens.n_tokens, stable=True)
@@ -405,31 +399,11 @@ class BagDataset(Dataset):
         return BagBatch(
             bag=torch.from_numpy(bag)[order],
             obs_index=tokens.obs_index,
-            labels=labels,
-            donor=torch.from_numpy(donor),
-            weight=weight,
             cells=tokens,
             chunk_lengths=lengths,
             expr=self._expr(tokens.obs_index.numpy()),
+            **common,
         )
-
-
-class _Tagged(Sampler):
-    """Lets Lightning's ``set_epoch`` reach both the sampler and the dataset."""
-
-    def __init__(self, sampler: BagSampler, dataset: BagDataset) -> None:
-        self.sampler = sampler
-        self.dataset = dataset
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-        self.dataset.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self.sampler)
 
 
 class DonorDataModule(CellFMDataModuleBase):
@@ -526,7 +500,7 @@ class DonorDataModule(CellFMDataModuleBase):
         return DataLoader(
             dataset,
             batch_size=None,
-            sampler=_Tagged(sampler, dataset),
+            sampler=EpochRelay(sampler, dataset),
             num_workers=self.num_workers if self.cell_kwargs else 0,
             pin_memory=torch.cuda.is_available(),
         )

@@ -266,3 +266,22 @@ def spearman(y_true: Any, y_pred: Any) -> float:
     from scipy.stats import spearmanr
 
     return float(spearmanr(t, p).statistic)
+
+
+def metric_set(
+    y_true: np.ndarray, y_pred: np.ndarray, k: int, ordinal: bool, full: bool = True
+) -> dict[str, float]:
+    """``accuracy``, ``balanced_accuracy``, ``macro_f1`` (and ``weighted_f1`` if ``full``) of
+    integer codes ``(n,)``; with ``ordinal`` also ``qwk`` (``k`` classes), ``ordinal_mae`` (and
+    ``spearman`` if ``full``)."""
+    t, p = y_true, y_pred
+    out = {"accuracy": accuracy(t, p), "balanced_accuracy": balanced_accuracy(t, p)}
+    out["macro_f1"] = macro_f1(t, p)
+    if full:
+        out["weighted_f1"] = weighted_f1(t, p)
+    if ordinal:
+        out["qwk"] = quadratic_weighted_kappa(t, p, n_classes=k)
+        out["ordinal_mae"] = ordinal_mae(t, p)
+        if full:
+            out["spearman"] = spearman(t, p)
+    return out

@@ -8,13 +8,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from cellfm_sc.metrics._cell import (
-    accuracy,
-    balanced_accuracy,
-    macro_f1,
-    ordinal_mae,
-    quadratic_weighted_kappa,
-)
+from cellfm_sc.metrics._cell import metric_set
 
 __all__ = ["AggregationMethod", "aggregate_bag_logits", "aggregate_by_donor", "donor_metrics"]
 
@@ -164,14 +158,6 @@ def donor_metrics(
     """Donor-level metrics of true and predicted codes: ``accuracy``, ``balanced_accuracy``,
     ``macro_f1`` and (ordinal) ``qwk``, ``ordinal_mae``; plus ``n_donors``."""
     t = np.asarray(y_true, dtype=np.int64)
-    p = np.asarray(y_pred, dtype=np.int64)
-    out = {
-        "accuracy": accuracy(t, p),
-        "balanced_accuracy": balanced_accuracy(t, p),
-        "macro_f1": macro_f1(t, p),
-    }
-    if ordinal:
-        out["qwk"] = quadratic_weighted_kappa(t, p, n_classes=k)
-        out["ordinal_mae"] = ordinal_mae(t, p)
+    out = metric_set(t, np.asarray(y_pred, dtype=np.int64), k, ordinal, full=False)
     out["n_donors"] = float(t.size)
     return out

@@ -11,34 +11,10 @@ import numpy as np
 import pandas as pd
 
 from cellfm_sc._json import to_plain
-from cellfm_sc.metrics._cell import (
-    _codes,
-    accuracy,
-    balanced_accuracy,
-    confusion_matrix,
-    macro_f1,
-    ordinal_mae,
-    quadratic_weighted_kappa,
-    spearman,
-    weighted_f1,
-)
+from cellfm_sc.metrics._cell import _codes, confusion_matrix, metric_set
 from cellfm_sc.metrics._donor import AggregationMethod, aggregate_by_donor
 
 __all__ = ["EvaluationResult", "evaluate_predictions"]
-
-
-def _metric_set(t: np.ndarray, p: np.ndarray, k: int, ordinal: bool) -> dict[str, float]:
-    out = {
-        "accuracy": accuracy(t, p),
-        "balanced_accuracy": balanced_accuracy(t, p),
-        "macro_f1": macro_f1(t, p),
-        "weighted_f1": weighted_f1(t, p),
-    }
-    if ordinal:
-        out["qwk"] = quadratic_weighted_kappa(t, p, n_classes=k)
-        out["ordinal_mae"] = ordinal_mae(t, p)
-        out["spearman"] = spearman(t, p)
-    return out
 
 
 @dataclasses.dataclass
@@ -212,7 +188,7 @@ def evaluate_predictions(
 
     donor_arr = None if donors is None else np.asarray(donors)
     pred_table = _prediction_table(prob, t, p, obs_names, donor_arr, classes, cat)
-    cell_metrics = _metric_set(t, p, k, ordinal)
+    cell_metrics = metric_set(t, p, k, ordinal)
     cell_metrics["n_cells"] = n
     notes: list[str] = []
     donor_metrics = None
@@ -313,6 +289,6 @@ def _donor_part(
     donor_table["predicted"] = cat(donor_pred)
     donor_table["n_cells"] = agg["n_cells"].to_numpy()
     donor_table[[f"p_{c}" for c in classes]] = agg[list(range(k))].to_numpy()
-    donor_metrics = _metric_set(donor_true, donor_pred, k, ordinal)
+    donor_metrics = metric_set(donor_true, donor_pred, k, ordinal)
     donor_metrics["n_donors"] = len(uniques)
     return donor_table, donor_metrics

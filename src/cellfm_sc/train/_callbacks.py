@@ -180,28 +180,24 @@ class EpochCheckpoint(Checkpoint):
                     path.unlink()
 
 
+def _on_stderr(init: Any) -> Any:
+    """A bar factory of ``TQDMProgressBar`` that draws on stderr."""
+
+    def on_stderr(self: TQDMProgressBar) -> Any:
+        with contextlib.redirect_stdout(sys.stderr):
+            return init(self)
+
+    return on_stderr
+
+
 class ProgressBar(TQDMProgressBar):
     """Lightning's bar on stderr (stdout carries results only), epochs counted from 1."""
 
-    def init_sanity_tqdm(self) -> Any:
-        with contextlib.redirect_stdout(sys.stderr):
-            return super().init_sanity_tqdm()
-
-    def init_train_tqdm(self) -> Any:
-        with contextlib.redirect_stdout(sys.stderr):
-            return super().init_train_tqdm()
-
-    def init_validation_tqdm(self) -> Any:
-        with contextlib.redirect_stdout(sys.stderr):
-            return super().init_validation_tqdm()
-
-    def init_predict_tqdm(self) -> Any:
-        with contextlib.redirect_stdout(sys.stderr):
-            return super().init_predict_tqdm()
-
-    def init_test_tqdm(self) -> Any:
-        with contextlib.redirect_stdout(sys.stderr):
-            return super().init_test_tqdm()
+    init_sanity_tqdm = _on_stderr(TQDMProgressBar.init_sanity_tqdm)
+    init_train_tqdm = _on_stderr(TQDMProgressBar.init_train_tqdm)
+    init_validation_tqdm = _on_stderr(TQDMProgressBar.init_validation_tqdm)
+    init_predict_tqdm = _on_stderr(TQDMProgressBar.init_predict_tqdm)
+    init_test_tqdm = _on_stderr(TQDMProgressBar.init_test_tqdm)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)

@@ -29,20 +29,10 @@ TYPE_TO_DTYPE: dict[str, np.dtype] = {
 BF16 = "BFloat16"
 STR = "str"
 
-#: numpy dtype (native-order-insensitive key: kind + itemsize) -> tensor_type written.
+#: numpy dtype (native-order-insensitive key: kind + itemsize) -> tensor_type written (the
+#: inverse of :data:`TYPE_TO_DTYPE`, in today's spelling).
 DTYPE_TO_TYPE: dict[tuple[str, int], str] = {
-    ("f", 2): "Float16",
-    ("f", 4): "Float32",
-    ("f", 8): "Float64",
-    ("i", 1): "Int8",
-    ("i", 2): "Int16",
-    ("i", 4): "Int32",
-    ("i", 8): "Int64",
-    ("u", 1): "UInt8",
-    ("u", 2): "UInt16",
-    ("u", 4): "UInt32",
-    ("u", 8): "UInt64",
-    ("b", 1): "Bool",
+    (d.kind, d.itemsize): t for t, d in TYPE_TO_DTYPE.items() if not t.startswith("Uint")
 }
 
 CRC_MAGIC = b"crc_num"
