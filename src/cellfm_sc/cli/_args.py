@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from typing import Any
 
 from cellfm_sc._constants import PRECISIONS
@@ -193,3 +194,21 @@ def add_diagnostics(parser: argparse.ArgumentParser) -> None:
         "terminal they are shown unless --quiet",
     )
     group.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+
+def add_command(
+    sub: Any,
+    name: str,
+    handler: Callable[[argparse.Namespace, Any], int],
+    add_options: Callable[[argparse.ArgumentParser], None],
+    *,
+    help: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name``: the arguments of ``add_options(parser)``, then the
+    output and diagnostics group every command has; ``handler(args, console)`` runs it."""
+    p = sub.add_parser(name, help=help, description=description)
+    add_options(p)
+    add_diagnostics(p)
+    p.set_defaults(handler=handler)
+    return p

@@ -12,7 +12,7 @@ Imports nothing heavy (no torch, anndata, scvi-tools, Lightning) at import time.
 from __future__ import annotations
 
 from cellfm_sc.cli._args import (
-    add_diagnostics,
+    add_command,
     add_hardware_args,
     add_keep_checkpoints,
     device_type,
@@ -34,7 +34,6 @@ from cellfm_sc.cli._console import (
     PROG,
     CLIError,
     Console,
-    Formatter,
     Parser,
     data_errors,
     in_flags,
@@ -65,10 +64,9 @@ __all__ = [
     "PROG",
     "CLIError",
     "Console",
-    "Formatter",
     "Parser",
     "RunDirectory",
-    "add_diagnostics",
+    "add_command",
     "add_hardware_args",
     "add_keep_checkpoints",
     "checkpoints_line",

@@ -13,9 +13,8 @@ from cellfm_sc._constants import CORPUS_SAMPLING, EMBEDDING_INITS, LR_SCHEDULES,
 from cellfm_sc.cli._common import (
     CLIError,
     Console,
-    Formatter,
     RunDirectory,
-    add_diagnostics,
+    add_command,
     add_hardware_args,
     add_keep_checkpoints,
     checkpoints_line,
@@ -46,8 +45,11 @@ OUTPUT_FILES = (
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    return add_command(
+        sub,
         "pretrain",
+        run,
+        _add_options,
         help="pretrain CellFM on unlabelled .h5ad files (masked values) and export a checkpoint",
         description="Pretrain CellFM with its masked-value objective on one or more unlabelled "
         ".h5ad files (raw counts; read backed, never concatenated; one gene vocabulary over "
@@ -65,15 +67,16 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "Example:\n"
         "  cellfm-sc pretrain atlas_a.h5ad atlas_b.h5ad --gene-symbols "
         "atlas_b.h5ad=gene_names --preset small --epochs 5 -o runs/pretrain",
-        formatter_class=Formatter,
     )
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    """``pretrain``'s arguments and options."""
     p.add_argument("data", metavar="DATA.h5ad", nargs="+", help="input AnnData files (.h5ad)")
     _add_data_options(p)
     _add_model_options(p)
     _add_training_options(p)
     _add_output_options(p)
-    p.set_defaults(handler=run)
-    return p
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -213,7 +216,6 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--output-dir", "-o", metavar="OUT", required=True, help="output directory")
     add_keep_checkpoints(out)
-    add_diagnostics(p)
 
 
 # --------------------------------------------------------------------------------------------
