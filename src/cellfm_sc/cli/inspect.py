@@ -12,8 +12,8 @@ from cellfm_sc.cli._common import (
     CLIError,
     Console,
     add_command,
+    add_shared,
     existing_file,
-    positive_int,
 )
 
 __all__ = ["add_parser", "run"]
@@ -37,11 +37,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def _add_options(p: argparse.ArgumentParser) -> None:
     """``inspect``'s arguments and options."""
     p.add_argument("checkpoint", metavar="CKPT", help="MindSpore .ckpt file")
-    p.add_argument(
+    add_shared(
+        p,
         "--num-heads",
-        type=positive_int,
-        default=None,
-        metavar="N",
         help="retention heads (cannot be read from shapes; default: the number the checkpoint "
         "records (cellfm-sc's exports), else 48 for 1536-wide released models)",
     )

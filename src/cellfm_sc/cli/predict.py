@@ -11,13 +11,12 @@ from cellfm_sc.cli._common import (
     CLIError,
     Console,
     add_command,
+    add_shared,
     device_type,
     drop_scvi_bookkeeping,
     existing_dir,
     existing_file,
     fraction_type,
-    non_negative_int,
-    positive_int,
     quiet_libraries,
     read_h5ad,
     show_progress,
@@ -64,9 +63,7 @@ def _add_options(p: argparse.ArgumentParser, name: str) -> None:
         help="output file: OUT.h5ad, or an OUT.zarr folder"
         + (" (with --backed)" if name == "predict" else ""),
     )
-    p.add_argument(
-        "--batch-size", metavar="N", type=positive_int, default=64, help="cells per batch"
-    )
+    add_shared(p, "--batch-size", default=64)
     if name == "predict":
         p.add_argument(
             "--key-added",
@@ -105,11 +102,9 @@ def _add_options(p: argparse.ArgumentParser, name: str) -> None:
         default="float32",
         help="storage type of the embedding written to the output (float16 halves it)",
     )
-    p.add_argument(
+    add_shared(
+        p,
         "--num-workers",
-        metavar="N",
-        type=non_negative_int,
-        default=0,
         help="data-loader worker processes reading and tokenising ahead of the model",
     )
     p.add_argument(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cellfm_sc import __version__
-from cellfm_sc._constants import CORPUS_SAMPLING, EMBEDDING_INITS, LR_SCHEDULES, PRESET_NAMES
+from cellfm_sc._constants import CORPUS_SAMPLING, PRESET_NAMES
 from cellfm_sc.cli._common import (
     CLIError,
     Console,
@@ -17,13 +17,10 @@ from cellfm_sc.cli._common import (
     add_command,
     add_hardware_args,
     add_keep_checkpoints,
+    add_shared,
     checkpoints_line,
     existing_file,
     fraction_type,
-    lr_type,
-    non_negative_float,
-    non_negative_int,
-    positive_int,
     quiet_libraries,
     read_h5ad,
     resume_checkpoint,
@@ -104,42 +101,23 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     """``pretrain``'s model options."""
     model = p.add_argument_group("model")
-    model.add_argument(
-        "--preset",
-        choices=PRESET_NAMES,
-        default=None,
-        help="trunk size to pretrain from scratch (randomly initialised)",
+    add_shared(model, "--preset", help="trunk size to pretrain from scratch (randomly initialised)")
+    add_shared(
+        model, "--checkpoint", help="MindSpore CellFM checkpoint to continue pretraining from"
     )
-    model.add_argument(
-        "--checkpoint",
-        metavar="CKPT",
-        default=None,
-        help="MindSpore CellFM checkpoint to continue pretraining from",
-    )
-    model.add_argument(
-        "--vocabulary", metavar="CSV", default=None, help="the checkpoint's gene vocabulary"
-    )
-    model.add_argument(
+    add_shared(model, "--vocabulary", help="the checkpoint's gene vocabulary")
+    add_shared(
+        model,
         "--embedding-init",
-        choices=EMBEDDING_INITS,
-        default=None,
         help="gene embedding of the corpus' genes: transfer the checkpoint's rows (default "
         "with --vocabulary) or random",
     )
-    model.add_argument(
+    add_shared(
+        model,
         "--num-heads",
-        type=positive_int,
-        default=None,
-        metavar="N",
         help="retention heads of the checkpoint (default: recorded in it, or 48 at width 1536)",
     )
-    model.add_argument(
-        "--max-tokens",
-        metavar="N",
-        type=positive_int,
-        default=2048,
-        help="expressed genes per cell fed to the model (sampled when a cell has more)",
-    )
+    add_shared(model, "--max-tokens")
     model.add_argument(
         "--mask-ratio",
         metavar="R",
@@ -152,7 +130,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     """``pretrain``'s training options."""
     train = p.add_argument_group("training")
-    train.add_argument("--epochs", metavar="N", type=positive_int, default=16, help="epochs")
+    add_shared(train, "--epochs", default=16, help="epochs")
     train.add_argument(
         "--corpus-sampling",
         choices=CORPUS_SAMPLING,
@@ -173,22 +151,15 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="obs column of the --probe file with the labels",
     )
-    train.add_argument(
-        "--batch-size", metavar="N", type=positive_int, default=32, help="cells per batch"
-    )
-    train.add_argument(
+    add_shared(train, "--batch-size", default=32)
+    add_shared(
+        train,
         "--lr",
-        type=lr_type,
-        default="auto",
         help="learning rate (AdamW); auto: 1e-3 from scratch, the checkpoint's fine-tuning "
         "rate when continuing",
     )
-    train.add_argument(
-        "--lr-schedule", choices=LR_SCHEDULES, default="warmup_cosine", help="schedule"
-    )
-    train.add_argument(
-        "--weight-decay", metavar="WD", type=non_negative_float, default=1e-5, help="AdamW"
-    )
+    add_shared(train, "--lr-schedule", help="schedule")
+    add_shared(train, "--weight-decay", help="AdamW")
     train.add_argument(
         "--validation-size",
         metavar="F",
@@ -199,15 +170,9 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     train.add_argument(
         "--early-stopping", action="store_true", help="stop when the validation loss stalls"
     )
-    train.add_argument(
-        "--patience", metavar="N", type=non_negative_int, default=3, help="early stopping"
-    )
-    train.add_argument("--seed", metavar="N", type=int, default=0, help="seed of everything")
-    train.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint_epoch_*.pth in --output-dir",
-    )
+    add_shared(train, "--patience", help="early stopping")
+    add_shared(train, "--seed", help="seed of everything")
+    add_shared(train, "--resume")
     add_hardware_args(p, num_nodes=False)
 
 
