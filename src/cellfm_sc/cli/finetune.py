@@ -16,20 +16,18 @@ from cellfm_sc.cli._common import (
     Console,
     RunDirectory,
     add_command,
-    checkpoints_line,
     existing_file,
     message_of,
     newest_checkpoint,
+    print_outputs,
     quiet_libraries,
     read_h5ad,
-    resume_checkpoint,
     show_progress,
-    writable_dir,
 )
 from cellfm_sc.cli._finetune_options import add_finetune_options, add_training_options
 from cellfm_sc.cli._precheck import (
     check_data_columns,
-    check_hardware,
+    check_run_output,
     check_split_json,
     read_header,
 )
@@ -187,9 +185,7 @@ def finetune(
             gene_symbols=opts.get("gene_symbols"),
         )
     check_split_json(opts.get("split_json"))
-    out = writable_dir(opts["output_dir"], "--output-dir")
-    check_hardware(opts.get("accelerator", "auto"), opts.get("devices", "auto"))
-    resume_from = resume_checkpoint(out) if opts.get("resume") else None
+    out, resume_from = check_run_output(opts)
     if resume_from is None and out.is_dir() and newest_checkpoint(out) is not None:
         con.warn(
             f"{out} already holds checkpoint_epoch_*.pth files of an earlier run; this run "
@@ -286,15 +282,13 @@ def print_summary(con: Console, facts: dict[str, Any], out: Path) -> None:
         con.result(str(facts["level_selection"]))
     con.result(str(facts["result"]))
     con.result()
-    con.result(f"output directory: {out}")
     files = facts["files"]
-    for key, what in OUTPUT_FILES:
-        if key in files:
-            name = Path(files[key]).name + ("/" if key in ("model", "logs") else "")
-            con.result(f"  {name:<26} {what}")
-    line = checkpoints_line(out)
-    if line:
-        con.result(line)
+    rows = [
+        (Path(files[key]).name + ("/" if key in ("model", "logs") else ""), what)
+        for key, what in OUTPUT_FILES
+        if key in files
+    ]
+    print_outputs(con, out, rows)
 
 
 def run(args: argparse.Namespace, con: Console) -> int:

@@ -18,16 +18,14 @@ from cellfm_sc.cli._common import (
     add_hardware_args,
     add_keep_checkpoints,
     add_shared,
-    checkpoints_line,
     existing_file,
     fraction_type,
+    print_outputs,
     quiet_libraries,
     read_h5ad,
-    resume_checkpoint,
     show_progress,
-    writable_dir,
 )
-from cellfm_sc.cli._precheck import check_data_columns, check_hardware, read_header
+from cellfm_sc.cli._precheck import check_data_columns, check_run_output, read_header
 
 __all__ = ["add_parser", "gene_symbol_columns", "run"]
 
@@ -255,10 +253,7 @@ def validate(opts: dict[str, Any]) -> tuple[list[Path], Path | None]:
             )
         except CLIError as exc:
             raise CLIError(f"{f.name}: {exc}") from exc
-    out = writable_dir(opts["output_dir"], "--output-dir")
-    check_hardware(opts.get("accelerator", "auto"), opts.get("devices", "auto"))
-    resume = resume_checkpoint(out) if opts.get("resume") else None
-    return files, resume
+    return files, check_run_output(opts)[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,12 +310,7 @@ def run(args: argparse.Namespace, con: Console) -> int:
     with run_dir.transaction(sys.argv[1:]):
         facts = _run(opts, con, members, run_dir, resume)
     con.result(f"done in {time.perf_counter() - started:.0f} s; {facts['summary']}")
-    con.result(f"output directory: {out}")
-    for name, what in OUTPUT_FILES:
-        con.result(f"  {name:<26} {what}")
-    line = checkpoints_line(out)
-    if line:
-        con.result(line)
+    print_outputs(con, out, OUTPUT_FILES)
     return 0
 
 
