@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from cellfm_sc.cli._common import CLIError, Console, show_progress
-from cellfm_sc.cli._run import model_kwargs, setup_kwargs
+from cellfm_sc.cli._run import build_labelled_model, model_kwargs
 
 __all__ = ["build_donor_model", "choose_level", "donor_level"]
 
@@ -55,12 +55,8 @@ def build_donor_model(opts: dict[str, Any], con: Console, adata: Any) -> Any:
         f"data: {adata.n_obs:,} cells x {adata.n_vars:,} genes; donor labels "
         f"obs[{opts['labels_key']!r}], donors obs[{opts['donor_key']!r}]"
     )
-    CellFMDonorClassifier.setup_anndata(adata, donor_key=opts["donor_key"], **setup_kwargs(opts))
-    model = CellFMDonorClassifier(
-        adata, bag_size=opts.get("bag_size", 128), **model_kwargs(opts, con)
-    )
-    con.info(str(model.summary))
-    return model
+    bag_size = opts.get("bag_size", 128)
+    return build_labelled_model(CellFMDonorClassifier, opts, con, adata, bag_size=bag_size)
 
 
 def choose_level(opts: dict[str, Any], con: Console, adata: Any, split: Any) -> Any:

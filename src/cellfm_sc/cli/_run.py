@@ -15,6 +15,7 @@ from cellfm_sc.cli._common import CLIError, Console, RunDirectory, show_progress
 
 __all__ = [
     "FINETUNE_KEYS",
+    "build_labelled_model",
     "check_checkpoint",
     "held_out",
     "make_logger",
@@ -23,7 +24,6 @@ __all__ = [
     "run_facts",
     "save_best_state",
     "save_outputs",
-    "setup_kwargs",
     "train_and_report",
     "train_kwargs",
     "write_resolved_config",
@@ -95,15 +95,24 @@ def check_checkpoint(path: str) -> None:
         raise CLIError(f"--checkpoint is not a readable MindSpore checkpoint: {exc}") from exc
 
 
-def setup_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
-    """``setup_anndata`` keywords every labelled model class takes, from the options."""
-    return {
-        "labels_key": opts["labels_key"],
-        "layer": opts.get("layer"),
-        "gene_symbols": opts.get("gene_symbols"),
-        "label_order": opts.get("label_order"),
-        "use_raw": bool(opts.get("use_raw")),
-    }
+def build_labelled_model(
+    cls: Any, opts: dict[str, Any], con: Console, adata: Any, **kwargs: Any
+) -> Any:
+    """Set ``adata`` up for the labelled model class ``cls`` and build it from the options
+    (``kwargs``: the class's own constructor keywords); every data and model error comes
+    before any file is written."""
+    cls.setup_anndata(
+        adata,
+        labels_key=opts["labels_key"],
+        donor_key=opts.get("donor_key"),
+        layer=opts.get("layer"),
+        gene_symbols=opts.get("gene_symbols"),
+        label_order=opts.get("label_order"),
+        use_raw=bool(opts.get("use_raw")),
+    )
+    model = cls(adata, **kwargs, **model_kwargs(opts, con))
+    con.info(str(model.summary))
+    return model
 
 
 def model_kwargs(opts: dict[str, Any], con: Console) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from cellfm_sc.cli._precheck import (
     check_split_json,
     read_header,
 )
-from cellfm_sc.cli._run import check_checkpoint, model_kwargs, setup_kwargs, train_and_report
+from cellfm_sc.cli._run import build_labelled_model, check_checkpoint, train_and_report
 
 __all__ = ["add_parser", "add_training_options", "finetune", "run"]
 
@@ -242,10 +242,7 @@ def build_model(opts: dict[str, Any], con: Console, adata: Any) -> Any:
         f"data: {adata.n_obs:,} cells x {adata.n_vars:,} genes; labels obs[{opts['labels_key']!r}]"
         + (f"; donors obs[{opts['donor_key']!r}]" if opts.get("donor_key") else "")
     )
-    CellFMClassifier.setup_anndata(adata, donor_key=opts.get("donor_key"), **setup_kwargs(opts))
-    model = CellFMClassifier(adata, **model_kwargs(opts, con))
-    con.info(str(model.summary))
-    return model
+    return build_labelled_model(CellFMClassifier, opts, con, adata)
 
 
 def _cell_level(opts: dict[str, Any], con: Console, model: Any, adata: Any) -> dict[str, Any]:
