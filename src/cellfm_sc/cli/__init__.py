@@ -55,7 +55,6 @@ from cellfm_sc.cli._common import (
     PROG,
     CLIError,
     Console,
-    Formatter,
     Parser,
     data_errors,
     message_of,
@@ -86,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune the CellFM single-cell foundation model on an AnnData (.h5ad).",
         epilog="Run 'cellfm-sc COMMAND --help' for the options of a command. "
         "Documentation: https://cellfm-sc.readthedocs.io",
-        formatter_class=Formatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)

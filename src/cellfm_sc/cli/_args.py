@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from typing import Any
 
-from cellfm_sc._constants import PRECISIONS
+from cellfm_sc._constants import EMBEDDING_INITS, LR_SCHEDULES, PRECISIONS, PRESET_NAMES
 
 
 def number_type(cast: type, minimum: float, strict: bool, what: str):
@@ -115,6 +116,41 @@ def label_order_type(text: str) -> list[str]:
     return labels
 
 
+#: the options several commands share, as ``add_argument`` keywords where the commands agree
+#: (a command adds its own help and default where they differ; :func:`add_shared`)
+SHARED_OPTIONS: dict[str, dict[str, Any]] = {
+    "--checkpoint": {"metavar": "CKPT"},
+    "--vocabulary": {"metavar": "CSV"},
+    "--num-heads": {"metavar": "N", "type": positive_int},
+    "--preset": {"choices": PRESET_NAMES},
+    "--embedding-init": {"choices": EMBEDDING_INITS},
+    "--max-tokens": {
+        "metavar": "N",
+        "type": positive_int,
+        "default": 2048,
+        "help": "expressed genes per cell fed to the model (sampled when a cell has more)",
+    },
+    "--epochs": {"metavar": "N", "type": positive_int},
+    "--batch-size": {"metavar": "N", "type": positive_int, "help": "cells per batch"},
+    "--lr": {"type": lr_type, "default": "auto"},
+    "--lr-schedule": {"choices": LR_SCHEDULES, "default": "warmup_cosine"},
+    "--weight-decay": {"metavar": "WD", "type": non_negative_float, "default": 1e-5},
+    "--patience": {"metavar": "N", "type": non_negative_int, "default": 3},
+    "--seed": {"metavar": "N", "type": int, "default": 0},
+    "--resume": {
+        "action": "store_true",
+        "help": "continue from the newest checkpoint_epoch_*.pth in --output-dir",
+    },
+    "--num-workers": {"metavar": "N", "type": non_negative_int, "default": 0},
+}
+
+
+def add_shared(group: Any, flag: str, **kwargs: Any) -> None:
+    """Add ``flag`` to ``group`` as :data:`SHARED_OPTIONS` declares it, under the command's
+    own keywords ``kwargs`` (its help, its default)."""
+    group.add_argument(flag, **{**SHARED_OPTIONS[flag], **kwargs})
+
+
 def add_hardware_args(p: argparse.ArgumentParser, *, num_nodes: bool) -> None:
     """The "hardware" option group every training command shares."""
     hw = p.add_argument_group("hardware")
@@ -151,13 +187,7 @@ def add_hardware_args(p: argparse.ArgumentParser, *, num_nodes: bool) -> None:
         choices=PRECISIONS,
         help="numeric precision (default: bf16-mixed on GPUs that support it, else 32)",
     )
-    hw.add_argument(
-        "--num-workers",
-        metavar="N",
-        type=non_negative_int,
-        default=0,
-        help="data-loader worker processes",
-    )
+    add_shared(hw, "--num-workers", help="data-loader worker processes")
     hw.add_argument(
         "--gradient-checkpointing",
         action="store_true",
@@ -193,3 +223,21 @@ def add_diagnostics(parser: argparse.ArgumentParser) -> None:
         "terminal they are shown unless --quiet",
     )
     group.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+
+def add_command(
+    sub: Any,
+    name: str,
+    handler: Callable[[argparse.Namespace, Any], int],
+    add_options: Callable[[argparse.ArgumentParser], None],
+    *,
+    help: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name``: the arguments of ``add_options(parser)``, then the
+    output and diagnostics group every command has; ``handler(args, console)`` runs it."""
+    p = sub.add_parser(name, help=help, description=description)
+    add_options(p)
+    add_diagnostics(p)
+    p.set_defaults(handler=handler)
+    return p

@@ -31,7 +31,12 @@ def one_line(text: Any) -> str:
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line: ``cellfm-sc: error: ...``, status 2."""
+    """An ArgumentParser whose errors are one line: ``cellfm-sc: error: ...``, status 2, and
+    whose help is laid out by :class:`Formatter` (unless ``formatter_class`` says otherwise)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         hint = f" (see '{self.prog} --help')"

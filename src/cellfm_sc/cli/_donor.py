@@ -1,8 +1,9 @@
 """``cellfm-sc finetune --level donor``: train a :class:`~cellfm_sc.model.CellFMDonorClassifier`.
 
-Called by :mod:`cellfm_sc.cli.finetune` inside its run-directory transaction; writes, besides
-the usual report (``training_results.json`` with donor metrics and their bootstrap intervals,
-``donor_predictions.csv``, ``predictions.csv``, plots, ``model/``, ``best_model.pth``):
+Its :func:`donor_level` runs in :mod:`cellfm_sc.cli.finetune`'s run-directory transaction and
+writes, besides the usual report (``training_results.json`` with donor metrics and their
+bootstrap intervals, ``donor_predictions.csv``, ``predictions.csv``, plots, ``model/``,
+``best_model.pth``):
 
 ``attention.csv``
     Every cell: ``obs_name``, ``donor``, ``split``, ``attention`` (its weight within its
@@ -18,26 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from cellfm_sc.cli._common import (
-    CLIError,
-    Console,
-    RunDirectory,
-    show_progress,
-    write_split_h5ads,
-)
-from cellfm_sc.cli._run import (
-    held_out,
-    model_kwargs,
-    report_info,
-    run_facts,
-    save_best_state,
-    save_outputs,
-    setup_kwargs,
-    train_kwargs,
-    write_resolved_config,
-)
+from cellfm_sc.cli._common import CLIError, Console, show_progress
+from cellfm_sc.cli._run import build_labelled_model, model_kwargs
 
-__all__ = ["build_donor_model", "choose_level", "run_donor_level"]
+__all__ = ["build_donor_model", "choose_level", "donor_level"]
 
 #: the donor model's selection quantities among ``--monitor``'s choices
 _DONOR_MONITORS = (
@@ -70,12 +55,8 @@ def build_donor_model(opts: dict[str, Any], con: Console, adata: Any) -> Any:
         f"data: {adata.n_obs:,} cells x {adata.n_vars:,} genes; donor labels "
         f"obs[{opts['labels_key']!r}], donors obs[{opts['donor_key']!r}]"
     )
-    CellFMDonorClassifier.setup_anndata(adata, donor_key=opts["donor_key"], **setup_kwargs(opts))
-    model = CellFMDonorClassifier(
-        adata, bag_size=opts.get("bag_size", 128), **model_kwargs(opts, con)
-    )
-    con.info(str(model.summary))
-    return model
+    bag_size = opts.get("bag_size", 128)
+    return build_labelled_model(CellFMDonorClassifier, opts, con, adata, bag_size=bag_size)
 
 
 def choose_level(opts: dict[str, Any], con: Console, adata: Any, split: Any) -> Any:
@@ -136,46 +117,43 @@ def choose_level(opts: dict[str, Any], con: Console, adata: Any, split: Any) -> 
     return split
 
 
-def run_donor_level(
+def donor_level(opts: dict[str, Any], con: Console, model: Any, adata: Any) -> dict[str, Any]:
+    """The donor level's part of :func:`~cellfm_sc.cli._run.train_and_report` for ``model``
+    (from :func:`build_donor_model`): its ``train`` and ``evaluate`` keywords, and the
+    attention files beside the report."""
+    early = {"auto": False, "on": True, "off": False}[opts.get("early_stopping", "auto")]
+    batch = max(opts.get("batch_size", 16), 64)
+
+    def attention_files(work: Path, files: dict[str, Any]) -> None:
+        _write_attention(opts, con, model, adata, batch, work, files)
+
+    return {
+        "unit": "donors",
+        "train": {
+            "early_stopping": early and opts.get("patience", 3) > 0,
+            "gradient_checkpointing": True if opts.get("gradient_checkpointing") else "auto",
+        },
+        "evaluate": {"batch_size": batch},
+        "level_files": attention_files,
+        "split_obsm": lambda: ["X_cellfm"],
+    }
+
+
+def _write_attention(
     opts: dict[str, Any],
     con: Console,
     model: Any,
     adata: Any,
-    split: Any,
-    run_dir: RunDirectory,
-    resume_from: Path | None,
-    started: float,
-    demo: bool = False,
-) -> dict[str, Any]:
-    """Train, evaluate and write a donor-level run of ``model`` (from
-    :func:`build_donor_model`); returns the run's facts."""
+    batch: int,
+    work: Path,
+    files: dict[str, Any],
+) -> None:
+    """Every cell's attention within its donor (``attention.csv``), and the UMAP coloured by
+    it (``attention_umap.png``)."""
     from cellfm_sc import plotting
     from cellfm_sc._atomic import atomic_path
-    from cellfm_sc.report import UMAP_MAX_CELLS, write_report
+    from cellfm_sc.report import UMAP_MAX_CELLS
 
-    work, out = run_dir.work, run_dir.out
-    write_resolved_config(work, opts, resume_from, demo)
-    early = {"auto": False, "on": True, "off": False}[opts.get("early_stopping", "auto")]
-    model.train(
-        early_stopping=early and opts.get("patience", 3) > 0,
-        gradient_checkpointing=True if opts.get("gradient_checkpointing") else "auto",
-        **train_kwargs(opts, work, out, split, resume_from),
-    )
-    if model.global_rank_ != 0:
-        return {"rank": model.global_rank_}
-
-    save_best_state(model, work)
-    batch = max(opts.get("batch_size", 16), 64)
-    where, indices = held_out(model, con, "donors")
-    result = model.evaluate(
-        indices=indices,
-        batch_size=batch,
-        enable_progress_bar=show_progress(opts),
-        baseline=not opts.get("no_baseline"),
-    )
-    files = dict(write_report(work, result, history=model.history, info=report_info(model, opts)))
-
-    # every cell's attention within its donor, and the UMAP coloured by it
     model.annotate(adata, batch_size=batch, enable_progress_bar=show_progress(opts))
     table = adata.obs[[opts["donor_key"]]].copy()
     table.columns = ["donor"]
@@ -203,8 +181,3 @@ def run_donor_level(
         files["attention_umap"] = work / "attention_umap.png"
     else:
         con.warn(f"attention_umap.png skipped: {adata.n_obs:,} cells > {UMAP_MAX_CELLS:,}")
-
-    save_outputs(model, work, files)
-    if opts.get("write_split_h5ad"):
-        files.update(write_split_h5ads(adata, model, work, ["X_cellfm"], "cellfm"))
-    return run_facts(result, files, out, where, started, model)

@@ -9,11 +9,11 @@ import shutil
 import time
 import traceback
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from cellfm_sc.cli._console import PROG, CLIError, message_of, one_line
+from cellfm_sc.cli._console import PROG, CLIError, Console, message_of, one_line
 
 # --------------------------------------------------------------------------------------------
 # files
@@ -155,6 +155,17 @@ def checkpoints_line(out: Path) -> str | None:
         return None
     shown = ", ".join(map(str, epochs[:8])) + (" ..." if len(epochs) > 8 else "")
     return f"  {'checkpoint_epoch_*.pth':<26} epoch(s) {shown} (--resume; --keep-checkpoints)"
+
+
+def print_outputs(con: Console, out: Path, rows: Iterable[tuple[str, str]]) -> None:
+    """The end of a training command's summary: the output directory, a line per file in it
+    (``rows`` of ``(name, what it is)``) and the :func:`checkpoints_line`."""
+    con.result(f"output directory: {out}")
+    for name, what in rows:
+        con.result(f"  {name:<26} {what}")
+    line = checkpoints_line(out)
+    if line:
+        con.result(line)
 
 
 def resume_checkpoint(out: Path) -> Path:

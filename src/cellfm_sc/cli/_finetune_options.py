@@ -5,20 +5,15 @@ from __future__ import annotations
 import argparse
 
 from cellfm_sc._constants import (
-    EMBEDDING_INITS,
     FINETUNE_RECIPES,
-    LR_SCHEDULES,
     MONITORS,
-    PRESET_NAMES,
     TRAINABLE_POLICIES,
 )
 from cellfm_sc.cli._common import (
     add_hardware_args,
     add_keep_checkpoints,
+    add_shared,
     label_order_type,
-    lr_type,
-    non_negative_float,
-    non_negative_int,
     positive_int,
     split_size,
 )
@@ -109,16 +104,14 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     model = p.add_argument_group("model")
-    model.add_argument(
+    add_shared(
+        model,
         "--checkpoint",
-        metavar="CKPT",
-        default=None,
         help="pretrained MindSpore CellFM checkpoint (e.g. CellFM_80M_weight.ckpt)",
     )
-    model.add_argument(
+    add_shared(
+        model,
         "--vocabulary",
-        metavar="CSV",
-        default=None,
         help="the checkpoint's gene vocabulary (CellFM's expand_gene_info.csv)",
     )
     model.add_argument(
@@ -127,22 +120,15 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="HGNC table for alias / previous-symbol gene mapping",
     )
-    model.add_argument(
+    add_shared(
+        model,
         "--num-heads",
-        type=positive_int,
-        default=None,
-        metavar="N",
         help="retention heads of the checkpoint (48 assumed for the released models)",
     )
-    model.add_argument(
-        "--preset",
-        choices=PRESET_NAMES,
-        default=None,
-        help="model size without a checkpoint (randomly initialised)",
-    )
-    model.add_argument(
+    add_shared(model, "--preset", help="model size without a checkpoint (randomly initialised)")
+    add_shared(
+        model,
         "--embedding-init",
-        choices=EMBEDDING_INITS,
         default="random",
         help="new gene-embedding table: random, or transfer CellFM's rows of mapped genes",
     )
@@ -162,13 +148,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "features, then everything, the trunk slower), llrd (trunk slower, layer-wise decay), "
         "lp-ft+llrd, frozen-rows (transferred gene rows frozen)",
     )
-    model.add_argument(
-        "--max-tokens",
-        metavar="N",
-        type=positive_int,
-        default=2048,
-        help="expressed genes per cell fed to the model (sampled when a cell has more)",
-    )
+    add_shared(model, "--max-tokens")
     model.add_argument(
         "--level",
         choices=("cell", "donor", "auto"),
@@ -227,39 +207,23 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 def add_training_options(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     """Options shared by ``finetune`` (all) and ``demo`` (the number of epochs)."""
     train = p.add_argument_group("training")
-    train.add_argument(
-        "--epochs",
-        metavar="N",
-        type=positive_int,
-        default=5 if demo else 20,
-        help="maximum epochs",
-    )
+    add_shared(train, "--epochs", default=5 if demo else 20, help="maximum epochs")
     if demo:
         return
-    train.add_argument(
-        "--batch-size", metavar="N", type=positive_int, default=16, help="cells per batch"
-    )
-    train.add_argument(
+    add_shared(train, "--batch-size", default=16)
+    add_shared(
+        train,
         "--lr",
-        type=lr_type,
-        default="auto",
         help="learning rate (AdamW); auto: 1e-3 for a random trunk, for a pretrained one 1e-4 "
         "at the released width (1536) and 1e-3 for narrower trunks",
     )
-    train.add_argument(
+    add_shared(
+        train,
         "--lr-schedule",
-        choices=LR_SCHEDULES,
-        default="warmup_cosine",
         help="warmup_cosine: linear warm-up over 5%% of the steps, then cosine to 0; step: "
         "x0.95 per epoch (the original scripts)",
     )
-    train.add_argument(
-        "--weight-decay",
-        metavar="WD",
-        type=non_negative_float,
-        default=1e-5,
-        help="AdamW weight decay",
-    )
+    add_shared(train, "--weight-decay", help="AdamW weight decay")
     train.add_argument(
         "--eval-every-steps",
         type=positive_int,
@@ -280,11 +244,9 @@ def add_training_options(p: argparse.ArgumentParser, *, demo: bool = False) -> N
         default="auto",
         help="auto: on from 1,000 validation cells (or 10 validation donors), off below",
     )
-    train.add_argument(
+    add_shared(
+        train,
         "--patience",
-        metavar="N",
-        type=non_negative_int,
-        default=3,
         help="early stopping: evaluations without improvement (0 turns early stopping off)",
     )
     train.add_argument(
@@ -293,12 +255,6 @@ def add_training_options(p: argparse.ArgumentParser, *, demo: bool = False) -> N
         default="none",
         help="balanced: classes weigh the same; balanced_donors: donors weigh the same",
     )
-    train.add_argument(
-        "--seed", metavar="N", type=int, default=0, help="seed of splits, init and sampling"
-    )
-    train.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint_epoch_*.pth in --output-dir",
-    )
+    add_shared(train, "--seed", help="seed of splits, init and sampling")
+    add_shared(train, "--resume")
     add_hardware_args(p, num_nodes=True)

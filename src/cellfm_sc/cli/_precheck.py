@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from cellfm_sc._errors import missing_column, missing_layer, missing_raw
-from cellfm_sc.cli._common import CLIError, one_line
+from cellfm_sc.cli._common import CLIError, one_line, resume_checkpoint, writable_dir
 
 __all__ = [
     "H5adHeader",
     "check_data_columns",
     "check_hardware",
+    "check_run_output",
     "check_split_json",
     "read_header",
 ]
@@ -138,3 +139,12 @@ def check_hardware(
         check_device(device)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
+
+
+def check_run_output(opts: dict[str, Any]) -> tuple[Path, Path | None]:
+    """What a training command checks of its run before any work: ``--output-dir``
+    (writable), the accelerator (present) and, with ``--resume``, the epoch checkpoint to
+    continue from; returns ``(output directory, that checkpoint or None)``."""
+    out = writable_dir(opts["output_dir"], "--output-dir")
+    check_hardware(opts.get("accelerator", "auto"), opts.get("devices", "auto"))
+    return out, resume_checkpoint(out) if opts.get("resume") else None

@@ -6,14 +6,16 @@ module; it imports neither."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cellfm_sc import __version__
-from cellfm_sc.cli._common import CLIError, Console, show_progress
+from cellfm_sc.cli._common import CLIError, Console, RunDirectory, show_progress, write_split_h5ads
 
 __all__ = [
     "FINETUNE_KEYS",
+    "build_labelled_model",
     "check_checkpoint",
     "held_out",
     "make_logger",
@@ -22,7 +24,7 @@ __all__ = [
     "run_facts",
     "save_best_state",
     "save_outputs",
-    "setup_kwargs",
+    "train_and_report",
     "train_kwargs",
     "write_resolved_config",
 ]
@@ -93,15 +95,24 @@ def check_checkpoint(path: str) -> None:
         raise CLIError(f"--checkpoint is not a readable MindSpore checkpoint: {exc}") from exc
 
 
-def setup_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
-    """``setup_anndata`` keywords every labelled model class takes, from the options."""
-    return {
-        "labels_key": opts["labels_key"],
-        "layer": opts.get("layer"),
-        "gene_symbols": opts.get("gene_symbols"),
-        "label_order": opts.get("label_order"),
-        "use_raw": bool(opts.get("use_raw")),
-    }
+def build_labelled_model(
+    cls: Any, opts: dict[str, Any], con: Console, adata: Any, **kwargs: Any
+) -> Any:
+    """Set ``adata`` up for the labelled model class ``cls`` and build it from the options
+    (``kwargs``: the class's own constructor keywords); every data and model error comes
+    before any file is written."""
+    cls.setup_anndata(
+        adata,
+        labels_key=opts["labels_key"],
+        donor_key=opts.get("donor_key"),
+        layer=opts.get("layer"),
+        gene_symbols=opts.get("gene_symbols"),
+        label_order=opts.get("label_order"),
+        use_raw=bool(opts.get("use_raw")),
+    )
+    model = cls(adata, **kwargs, **model_kwargs(opts, con))
+    con.info(str(model.summary))
+    return model
 
 
 def model_kwargs(opts: dict[str, Any], con: Console) -> dict[str, Any]:
@@ -252,3 +263,54 @@ def run_facts(
         "elapsed": time.perf_counter() - started,
         "model": model,
     }
+
+
+def train_and_report(
+    opts: dict[str, Any],
+    con: Console,
+    model: Any,
+    adata: Any,
+    split: Any,
+    run_dir: RunDirectory,
+    resume_from: Path | None,
+    started: float,
+    demo: bool,
+    *,
+    unit: str,
+    train: dict[str, Any],
+    evaluate: dict[str, Any] | None = None,
+    level_files: Callable[[Path, dict[str, Any]], None] | None = None,
+    split_obsm: Callable[[], list[str]],
+) -> dict[str, Any]:
+    """The run of either level inside the run directory's transaction; returns its facts.
+
+    Writes the resolved config, trains ``model`` (``train``: the level's own ``train``
+    keywords beside :func:`train_kwargs`), keeps its best weights in ``best_model.pth``,
+    scores the held-out ``unit`` (``evaluate``: the level's own ``evaluate`` keywords) into
+    the report, lets ``level_files(work, files)`` add the level's own files, saves the model,
+    and with ``--write-split-h5ad`` writes the split files with the obsm keys
+    ``split_obsm()`` returns (it annotates ``adata`` first where the level has not).
+    """
+    from cellfm_sc.report import write_report
+
+    work, out = run_dir.work, run_dir.out
+    write_resolved_config(work, opts, resume_from, demo)
+    model.train(**train, **train_kwargs(opts, work, out, split, resume_from))
+    if model.global_rank_ != 0:
+        return {"rank": model.global_rank_}  # under DDP only the first process writes
+
+    save_best_state(model, work)  # the model holds the best weights after training
+    where, indices = held_out(model, con, unit)
+    result = model.evaluate(
+        indices=indices,
+        enable_progress_bar=show_progress(opts),
+        baseline=not opts.get("no_baseline"),
+        **(evaluate or {}),
+    )
+    files = dict(write_report(work, result, history=model.history, info=report_info(model, opts)))
+    if level_files is not None:
+        level_files(work, files)
+    save_outputs(model, work, files)
+    if opts.get("write_split_h5ad"):
+        files.update(write_split_h5ads(adata, model, work, split_obsm(), "cellfm"))
+    return run_facts(result, files, out, where, started, model)

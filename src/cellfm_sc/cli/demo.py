@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cellfm_sc.cli._common import Console, Formatter, add_diagnostics
+from cellfm_sc.cli._common import Console, add_command
 from cellfm_sc.cli.finetune import add_training_options, finetune, print_summary
 
 __all__ = ["DEMO_DEFAULTS", "REPRODUCIBLE_CPU", "add_parser", "pin_cpu_kernels", "run"]
@@ -39,8 +39,11 @@ DEMO_DEFAULTS: dict[str, Any] = {
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    return add_command(
+        sub,
         "demo",
+        run,
+        _add_options,
         help="fine-tune a small random model on the shipped PBMC 3k subset (offline)",
         description="Run the whole finetune path offline on the shipped PBMC 3k subset "
         "(1,200 cells, 8 cell types; 10x Genomics, CC BY 4.0) with the 'tiny' preset "
@@ -48,8 +51,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "Takes one to three minutes on 2 CPU cores; the figures are the same on every x86-64 "
         "CPU (one thread, deterministic algorithms, pinned CPU kernels). Writes into "
         "./cellfm_demo unless --output-dir says otherwise.",
-        formatter_class=Formatter,
     )
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    """``demo``'s arguments and options."""
     p.add_argument(
         "--output-dir",
         "-o",
@@ -58,9 +64,6 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="output directory",
     )
     add_training_options(p, demo=True)
-    add_diagnostics(p)
-    p.set_defaults(handler=run)
-    return p
 
 
 def pin_cpu_kernels() -> bool:

@@ -14,39 +14,24 @@ from cellfm_sc._constants import (
 from cellfm_sc.cli._common import (
     CLIError,
     Console,
-    Formatter,
     RunDirectory,
-    add_diagnostics,
-    checkpoints_line,
+    add_command,
     existing_file,
     message_of,
     newest_checkpoint,
+    print_outputs,
     quiet_libraries,
     read_h5ad,
-    resume_checkpoint,
     show_progress,
-    writable_dir,
-    write_split_h5ads,
 )
 from cellfm_sc.cli._finetune_options import add_finetune_options, add_training_options
 from cellfm_sc.cli._precheck import (
     check_data_columns,
-    check_hardware,
+    check_run_output,
     check_split_json,
     read_header,
 )
-from cellfm_sc.cli._run import (
-    check_checkpoint,
-    held_out,
-    model_kwargs,
-    report_info,
-    run_facts,
-    save_best_state,
-    save_outputs,
-    setup_kwargs,
-    train_kwargs,
-    write_resolved_config,
-)
+from cellfm_sc.cli._run import build_labelled_model, check_checkpoint, train_and_report
 
 __all__ = ["add_parser", "add_training_options", "finetune", "run"]
 
@@ -70,8 +55,11 @@ OUTPUT_FILES = (
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    return add_command(
+        sub,
         "finetune",
+        run,
+        _add_options,
         help="fine-tune CellFM on an .h5ad file and write the model and a report",
         description="Fine-tune CellFM on DATA.h5ad (raw counts in X or --layer) to predict "
         "obs[--labels-key], evaluate the restored best model on the test split, and write "
@@ -87,8 +75,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "The outputs appear when the run succeeds; a failed run leaves run.log (and the "
         "completed epoch checkpoints). Options may also come from --config (TOML, YAML or "
         "JSON); flags override the file.",
-        formatter_class=Formatter,
     )
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    """``finetune``'s arguments and options."""
     p.add_argument(
         "data", metavar="DATA.h5ad", nargs="?", default=None, help="input AnnData (.h5ad)"
     )
@@ -100,9 +91,6 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "labels-key; optionally under a [finetune] table); flags given here override it",
     )
     add_finetune_options(p)
-    add_diagnostics(p)
-    p.set_defaults(handler=run)
-    return p
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,9 +185,7 @@ def finetune(
             gene_symbols=opts.get("gene_symbols"),
         )
     check_split_json(opts.get("split_json"))
-    out = writable_dir(opts["output_dir"], "--output-dir")
-    check_hardware(opts.get("accelerator", "auto"), opts.get("devices", "auto"))
-    resume_from = resume_checkpoint(out) if opts.get("resume") else None
+    out, resume_from = check_run_output(opts)
     if resume_from is None and out.is_dir() and newest_checkpoint(out) is not None:
         con.warn(
             f"{out} already holds checkpoint_epoch_*.pth files of an earlier run; this run "
@@ -226,14 +212,25 @@ def finetune(
         split = choose_level(opts, con, adata, split)
 
     if opts.get("level", "cell") == "donor":
-        from cellfm_sc.cli._donor import build_donor_model
+        from cellfm_sc.cli._donor import build_donor_model, donor_level
 
-        model = build_donor_model(opts, con, adata)
+        model, level = build_donor_model(opts, con, adata), donor_level
     else:
-        model = build_model(opts, con, adata)
+        model, level = build_model(opts, con, adata), _cell_level
     run_dir = RunDirectory(out)
     with run_dir.transaction(sys.argv[1:]):
-        return _run(opts, con, model, adata, split, run_dir, resume_from, started, demo)
+        return train_and_report(
+            opts,
+            con,
+            model,
+            adata,
+            split,
+            run_dir,
+            resume_from,
+            started,
+            demo,
+            **level(opts, con, model, adata),
+        )
 
 
 def build_model(opts: dict[str, Any], con: Console, adata: Any) -> Any:
@@ -245,70 +242,34 @@ def build_model(opts: dict[str, Any], con: Console, adata: Any) -> Any:
         f"data: {adata.n_obs:,} cells x {adata.n_vars:,} genes; labels obs[{opts['labels_key']!r}]"
         + (f"; donors obs[{opts['donor_key']!r}]" if opts.get("donor_key") else "")
     )
-    CellFMClassifier.setup_anndata(adata, donor_key=opts.get("donor_key"), **setup_kwargs(opts))
-    model = CellFMClassifier(adata, **model_kwargs(opts, con))
-    con.info(str(model.summary))
-    return model
+    return build_labelled_model(CellFMClassifier, opts, con, adata)
 
 
-def _run(
-    opts: dict[str, Any],
-    con: Console,
-    model: Any,
-    adata: Any,
-    split: Any,
-    run_dir: RunDirectory,
-    resume_from: Path | None,
-    started: float,
-    demo: bool,
-) -> dict[str, Any]:
-    from cellfm_sc.report import write_report
-
-    if opts.get("level", "cell") == "donor":
-        from cellfm_sc.cli._donor import run_donor_level
-
-        return run_donor_level(opts, con, model, adata, split, run_dir, resume_from, started, demo)
-    work, out = run_dir.work, run_dir.out
-    write_resolved_config(work, opts, resume_from, demo)
-
+def _cell_level(opts: dict[str, Any], con: Console, model: Any, adata: Any) -> dict[str, Any]:
+    """The cell level's part of :func:`~cellfm_sc.cli._run.train_and_report`."""
     early = {"auto": "auto", "on": True, "off": False}[opts.get("early_stopping", "auto")]
     if opts.get("patience", 3) == 0:
         early = False
     class_weights = opts.get("class_weights", "none")
-    model.train(
-        batch_size=opts.get("batch_size", 16),
-        recipe=opts.get("recipe", "auto"),
-        early_stopping=early,
-        class_weights=None if class_weights == "none" else class_weights,
-        check_val_every_n_steps=opts.get("eval_every_steps"),
-        gradient_checkpointing=bool(opts.get("gradient_checkpointing")),
-        **train_kwargs(opts, work, out, split, resume_from),
-    )
-    if model.global_rank_ != 0:
-        return {"rank": model.global_rank_}  # under DDP only the first process writes
 
-    save_best_state(model, work)  # the model holds the best weights after training
-    where, indices = held_out(model, con, "cells")
-    result = model.evaluate(
-        indices=indices,
-        enable_progress_bar=show_progress(opts),
-        baseline=not opts.get("no_baseline"),
-    )
-    files = dict(write_report(work, result, history=model.history, info=report_info(model, opts)))
-    save_outputs(model, work, files)
-
-    if opts.get("write_split_h5ad"):
-        key = "cellfm"
+    def split_obsm() -> list[str]:
         model.annotate(
             adata,
-            key_added=key,
+            key_added="cellfm",
             batch_size=max(opts.get("batch_size", 16), 64),
             enable_progress_bar=show_progress(opts),
         )
-        files.update(
-            write_split_h5ads(adata, model, work, ["X_cellfm", f"{key}_probabilities"], key)
-        )
-    return run_facts(result, files, out, where, started, model)
+        return ["X_cellfm", "cellfm_probabilities"]
+
+    train = {
+        "batch_size": opts.get("batch_size", 16),
+        "recipe": opts.get("recipe", "auto"),
+        "early_stopping": early,
+        "class_weights": None if class_weights == "none" else class_weights,
+        "check_val_every_n_steps": opts.get("eval_every_steps"),
+        "gradient_checkpointing": bool(opts.get("gradient_checkpointing")),
+    }
+    return {"unit": "cells", "train": train, "split_obsm": split_obsm}
 
 
 def print_summary(con: Console, facts: dict[str, Any], out: Path) -> None:
@@ -318,15 +279,13 @@ def print_summary(con: Console, facts: dict[str, Any], out: Path) -> None:
         con.result(str(facts["level_selection"]))
     con.result(str(facts["result"]))
     con.result()
-    con.result(f"output directory: {out}")
     files = facts["files"]
-    for key, what in OUTPUT_FILES:
-        if key in files:
-            name = Path(files[key]).name + ("/" if key in ("model", "logs") else "")
-            con.result(f"  {name:<26} {what}")
-    line = checkpoints_line(out)
-    if line:
-        con.result(line)
+    rows = [
+        (Path(files[key]).name + ("/" if key in ("model", "logs") else ""), what)
+        for key, what in OUTPUT_FILES
+        if key in files
+    ]
+    print_outputs(con, out, rows)
 
 
 def run(args: argparse.Namespace, con: Console) -> int:

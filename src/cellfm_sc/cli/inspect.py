@@ -11,39 +11,39 @@ from typing import Any
 from cellfm_sc.cli._common import (
     CLIError,
     Console,
-    Formatter,
-    add_diagnostics,
+    add_command,
+    add_shared,
     existing_file,
-    positive_int,
 )
 
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    return add_command(
+        sub,
         "inspect",
+        run,
+        _add_options,
         help="show what a MindSpore CellFM checkpoint holds",
         description="Show a MindSpore CellFM checkpoint's variant (A: public MindSpore CellFM, "
         "A': annotation Backbone, B: with ST tokens), the configuration read from its "
         "shapes, a table of its parameters, and the optimizer/bookkeeping entries a load "
         "would skip. Reads the file with cellfm-sc's own parser (no MindSpore, nothing "
         "unpickled).",
-        formatter_class=Formatter,
     )
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    """``inspect``'s arguments and options."""
     p.add_argument("checkpoint", metavar="CKPT", help="MindSpore .ckpt file")
-    p.add_argument(
+    add_shared(
+        p,
         "--num-heads",
-        type=positive_int,
-        default=None,
-        metavar="N",
         help="retention heads (cannot be read from shapes; default: the number the checkpoint "
         "records (cellfm-sc's exports), else 48 for 1536-wide released models)",
     )
     p.add_argument("--json", action="store_true", help="print the facts as JSON instead of tables")
-    add_diagnostics(p)
-    p.set_defaults(handler=run)
-    return p
 
 
 def _fmt_shape(shape: Sequence[int]) -> str:

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 from typing import Any
 
 from cellfm_sc.cli._common import (
     CLIError,
     Console,
-    Formatter,
-    add_diagnostics,
+    add_command,
+    add_shared,
     device_type,
     drop_scvi_bookkeeping,
     existing_dir,
     existing_file,
     fraction_type,
-    non_negative_int,
-    positive_int,
     quiet_libraries,
     read_h5ad,
     show_progress,
@@ -47,75 +46,73 @@ def add_parsers(sub: Any) -> None:
             "the output holds no count matrix.",
         ),
     ):
-        p = sub.add_parser(name, help=helptext, description=desc, formatter_class=Formatter)
+        handler = run_predict if name == "predict" else run_embed
+        options = functools.partial(_add_options, name=name)
+        add_command(sub, name, handler, options, help=helptext, description=desc)
+
+
+def _add_options(p: argparse.ArgumentParser, name: str) -> None:
+    """The arguments and options of ``predict`` or ``embed`` (``name``)."""
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a saved model (OUT/model of finetune)")
+    p.add_argument("data", metavar="DATA.h5ad", help="input AnnData (.h5ad)")
+    p.add_argument(
+        "--output",
+        "-o",
+        metavar="OUT",
+        required=True,
+        help="output file: OUT.h5ad, or an OUT.zarr folder"
+        + (" (with --backed)" if name == "predict" else ""),
+    )
+    add_shared(p, "--batch-size", default=64)
+    if name == "predict":
         p.add_argument(
-            "model_dir", metavar="MODEL_DIR", help="a saved model (OUT/model of finetune)"
+            "--key-added",
+            default="cellfm",
+            help="prefix of the obs/obsm keys written",
         )
-        p.add_argument("data", metavar="DATA.h5ad", help="input AnnData (.h5ad)")
-        p.add_argument(
-            "--output",
-            "-o",
-            metavar="OUT",
-            required=True,
-            help="output file: OUT.h5ad, or an OUT.zarr folder"
-            + (" (with --backed)" if name == "predict" else ""),
-        )
-        p.add_argument(
-            "--batch-size", metavar="N", type=positive_int, default=64, help="cells per batch"
-        )
-        if name == "predict":
-            p.add_argument(
-                "--key-added",
-                default="cellfm",
-                help="prefix of the obs/obsm keys written",
-            )
-        p.add_argument(
-            "--layer",
-            default=None,
-            help="adata.layers key holding raw counts (default: as the model was set up)",
-        )
-        p.add_argument(
-            "--use-raw",
-            action=argparse.BooleanOptionalAction,
-            default=None,
-            help="--use-raw reads the counts from adata.raw.X (the CELLxGENE layout), "
-            "--no-use-raw from adata.X (default: where the model's training data had them)",
-        )
-        p.add_argument(
-            "--min-gene-coverage",
-            metavar="F",
-            type=fraction_type,
-            default=0.5,
-            help="least fraction of the model's genes DATA must hold (query data may hold "
-            "another gene set; missing genes count as not expressed)",
-        )
-        p.add_argument(
-            "--device",
-            default="auto",
-            type=device_type,
-            help="torch device: auto (a GPU when there is one), cpu, cuda, cuda:1, mps",
-        )
-        p.add_argument(
-            "--dtype",
-            choices=("float32", "float16"),
-            default="float32",
-            help="storage type of the embedding written to the output (float16 halves it)",
-        )
-        p.add_argument(
-            "--num-workers",
-            metavar="N",
-            type=non_negative_int,
-            default=0,
-            help="data-loader worker processes reading and tokenising ahead of the model",
-        )
-        p.add_argument(
-            "--backed",
-            action="store_true",
-            help="read DATA.h5ad backed (the count matrix stays on disk); the output then "
-            "holds obs, obsm and uns only, never a copy of the counts",
-        )
-        add_diagnostics(p)
-        p.set_defaults(handler=run_predict if name == "predict" else run_embed)
+    p.add_argument(
+        "--layer",
+        default=None,
+        help="adata.layers key holding raw counts (default: as the model was set up)",
+    )
+    p.add_argument(
+        "--use-raw",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--use-raw reads the counts from adata.raw.X (the CELLxGENE layout), "
+        "--no-use-raw from adata.X (default: where the model's training data had them)",
+    )
+    p.add_argument(
+        "--min-gene-coverage",
+        metavar="F",
+        type=fraction_type,
+        default=0.5,
+        help="least fraction of the model's genes DATA must hold (query data may hold "
+        "another gene set; missing genes count as not expressed)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        type=device_type,
+        help="torch device: auto (a GPU when there is one), cpu, cuda, cuda:1, mps",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="storage type of the embedding written to the output (float16 halves it)",
+    )
+    add_shared(
+        p,
+        "--num-workers",
+        help="data-loader worker processes reading and tokenising ahead of the model",
+    )
+    p.add_argument(
+        "--backed",
+        action="store_true",
+        help="read DATA.h5ad backed (the count matrix stays on disk); the output then "
+        "holds obs, obsm and uns only, never a copy of the counts",
+    )
 
 
 def _load(args: argparse.Namespace, con: Console) -> tuple[Any, Any, Path]:

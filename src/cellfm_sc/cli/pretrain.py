@@ -9,29 +9,23 @@ from pathlib import Path
 from typing import Any
 
 from cellfm_sc import __version__
-from cellfm_sc._constants import CORPUS_SAMPLING, EMBEDDING_INITS, LR_SCHEDULES, PRESET_NAMES
+from cellfm_sc._constants import CORPUS_SAMPLING, PRESET_NAMES
 from cellfm_sc.cli._common import (
     CLIError,
     Console,
-    Formatter,
     RunDirectory,
-    add_diagnostics,
+    add_command,
     add_hardware_args,
     add_keep_checkpoints,
-    checkpoints_line,
+    add_shared,
     existing_file,
     fraction_type,
-    lr_type,
-    non_negative_float,
-    non_negative_int,
-    positive_int,
+    print_outputs,
     quiet_libraries,
     read_h5ad,
-    resume_checkpoint,
     show_progress,
-    writable_dir,
 )
-from cellfm_sc.cli._precheck import check_data_columns, check_hardware, read_header
+from cellfm_sc.cli._precheck import check_data_columns, check_run_output, read_header
 
 __all__ = ["add_parser", "gene_symbol_columns", "run"]
 
@@ -46,8 +40,11 @@ OUTPUT_FILES = (
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    return add_command(
+        sub,
         "pretrain",
+        run,
+        _add_options,
         help="pretrain CellFM on unlabelled .h5ad files (masked values) and export a checkpoint",
         description="Pretrain CellFM with its masked-value objective on one or more unlabelled "
         ".h5ad files (raw counts; read backed, never concatenated; one gene vocabulary over "
@@ -65,15 +62,16 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "Example:\n"
         "  cellfm-sc pretrain atlas_a.h5ad atlas_b.h5ad --gene-symbols "
         "atlas_b.h5ad=gene_names --preset small --epochs 5 -o runs/pretrain",
-        formatter_class=Formatter,
     )
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    """``pretrain``'s arguments and options."""
     p.add_argument("data", metavar="DATA.h5ad", nargs="+", help="input AnnData files (.h5ad)")
     _add_data_options(p)
     _add_model_options(p)
     _add_training_options(p)
     _add_output_options(p)
-    p.set_defaults(handler=run)
-    return p
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -101,42 +99,23 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     """``pretrain``'s model options."""
     model = p.add_argument_group("model")
-    model.add_argument(
-        "--preset",
-        choices=PRESET_NAMES,
-        default=None,
-        help="trunk size to pretrain from scratch (randomly initialised)",
+    add_shared(model, "--preset", help="trunk size to pretrain from scratch (randomly initialised)")
+    add_shared(
+        model, "--checkpoint", help="MindSpore CellFM checkpoint to continue pretraining from"
     )
-    model.add_argument(
-        "--checkpoint",
-        metavar="CKPT",
-        default=None,
-        help="MindSpore CellFM checkpoint to continue pretraining from",
-    )
-    model.add_argument(
-        "--vocabulary", metavar="CSV", default=None, help="the checkpoint's gene vocabulary"
-    )
-    model.add_argument(
+    add_shared(model, "--vocabulary", help="the checkpoint's gene vocabulary")
+    add_shared(
+        model,
         "--embedding-init",
-        choices=EMBEDDING_INITS,
-        default=None,
         help="gene embedding of the corpus' genes: transfer the checkpoint's rows (default "
         "with --vocabulary) or random",
     )
-    model.add_argument(
+    add_shared(
+        model,
         "--num-heads",
-        type=positive_int,
-        default=None,
-        metavar="N",
         help="retention heads of the checkpoint (default: recorded in it, or 48 at width 1536)",
     )
-    model.add_argument(
-        "--max-tokens",
-        metavar="N",
-        type=positive_int,
-        default=2048,
-        help="expressed genes per cell fed to the model (sampled when a cell has more)",
-    )
+    add_shared(model, "--max-tokens")
     model.add_argument(
         "--mask-ratio",
         metavar="R",
@@ -149,7 +128,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     """``pretrain``'s training options."""
     train = p.add_argument_group("training")
-    train.add_argument("--epochs", metavar="N", type=positive_int, default=16, help="epochs")
+    add_shared(train, "--epochs", default=16, help="epochs")
     train.add_argument(
         "--corpus-sampling",
         choices=CORPUS_SAMPLING,
@@ -170,22 +149,15 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="obs column of the --probe file with the labels",
     )
-    train.add_argument(
-        "--batch-size", metavar="N", type=positive_int, default=32, help="cells per batch"
-    )
-    train.add_argument(
+    add_shared(train, "--batch-size", default=32)
+    add_shared(
+        train,
         "--lr",
-        type=lr_type,
-        default="auto",
         help="learning rate (AdamW); auto: 1e-3 from scratch, the checkpoint's fine-tuning "
         "rate when continuing",
     )
-    train.add_argument(
-        "--lr-schedule", choices=LR_SCHEDULES, default="warmup_cosine", help="schedule"
-    )
-    train.add_argument(
-        "--weight-decay", metavar="WD", type=non_negative_float, default=1e-5, help="AdamW"
-    )
+    add_shared(train, "--lr-schedule", help="schedule")
+    add_shared(train, "--weight-decay", help="AdamW")
     train.add_argument(
         "--validation-size",
         metavar="F",
@@ -196,15 +168,9 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     train.add_argument(
         "--early-stopping", action="store_true", help="stop when the validation loss stalls"
     )
-    train.add_argument(
-        "--patience", metavar="N", type=non_negative_int, default=3, help="early stopping"
-    )
-    train.add_argument("--seed", metavar="N", type=int, default=0, help="seed of everything")
-    train.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint_epoch_*.pth in --output-dir",
-    )
+    add_shared(train, "--patience", help="early stopping")
+    add_shared(train, "--seed", help="seed of everything")
+    add_shared(train, "--resume")
     add_hardware_args(p, num_nodes=False)
 
 
@@ -213,7 +179,6 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--output-dir", "-o", metavar="OUT", required=True, help="output directory")
     add_keep_checkpoints(out)
-    add_diagnostics(p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,10 +253,7 @@ def validate(opts: dict[str, Any]) -> tuple[list[Path], Path | None]:
             )
         except CLIError as exc:
             raise CLIError(f"{f.name}: {exc}") from exc
-    out = writable_dir(opts["output_dir"], "--output-dir")
-    check_hardware(opts.get("accelerator", "auto"), opts.get("devices", "auto"))
-    resume = resume_checkpoint(out) if opts.get("resume") else None
-    return files, resume
+    return files, check_run_output(opts)[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,12 +310,7 @@ def run(args: argparse.Namespace, con: Console) -> int:
     with run_dir.transaction(sys.argv[1:]):
         facts = _run(opts, con, members, run_dir, resume)
     con.result(f"done in {time.perf_counter() - started:.0f} s; {facts['summary']}")
-    con.result(f"output directory: {out}")
-    for name, what in OUTPUT_FILES:
-        con.result(f"  {name:<26} {what}")
-    line = checkpoints_line(out)
-    if line:
-        con.result(line)
+    print_outputs(con, out, OUTPUT_FILES)
     return 0
 
 
