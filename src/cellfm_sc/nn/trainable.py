@@ -252,7 +252,7 @@ class FinetuneRecipe:
     @classmethod
     def named(cls, name: str) -> FinetuneRecipe:
         """The named recipe (``"full"``, ``"lp-ft"``, ``"llrd"``, ``"lp-ft+llrd"``,
-        ``"frozen-rows"``; ``"auto"`` is resolved by :func:`~cellfm_sc.nn.resolve_recipe`)."""
+        ``"frozen-rows"``, ``"shrink-perturb"``; ``"auto"`` is resolved by :func:`~cellfm_sc.nn.resolve_recipe`)."""
         if name not in RECIPES:
             choices = tuple(r for r in FINETUNE_RECIPES if r != "auto")
             raise ValueError(f"recipe must be 'auto' or one of {choices}, got {name!r}")
@@ -281,12 +281,14 @@ RECIPES: dict[str, FinetuneRecipe] = {
     "lp-ft+llrd": FinetuneRecipe("lp-ft+llrd", head_phase=0.25, pretrained_lr=0.3, layer_decay=0.7),
     # transferred gene-embedding rows frozen, everything else at one rate
     "frozen-rows": FinetuneRecipe("frozen-rows", transferred_rows_lr=0.0),
+    # everything at one rate from a start halfway between the pretrained and a fresh trunk
+    "shrink-perturb": FinetuneRecipe("shrink-perturb", shrink=0.5),
 }
 
 
 #: what ``recipe="auto"`` means: for a pretrained trunk the recipe that won the shift
 #: benchmark (``benchmarks/shift_transfer.py``), for a random trunk one rate for everything
-AUTO_RECIPES: dict[str, str] = {"pretrained": "full", "random": "full"}
+AUTO_RECIPES: dict[str, str] = {"pretrained": "shrink-perturb", "random": "full"}
 
 
 def resolve_recipe(recipe: str | FinetuneRecipe, pretrained: bool) -> FinetuneRecipe:
