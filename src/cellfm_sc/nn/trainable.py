@@ -252,7 +252,8 @@ class FinetuneRecipe:
     @classmethod
     def named(cls, name: str) -> FinetuneRecipe:
         """The named recipe (``"full"``, ``"lp-ft"``, ``"llrd"``, ``"lp-ft+llrd"``,
-        ``"frozen-rows"``, ``"shrink-perturb"``; ``"auto"`` is resolved by :func:`~cellfm_sc.nn.resolve_recipe`)."""
+        ``"frozen-rows"``, ``"shrink-perturb"``; ``"auto"`` is resolved by
+        :func:`~cellfm_sc.nn.resolve_recipe`)."""
         if name not in RECIPES:
             choices = tuple(r for r in FINETUNE_RECIPES if r != "auto")
             raise ValueError(f"recipe must be 'auto' or one of {choices}, got {name!r}")
