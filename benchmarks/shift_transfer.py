@@ -291,7 +291,12 @@ def logistic_regression(train: Any, tests: dict[str, Any]) -> dict[str, float]:
 
 
 #: --variant keys that change the recipe (the fields of FinetuneRecipe)
-RECIPE_KEYS = {"head_phase", "pretrained_lr", "layer_decay", "transferred_rows_lr", "interpolate"}
+def _recipe_keys() -> set[str]:
+    import dataclasses
+
+    from cellfm_sc.nn import FinetuneRecipe
+
+    return {f.name for f in dataclasses.fields(FinetuneRecipe)} - {"name"}
 
 
 def finetune(
@@ -313,8 +318,9 @@ def finetune(
     epochs = extra.pop("max_epochs", epochs)
     init_keys = {"trainable", "head_hidden", "dropout", "max_tokens", "embedding_init"}
     init = {k: v for k, v in extra.items() if k in init_keys}
-    tweaks = {k: v for k, v in extra.items() if k in RECIPE_KEYS}
-    train = {k: v for k, v in extra.items() if k not in init_keys | RECIPE_KEYS}
+    recipe_keys = _recipe_keys()
+    tweaks = {k: v for k, v in extra.items() if k in recipe_keys}
+    train = {k: v for k, v in extra.items() if k not in init_keys | recipe_keys}
     init.setdefault("max_tokens", args.max_tokens)
     adata = pbmc.copy()
     CellFMClassifier.setup_anndata(adata, labels_key="celltype")

@@ -25,6 +25,7 @@ from cellfm_sc.nn.trainable import (
     RowRateScaler,
     recipe_param_groups,
     resolve_recipe,
+    shrink_towards_fresh,
 )
 from cellfm_sc.train import make_scheduler
 
@@ -162,6 +163,7 @@ def test_recipe_values_and_names_are_checked():
         "layer_decay": 0.5,
         "transferred_rows_lr": 1.0,
         "interpolate": 1.0,
+        "shrink": 1.0,
     }
 
 
@@ -299,3 +301,36 @@ def test_interpolation_mixes_the_start_and_the_fine_tuned_weights(pretrained):
         assert changed > 10  # fine-tuning did move the weights
     with pytest.raises(ValueError, match="needs a head phase"):
         FinetuneRecipe(interpolate=0.5)
+
+
+def test_shrink_mixes_the_pretrained_and_a_fresh_trunk(pretrained):
+    # nn level: w <- s * w + (1 - s) * w_fresh, w_fresh a new trunk drawn from the same seed
+    cfg = CellFMConfig.from_preset("tiny")
+    trunk = CellFMTrunk(cfg, n_genes=30)
+    before = {n: p.detach().double().clone() for n, p in trunk.named_parameters()}
+    torch.manual_seed(11)
+    fresh = {n: p.detach().double() for n, p in CellFMTrunk(cfg, n_genes=30).named_parameters()}
+    torch.manual_seed(11)
+    assert shrink_towards_fresh(trunk, 0.25) == len(before)
+    for n, p in trunk.named_parameters():
+        want = 0.25 * before[n] + 0.75 * fresh[n]
+        torch.testing.assert_close(p.detach().double(), want, rtol=0, atol=1e-6)
+    assert torch.count_nonzero(trunk.gene_emb[0]) == 0  # the padding row stays zero
+    with pytest.raises(ValueError, match="shrink must be in"):
+        FinetuneRecipe(shrink=1.5)
+    # in train(): applied once before the first step, only to the trunk; the head and a
+    # second train() call start from where they are
+    model = _classifier(pretrained)
+    start = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    snaps = _Snapshots()
+    recipe = FinetuneRecipe(head_phase=0.5, shrink=0.0)
+    model.train(max_epochs=2, recipe=recipe, callbacks=[snaps], **RUN)
+    assert model.train_settings_["recipe"]["shrink"] == 0.0
+    first = snaps.params[0]  # the head phase: the trunk is what shrink made of it
+    # shrink=0: a fresh trunk; every randomly initialised tensor is new (constants such as
+    # LayerNorm weights are the same in both)
+    drawn = [n for n in start if n.startswith("trunk.") and start[n].unique().numel() > 1]
+    assert len(drawn) > 10
+    assert all(not torch.equal(first[n], start[n]) for n in drawn)
+    assert torch.equal(first["trunk.gene_emb"][0], start["trunk.gene_emb"][0])
+    assert not torch.equal(first["head.net.0.weight"], start["head.net.0.weight"])

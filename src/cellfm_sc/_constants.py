@@ -94,7 +94,15 @@ DONOR_MONITORS: tuple[str, ...] = (
 
 #: fine-tuning recipes of ``CellFMClassifier.train(recipe=...)`` (``"auto"``: the measured
 #: winner after a checkpoint, ``"full"`` for a random trunk)
-FINETUNE_RECIPES: tuple[str, ...] = ("auto", "full", "lp-ft", "llrd", "lp-ft+llrd", "frozen-rows")
+FINETUNE_RECIPES: tuple[str, ...] = (
+    "auto",
+    "full",
+    "lp-ft",
+    "llrd",
+    "lp-ft+llrd",
+    "frozen-rows",
+    "shrink-perturb",
+)
 
 #: classifiers of the pretraining probe (``EmbeddingProbe(method=...)``)
 PROBE_METHODS: tuple[str, ...] = ("knn", "logreg")

@@ -146,7 +146,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help="how a pretrained trunk is fine-tuned: auto (the measured winner after a "
         "--checkpoint, full without), full (everything at --lr), lp-ft (head first on frozen "
         "features, then everything, the trunk slower), llrd (trunk slower, layer-wise decay), "
-        "lp-ft+llrd, frozen-rows (transferred gene rows frozen)",
+        "lp-ft+llrd, frozen-rows (transferred gene rows frozen), shrink-perturb (from weights "
+        "halfway between the pretrained and a fresh trunk)",
     )
     add_shared(model, "--max-tokens")
     model.add_argument(

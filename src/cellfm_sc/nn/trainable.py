@@ -204,6 +204,13 @@ class FinetuneRecipe:
         ``interpolate * fine-tuned + (1 - interpolate) * start``, the start being the weights
         at the end of the head phase (pretrained trunk, probed head); needs ``head_phase >
         0`` when below 1. 1: no interpolation.
+    shrink
+        Shrink-and-perturb start (Ash & Adams 2020): before the first step the trunk's
+        weights become ``shrink * pretrained + (1 - shrink) * fresh``, ``fresh`` a new random
+        initialisation of the same trunk (seeded by the run's seed). Warm-started networks
+        can generalise worse than fresh ones when labels are plentiful; this keeps part of
+        the pretrained weights and restores some of a fresh network's. 1: the pretrained
+        weights as they are.
 
     Examples
     --------
@@ -219,6 +226,7 @@ class FinetuneRecipe:
     layer_decay: float = 1.0
     transferred_rows_lr: float = 1.0
     interpolate: float = 1.0
+    shrink: float = 1.0
 
     def __post_init__(self) -> None:
         checks = (
@@ -227,6 +235,7 @@ class FinetuneRecipe:
             ("layer_decay", 0 < self.layer_decay <= 1, "in (0, 1]"),
             ("transferred_rows_lr", self.transferred_rows_lr >= 0, ">= 0"),
             ("interpolate", 0 <= self.interpolate <= 1, "in [0, 1]"),
+            ("shrink", 0 <= self.shrink <= 1, "in [0, 1]"),
         )
         for field_name, ok, what in checks:
             value = getattr(self, field_name)
@@ -243,7 +252,8 @@ class FinetuneRecipe:
     @classmethod
     def named(cls, name: str) -> FinetuneRecipe:
         """The named recipe (``"full"``, ``"lp-ft"``, ``"llrd"``, ``"lp-ft+llrd"``,
-        ``"frozen-rows"``; ``"auto"`` is resolved by :func:`~cellfm_sc.nn.resolve_recipe`)."""
+        ``"frozen-rows"``, ``"shrink-perturb"``; ``"auto"`` is resolved by
+        :func:`~cellfm_sc.nn.resolve_recipe`)."""
         if name not in RECIPES:
             choices = tuple(r for r in FINETUNE_RECIPES if r != "auto")
             raise ValueError(f"recipe must be 'auto' or one of {choices}, got {name!r}")
@@ -272,12 +282,14 @@ RECIPES: dict[str, FinetuneRecipe] = {
     "lp-ft+llrd": FinetuneRecipe("lp-ft+llrd", head_phase=0.25, pretrained_lr=0.3, layer_decay=0.7),
     # transferred gene-embedding rows frozen, everything else at one rate
     "frozen-rows": FinetuneRecipe("frozen-rows", transferred_rows_lr=0.0),
+    # everything at one rate from a start halfway between the pretrained and a fresh trunk
+    "shrink-perturb": FinetuneRecipe("shrink-perturb", shrink=0.5),
 }
 
 
 #: what ``recipe="auto"`` means: for a pretrained trunk the recipe that won the shift
 #: benchmark (``benchmarks/shift_transfer.py``), for a random trunk one rate for everything
-AUTO_RECIPES: dict[str, str] = {"pretrained": "full", "random": "full"}
+AUTO_RECIPES: dict[str, str] = {"pretrained": "shrink-perturb", "random": "full"}
 
 
 def resolve_recipe(recipe: str | FinetuneRecipe, pretrained: bool) -> FinetuneRecipe:
@@ -460,3 +472,25 @@ class RowRateScaler:
         after = self.param.detach()[self.rows]
         self.param.data[self.rows] = self._before + self.scale * (after - self._before)
         self._before = None
+
+
+def shrink_towards_fresh(trunk: nn.Module, shrink: float) -> int:
+    """Shrink-and-perturb a trunk in place: ``w <- shrink * w + (1 - shrink) * w_fresh``.
+
+    ``w_fresh`` are the weights of a new trunk of the same configuration (``type(trunk)(
+    config, n_genes, emb_rows=)``), drawn from torch's global generator (seeded by the run);
+    parameters without a fresh counterpart of the same shape (e.g. LoRA adapters) are left
+    as they are. Returns the number of parameters changed.
+    """
+    if not 0 <= shrink <= 1:
+        raise ValueError(f"shrink must be in [0, 1], got {shrink!r}")
+    fresh = type(trunk)(trunk.config, trunk.n_genes, emb_rows=trunk.emb_rows)
+    fresh_params = dict(fresh.named_parameters())
+    changed = 0
+    with torch.no_grad():
+        for name, p in trunk.named_parameters():
+            f = fresh_params.get(name)
+            if f is not None and f.shape == p.shape:
+                p.mul_(shrink).add_(f.to(p.device, p.dtype), alpha=1.0 - shrink)
+                changed += 1
+    return changed

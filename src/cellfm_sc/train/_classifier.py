@@ -10,7 +10,7 @@ import torch
 
 from cellfm_sc.data import TokenBatch
 from cellfm_sc.nn import FinetuneRecipe
-from cellfm_sc.nn.trainable import RowRateScaler, recipe_param_groups
+from cellfm_sc.nn.trainable import RowRateScaler, recipe_param_groups, shrink_towards_fresh
 from cellfm_sc.train._plan import StepOutput, TrainingPlan, loss_and_accuracy
 
 __all__ = ["ClassifierTrainingPlan"]
@@ -121,6 +121,11 @@ class ClassifierTrainingPlan(TrainingPlan):
     def in_head_phase(self) -> bool:
         """Whether the current training step belongs to the recipe's head phase."""
         return self.head_steps > 0 and self.global_step < self.head_steps
+
+    def on_train_start(self) -> None:
+        # the recipe's shrink-and-perturb start, once, before the first step (not on resume)
+        if self.recipe is not None and self.recipe.shrink < 1 and self.global_step == 0:
+            shrink_towards_fresh(self.module.trunk, self.recipe.shrink)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # the start of weight-space interpolation: the weights when the head phase ends
