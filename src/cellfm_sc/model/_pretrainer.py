@@ -25,7 +25,7 @@ from cellfm_sc.model._pretrain_module import CellFMPretrainModule
 from cellfm_sc.model._pretrainer_corpus import PretrainerCorpusMixin
 from cellfm_sc.model._pretrainer_training import PretrainerTrainingMixin
 from cellfm_sc.model._probe import EmbeddingProbe
-from cellfm_sc.model.base import CellFMModel, Saved, model_not_set_up
+from cellfm_sc.model.base import CellFMModel, Saved, model_not_set_up, trunk_args
 from cellfm_sc.nn import CellFMConfig, CellFMTrunk
 from cellfm_sc.train import (
     PretrainingPlan,
@@ -155,18 +155,7 @@ class CellFMPretrainer(PretrainerTrainingMixin, PretrainerCorpusMixin, CellFMMod
         corpus = [self._member(a, name) for a, name in members]
         _check_identifiers(corpus)
         genes = union_genes([names for _, names in corpus])
-        trunk = self._build_trunk(
-            members[0][0],
-            checkpoint=checkpoint,
-            vocabulary_file=vocabulary_file,
-            num_heads=num_heads,
-            preset=preset,
-            embedding_init=embedding_init,
-            dropout=dropout,
-            seed=seed,
-            hgnc_table=hgnc_table,
-            genes=genes,
-        )
+        trunk = self._build_trunk(members[0][0], **trunk_args(locals()), genes=genes)
         self.vocab = _with_ensembl_ids(self.vocab, corpus)
         self.members_ = []
         for member, names in corpus:
@@ -431,9 +420,6 @@ class CellFMPretrainer(PretrainerTrainingMixin, PretrainerCorpusMixin, CellFMMod
         lines.append(f"  objective: masked values, mask_ratio={self.mask_ratio_}")
         lines.append(f"  {self.trainable_summary}")
         return "\n".join(lines)
-
-    def __repr__(self) -> str:
-        return self.summary
 
     # ----------------------------------------------------------------- save / load parts
     def _save_attrs(self) -> dict[str, Any]:

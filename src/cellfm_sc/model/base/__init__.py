@@ -6,7 +6,7 @@ template), ``_inference`` (the forward pass over cells, the cell embedding) and 
 """
 
 from cellfm_sc._errors import UntrainedModelError
-from cellfm_sc.model.base._model import CellFMModel
+from cellfm_sc.model.base._model import CellFMModel, trunk_args
 from cellfm_sc.model.base._saving import Saved, model_not_set_up, saved_rows
 from cellfm_sc.model.base._training import TrainingRun, auto_lr, train_doc
 
@@ -19,4 +19,5 @@ __all__ = [
     "model_not_set_up",
     "saved_rows",
     "train_doc",
+    "trunk_args",
 ]
