@@ -20,20 +20,20 @@ from cellfm_sc.data import (
 from cellfm_sc.model._classifier_evaluate import ClassifierEvaluationMixin
 from cellfm_sc.model._classifier_training import TRAIN_DOC, ClassifierTrainingMixin
 from cellfm_sc.model._module import CellFMClassifierModule
-from cellfm_sc.model.base import CellFMModel, Saved, saved_rows, train_doc, trunk_args
-from cellfm_sc.nn import CellFMConfig, CellFMTrunk, FinetuneRecipe
-from cellfm_sc.train import (
-    ClassifierTrainingPlan,
+from cellfm_sc.model.base import (
+    CellFMModel,
+    Saved,
+    inference_args,
+    saved_rows,
+    train_doc,
+    trunk_args,
 )
+from cellfm_sc.nn import CellFMConfig, CellFMTrunk, FinetuneRecipe
+from cellfm_sc.train import ClassifierTrainingPlan
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CellFMClassifier", "ClassifierTrainingPlan"]
-
-
-# --------------------------------------------------------------------------------------------
-# training plan: loss and metrics of the classifier
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,8 +252,6 @@ class CellFMClassifier(ClassifierTrainingMixin, ClassifierEvaluationMixin, CellF
     ) -> None:
         self._train(locals())
 
-    # the steps of the training template (CellFMModel._train)
-
     # ----------------------------------------------------------------- inference
     def _infer(
         self,
@@ -331,15 +329,7 @@ class CellFMClassifier(ClassifierTrainingMixin, ClassifierEvaluationMixin, CellF
             columns are the classes in order, the index the obs names (as scvi-tools'
             ``predict(soft=True)``); cells without counts get NaN rows.
         """
-        adata, idx, probs, _ = self._infer(
-            adata,
-            indices,
-            batch_size,
-            device,
-            enable_progress_bar,
-            min_gene_coverage,
-            allow_untrained=allow_untrained,
-        )
+        adata, idx, probs, _ = self._infer(adata, indices, **inference_args(locals()))
         if soft:
             return pd.DataFrame(probs, index=adata.obs_names[idx], columns=self.classes_)
         return self._predicted(probs)
@@ -368,14 +358,7 @@ class CellFMClassifier(ClassifierTrainingMixin, ClassifierEvaluationMixin, CellF
         (:class:`~cellfm_sc.model.UntrainedModelError`) unless ``allow_untrained=True``.
         """
         adata, _, probs, emb = self._infer(
-            adata,
-            None,
-            batch_size,
-            device,
-            enable_progress_bar,
-            min_gene_coverage,
-            embedding_out,
-            allow_untrained=allow_untrained,
+            adata, None, embedding_out=embedding_out, **inference_args(locals())
         )
         empty = np.isnan(probs[:, 0])
         adata.obs[f"{key_added}_prediction"] = self._predicted(probs)

@@ -33,23 +33,11 @@ from cellfm_sc.model._donor_training import DonorTrainingMixin
 from cellfm_sc.model.base import CellFMModel, Saved, trunk_args
 from cellfm_sc.model.base._inference import cls_embedding
 from cellfm_sc.nn import CellFMConfig, CellFMTrunk
-from cellfm_sc.train import (
-    DonorTrainingPlan,
-)
+from cellfm_sc.train import DonorTrainingPlan
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CellFMDonorClassifier", "DonorTrainingPlan"]
-
-
-# --------------------------------------------------------------------------------------------
-# training plan
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# inference result (internal)
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,8 +457,6 @@ class CellFMDonorClassifier(
         """
         self._train(locals())
 
-    # the steps of the training template (CellFMModel._train)
-
     # ----------------------------------------------------------------- save / load parts
     def _restore_attrs(self, attrs: dict[str, Any]) -> None:
         self._cache = None
@@ -482,7 +468,7 @@ class CellFMDonorClassifier(
             self.loss_,
             pooling=self.pooling_,
             attention_hidden=self.attention_hidden_,
-            head_hidden=self.head_hidden_,
+            hidden=self.head_hidden_,
             dropout=self.dropout_,
             view=self.cell_view_,
             expression_genes=self.expression_genes_,

@@ -13,7 +13,21 @@ import torch
 
 from cellfm_sc.data import check_counts
 
-__all__ = ["InferenceMixin", "cls_embedding"]
+__all__ = ["INFERENCE_ARGS", "InferenceMixin", "cls_embedding", "inference_args"]
+
+#: the inference settings every user method passes on unchanged (to ``_infer`` / ``_latent``)
+INFERENCE_ARGS = (
+    "batch_size",
+    "device",
+    "enable_progress_bar",
+    "min_gene_coverage",
+    "allow_untrained",
+)
+
+
+def inference_args(args: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`INFERENCE_ARGS` of ``args`` (a user method's ``locals()``)."""
+    return {key: args[key] for key in INFERENCE_ARGS}
 
 
 def _select(batch: Any, mask: torch.Tensor) -> Any:
@@ -274,13 +288,5 @@ class InferenceMixin:
         checkpoint's with ``embedding_init="transfer"`` or ``allow_untrained=True``.
         """
         return self._latent(
-            adata,
-            indices,
-            batch_size,
-            device,
-            enable_progress_bar,
-            min_gene_coverage,
-            out,
-            num_workers,
-            allow_untrained,
+            adata, indices, out=out, num_workers=num_workers, **inference_args(locals())
         )

@@ -33,7 +33,6 @@ from cellfm_sc.data import (
     check_count_source,
     check_counts,
     check_labels,
-    get_matrix,
     matrix_gene_symbols,
     matrix_var_names,
     obs_column,
@@ -417,21 +416,20 @@ class CellFMModel(TrainingMixin, InferenceMixin, SaveLoadMixin, BaseModelClass):
     ) -> None:
         """Check and register a labelled AnnData (the ``setup_args`` of ``setup_method_args``:
         ``labels_key``, ``donor_key``, ``layer``, ``gene_symbols``, ``label_order``,
-        ``use_raw``): the columns, the count source, the labels (``check_donors(donors,
-        labels)`` when given), then every cell's counts, in this order."""
+        ``use_raw``): the count source and the counts, the columns, the labels
+        (``check_donors(donors, labels)`` when given), in this order."""
         args = setup_method_args["setup_args"]
         labels_key, donor_key = args["labels_key"], args["donor_key"]
         layer, use_raw = args["layer"], args["use_raw"]
+        check_count_source(layer, use_raw)
+        check_counts(adata, layer, use_raw=use_raw)  # also names an empty matrix or a bad layer
         labels = obs_column(adata, labels_key, keyword="labels_key")
         donors = None if donor_key is None else obs_column(adata, donor_key, keyword="donor_key")
-        check_count_source(layer, use_raw)
-        get_matrix(adata, layer, use_raw=use_raw)
         if args["gene_symbols"] is not None:  # names a missing column
             matrix_gene_symbols(adata, args["gene_symbols"], use_raw=use_raw)
         check_labels(labels, labels_key, args["label_order"])
         if check_donors is not None:
             check_donors(donors, labels)
-        check_counts(adata, layer, use_raw=use_raw)  # also names an empty matrix
         fields = [
             # the registry's X field (raw counts are checked by cellfm-sc itself, also in raw)
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=not use_raw),
