@@ -13,7 +13,7 @@ import torch
 
 from cellfm_sc.data import check_counts
 
-__all__ = ["INFERENCE_ARGS", "InferenceMixin", "cls_embedding", "inference_args"]
+__all__ = ["INFERENCE_ARGS", "InferenceMixin", "cls_embedding", "eval_loader", "inference_args"]
 
 #: the inference settings every user method passes on unchanged (to ``_infer`` / ``_latent``)
 INFERENCE_ARGS = (
@@ -97,6 +97,39 @@ def _progress(total: int, enable: bool) -> Any:
     return tqdm(total=total, disable=not enable, file=sys.stderr, unit="cells", desc="cells")
 
 
+def eval_loader(
+    adata: Any,
+    idx: np.ndarray,
+    batch_size: int,
+    max_tokens: int,
+    seed: int,
+    gene_id_map: np.ndarray | None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    **reading: Any,
+) -> Any:
+    """Evaluation batches over cells ``idx``, bucketed by length, each cell once (a cell
+    over ``max_tokens`` genes gets the draw of ``seed``); ``reading``: ``layer`` /
+    ``use_raw``. The counts are not checked here: the caller checks them once, in full."""
+    from cellfm_sc.data import make_dataloader
+
+    return make_dataloader(
+        adata,
+        idx,
+        batch_size,
+        max_tokens=max_tokens,
+        train=False,
+        shuffle=False,
+        seed=seed,
+        gene_id_map=gene_id_map,
+        bucket=True,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        check=False,
+        **reading,
+    )
+
+
 def cls_embedding(module: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
     """The forward of :meth:`InferenceMixin.get_latent_representation`: ``{"emb": (B, D)}``,
     the trunk's cls token (no head, no masking)."""
@@ -116,21 +149,15 @@ class InferenceMixin:
         num_workers: int = 0,
     ) -> Any:
         """Evaluation batches over ``idx``, bucketed by length (each cell once)."""
-        from cellfm_sc.data import make_dataloader
-
-        return make_dataloader(
+        return eval_loader(
             adata,
             idx,
             batch_size,
-            max_tokens=self.max_tokens,
-            train=False,
-            shuffle=False,
-            seed=self.seed,
-            gene_id_map=gene_id_map,
-            bucket=True,
+            self.max_tokens,
+            self.seed,
+            gene_id_map,
             num_workers=num_workers,
             pin_memory=torch.cuda.is_available(),
-            check=False,  # checked once, in full, by the caller
             **self._data_kwargs(),
         )
 

@@ -11,6 +11,7 @@ the inference loop and the cell embedding (``_inference``) and ``save`` / ``load
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import warnings
@@ -52,23 +53,6 @@ SPLITS = ("train", "validation", "test")
 
 #: the registry field of the donor column (``setup_anndata(donor_key=...)``)
 DONOR_FIELD = "donor"
-
-#: the construction arguments every class passes to :meth:`CellFMModel._build_trunk` as they are
-TRUNK_ARGS = (
-    "checkpoint",
-    "vocabulary_file",
-    "num_heads",
-    "preset",
-    "embedding_init",
-    "dropout",
-    "seed",
-    "hgnc_table",
-)
-
-
-def trunk_args(args: dict[str, Any]) -> dict[str, Any]:
-    """The :data:`TRUNK_ARGS` of ``args`` (a model's ``__init__`` ``locals()``)."""
-    return {key: args[key] for key in TRUNK_ARGS}
 
 
 class CellFMModel(TrainingMixin, InferenceMixin, SaveLoadMixin, BaseModelClass):
@@ -510,6 +494,13 @@ class CellFMModel(TrainingMixin, InferenceMixin, SaveLoadMixin, BaseModelClass):
     def best_epoch(self) -> int | None:
         """The (1-based) epoch whose weights the model holds after training."""
         return self.best_epoch_
+
+
+def trunk_args(args: dict[str, Any]) -> dict[str, Any]:
+    """What a model's ``__init__`` passes to :meth:`CellFMModel._build_trunk` as it is: its
+    keywords (``genes`` aside), taken from ``args`` (the ``__init__``'s ``locals()``)."""
+    params = inspect.signature(CellFMModel._build_trunk).parameters
+    return {k: args[k] for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k != "genes"}
 
 
 def _resolve_preset(
