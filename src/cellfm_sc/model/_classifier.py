@@ -200,11 +200,6 @@ class CellFMClassifier(ClassifierTrainingMixin, ClassifierEvaluationMixin, CellF
             )
         return codes
 
-    def _donors(self, adata: Any) -> np.ndarray | None:
-        if self.donor_key is None:
-            return None
-        return obs_column(adata, self.donor_key, keyword="donor_key").astype(str).to_numpy()
-
     def _donor_level_labels(self, adata: Any) -> bool:
         """Whether labels belong to donors (every donor's cells share one label)."""
         if self.donor_key is None:
@@ -266,20 +261,13 @@ class CellFMClassifier(ClassifierTrainingMixin, ClassifierEvaluationMixin, CellF
     ) -> tuple[Any, np.ndarray, np.ndarray, Any]:
         """``(adata, idx, probabilities (n, K), embeddings (n, D))``; NaN rows for cells
         without counts. The embeddings go to ``embedding_out`` when given (streamed)."""
-        self._require_trained(allow_untrained)  # before any other complaint
-        adata = self._adata_or_default(adata)
-        idx = self._indices(adata, indices)
-        out = self._forward_cells(
+        adata, idx, out = self._forward_over(
             adata,
-            idx,
-            batch_size,
-            device,
+            indices,
             {"probs": (len(self.classes_),), "emb": (self.module.trunk.config.enc_dims,)},
             _probs_and_embedding,
-            enable_progress_bar,
-            min_gene_coverage,
             sinks=None if embedding_out is None else {"emb": embedding_out},
-            allow_untrained=allow_untrained,
+            **inference_args(locals()),
         )
         return adata, idx, out["probs"], out["emb"]
 

@@ -258,10 +258,6 @@ class CellFMDonorClassifier(
         )
 
     # ----------------------------------------------------------------- donors and labels
-    def _donors(self, adata: Any, donor_key: str | None = None) -> np.ndarray:
-        key = donor_key or self.donor_key
-        return obs_column(adata, key, keyword="donor_key").astype(str).to_numpy()
-
     def _donor_label_codes(self, adata: Any, idx: np.ndarray) -> pd.Series:
         """Label code of each donor of cells ``idx`` (-1: a label the model does not know)."""
         labels = obs_column(adata, self.labels_key, keyword="labels_key", allow_missing=True)

@@ -326,7 +326,9 @@ class CellFMPretrainer(PretrainerTrainingMixin, PretrainerCorpusMixin, CellFMMod
             baseline); otherwise that is an :class:`~cellfm_sc.model.UntrainedModelError`
             (a checkpoint's trunk with ``embedding_init="transfer"`` counts as trained).
         """
-        return self._latent(self._default_adata(adata), indices, **inference_args(locals()))
+        return super().get_latent_representation(
+            self._default_adata(adata), indices, **inference_args(locals())
+        )
 
     # ----------------------------------------------------------------- export
     def export_trunk(self) -> CellFMTrunk:

@@ -258,38 +258,37 @@ class InferenceMixin:
         the model was set up)."""
         return contextlib.nullcontext()
 
-    def _latent(
+    def _forward_over(
         self,
         adata: Any | None,
         indices: Any,
-        batch_size: int,
-        device: str | torch.device | None,
-        enable_progress_bar: bool,
-        min_gene_coverage: float,
-        out: Any = None,
+        outputs: dict[str, tuple[int, ...]],
+        forward: Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]],
+        *,
+        sinks: dict[str, Any] | None = None,
+        head: bool = True,
         num_workers: int = 0,
-        allow_untrained: bool = False,
-    ) -> Any:
-        """The cls embedding of cells ``indices`` of ``adata`` (see
-        :meth:`get_latent_representation`)."""
-        self._require_trained(allow_untrained, head=False)
+        **settings: Any,
+    ) -> tuple[Any, np.ndarray, dict[str, Any]]:
+        """:meth:`_forward_cells` over cells ``indices`` (see :meth:`_indices`) of ``adata``
+        (default: the model's), read as :meth:`_reading` says; ``settings``: the
+        :data:`INFERENCE_ARGS`. An untrained model is refused before any other complaint.
+        Returns ``(adata, idx, outputs)``."""
+        self._require_trained(settings["allow_untrained"], head=head)
         adata = self._adata_or_default(adata)
         idx = self._indices(adata, indices)
         with self._reading(adata):
-            return self._forward_cells(
+            arrays = self._forward_cells(
                 adata,
                 idx,
-                batch_size,
-                device,
-                {"emb": (self.module.trunk.config.enc_dims,)},
-                cls_embedding,
-                enable_progress_bar,
-                min_gene_coverage,
-                sinks=None if out is None else {"emb": out},
+                outputs=outputs,
+                forward=forward,
+                sinks=sinks,
                 num_workers=num_workers,
-                allow_untrained=allow_untrained,
-                head=False,
-            )["emb"]
+                head=head,
+                **settings,
+            )
+        return adata, idx, arrays
 
     def get_latent_representation(
         self,
@@ -314,6 +313,14 @@ class InferenceMixin:
         (:class:`~cellfm_sc.model.UntrainedModelError`) unless its trunk is a pretrained
         checkpoint's with ``embedding_init="transfer"`` or ``allow_untrained=True``.
         """
-        return self._latent(
-            adata, indices, out=out, num_workers=num_workers, **inference_args(locals())
+        _, _, arrays = self._forward_over(
+            adata,
+            indices,
+            {"emb": (self.module.trunk.config.enc_dims,)},
+            cls_embedding,
+            sinks=None if out is None else {"emb": out},
+            head=False,
+            num_workers=num_workers,
+            **inference_args(locals()),
         )
+        return arrays["emb"]

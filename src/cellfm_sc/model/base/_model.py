@@ -241,6 +241,14 @@ class CellFMModel(TrainingMixin, InferenceMixin, SaveLoadMixin, BaseModelClass):
         symbols = matrix_gene_symbols(adata, self.gene_symbols_key, use_raw=self.use_raw)
         return [str(s) for s in symbols]
 
+    def _donors(self, adata: Any, donor_key: str | None = None) -> np.ndarray | None:
+        """The donor of every cell of ``adata`` as str (``obs[donor_key]``, default the
+        registered donor column), or None for a model without donors."""
+        key = donor_key or self.donor_key
+        if key is None:
+            return None
+        return obs_column(adata, key, keyword="donor_key").astype(str).to_numpy()
+
     def _adata_or_default(self, adata: Any | None) -> Any:
         if adata is None:
             if self.adata is None:
