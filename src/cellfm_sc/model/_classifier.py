@@ -10,38 +10,30 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 import torch
-from scvi import REGISTRY_KEYS
-from scvi.data.fields import CategoricalObsField, LayerField
 
 from cellfm_sc.data import (
     DataSplit,
     TokenBatch,
-    check_count_source,
-    check_counts,
-    check_labels,
     donor_labels,
-    matrix_gene_symbols,
     obs_column,
 )
 from cellfm_sc.model._classifier_evaluate import ClassifierEvaluationMixin
 from cellfm_sc.model._classifier_training import TRAIN_DOC, ClassifierTrainingMixin
 from cellfm_sc.model._module import CellFMClassifierModule
-from cellfm_sc.model.base import CellFMModel, Saved, saved_rows, train_doc
-from cellfm_sc.nn import CellFMConfig, CellFMTrunk, FinetuneRecipe
-from cellfm_sc.train import (
-    ClassifierTrainingPlan,
+from cellfm_sc.model.base import (
+    CellFMModel,
+    Saved,
+    inference_args,
+    saved_rows,
+    train_doc,
+    trunk_args,
 )
+from cellfm_sc.nn import CellFMConfig, CellFMTrunk, FinetuneRecipe
+from cellfm_sc.train import ClassifierTrainingPlan
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CellFMClassifier", "ClassifierTrainingPlan"]
-
-DONOR_KEY = "donor"
-
-
-# --------------------------------------------------------------------------------------------
-# training plan: loss and metrics of the classifier
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,24 +127,10 @@ class CellFMClassifier(ClassifierTrainingMixin, ClassifierEvaluationMixin, CellF
             raise ValueError(f"head_hidden must be >= 0, got {head_hidden}")
         super().__init__(adata)
         self._init_common()
-        args = self._read_setup_args()
-        self.labels_key: str = args["labels_key"]
-        self.classes_, self.ordinal_ = _categories(
-            obs_column(adata, self.labels_key, keyword="labels_key"), args.get("label_order")
-        )
+        self._read_classes(adata, self._read_setup_args())
         self.max_tokens = int(max_tokens)
         self.seed = int(seed)
-        trunk = self._build_trunk(
-            adata,
-            checkpoint=checkpoint,
-            vocabulary_file=vocabulary_file,
-            num_heads=num_heads,
-            preset=preset,
-            embedding_init=embedding_init,
-            dropout=dropout,
-            seed=seed,
-            hgnc_table=hgnc_table,
-        )
+        trunk = self._build_trunk(adata, **trunk_args(locals()))
         self.head_hidden_ = int(head_hidden)
         self.dropout_ = float(dropout)
         self.transferred_rows_ = _transferred_rows(self._pretrained_report)
@@ -206,23 +184,7 @@ class CellFMClassifier(ClassifierTrainingMixin, ClassifierEvaluationMixin, CellF
         """
         if label_order is not None:
             label_order = [str(c) for c in label_order]
-        setup_method_args = cls._get_setup_method_args(**locals())
-        check_count_source(layer, use_raw)
-        check_counts(adata, layer, use_raw=use_raw)  # also names an empty matrix or a bad layer
-        labels = obs_column(adata, labels_key, keyword="labels_key")
-        if donor_key is not None:
-            obs_column(adata, donor_key, keyword="donor_key")
-        if gene_symbols is not None:
-            matrix_gene_symbols(adata, gene_symbols, use_raw=use_raw)  # names a missing column
-        present = check_labels(labels, labels_key, label_order)
-        fields = [
-            # the registry's X field (raw counts are checked by cellfm-sc itself, also in raw)
-            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=not use_raw),
-            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
-        ]
-        if donor_key is not None:
-            fields.append(CategoricalObsField(DONOR_KEY, donor_key))
-        cls._register(adata, fields, setup_method_args, **kwargs)
+        cls._register_labelled(adata, cls._get_setup_method_args(**locals()), **kwargs)
 
     # ----------------------------------------------------------------- labels
     def _label_codes(self, adata: Any, strict: bool = True) -> np.ndarray:
@@ -237,11 +199,6 @@ class CellFMClassifier(ClassifierTrainingMixin, ClassifierEvaluationMixin, CellF
                 f"classes {self.classes_}"
             )
         return codes
-
-    def _donors(self, adata: Any) -> np.ndarray | None:
-        if self.donor_key is None:
-            return None
-        return obs_column(adata, self.donor_key, keyword="donor_key").astype(str).to_numpy()
 
     def _donor_level_labels(self, adata: Any) -> bool:
         """Whether labels belong to donors (every donor's cells share one label)."""
@@ -290,8 +247,6 @@ class CellFMClassifier(ClassifierTrainingMixin, ClassifierEvaluationMixin, CellF
     ) -> None:
         self._train(locals())
 
-    # the steps of the training template (CellFMModel._train)
-
     # ----------------------------------------------------------------- inference
     def _infer(
         self,
@@ -306,20 +261,13 @@ class CellFMClassifier(ClassifierTrainingMixin, ClassifierEvaluationMixin, CellF
     ) -> tuple[Any, np.ndarray, np.ndarray, Any]:
         """``(adata, idx, probabilities (n, K), embeddings (n, D))``; NaN rows for cells
         without counts. The embeddings go to ``embedding_out`` when given (streamed)."""
-        self._require_trained(allow_untrained)  # before any other complaint
-        adata = self._adata_or_default(adata)
-        idx = self._indices(adata, indices)
-        out = self._forward_cells(
+        adata, idx, out = self._forward_over(
             adata,
-            idx,
-            batch_size,
-            device,
+            indices,
             {"probs": (len(self.classes_),), "emb": (self.module.trunk.config.enc_dims,)},
             _probs_and_embedding,
-            enable_progress_bar,
-            min_gene_coverage,
             sinks=None if embedding_out is None else {"emb": embedding_out},
-            allow_untrained=allow_untrained,
+            **inference_args(locals()),
         )
         return adata, idx, out["probs"], out["emb"]
 
@@ -369,15 +317,7 @@ class CellFMClassifier(ClassifierTrainingMixin, ClassifierEvaluationMixin, CellF
             columns are the classes in order, the index the obs names (as scvi-tools'
             ``predict(soft=True)``); cells without counts get NaN rows.
         """
-        adata, idx, probs, _ = self._infer(
-            adata,
-            indices,
-            batch_size,
-            device,
-            enable_progress_bar,
-            min_gene_coverage,
-            allow_untrained=allow_untrained,
-        )
+        adata, idx, probs, _ = self._infer(adata, indices, **inference_args(locals()))
         if soft:
             return pd.DataFrame(probs, index=adata.obs_names[idx], columns=self.classes_)
         return self._predicted(probs)
@@ -406,14 +346,7 @@ class CellFMClassifier(ClassifierTrainingMixin, ClassifierEvaluationMixin, CellF
         (:class:`~cellfm_sc.model.UntrainedModelError`) unless ``allow_untrained=True``.
         """
         adata, _, probs, emb = self._infer(
-            adata,
-            None,
-            batch_size,
-            device,
-            enable_progress_bar,
-            min_gene_coverage,
-            embedding_out,
-            allow_untrained=allow_untrained,
+            adata, None, embedding_out=embedding_out, **inference_args(locals())
         )
         empty = np.isnan(probs[:, 0])
         adata.obs[f"{key_added}_prediction"] = self._predicted(probs)
@@ -439,13 +372,7 @@ class CellFMClassifier(ClassifierTrainingMixin, ClassifierEvaluationMixin, CellF
             },
         }
 
-    def __repr__(self) -> str:
-        return self.summary
-
     # ----------------------------------------------------------------- save / load parts
-    def _restore_attrs(self, attrs: dict[str, Any]) -> None:
-        self.labels_key = self._read_setup_args()["labels_key"]
-
     def _make_module(self, trunk: CellFMTrunk) -> CellFMClassifierModule:
         return CellFMClassifierModule(trunk, len(self.classes_), self.head_hidden_, self.dropout_)
 
@@ -461,13 +388,3 @@ def _transferred_rows(report: Any) -> np.ndarray | None:
 def _probs_and_embedding(module: CellFMClassifierModule, batch: TokenBatch) -> dict[str, Any]:
     out = module(batch)
     return {"probs": torch.softmax(out.logits.float(), dim=-1), "emb": out.cls}
-
-
-def _categories(labels: pd.Series, label_order: Sequence[str] | None) -> tuple[list[str], bool]:
-    if label_order is not None:
-        return [str(c) for c in label_order], True
-    if isinstance(labels.dtype, pd.CategoricalDtype):
-        observed = set(labels.dropna().astype(str))
-        classes = [str(c) for c in labels.cat.categories if str(c) in observed]
-        return classes, bool(labels.cat.ordered)
-    return sorted(set(labels.dropna().astype(str))), False

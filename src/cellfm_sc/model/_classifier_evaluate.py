@@ -7,9 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cellfm_sc.data import (
-    obs_column,
-)
+from cellfm_sc.data import obs_column
+from cellfm_sc.model.base import inference_args
 
 __all__ = ["ClassifierEvaluationMixin"]
 
@@ -69,17 +68,7 @@ class ClassifierEvaluationMixin:
         """
         from cellfm_sc.metrics import evaluate_predictions
 
-        self._require_trained(allow_untrained)  # "untrained" comes before any other complaint
-        adata = self._adata_or_default(adata)
-        adata, idx, probs, emb = self._infer(
-            adata,
-            indices,
-            batch_size,
-            device,
-            enable_progress_bar,
-            min_gene_coverage,
-            allow_untrained=allow_untrained,
-        )
+        adata, idx, probs, emb = self._infer(adata, indices, **inference_args(locals()))
         all_codes = self._label_codes(adata, strict=False)
         codes = all_codes[idx]
         known = (codes >= 0) & ~np.isnan(probs[:, 0])

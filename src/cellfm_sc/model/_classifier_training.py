@@ -16,9 +16,7 @@ from cellfm_sc.data import (
 )
 from cellfm_sc.model.base import TrainingRun
 from cellfm_sc.nn.trainable import resolve_recipe
-from cellfm_sc.train import (
-    ClassifierTrainingPlan,
-)
+from cellfm_sc.train import ClassifierTrainingPlan
 from cellfm_sc.train._classifier import _class_weights
 
 #: early_stopping="auto" turns early stopping on from this many validation cells ...

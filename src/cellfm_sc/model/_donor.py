@@ -14,51 +14,30 @@ import logging
 import os
 import weakref
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
-from scvi import REGISTRY_KEYS
-from scvi.data.fields import CategoricalObsField, LayerField
 
 from cellfm_sc._constants import DONOR_LOSSES, POOLINGS
 from cellfm_sc.data import (
     DataSplit,
-    check_count_source,
-    check_counts,
-    check_labels,
-    get_matrix,
-    matrix_gene_symbols,
     obs_column,
 )
-from cellfm_sc.model._classifier import _categories
 from cellfm_sc.model._donor_evaluate import DonorEvaluationMixin
 from cellfm_sc.model._donor_inference import DonorInferenceMixin
 from cellfm_sc.model._donor_module import CELL_VIEWS, CellFMDonorModule
 from cellfm_sc.model._donor_training import DonorTrainingMixin
-from cellfm_sc.model.base import CellFMModel, Saved
+from cellfm_sc.model.base import CellFMModel, Saved, trunk_args
 from cellfm_sc.model.base._inference import cls_embedding
 from cellfm_sc.nn import CellFMConfig, CellFMTrunk
-from cellfm_sc.train import (
-    DonorTrainingPlan,
-)
+from cellfm_sc.train import DonorTrainingPlan
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CellFMDonorClassifier", "DonorTrainingPlan"]
-
-DONOR_FIELD = "donor"
-
-
-# --------------------------------------------------------------------------------------------
-# training plan
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# inference result (internal)
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,25 +183,12 @@ class CellFMDonorClassifier(
                 "the AnnData is not set up for a donor model: call "
                 "CellFMDonorClassifier.setup_anndata(adata, labels_key=..., donor_key=...)"
             )
-        self.labels_key: str = args["labels_key"]
-        self.classes_, self.ordinal_ = _categories(
-            obs_column(adata, self.labels_key, keyword="labels_key"), args.get("label_order")
-        )
+        self._read_classes(adata, args)
         self.loss_ = _resolve_loss(loss, self.ordinal_)
         self.max_tokens = int(max_tokens)
         self.bag_size = int(bag_size)
         self.seed = int(seed)
-        trunk = self._build_trunk(
-            adata,
-            checkpoint=checkpoint,
-            vocabulary_file=vocabulary_file,
-            num_heads=num_heads,
-            preset=preset,
-            embedding_init=embedding_init,
-            dropout=dropout,
-            seed=seed,
-            hgnc_table=hgnc_table,
-        )
+        trunk = self._build_trunk(adata, **trunk_args(locals()))
         self.pooling_ = pooling
         self.attention_hidden_ = int(attention_hidden)
         self.head_hidden_ = int(head_hidden)
@@ -284,28 +250,14 @@ class CellFMDonorClassifier(
         """
         if label_order is not None:
             label_order = [str(c) for c in label_order]
-        setup_method_args = cls._get_setup_method_args(**locals())
-        labels = obs_column(adata, labels_key, keyword="labels_key")
-        donors = obs_column(adata, donor_key, keyword="donor_key")
-        check_count_source(layer, use_raw)
-        get_matrix(adata, layer, use_raw=use_raw)
-        if gene_symbols is not None:
-            matrix_gene_symbols(adata, gene_symbols, use_raw=use_raw)  # names a missing column
-        present = check_labels(labels, labels_key, label_order)
-        check_donor_labels(donors, labels, labels_key=labels_key, donor_key=donor_key)
-        check_counts(adata, layer, use_raw=use_raw)
-        fields = [
-            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=not use_raw),
-            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
-            CategoricalObsField(DONOR_FIELD, donor_key),
-        ]
-        cls._register(adata, fields, setup_method_args, **kwargs)
+        cls._register_labelled(
+            adata,
+            cls._get_setup_method_args(**locals()),
+            partial(check_donor_labels, labels_key=labels_key, donor_key=donor_key),
+            **kwargs,
+        )
 
     # ----------------------------------------------------------------- donors and labels
-    def _donors(self, adata: Any, donor_key: str | None = None) -> np.ndarray:
-        key = donor_key or self.donor_key
-        return obs_column(adata, key, keyword="donor_key").astype(str).to_numpy()
-
     def _donor_label_codes(self, adata: Any, idx: np.ndarray) -> pd.Series:
         """Label code of each donor of cells ``idx`` (-1: a label the model does not know)."""
         labels = obs_column(adata, self.labels_key, keyword="labels_key", allow_missing=True)
@@ -501,14 +453,8 @@ class CellFMDonorClassifier(
         """
         self._train(locals())
 
-    # the steps of the training template (CellFMModel._train)
-
-    def __repr__(self) -> str:
-        return self.summary
-
     # ----------------------------------------------------------------- save / load parts
     def _restore_attrs(self, attrs: dict[str, Any]) -> None:
-        self.labels_key = self._read_setup_args()["labels_key"]
         self._cache = None
 
     def _make_module(self, trunk: CellFMTrunk) -> CellFMDonorModule:
@@ -518,7 +464,7 @@ class CellFMDonorClassifier(
             self.loss_,
             pooling=self.pooling_,
             attention_hidden=self.attention_hidden_,
-            head_hidden=self.head_hidden_,
+            hidden=self.head_hidden_,
             dropout=self.dropout_,
             view=self.cell_view_,
             expression_genes=self.expression_genes_,

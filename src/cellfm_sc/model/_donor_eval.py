@@ -11,9 +11,7 @@ import numpy as np
 import pandas as pd
 
 from cellfm_sc._json import to_plain
-from cellfm_sc.metrics import (
-    EvaluationResult,
-)
+from cellfm_sc.metrics import EvaluationResult
 from cellfm_sc.metrics._donor import aggregate_bag_logits, donor_metrics
 
 __all__ = [

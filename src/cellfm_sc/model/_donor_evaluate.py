@@ -9,9 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cellfm_sc.data import (
-    DataSplit,
-)
+from cellfm_sc.data import DataSplit
 from cellfm_sc.metrics._donor import donor_metrics
 from cellfm_sc.model._donor_eval import (
     CrossValidationResult,
@@ -19,6 +17,7 @@ from cellfm_sc.model._donor_eval import (
     bootstrap_intervals,
     stratified_donor_folds,
 )
+from cellfm_sc.model.base import inference_args
 
 __all__ = ["DonorEvaluationMixin"]
 
@@ -71,18 +70,7 @@ class DonorEvaluationMixin:
             ``embedding``. Donors whose label the model does not know are not scored
             (``notes`` says which).
         """
-        self._require_trained(allow_untrained)  # "untrained" comes before any other complaint
-        adata = self._adata_or_default(adata)
-        adata, res = self._infer(
-            adata,
-            indices,
-            None,
-            batch_size,
-            device,
-            enable_progress_bar,
-            min_gene_coverage,
-            allow_untrained,
-        )
+        adata, res = self._infer(adata, indices, **inference_args(locals()))
         truth = self._donor_label_codes(adata, res.idx).reindex(res.donors).to_numpy()
         scored = (truth >= 0) & (res.pred >= 0)
         notes = []

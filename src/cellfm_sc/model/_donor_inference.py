@@ -15,6 +15,7 @@ from cellfm_sc.dataloaders._bags import (
     partition_bags,
 )
 from cellfm_sc.metrics._donor import aggregate_bag_logits
+from cellfm_sc.model.base import inference_args
 from cellfm_sc.nn.ordinal import class_probabilities, predict_classes
 
 #: cells per head call at inference (bags are never split across calls)
@@ -187,16 +188,7 @@ class DonorInferenceMixin:
         DataFrame indexed by donor (sorted, index name ``"donor"``): ``predicted``
         (categorical, in class order), ``p_<class>`` per class, ``n_cells`` (cells used).
         """
-        _, res = self._infer(
-            adata,
-            indices,
-            donor_key,
-            batch_size,
-            device,
-            enable_progress_bar,
-            min_gene_coverage,
-            allow_untrained,
-        )
+        _, res = self._infer(adata, indices, donor_key, **inference_args(locals()))
         return self._donor_frame(res)
 
     def _donor_frame(self, res: _DonorInference) -> pd.DataFrame:
@@ -228,16 +220,7 @@ class DonorInferenceMixin:
         never trained is refused (:class:`~cellfm_sc.model.UntrainedModelError`) unless
         ``allow_untrained=True``.
         """
-        adata, res = self._infer(
-            adata,
-            None,
-            donor_key,
-            batch_size,
-            device,
-            enable_progress_bar,
-            min_gene_coverage,
-            allow_untrained,
-        )
+        adata, res = self._infer(adata, None, donor_key, **inference_args(locals()))
         where = pd.Index(res.donors).get_indexer(res.cell_donor)
         adata.obs[f"{key_added}_attention"] = res.attention
         adata.obs[f"{key_added}_donor_prediction"] = self._categorical(res.pred[where])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -224,39 +225,20 @@ class CellFMDonorModule(nn.Module):
     ----------
     trunk
         The :class:`~cellfm_sc.nn.CellFMTrunk`.
-    n_classes, loss, pooling, attention_hidden, head_hidden, dropout, view, expression_genes, expression_dim
+    n_classes, loss
         See :class:`DonorHead`.
+    **head
+        The head's other settings (``pooling``, ``attention_hidden``, ``hidden``,
+        ``dropout``, ``view``, ``expression_genes``, ``expression_dim``): see
+        :class:`DonorHead`.
     """
 
-    def __init__(
-        self,
-        trunk: CellFMTrunk,
-        n_classes: int,
-        loss: str,
-        pooling: str = "gated_attention",
-        attention_hidden: int = 128,
-        head_hidden: int = 128,
-        dropout: float = 0.1,
-        view: str = "trunk",
-        expression_genes: int = 0,
-        expression_dim: int = 64,
-    ) -> None:
+    def __init__(self, trunk: CellFMTrunk, n_classes: int, loss: str, **head: Any) -> None:
         super().__init__()
         self.trunk = trunk
         self.loss_kind = loss
         self.n_classes = int(n_classes)
-        self.head = DonorHead(
-            trunk.config.enc_dims,
-            n_classes,
-            loss,
-            pooling=pooling,
-            attention_hidden=attention_hidden,
-            hidden=head_hidden,
-            dropout=dropout,
-            view=view,
-            expression_genes=expression_genes,
-            expression_dim=expression_dim,
-        )
+        self.head = DonorHead(trunk.config.enc_dims, n_classes, loss, **head)
 
     @property
     def uses_trunk(self) -> bool:

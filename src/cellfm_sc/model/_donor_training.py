@@ -20,9 +20,7 @@ from cellfm_sc.dataloaders._bags import (
     eval_keys,
 )
 from cellfm_sc.model.base import TrainingRun
-from cellfm_sc.train import (
-    DonorTrainingPlan,
-)
+from cellfm_sc.train import DonorTrainingPlan
 
 __all__ = ["DonorTrainingMixin"]
 

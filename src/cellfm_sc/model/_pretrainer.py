@@ -25,11 +25,9 @@ from cellfm_sc.model._pretrain_module import CellFMPretrainModule
 from cellfm_sc.model._pretrainer_corpus import PretrainerCorpusMixin
 from cellfm_sc.model._pretrainer_training import PretrainerTrainingMixin
 from cellfm_sc.model._probe import EmbeddingProbe
-from cellfm_sc.model.base import CellFMModel, Saved, model_not_set_up
+from cellfm_sc.model.base import CellFMModel, Saved, inference_args, model_not_set_up, trunk_args
 from cellfm_sc.nn import CellFMConfig, CellFMTrunk
-from cellfm_sc.train import (
-    PretrainingPlan,
-)
+from cellfm_sc.train import PretrainingPlan
 from cellfm_sc.vocab import GeneVocab
 
 logger = logging.getLogger(__name__)
@@ -39,11 +37,6 @@ __all__ = ["CHECKPOINT_FILE", "VOCABULARY_FILE", "CellFMPretrainer", "Pretrainin
 #: file names written by :meth:`CellFMPretrainer.export_mindspore`
 CHECKPOINT_FILE = "cellfm.ckpt"
 VOCABULARY_FILE = "gene_info.csv"
-
-
-# --------------------------------------------------------------------------------------------
-# training plan: the masked-value loss and its metrics
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,18 +148,7 @@ class CellFMPretrainer(PretrainerTrainingMixin, PretrainerCorpusMixin, CellFMMod
         corpus = [self._member(a, name) for a, name in members]
         _check_identifiers(corpus)
         genes = union_genes([names for _, names in corpus])
-        trunk = self._build_trunk(
-            members[0][0],
-            checkpoint=checkpoint,
-            vocabulary_file=vocabulary_file,
-            num_heads=num_heads,
-            preset=preset,
-            embedding_init=embedding_init,
-            dropout=dropout,
-            seed=seed,
-            hgnc_table=hgnc_table,
-            genes=genes,
-        )
+        trunk = self._build_trunk(members[0][0], **trunk_args(locals()), genes=genes)
         self.vocab = _with_ensembl_ids(self.vocab, corpus)
         self.members_ = []
         for member, names in corpus:
@@ -314,8 +296,6 @@ class CellFMPretrainer(PretrainerTrainingMixin, PretrainerCorpusMixin, CellFMMod
         """
         self._train(locals())
 
-    # the steps of the training template (CellFMModel._train)
-
     def get_latent_representation(
         self,
         adata: Any | None = None,
@@ -346,14 +326,8 @@ class CellFMPretrainer(PretrainerTrainingMixin, PretrainerCorpusMixin, CellFMMod
             baseline); otherwise that is an :class:`~cellfm_sc.model.UntrainedModelError`
             (a checkpoint's trunk with ``embedding_init="transfer"`` counts as trained).
         """
-        return self._latent(
-            self._default_adata(adata),
-            indices,
-            batch_size,
-            device,
-            enable_progress_bar,
-            min_gene_coverage,
-            allow_untrained=allow_untrained,
+        return super().get_latent_representation(
+            self._default_adata(adata), indices, **inference_args(locals())
         )
 
     # ----------------------------------------------------------------- export
@@ -431,9 +405,6 @@ class CellFMPretrainer(PretrainerTrainingMixin, PretrainerCorpusMixin, CellFMMod
         lines.append(f"  objective: masked values, mask_ratio={self.mask_ratio_}")
         lines.append(f"  {self.trainable_summary}")
         return "\n".join(lines)
-
-    def __repr__(self) -> str:
-        return self.summary
 
     # ----------------------------------------------------------------- save / load parts
     def _save_attrs(self) -> dict[str, Any]:

@@ -9,14 +9,10 @@ import numpy as np
 
 from cellfm_sc._constants import CORPUS_SAMPLING
 from cellfm_sc.data import DataSplit
-from cellfm_sc.dataloaders._corpus import (
-    CorpusDataModule,
-)
+from cellfm_sc.dataloaders._corpus import CorpusDataModule
 from cellfm_sc.model._probe import EmbeddingProbe
 from cellfm_sc.model.base import TrainingRun
-from cellfm_sc.train import (
-    PretrainingPlan,
-)
+from cellfm_sc.train import PretrainingPlan
 
 __all__ = ["PretrainerTrainingMixin"]
 

@@ -221,23 +221,13 @@ class EmbeddingProbe:
     def _embed(
         self, trunk: torch.nn.Module, adata: Any, rows: np.ndarray, ids: Any, kwargs: dict
     ) -> np.ndarray:
-        from cellfm_sc.data import make_dataloader
+        from cellfm_sc.model.base._inference import eval_loader
 
         device = next(trunk.parameters()).device
         out = np.full((rows.size, trunk.config.enc_dims), np.nan, np.float32)
         position = {int(r): i for i, r in enumerate(rows)}
-        loader = make_dataloader(
-            adata,
-            rows,
-            self.batch_size,
-            max_tokens=self.max_tokens,
-            train=False,
-            shuffle=False,
-            seed=self.token_seed,
-            gene_id_map=ids,
-            bucket=True,
-            check=False,
-            **kwargs,
+        loader = eval_loader(
+            adata, rows, self.batch_size, self.max_tokens, self.token_seed, ids, **kwargs
         )
         for batch in loader:
             batch = batch.to(device)

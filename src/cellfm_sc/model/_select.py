@@ -252,9 +252,9 @@ class _InnerFolds:
         k: int,
         seed: int,
     ) -> _InnerFolds:
-        from cellfm_sc.model._classifier import _categories
         from cellfm_sc.model._donor import check_donor_labels
         from cellfm_sc.model._donor_eval import stratified_donor_folds
+        from cellfm_sc.model.base._model import _categories
 
         labels = obs_column(adata, labels_key, keyword="labels_key")
         donors = obs_column(adata, donor_key, keyword="donor_key").astype(str).to_numpy()

@@ -6,7 +6,8 @@ template), ``_inference`` (the forward pass over cells, the cell embedding) and 
 """
 
 from cellfm_sc._errors import UntrainedModelError
-from cellfm_sc.model.base._model import CellFMModel
+from cellfm_sc.model.base._inference import inference_args
+from cellfm_sc.model.base._model import CellFMModel, trunk_args
 from cellfm_sc.model.base._saving import Saved, model_not_set_up, saved_rows
 from cellfm_sc.model.base._training import TrainingRun, auto_lr, train_doc
 
@@ -16,7 +17,9 @@ __all__ = [
     "TrainingRun",
     "UntrainedModelError",
     "auto_lr",
+    "inference_args",
     "model_not_set_up",
     "saved_rows",
     "train_doc",
+    "trunk_args",
 ]

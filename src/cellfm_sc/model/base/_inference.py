@@ -13,7 +13,21 @@ import torch
 
 from cellfm_sc.data import check_counts
 
-__all__ = ["InferenceMixin", "cls_embedding"]
+__all__ = ["INFERENCE_ARGS", "InferenceMixin", "cls_embedding", "eval_loader", "inference_args"]
+
+#: the inference settings every user method passes on unchanged (to ``_infer`` / ``_latent``)
+INFERENCE_ARGS = (
+    "batch_size",
+    "device",
+    "enable_progress_bar",
+    "min_gene_coverage",
+    "allow_untrained",
+)
+
+
+def inference_args(args: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`INFERENCE_ARGS` of ``args`` (a user method's ``locals()``)."""
+    return {key: args[key] for key in INFERENCE_ARGS}
 
 
 def _select(batch: Any, mask: torch.Tensor) -> Any:
@@ -83,6 +97,39 @@ def _progress(total: int, enable: bool) -> Any:
     return tqdm(total=total, disable=not enable, file=sys.stderr, unit="cells", desc="cells")
 
 
+def eval_loader(
+    adata: Any,
+    idx: np.ndarray,
+    batch_size: int,
+    max_tokens: int,
+    seed: int,
+    gene_id_map: np.ndarray | None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    **reading: Any,
+) -> Any:
+    """Evaluation batches over cells ``idx``, bucketed by length, each cell once (a cell
+    over ``max_tokens`` genes gets the draw of ``seed``); ``reading``: ``layer`` /
+    ``use_raw``. The counts are not checked here: the caller checks them once, in full."""
+    from cellfm_sc.data import make_dataloader
+
+    return make_dataloader(
+        adata,
+        idx,
+        batch_size,
+        max_tokens=max_tokens,
+        train=False,
+        shuffle=False,
+        seed=seed,
+        gene_id_map=gene_id_map,
+        bucket=True,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        check=False,
+        **reading,
+    )
+
+
 def cls_embedding(module: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
     """The forward of :meth:`InferenceMixin.get_latent_representation`: ``{"emb": (B, D)}``,
     the trunk's cls token (no head, no masking)."""
@@ -102,21 +149,15 @@ class InferenceMixin:
         num_workers: int = 0,
     ) -> Any:
         """Evaluation batches over ``idx``, bucketed by length (each cell once)."""
-        from cellfm_sc.data import make_dataloader
-
-        return make_dataloader(
+        return eval_loader(
             adata,
             idx,
             batch_size,
-            max_tokens=self.max_tokens,
-            train=False,
-            shuffle=False,
-            seed=self.seed,
-            gene_id_map=gene_id_map,
-            bucket=True,
+            self.max_tokens,
+            self.seed,
+            gene_id_map,
             num_workers=num_workers,
             pin_memory=torch.cuda.is_available(),
-            check=False,  # checked once, in full, by the caller
             **self._data_kwargs(),
         )
 
@@ -217,38 +258,37 @@ class InferenceMixin:
         the model was set up)."""
         return contextlib.nullcontext()
 
-    def _latent(
+    def _forward_over(
         self,
         adata: Any | None,
         indices: Any,
-        batch_size: int,
-        device: str | torch.device | None,
-        enable_progress_bar: bool,
-        min_gene_coverage: float,
-        out: Any = None,
+        outputs: dict[str, tuple[int, ...]],
+        forward: Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]],
+        *,
+        sinks: dict[str, Any] | None = None,
+        head: bool = True,
         num_workers: int = 0,
-        allow_untrained: bool = False,
-    ) -> Any:
-        """The cls embedding of cells ``indices`` of ``adata`` (see
-        :meth:`get_latent_representation`)."""
-        self._require_trained(allow_untrained, head=False)
+        **settings: Any,
+    ) -> tuple[Any, np.ndarray, dict[str, Any]]:
+        """:meth:`_forward_cells` over cells ``indices`` (see :meth:`_indices`) of ``adata``
+        (default: the model's), read as :meth:`_reading` says; ``settings``: the
+        :data:`INFERENCE_ARGS`. An untrained model is refused before any other complaint.
+        Returns ``(adata, idx, outputs)``."""
+        self._require_trained(settings["allow_untrained"], head=head)
         adata = self._adata_or_default(adata)
         idx = self._indices(adata, indices)
         with self._reading(adata):
-            return self._forward_cells(
+            arrays = self._forward_cells(
                 adata,
                 idx,
-                batch_size,
-                device,
-                {"emb": (self.module.trunk.config.enc_dims,)},
-                cls_embedding,
-                enable_progress_bar,
-                min_gene_coverage,
-                sinks=None if out is None else {"emb": out},
+                outputs=outputs,
+                forward=forward,
+                sinks=sinks,
                 num_workers=num_workers,
-                allow_untrained=allow_untrained,
-                head=False,
-            )["emb"]
+                head=head,
+                **settings,
+            )
+        return adata, idx, arrays
 
     def get_latent_representation(
         self,
@@ -273,14 +313,14 @@ class InferenceMixin:
         (:class:`~cellfm_sc.model.UntrainedModelError`) unless its trunk is a pretrained
         checkpoint's with ``embedding_init="transfer"`` or ``allow_untrained=True``.
         """
-        return self._latent(
+        _, _, arrays = self._forward_over(
             adata,
             indices,
-            batch_size,
-            device,
-            enable_progress_bar,
-            min_gene_coverage,
-            out,
-            num_workers,
-            allow_untrained,
+            {"emb": (self.module.trunk.config.enc_dims,)},
+            cls_embedding,
+            sinks=None if out is None else {"emb": out},
+            head=False,
+            num_workers=num_workers,
+            **inference_args(locals()),
         )
+        return arrays["emb"]

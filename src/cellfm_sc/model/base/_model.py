@@ -11,14 +11,18 @@ the inference loop and the cell embedding (``_inference``) and ``save`` / ``load
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
+from scvi import REGISTRY_KEYS
+from scvi.data.fields import CategoricalObsField, LayerField
 from scvi.model.base import BaseModelClass
 
 from cellfm_sc._constants import EMBEDDING_INITS, TRAINABLE_POLICIES
@@ -27,9 +31,12 @@ from cellfm_sc._hardware import check_device
 from cellfm_sc.data import (
     DataSplit,
     align_genes,
+    check_count_source,
     check_counts,
+    check_labels,
     matrix_gene_symbols,
     matrix_var_names,
+    obs_column,
 )
 from cellfm_sc.model.base._inference import InferenceMixin
 from cellfm_sc.model.base._saving import SaveLoadMixin, model_not_set_up
@@ -43,6 +50,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["CellFMModel", "UntrainedModelError", "auto_lr", "model_not_set_up"]
 
 SPLITS = ("train", "validation", "test")
+
+#: the registry field of the donor column (``setup_anndata(donor_key=...)``)
+DONOR_FIELD = "donor"
 
 
 class CellFMModel(TrainingMixin, InferenceMixin, SaveLoadMixin, BaseModelClass):
@@ -72,7 +82,15 @@ class CellFMModel(TrainingMixin, InferenceMixin, SaveLoadMixin, BaseModelClass):
         self.use_raw: bool = bool(args.get("use_raw", False))
         self.gene_symbols_key: str | None = args.get("gene_symbols")
         self.donor_key: str | None = args.get("donor_key")
+        self.labels_key: str | None = args.get("labels_key")
         return args
+
+    def _read_classes(self, adata: Any, args: dict[str, Any]) -> None:
+        """The classes of a labelled model (``classes_``, ``ordinal_``) from the registered
+        labels column of ``adata`` and the setup's ``label_order``."""
+        self.classes_, self.ordinal_ = _categories(
+            obs_column(adata, self.labels_key, keyword="labels_key"), args.get("label_order")
+        )
 
     def _init_common(self) -> None:
         #: rank of this process in the last (distributed) training; 0 outside DDP
@@ -223,6 +241,14 @@ class CellFMModel(TrainingMixin, InferenceMixin, SaveLoadMixin, BaseModelClass):
         symbols = matrix_gene_symbols(adata, self.gene_symbols_key, use_raw=self.use_raw)
         return [str(s) for s in symbols]
 
+    def _donors(self, adata: Any, donor_key: str | None = None) -> np.ndarray | None:
+        """The donor of every cell of ``adata`` as str (``obs[donor_key]``, default the
+        registered donor column), or None for a model without donors."""
+        key = donor_key or self.donor_key
+        if key is None:
+            return None
+        return obs_column(adata, key, keyword="donor_key").astype(str).to_numpy()
+
     def _adata_or_default(self, adata: Any | None) -> Any:
         if adata is None:
             if self.adata is None:
@@ -372,6 +398,43 @@ class CellFMModel(TrainingMixin, InferenceMixin, SaveLoadMixin, BaseModelClass):
             manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
 
+    @classmethod
+    def _register_labelled(
+        cls,
+        adata: Any,
+        setup_method_args: dict[str, Any],
+        check_donors: Callable[[pd.Series, pd.Series], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Check and register a labelled AnnData (the ``setup_args`` of ``setup_method_args``:
+        ``labels_key``, ``donor_key``, ``layer``, ``gene_symbols``, ``label_order``,
+        ``use_raw``): the count source and the counts, the columns, the labels
+        (``check_donors(donors, labels)`` when given), in this order."""
+        args = setup_method_args["setup_args"]
+        labels_key, donor_key = args["labels_key"], args["donor_key"]
+        layer, use_raw = args["layer"], args["use_raw"]
+        check_count_source(layer, use_raw)
+        check_counts(adata, layer, use_raw=use_raw)  # also names an empty matrix or a bad layer
+        labels = obs_column(adata, labels_key, keyword="labels_key")
+        donors = None if donor_key is None else obs_column(adata, donor_key, keyword="donor_key")
+        if args["gene_symbols"] is not None:  # names a missing column
+            matrix_gene_symbols(adata, args["gene_symbols"], use_raw=use_raw)
+        check_labels(labels, labels_key, args["label_order"])
+        if check_donors is not None:
+            check_donors(donors, labels)
+        fields = [
+            # the registry's X field (raw counts are checked by cellfm-sc itself, also in raw)
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=not use_raw),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+        ]
+        if donor_key is not None:
+            fields.append(CategoricalObsField(DONOR_FIELD, donor_key))
+        cls._register(adata, fields, setup_method_args, **kwargs)
+
+    def __repr__(self) -> str:
+        """The class's ``summary`` (a class without one: scvi-tools' representation)."""
+        return self.summary if hasattr(type(self), "summary") else super().__repr__()
+
     def _summary_lines(self, pretrained: str, random: str) -> list[str]:
         """The first lines of ``summary``: the class and whether it is trained, the trunk's
         source (``pretrained`` / ``random`` name it) and its size."""
@@ -441,6 +504,13 @@ class CellFMModel(TrainingMixin, InferenceMixin, SaveLoadMixin, BaseModelClass):
         return self.best_epoch_
 
 
+def trunk_args(args: dict[str, Any]) -> dict[str, Any]:
+    """What a model's ``__init__`` passes to :meth:`CellFMModel._build_trunk` as it is: its
+    keywords (``genes`` aside), taken from ``args`` (the ``__init__``'s ``locals()``)."""
+    params = inspect.signature(CellFMModel._build_trunk).parameters
+    return {k: args[k] for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k != "genes"}
+
+
 def _resolve_preset(
     preset: str | CellFMConfig | None, num_heads: int | None, dropout: float
 ) -> CellFMConfig:
@@ -461,3 +531,13 @@ def _check_preset(config: CellFMConfig, preset: str | CellFMConfig) -> None:
                 f"checkpoint contradicts preset {preset!r}: {f} is {getattr(config, f)} in "
                 f"the checkpoint but {getattr(want, f)} in the preset"
             )
+
+
+def _categories(labels: pd.Series, label_order: Sequence[str] | None) -> tuple[list[str], bool]:
+    if label_order is not None:
+        return [str(c) for c in label_order], True
+    if isinstance(labels.dtype, pd.CategoricalDtype):
+        observed = set(labels.dropna().astype(str))
+        classes = [str(c) for c in labels.cat.categories if str(c) in observed]
+        return classes, bool(labels.cat.ordered)
+    return sorted(set(labels.dropna().astype(str))), False
