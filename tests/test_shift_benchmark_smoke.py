@@ -86,6 +86,7 @@ def test_shift_benchmark_runs(tmp_path, shared_dir):
         "layer_decay": 0.7,
         "transferred_rows_lr": 1.0,
         "interpolate": 1.0,
+        "shrink": 1.0,
     }
     facts = json.loads((out / "pretrained-balanced" / "pretrain.json").read_text())
     assert set(facts["probe"]) == {"probe_same_macro_f1", "probe_shifted_macro_f1"}

@@ -63,8 +63,8 @@ recipe
     ``"llrd"`` (trunk at 0.3 ``lr``, x0.7 per layer towards the input),
     ``"lp-ft+llrd"``, ``"frozen-rows"`` (the gene-embedding rows transferred from
     the checkpoint frozen), ``"shrink-perturb"`` (everything at ``lr`` from
-    weights halfway between the pretrained and a fresh trunk: the default after a
-    checkpoint), or a :class:`~cellfm_sc.nn.FinetuneRecipe` of your
+    weights halfway between the pretrained and a fresh trunk; the best with
+    thousands of labels on shifted cells), or a :class:`~cellfm_sc.nn.FinetuneRecipe` of your
     own. The head and re-initialised gene rows always train at ``lr``. The
     pretraining page of the documentation shows what each scored on shifted data.
 early_stopping, patience

@@ -289,7 +289,7 @@ RECIPES: dict[str, FinetuneRecipe] = {
 
 #: what ``recipe="auto"`` means: for a pretrained trunk the recipe that won the shift
 #: benchmark (``benchmarks/shift_transfer.py``), for a random trunk one rate for everything
-AUTO_RECIPES: dict[str, str] = {"pretrained": "shrink-perturb", "random": "full"}
+AUTO_RECIPES: dict[str, str] = {"pretrained": "full", "random": "full"}
 
 
 def resolve_recipe(recipe: str | FinetuneRecipe, pretrained: bool) -> FinetuneRecipe:
