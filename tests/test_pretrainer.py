@@ -355,7 +355,7 @@ def test_cli_pretrain_help_and_symbol_columns(tmp_path, capsys):
     from pathlib import Path
 
     from cellfm_sc.cli import main
-    from cellfm_sc.cli._common import CLIError
+    from cellfm_sc.cli._console import CLIError
     from cellfm_sc.cli.pretrain import gene_symbol_columns
 
     assert main(["pretrain", "--help"]) == 0

@@ -1,4 +1,5 @@
-"""The ``cellfm-sc`` command line: one module per command, shared options in ``_common``.
+"""The ``cellfm-sc`` command line: one module per command, shared helpers in ``_console``,
+``_args`` and ``_files``.
 
 Subcommands
 -----------
@@ -51,7 +52,9 @@ from collections.abc import Callable, Sequence
 
 from cellfm_sc import __version__
 from cellfm_sc.cli import demo, finetune, inspect, predict, pretrain
-from cellfm_sc.cli._common import (
+from cellfm_sc.cli._args import add_command
+from cellfm_sc.cli._config import apply_config
+from cellfm_sc.cli._console import (
     PROG,
     CLIError,
     Console,
@@ -60,7 +63,6 @@ from cellfm_sc.cli._common import (
     message_of,
     warnings_as_lines,
 )
-from cellfm_sc.cli._config import apply_config
 
 __all__ = ["CLIError", "build_parser", "main"]
 
@@ -89,11 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    inspect.add_parser(sub)
-    finetune.add_parser(sub)
-    pretrain.add_parser(sub)
-    predict.add_parsers(sub)
-    demo.add_parser(sub)
+    for command in (
+        inspect.COMMAND,
+        finetune.COMMAND,
+        pretrain.COMMAND,
+        predict.PREDICT,
+        predict.EMBED,
+        demo.COMMAND,
+    ):
+        add_command(sub, command)
     return parser
 
 

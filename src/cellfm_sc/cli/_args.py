@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from cellfm_sc._constants import EMBEDDING_INITS, LR_SCHEDULES, PRECISIONS, PRESET_NAMES
 
@@ -225,19 +225,22 @@ def add_diagnostics(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
-def add_command(
-    sub: Any,
-    name: str,
-    handler: Callable[[argparse.Namespace, Any], int],
-    add_options: Callable[[argparse.ArgumentParser], None],
-    *,
-    help: str,
-    description: str,
-) -> argparse.ArgumentParser:
-    """The parser of subcommand ``name``: the arguments of ``add_options(parser)``, then the
-    output and diagnostics group every command has; ``handler(args, console)`` runs it."""
-    p = sub.add_parser(name, help=help, description=description)
-    add_options(p)
+class Command(NamedTuple):
+    """A subcommand: its name, one-line help and description, ``add_options(parser)`` that
+    declares its arguments, and ``run(args, console)`` that runs it."""
+
+    name: str
+    help: str
+    description: str
+    add_options: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, Any], int]
+
+
+def add_command(sub: Any, command: Command) -> argparse.ArgumentParser:
+    """The parser of ``command``: its arguments, then the output and diagnostics group every
+    command has."""
+    p = sub.add_parser(command.name, help=command.help, description=command.description)
+    command.add_options(p)
     add_diagnostics(p)
-    p.set_defaults(handler=handler)
+    p.set_defaults(handler=command.run)
     return p

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cellfm_sc.cli._common import CLIError, existing_file, one_line
+from cellfm_sc.cli._console import CLIError, one_line
+from cellfm_sc.cli._files import existing_file
 
 __all__ = ["apply_config"]
 

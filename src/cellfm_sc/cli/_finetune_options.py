@@ -9,7 +9,7 @@ from cellfm_sc._constants import (
     MONITORS,
     TRAINABLE_POLICIES,
 )
-from cellfm_sc.cli._common import (
+from cellfm_sc.cli._args import (
     add_hardware_args,
     add_keep_checkpoints,
     add_shared,

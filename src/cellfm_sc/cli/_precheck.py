@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from cellfm_sc._errors import missing_column, missing_layer, missing_raw
-from cellfm_sc.cli._common import CLIError, one_line, resume_checkpoint, writable_dir
+from cellfm_sc.cli._console import CLIError, one_line
+from cellfm_sc.cli._files import resume_checkpoint, writable_dir
 
 __all__ = [
     "H5adHeader",

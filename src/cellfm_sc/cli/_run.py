@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from cellfm_sc import __version__
-from cellfm_sc.cli._common import CLIError, Console, RunDirectory, show_progress, write_split_h5ads
+from cellfm_sc.cli._console import CLIError, Console, show_progress
+from cellfm_sc.cli._files import RunDirectory, write_split_h5ads
 
 __all__ = [
     "FINETUNE_KEYS",
@@ -20,13 +21,8 @@ __all__ = [
     "held_out",
     "make_logger",
     "model_kwargs",
-    "report_info",
-    "run_facts",
-    "save_best_state",
-    "save_outputs",
     "train_and_report",
     "train_kwargs",
-    "write_resolved_config",
 ]
 
 # the resolved finetune options that are not argparse bookkeeping
@@ -135,24 +131,6 @@ def model_kwargs(opts: dict[str, Any], con: Console) -> dict[str, Any]:
     }
 
 
-def write_resolved_config(
-    work: Path, opts: dict[str, Any], resume_from: Path | None, demo: bool
-) -> None:
-    """``config_resolved.json``: every finetune option as the run used it."""
-    from cellfm_sc._atomic import write_json_atomic
-
-    resolved = {k: opts.get(k) for k in FINETUNE_KEYS if k in opts}
-    resolved.update(
-        {
-            "command": "demo" if demo else "finetune",
-            "config": opts.get("config"),
-            "cellfm_sc_version": __version__,
-            "resume_from": str(resume_from) if resume_from else None,
-        }
-    )
-    write_json_atomic(work / "config_resolved.json", resolved)
-
-
 def make_logger(kind: str, folder: Path) -> Any:
     """The Lightning logger of ``--logger`` under ``folder`` (``False`` for ``none``)."""
     if kind == "none":
@@ -221,50 +199,6 @@ def held_out(model: Any, con: Console, unit: str) -> tuple[str, str]:
     return where, indices
 
 
-def report_info(model: Any, opts: dict[str, Any]) -> dict[str, Any]:
-    """The run facts of ``training_results.json``: the model's, and the level selection of
-    ``--level auto``."""
-    info = dict(model.report_info())
-    if opts.get("_level_selection") is not None:
-        info["level_selection"] = opts["_level_selection"].to_dict()
-    return info
-
-
-def save_outputs(model: Any, work: Path, files: dict[str, Any]) -> None:
-    """Write the saved model folder, and name it, ``best_model.pth``, the resolved config and
-    the logs in ``files``."""
-    model.save(str(work / "model"), overwrite=True)
-    files["model"] = work / "model"
-    files["best_model"] = work / "best_model.pth"
-    files["config_resolved"] = work / "config_resolved.json"
-    if (work / "logs").is_dir():
-        files["logs"] = work / "logs"
-
-
-def save_best_state(model: Any, work: Path) -> None:
-    """``best_model.pth``: the plain state dict of the model (it holds the best weights)."""
-    import torch
-
-    from cellfm_sc._atomic import atomic_path
-
-    with atomic_path(work / "best_model.pth") as tmp:
-        torch.save(model.export_state_dict(), tmp)
-
-
-def run_facts(
-    result: Any, files: dict[str, Any], out: Path, where: str, started: float, model: Any
-) -> dict[str, Any]:
-    """What a successful run returns to its command (the summary it prints)."""
-    return {
-        "rank": 0,
-        "result": result,
-        "files": {k: out / Path(v).name for k, v in files.items()},
-        "where": where,
-        "elapsed": time.perf_counter() - started,
-        "model": model,
-    }
-
-
 def train_and_report(
     opts: dict[str, Any],
     con: Console,
@@ -284,22 +218,36 @@ def train_and_report(
 ) -> dict[str, Any]:
     """The run of either level inside the run directory's transaction; returns its facts.
 
-    Writes the resolved config, trains ``model`` (``train``: the level's own ``train``
-    keywords beside :func:`train_kwargs`), keeps its best weights in ``best_model.pth``,
+    Writes the resolved config (``config_resolved.json``: every finetune option as the run
+    used it), trains ``model`` (``train``: the level's own ``train`` keywords beside
+    :func:`train_kwargs`), keeps its best weights in ``best_model.pth`` (a plain state dict),
     scores the held-out ``unit`` (``evaluate``: the level's own ``evaluate`` keywords) into
     the report, lets ``level_files(work, files)`` add the level's own files, saves the model,
     and with ``--write-split-h5ad`` writes the split files with the obsm keys
     ``split_obsm()`` returns (it annotates ``adata`` first where the level has not).
     """
+    import torch
+
+    from cellfm_sc._atomic import atomic_path, write_json_atomic
     from cellfm_sc.report import write_report
 
     work, out = run_dir.work, run_dir.out
-    write_resolved_config(work, opts, resume_from, demo)
+    resolved = {k: opts.get(k) for k in FINETUNE_KEYS if k in opts}
+    resolved.update(
+        {
+            "command": "demo" if demo else "finetune",
+            "config": opts.get("config"),
+            "cellfm_sc_version": __version__,
+            "resume_from": str(resume_from) if resume_from else None,
+        }
+    )
+    write_json_atomic(work / "config_resolved.json", resolved)
     model.train(**train, **train_kwargs(opts, work, out, split, resume_from))
     if model.global_rank_ != 0:
         return {"rank": model.global_rank_}  # under DDP only the first process writes
 
-    save_best_state(model, work)  # the model holds the best weights after training
+    with atomic_path(work / "best_model.pth") as tmp:  # the model holds the best weights now
+        torch.save(model.export_state_dict(), tmp)
     where, indices = held_out(model, con, unit)
     result = model.evaluate(
         indices=indices,
@@ -307,10 +255,25 @@ def train_and_report(
         baseline=not opts.get("no_baseline"),
         **(evaluate or {}),
     )
-    files = dict(write_report(work, result, history=model.history, info=report_info(model, opts)))
+    info = dict(model.report_info())
+    if opts.get("_level_selection") is not None:  # --level auto
+        info["level_selection"] = opts["_level_selection"].to_dict()
+    files = dict(write_report(work, result, history=model.history, info=info))
     if level_files is not None:
         level_files(work, files)
-    save_outputs(model, work, files)
+    model.save(str(work / "model"), overwrite=True)
+    files["model"] = work / "model"
+    files["best_model"] = work / "best_model.pth"
+    files["config_resolved"] = work / "config_resolved.json"
+    if (work / "logs").is_dir():
+        files["logs"] = work / "logs"
     if opts.get("write_split_h5ad"):
         files.update(write_split_h5ads(adata, model, work, split_obsm(), "cellfm"))
-    return run_facts(result, files, out, where, started, model)
+    return {
+        "rank": 0,
+        "result": result,
+        "files": {k: out / Path(v).name for k, v in files.items()},
+        "where": where,
+        "elapsed": time.perf_counter() - started,
+        "model": model,
+    }

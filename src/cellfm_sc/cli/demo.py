@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cellfm_sc.cli._common import Console, add_command
+from cellfm_sc.cli._args import Command
+from cellfm_sc.cli._console import Console
 from cellfm_sc.cli.finetune import add_training_options, finetune, print_summary
 
-__all__ = ["DEMO_DEFAULTS", "REPRODUCIBLE_CPU", "add_parser", "pin_cpu_kernels", "run"]
+__all__ = ["COMMAND", "DEMO_DEFAULTS", "REPRODUCIBLE_CPU", "pin_cpu_kernels", "run"]
 
 #: what makes the demo's numbers the same on every x86-64 CPU (Intel or AMD, with or without
 #: AVX2 / AVX-512): PyTorch's own kernels in their generic build (not the AVX2 / AVX-512 ones,
@@ -38,20 +39,15 @@ DEMO_DEFAULTS: dict[str, Any] = {
 }
 
 
-def add_parser(sub: Any) -> argparse.ArgumentParser:
-    return add_command(
-        sub,
-        "demo",
-        run,
-        _add_options,
-        help="fine-tune a small random model on the shipped PBMC 3k subset (offline)",
-        description="Run the whole finetune path offline on the shipped PBMC 3k subset "
-        "(1,200 cells, 8 cell types; 10x Genomics, CC BY 4.0) with the 'tiny' preset "
-        "(64 dims, 2 layers), randomly initialised: no pretrained CellFM weights are used. "
-        "Takes one to three minutes on 2 CPU cores; the figures are the same on every x86-64 "
-        "CPU (one thread, deterministic algorithms, pinned CPU kernels). Writes into "
-        "./cellfm_demo unless --output-dir says otherwise.",
-    )
+HELP = "fine-tune a small random model on the shipped PBMC 3k subset (offline)"
+DESCRIPTION = (
+    "Run the whole finetune path offline on the shipped PBMC 3k subset "
+    "(1,200 cells, 8 cell types; 10x Genomics, CC BY 4.0) with the 'tiny' preset "
+    "(64 dims, 2 layers), randomly initialised: no pretrained CellFM weights are used. "
+    "Takes one to three minutes on 2 CPU cores; the figures are the same on every x86-64 "
+    "CPU (one thread, deterministic algorithms, pinned CPU kernels). Writes into "
+    "./cellfm_demo unless --output-dir says otherwise."
+)
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
@@ -121,3 +117,6 @@ def run(args: argparse.Namespace, con: Console) -> int:
     con.result(f"demo accuracy (test cells): {facts['result'].cell_metrics['accuracy']:.3f}")
     con.result(f"report: {report.resolve()}")
     return 0
+
+
+COMMAND = Command("demo", HELP, DESCRIPTION, _add_options, run)

@@ -11,18 +11,14 @@ from typing import Any
 from cellfm_sc._constants import (
     PRESET_NAMES,
 )
-from cellfm_sc.cli._common import (
-    CLIError,
-    Console,
+from cellfm_sc.cli._args import Command
+from cellfm_sc.cli._console import CLIError, Console, message_of, quiet_libraries, show_progress
+from cellfm_sc.cli._files import (
     RunDirectory,
-    add_command,
     existing_file,
-    message_of,
     newest_checkpoint,
     print_outputs,
-    quiet_libraries,
     read_h5ad,
-    show_progress,
 )
 from cellfm_sc.cli._finetune_options import add_finetune_options, add_training_options
 from cellfm_sc.cli._precheck import (
@@ -33,7 +29,7 @@ from cellfm_sc.cli._precheck import (
 )
 from cellfm_sc.cli._run import build_labelled_model, check_checkpoint, train_and_report
 
-__all__ = ["add_parser", "add_training_options", "finetune", "run"]
+__all__ = ["COMMAND", "add_training_options", "finetune", "run"]
 
 OUTPUT_FILES = (
     ("model", "saved model (CellFMClassifier.load)"),
@@ -54,28 +50,23 @@ OUTPUT_FILES = (
 )
 
 
-def add_parser(sub: Any) -> argparse.ArgumentParser:
-    return add_command(
-        sub,
-        "finetune",
-        run,
-        _add_options,
-        help="fine-tune CellFM on an .h5ad file and write the model and a report",
-        description="Fine-tune CellFM on DATA.h5ad (raw counts in X or --layer) to predict "
-        "obs[--labels-key], evaluate the restored best model on the test split, and write "
-        "into --output-dir:\n"
-        "  best_model.pth            state dict of the best model (plain tensors)\n"
-        "  checkpoint_epoch_N.pth    the newest epoch's and the best's (for --resume; "
-        "--keep-checkpoints)\n"
-        "  model/                    the saved model (CellFMClassifier.load)\n"
-        "  training_results.json     metrics, histories, run facts\n"
-        "  predictions.csv, donor_predictions.csv, *.png, logs/metrics.csv\n"
-        "  config_resolved.json      the options used\n"
-        "  train.h5ad, validation.h5ad, test.h5ad   with --write-split-h5ad\n"
-        "The outputs appear when the run succeeds; a failed run leaves run.log (and the "
-        "completed epoch checkpoints). Options may also come from --config (TOML, YAML or "
-        "JSON); flags override the file.",
-    )
+HELP = "fine-tune CellFM on an .h5ad file and write the model and a report"
+DESCRIPTION = (
+    "Fine-tune CellFM on DATA.h5ad (raw counts in X or --layer) to predict "
+    "obs[--labels-key], evaluate the restored best model on the test split, and write "
+    "into --output-dir:\n"
+    "  best_model.pth            state dict of the best model (plain tensors)\n"
+    "  checkpoint_epoch_N.pth    the newest epoch's and the best's (for --resume; "
+    "--keep-checkpoints)\n"
+    "  model/                    the saved model (CellFMClassifier.load)\n"
+    "  training_results.json     metrics, histories, run facts\n"
+    "  predictions.csv, donor_predictions.csv, *.png, logs/metrics.csv\n"
+    "  config_resolved.json      the options used\n"
+    "  train.h5ad, validation.h5ad, test.h5ad   with --write-split-h5ad\n"
+    "The outputs appear when the run succeeds; a failed run leaves run.log (and the "
+    "completed epoch checkpoints). Options may also come from --config (TOML, YAML or "
+    "JSON); flags override the file."
+)
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
@@ -296,3 +287,6 @@ def run(args: argparse.Namespace, con: Console) -> int:
         facts["level_selection"] = opts.get("_level_selection")
         print_summary(con, facts, Path(opts["output_dir"]).expanduser())
     return 0
+
+
+COMMAND = Command("finetune", HELP, DESCRIPTION, _add_options, run)

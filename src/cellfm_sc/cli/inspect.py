@@ -8,30 +8,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cellfm_sc.cli._common import (
-    CLIError,
-    Console,
-    add_command,
-    add_shared,
-    existing_file,
+from cellfm_sc.cli._args import Command, add_shared
+from cellfm_sc.cli._console import CLIError, Console
+from cellfm_sc.cli._files import existing_file
+
+__all__ = ["COMMAND", "run"]
+
+
+HELP = "show what a MindSpore CellFM checkpoint holds"
+DESCRIPTION = (
+    "Show a MindSpore CellFM checkpoint's variant (A: public MindSpore CellFM, "
+    "A': annotation Backbone, B: with ST tokens), the configuration read from its "
+    "shapes, a table of its parameters, and the optimizer/bookkeeping entries a load "
+    "would skip. Reads the file with cellfm-sc's own parser (no MindSpore, nothing "
+    "unpickled)."
 )
-
-__all__ = ["add_parser", "run"]
-
-
-def add_parser(sub: Any) -> argparse.ArgumentParser:
-    return add_command(
-        sub,
-        "inspect",
-        run,
-        _add_options,
-        help="show what a MindSpore CellFM checkpoint holds",
-        description="Show a MindSpore CellFM checkpoint's variant (A: public MindSpore CellFM, "
-        "A': annotation Backbone, B: with ST tokens), the configuration read from its "
-        "shapes, a table of its parameters, and the optimizer/bookkeeping entries a load "
-        "would skip. Reads the file with cellfm-sc's own parser (no MindSpore, nothing "
-        "unpickled).",
-    )
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
@@ -220,3 +211,6 @@ def _verdict(facts: dict[str, Any]) -> int:
     if facts["values_problem"]:
         raise CLIError(f"a load refuses this checkpoint: {facts['values_problem']}")
     return 0
+
+
+COMMAND = Command("inspect", HELP, DESCRIPTION, _add_options, run)

@@ -7,48 +7,18 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from cellfm_sc.cli._common import (
-    CLIError,
-    Console,
-    add_command,
-    add_shared,
-    device_type,
+from cellfm_sc.cli._args import Command, add_shared, device_type, fraction_type
+from cellfm_sc.cli._console import CLIError, Console, quiet_libraries, show_progress
+from cellfm_sc.cli._files import (
     drop_scvi_bookkeeping,
     existing_dir,
     existing_file,
-    fraction_type,
-    quiet_libraries,
     read_h5ad,
-    show_progress,
     writable_parent,
 )
 from cellfm_sc.cli._precheck import check_data_columns, check_hardware, read_header
 
-__all__ = ["add_parsers", "run_embed", "run_predict"]
-
-
-def add_parsers(sub: Any) -> None:
-    for name, helptext, desc in (
-        (
-            "predict",
-            "annotate an .h5ad file with a fine-tuned model",
-            "Add obs['<key>_prediction'], obs['<key>_confidence'], obs['<key>_split'], "
-            "obsm['<key>_probabilities'] and obsm['X_<key>'] to DATA.h5ad and write the "
-            "result to --output (atomically; with --backed without the count matrix). "
-            "DATA may be query data: its labels column is not read, and another gene set "
-            "works (genes the model does not know are dropped; the model's genes missing "
-            "from DATA count as not expressed).",
-        ),
-        (
-            "embed",
-            "write the CellFM cell embedding of an .h5ad file",
-            "Write obs and obsm['X_cellfm'] (the cls embedding) of DATA.h5ad to --output; "
-            "the output holds no count matrix.",
-        ),
-    ):
-        handler = run_predict if name == "predict" else run_embed
-        options = functools.partial(_add_options, name=name)
-        add_command(sub, name, handler, options, help=helptext, description=desc)
+__all__ = ["EMBED", "PREDICT", "run_embed", "run_predict"]
 
 
 def _add_options(p: argparse.ArgumentParser, name: str) -> None:
@@ -202,3 +172,25 @@ def run_embed(args: argparse.Namespace, con: Console) -> int:
         f"{args.dtype}"
     )
     return 0
+
+
+PREDICT = Command(
+    "predict",
+    "annotate an .h5ad file with a fine-tuned model",
+    "Add obs['<key>_prediction'], obs['<key>_confidence'], obs['<key>_split'], "
+    "obsm['<key>_probabilities'] and obsm['X_<key>'] to DATA.h5ad and write the "
+    "result to --output (atomically; with --backed without the count matrix). "
+    "DATA may be query data: its labels column is not read, and another gene set "
+    "works (genes the model does not know are dropped; the model's genes missing "
+    "from DATA count as not expressed).",
+    functools.partial(_add_options, name="predict"),
+    run_predict,
+)
+EMBED = Command(
+    "embed",
+    "write the CellFM cell embedding of an .h5ad file",
+    "Write obs and obsm['X_cellfm'] (the cls embedding) of DATA.h5ad to --output; "
+    "the output holds no count matrix.",
+    functools.partial(_add_options, name="embed"),
+    run_embed,
+)

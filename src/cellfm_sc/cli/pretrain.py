@@ -10,24 +10,18 @@ from typing import Any
 
 from cellfm_sc import __version__
 from cellfm_sc._constants import CORPUS_SAMPLING, PRESET_NAMES
-from cellfm_sc.cli._common import (
-    CLIError,
-    Console,
-    RunDirectory,
-    add_command,
+from cellfm_sc.cli._args import (
+    Command,
     add_hardware_args,
     add_keep_checkpoints,
     add_shared,
-    existing_file,
     fraction_type,
-    print_outputs,
-    quiet_libraries,
-    read_h5ad,
-    show_progress,
 )
+from cellfm_sc.cli._console import CLIError, Console, quiet_libraries, show_progress
+from cellfm_sc.cli._files import RunDirectory, existing_file, print_outputs, read_h5ad
 from cellfm_sc.cli._precheck import check_data_columns, check_run_output, read_header
 
-__all__ = ["add_parser", "gene_symbol_columns", "run"]
+__all__ = ["COMMAND", "gene_symbol_columns", "run"]
 
 OUTPUT_FILES = (
     ("cellfm.ckpt", "MindSpore checkpoint (variant A; --checkpoint of finetune)"),
@@ -39,30 +33,25 @@ OUTPUT_FILES = (
 )
 
 
-def add_parser(sub: Any) -> argparse.ArgumentParser:
-    return add_command(
-        sub,
-        "pretrain",
-        run,
-        _add_options,
-        help="pretrain CellFM on unlabelled .h5ad files (masked values) and export a checkpoint",
-        description="Pretrain CellFM with its masked-value objective on one or more unlabelled "
-        ".h5ad files (raw counts; read backed, never concatenated; one gene vocabulary over "
-        "the union of their gene symbols), from scratch (--preset) or continued from a "
-        "checkpoint (--checkpoint, --vocabulary), and write into --output-dir:\n"
-        "  cellfm.ckpt               MindSpore checkpoint (variant A)\n"
-        "  gene_info.csv             its vocabulary (symbol first; token id = row + 1)\n"
-        "  model/                    the saved model (CellFMPretrainer.load)\n"
-        "  history.json              masked loss per epoch, run facts\n"
-        "  loss_curve.png            loss curves\n"
-        "  checkpoint_epoch_N.pth    the newest epoch's and the best's (for --resume; "
-        "--keep-checkpoints)\n"
-        "Fine-tune from it with: cellfm-sc finetune DATA.h5ad --checkpoint OUT/cellfm.ckpt "
-        "--vocabulary OUT/gene_info.csv --embedding-init transfer ...\n"
-        "Example:\n"
-        "  cellfm-sc pretrain atlas_a.h5ad atlas_b.h5ad --gene-symbols "
-        "atlas_b.h5ad=gene_names --preset small --epochs 5 -o runs/pretrain",
-    )
+HELP = "pretrain CellFM on unlabelled .h5ad files (masked values) and export a checkpoint"
+DESCRIPTION = (
+    "Pretrain CellFM with its masked-value objective on one or more unlabelled "
+    ".h5ad files (raw counts; read backed, never concatenated; one gene vocabulary over "
+    "the union of their gene symbols), from scratch (--preset) or continued from a "
+    "checkpoint (--checkpoint, --vocabulary), and write into --output-dir:\n"
+    "  cellfm.ckpt               MindSpore checkpoint (variant A)\n"
+    "  gene_info.csv             its vocabulary (symbol first; token id = row + 1)\n"
+    "  model/                    the saved model (CellFMPretrainer.load)\n"
+    "  history.json              masked loss per epoch, run facts\n"
+    "  loss_curve.png            loss curves\n"
+    "  checkpoint_epoch_N.pth    the newest epoch's and the best's (for --resume; "
+    "--keep-checkpoints)\n"
+    "Fine-tune from it with: cellfm-sc finetune DATA.h5ad --checkpoint OUT/cellfm.ckpt "
+    "--vocabulary OUT/gene_info.csv --embedding-init transfer ...\n"
+    "Example:\n"
+    "  cellfm-sc pretrain atlas_a.h5ad atlas_b.h5ad --gene-symbols "
+    "atlas_b.h5ad=gene_names --preset small --epochs 5 -o runs/pretrain"
+)
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
@@ -416,3 +405,6 @@ def _run(
         start = probes["probe_macro_f1"].get("initial_macro_f1")
         summary += f", probe macro-F1 {start:.3f} -> {history['probe_macro_f1'].iloc[-1]:.3f}"
     return {"summary": summary}
+
+
+COMMAND = Command("pretrain", HELP, DESCRIPTION, _add_options, run)
