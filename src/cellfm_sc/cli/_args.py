@@ -178,12 +178,10 @@ def add_hardware_args(p: argparse.ArgumentParser, *, num_nodes: bool) -> None:
     hw.add_argument(
         "--strategy",
         metavar="NAME",
-        default=None,
         help="Lightning strategy, e.g. ddp (default: Lightning's choice)",
     )
     hw.add_argument(
         "--precision",
-        default=None,
         choices=PRECISIONS,
         help="numeric precision (default: bf16-mixed on GPUs that support it, else 32)",
     )

@@ -80,9 +80,7 @@ def _convert_config_value(action: argparse.Action, key: str, value: Any, path: P
         return value
     if value is None:
         return None
-    if key == "label_order" and isinstance(value, list):
-        value = ",".join(map(str, value))
-    if key == "devices" and isinstance(value, list):
+    if key in ("label_order", "devices") and isinstance(value, list):
         value = ",".join(map(str, value))
     if action.type is not None:
         try:

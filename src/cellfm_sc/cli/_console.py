@@ -165,11 +165,11 @@ def message_of(exc: BaseException) -> str:
     return in_flags(one_line(text))
 
 
-#: exceptions that are the user's data or arguments (exit status 2)
 def data_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that are the user's data or arguments (exit status 2)."""
     from cellfm_sc._errors import UntrainedModelError
 
-    out: list[type[BaseException]] = [
+    return (
         CLIError,
         UntrainedModelError,  # a saved model that was never trained
         FileNotFoundError,
@@ -179,8 +179,7 @@ def data_errors() -> tuple[type[BaseException], ...]:
         ValueError,
         KeyError,
         FloatingPointError,
-    ]
-    return tuple(out)
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -83,11 +83,14 @@ def read_h5ad(path: Path, backed: bool = False) -> Any:
         raise CLIError(f"cannot read {path} as an .h5ad file: {one_line(exc)}") from exc
 
 
+def without_scvi(obs: Any) -> Any:
+    """``obs`` without the registry columns scvi-tools adds (``_scvi_labels``...)."""
+    return obs.drop(columns=[c for c in obs.columns if str(c).startswith("_scvi")])
+
+
 def drop_scvi_bookkeeping(adata: Any) -> None:
     """Remove the registry columns/keys scvi-tools adds (``_scvi_labels``, ``_scvi_uuid``...)."""
-    drop = [c for c in adata.obs.columns if str(c).startswith("_scvi")]
-    if drop:
-        adata.obs = adata.obs.drop(columns=drop)
+    adata.obs = without_scvi(adata.obs)
     for key in [k for k in adata.uns if str(k).startswith("_scvi")]:
         del adata.uns[key]
 
@@ -96,8 +99,7 @@ def obs_only(obs: Any, obsm: dict[str, Any], uns: dict[str, Any] | None = None) 
     """An AnnData with obs and obsm but no count matrix (``X`` is None, no var)."""
     import anndata as ad
 
-    obs = obs.drop(columns=[c for c in obs.columns if str(c).startswith("_scvi")])
-    out = ad.AnnData(obs=obs.copy(), obsm=obsm)
+    out = ad.AnnData(obs=without_scvi(obs).copy(), obsm=obsm)
     if uns:
         out.uns.update(uns)
     return out

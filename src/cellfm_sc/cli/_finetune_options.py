@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cellfm_sc._constants import (
-    FINETUNE_RECIPES,
-    MONITORS,
-    TRAINABLE_POLICIES,
-)
+from cellfm_sc._constants import FINETUNE_RECIPES, MONITORS, TRAINABLE_POLICIES
 from cellfm_sc.cli._args import (
     add_hardware_args,
     add_keep_checkpoints,
@@ -32,26 +28,20 @@ def add_finetune_options(p: argparse.ArgumentParser) -> None:
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data")
-    data.add_argument(
-        "--labels-key", metavar="COLUMN", default=None, help="obs column to predict (required)"
-    )
+    data.add_argument("--labels-key", metavar="COLUMN", help="obs column to predict (required)")
     data.add_argument(
         "--donor-key",
         metavar="COLUMN",
-        default=None,
         help="obs column of donors: donor-level split and metrics (QWK for ordinal labels)",
     )
     data.add_argument(
         "--label-order",
         type=label_order_type,
-        default=None,
         metavar="A,B,C",
         help="comma-separated labels, lowest first: makes the labels ordinal "
         "(e.g. 'Not AD,Low,Intermediate,High')",
     )
-    data.add_argument(
-        "--layer", default=None, help="adata.layers key holding raw counts (default: X)"
-    )
+    data.add_argument("--layer", help="adata.layers key holding raw counts (default: X)")
     data.add_argument(
         "--use-raw",
         action=argparse.BooleanOptionalAction,
@@ -62,7 +52,6 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--gene-symbols",
         metavar="COLUMN",
-        default=None,
         help="var column of gene symbols when var_names are not symbols",
     )
     data.add_argument(
@@ -77,13 +66,11 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
     split.add_argument(
         "--split-json",
         metavar="FILE",
-        default=None,
         help="split file with train_indices / test_indices (and val_indices)",
     )
     split.add_argument(
         "--split-key",
         metavar="COLUMN",
-        default=None,
         help="obs column with values train / validation / test",
     )
     split.add_argument(
@@ -117,7 +104,6 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--hgnc-table",
         metavar="FILE",
-        default=None,
         help="HGNC table for alias / previous-symbol gene mapping",
     )
     add_shared(
@@ -180,9 +166,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
     out = p.add_argument_group("output")
-    out.add_argument(
-        "--output-dir", "-o", metavar="OUT", default=None, help="output directory (required)"
-    )
+    out.add_argument("--output-dir", "-o", metavar="OUT", help="output directory (required)")
     out.add_argument(
         "--write-split-h5ad",
         action="store_true",
@@ -228,7 +212,6 @@ def add_training_options(p: argparse.ArgumentParser, *, demo: bool = False) -> N
     train.add_argument(
         "--eval-every-steps",
         type=positive_int,
-        default=None,
         metavar="N",
         help="also score the validation cells every N training steps (default: once per epoch)",
     )

@@ -23,6 +23,7 @@ __all__ = [
     "model_kwargs",
     "train_and_report",
     "train_kwargs",
+    "write_resolved_config",
 ]
 
 # the resolved finetune options that are not argparse bookkeeping
@@ -142,19 +143,15 @@ def make_logger(kind: str, folder: Path) -> Any:
     return CSVLogger(str(folder), name="", version="")
 
 
-def train_kwargs(
-    opts: dict[str, Any], work: Path, out: Path, split: Any, resume_from: Path | None
-) -> dict[str, Any]:
-    """The ``train`` keywords both levels take the same way from the options."""
+def train_kwargs(opts: dict[str, Any], out: Path, resume_from: Path | None) -> dict[str, Any]:
+    """The ``train`` keywords every training command (``finetune`` at either level,
+    ``pretrain``) takes the same way from its options."""
     return {
         "max_epochs": opts["epochs"],
-        "split": split,
         "validation_size": opts.get("validation_size", 0.1),
-        "test_size": opts.get("test_size", 0.1),
         "lr": opts.get("lr", "auto"),
         "lr_schedule": opts.get("lr_schedule", "warmup_cosine"),
         "weight_decay": opts.get("weight_decay", 1e-5),
-        "monitor": opts.get("monitor", "auto"),
         "patience": max(opts.get("patience", 3), 1),
         "precision": opts.get("precision"),
         "accelerator": opts.get("accelerator", "auto"),
@@ -164,10 +161,20 @@ def train_kwargs(
         "checkpoint_dir": str(out),
         "keep_checkpoints": opts.get("keep_checkpoints", 1),
         "resume_from": str(resume_from) if resume_from else None,
-        "logger": make_logger(opts.get("logger", "csv"), work / "logs"),
         "enable_progress_bar": show_progress(opts),
-        **({"num_nodes": opts["num_nodes"]} if opts.get("num_nodes", 1) > 1 else {}),
     }
+
+
+def write_resolved_config(
+    work: Path, resolved: dict[str, Any], resume_from: Path | None, **facts: Any
+) -> None:
+    """``config_resolved.json``: the options as the run used them (``resolved``), then
+    ``facts`` (the command, ...), the cellfm-sc version and the checkpoint resumed from."""
+    from cellfm_sc._atomic import write_json_atomic
+
+    resume = str(resume_from) if resume_from else None
+    resolved.update(facts, cellfm_sc_version=__version__, resume_from=resume)
+    write_json_atomic(work / "config_resolved.json", resolved)
 
 
 def held_out(model: Any, con: Console, unit: str) -> tuple[str, str]:
@@ -228,21 +235,26 @@ def train_and_report(
     """
     import torch
 
-    from cellfm_sc._atomic import atomic_path, write_json_atomic
+    from cellfm_sc._atomic import atomic_path
     from cellfm_sc.report import write_report
 
     work, out = run_dir.work, run_dir.out
-    resolved = {k: opts.get(k) for k in FINETUNE_KEYS if k in opts}
-    resolved.update(
-        {
-            "command": "demo" if demo else "finetune",
-            "config": opts.get("config"),
-            "cellfm_sc_version": __version__,
-            "resume_from": str(resume_from) if resume_from else None,
-        }
+    write_resolved_config(
+        work,
+        {k: opts.get(k) for k in FINETUNE_KEYS if k in opts},
+        resume_from,
+        command="demo" if demo else "finetune",
+        config=opts.get("config"),
     )
-    write_json_atomic(work / "config_resolved.json", resolved)
-    model.train(**train, **train_kwargs(opts, work, out, split, resume_from))
+    model.train(
+        **train,
+        **train_kwargs(opts, out, resume_from),
+        split=split,
+        test_size=opts.get("test_size", 0.1),
+        monitor=opts.get("monitor", "auto"),
+        logger=make_logger(opts.get("logger", "csv"), work / "logs"),
+        **({"num_nodes": opts["num_nodes"]} if opts.get("num_nodes", 1) > 1 else {}),
+    )
     if model.global_rank_ != 0:
         return {"rank": model.global_rank_}  # under DDP only the first process writes
 

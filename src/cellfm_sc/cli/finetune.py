@@ -8,9 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cellfm_sc._constants import (
-    PRESET_NAMES,
-)
+from cellfm_sc._constants import PRESET_NAMES
 from cellfm_sc.cli._args import Command
 from cellfm_sc.cli._console import CLIError, Console, message_of, quiet_libraries, show_progress
 from cellfm_sc.cli._files import (
@@ -71,13 +69,10 @@ DESCRIPTION = (
 
 def _add_options(p: argparse.ArgumentParser) -> None:
     """``finetune``'s arguments and options."""
-    p.add_argument(
-        "data", metavar="DATA.h5ad", nargs="?", default=None, help="input AnnData (.h5ad)"
-    )
+    p.add_argument("data", metavar="DATA.h5ad", nargs="?", help="input AnnData (.h5ad)")
     p.add_argument(
         "--config",
         metavar="FILE",
-        default=None,
         help="TOML, YAML or JSON file of options (keys as the long flags, e.g. labels_key or "
         "labels-key; optionally under a [finetune] table); flags given here override it",
     )

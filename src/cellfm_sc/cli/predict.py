@@ -14,6 +14,7 @@ from cellfm_sc.cli._files import (
     existing_dir,
     existing_file,
     read_h5ad,
+    without_scvi,
     writable_parent,
 )
 from cellfm_sc.cli._precheck import check_data_columns, check_hardware, read_header
@@ -42,13 +43,11 @@ def _add_options(p: argparse.ArgumentParser, name: str) -> None:
         )
     p.add_argument(
         "--layer",
-        default=None,
         help="adata.layers key holding raw counts (default: as the model was set up)",
     )
     p.add_argument(
         "--use-raw",
         action=argparse.BooleanOptionalAction,
-        default=None,
         help="--use-raw reads the counts from adata.raw.X (the CELLxGENE layout), "
         "--no-use-raw from adata.X (default: where the model's training data had them)",
     )
@@ -112,10 +111,6 @@ def _load(args: argparse.Namespace, con: Console) -> tuple[Any, Any, Path]:
     return model, adata, output
 
 
-def _clean_obs(adata: Any) -> Any:
-    return adata.obs.drop(columns=[c for c in adata.obs.columns if str(c).startswith("_scvi")])
-
-
 def run_predict(args: argparse.Namespace, con: Console) -> int:
     from cellfm_sc._atomic import write_h5ad_atomic
     from cellfm_sc._stores import output_store
@@ -130,10 +125,10 @@ def run_predict(args: argparse.Namespace, con: Console) -> int:
         min_gene_coverage=args.min_gene_coverage,
     )
     if args.backed:  # never copy the counts of a backed file; stream the embedding
-        with output_store(output, _clean_obs(adata)) as store:
+        with output_store(output, without_scvi(adata.obs)) as store:
             width = model.module.trunk.config.enc_dims
             model.annotate(adata, embedding_out=store.dense(f"X_{k}", width, args.dtype), **kwargs)
-            store.write("obs", _clean_obs(adata))
+            store.write("obs", without_scvi(adata.obs))
             store.write(f"obsm/{k}_probabilities", adata.obsm[f"{k}_probabilities"])
             store.write("uns", {k: adata.uns[k]})
     else:
@@ -157,7 +152,7 @@ def run_embed(args: argparse.Namespace, con: Console) -> int:
 
     model, adata, output = _load(args, con)
     width = model.module.trunk.config.enc_dims
-    with output_store(output, _clean_obs(adata)) as store:
+    with output_store(output, without_scvi(adata.obs)) as store:
         model.get_latent_representation(
             adata,
             batch_size=args.batch_size,

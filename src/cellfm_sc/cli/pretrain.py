@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cellfm_sc import __version__
 from cellfm_sc._constants import CORPUS_SAMPLING, PRESET_NAMES
 from cellfm_sc.cli._args import (
     Command,
@@ -17,9 +16,10 @@ from cellfm_sc.cli._args import (
     add_shared,
     fraction_type,
 )
-from cellfm_sc.cli._console import CLIError, Console, quiet_libraries, show_progress
+from cellfm_sc.cli._console import CLIError, Console, quiet_libraries
 from cellfm_sc.cli._files import RunDirectory, existing_file, print_outputs, read_h5ad
 from cellfm_sc.cli._precheck import check_data_columns, check_run_output, read_header
+from cellfm_sc.cli._run import check_checkpoint, train_kwargs, write_resolved_config
 
 __all__ = ["COMMAND", "gene_symbol_columns", "run"]
 
@@ -66,9 +66,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     """``pretrain``'s data options."""
     data = p.add_argument_group("data")
-    data.add_argument(
-        "--layer", default=None, help="adata.layers key holding raw counts in every file"
-    )
+    data.add_argument("--layer", help="adata.layers key holding raw counts in every file")
     data.add_argument(
         "--use-raw",
         action="store_true",
@@ -128,14 +126,12 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     train.add_argument(
         "--probe",
         metavar="LABELLED.h5ad",
-        default=None,
         help="labelled cells whose kNN macro-F1 on the embeddings is recorded after every "
         "epoch (history.json, loss_curve.png); needs --probe-labels-key",
     )
     train.add_argument(
         "--probe-labels-key",
         metavar="KEY",
-        default=None,
         help="obs column of the --probe file with the labels",
     )
     add_shared(train, "--batch-size", default=32)
@@ -290,8 +286,6 @@ def run(args: argparse.Namespace, con: Console) -> int:
     files, resume = validate(opts)
     out = Path(opts["output_dir"]).expanduser()
     if opts.get("checkpoint"):
-        from cellfm_sc.cli._run import check_checkpoint
-
         check_checkpoint(opts["checkpoint"])
     quiet_libraries(bool(opts.get("quiet")))
     members = _open(files, opts, con)
@@ -316,14 +310,13 @@ def _run(
     from cellfm_sc.plotting import pretraining_curves
 
     work, out = run_dir.work, run_dir.out
-    resolved = {k: v for k, v in opts.items() if k != "data"}
-    resolved.update(
+    write_resolved_config(
+        work,
+        {k: v for k, v in opts.items() if k != "data"},
+        resume,
         data=[str(f) for f in opts["data"]],
         command="pretrain",
-        cellfm_sc_version=__version__,
-        resume_from=str(resume) if resume else None,
     )
-    write_json_atomic(work / "config_resolved.json", to_plain(resolved))
     embedding_init = opts.get("embedding_init") or (
         "transfer" if opts.get("vocabulary") else "random"
     )
@@ -348,25 +341,11 @@ def _run(
         con.info(f"probe: {probe.rows.size:,} labelled cells of {opts['probe']}")
     patience = opts.get("patience", 3)
     model.train(
-        max_epochs=opts["epochs"],
+        **train_kwargs(opts, out, resume),
         batch_size=opts["batch_size"],
-        lr=opts["lr"],
-        weight_decay=opts["weight_decay"],
-        validation_size=opts["validation_size"],
         early_stopping=bool(opts.get("early_stopping")) and patience > 0,
-        patience=max(patience, 1),
-        lr_schedule=opts["lr_schedule"],
-        precision=opts.get("precision"),
-        accelerator=opts["accelerator"],
-        devices=opts["devices"],
-        strategy=opts.get("strategy"),
-        num_workers=opts["num_workers"],
         gradient_checkpointing=bool(opts.get("gradient_checkpointing")),
-        checkpoint_dir=str(out),
-        keep_checkpoints=opts.get("keep_checkpoints", 1),
-        resume_from=str(resume) if resume else None,
         logger=False,
-        enable_progress_bar=show_progress(opts),
         corpus_sampling=opts.get("corpus_sampling", "balanced"),
         probe=probe,
     )
