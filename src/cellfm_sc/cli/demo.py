@@ -20,7 +20,10 @@ __all__ = ["COMMAND", "DEMO_DEFAULTS", "REPRODUCIBLE_CPU", "pin_cpu_kernels", "r
 #: for every x86 CPU. Unpinned, three settings of one machine gave test accuracy 0.9375 /
 #: 0.9375 / 0.9417 (macro-F1 0.932 / 0.941 / 0.947): a tiny model trained from scratch
 #: follows its rounding. Costs about 2x in training time. Set before torch is imported.
-REPRODUCIBLE_CPU: dict[str, str] = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
+REPRODUCIBLE_CPU: dict[str, str] = {
+    "ATEN_CPU_CAPABILITY": "default",
+    "MKL_CBWR": "COMPATIBLE",
+}
 
 #: settings of ``cellfm-sc demo`` (2 CPU cores: one to three minutes)
 DEMO_DEFAULTS: dict[str, Any] = {
@@ -39,19 +42,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
 }
 
 
-HELP = "fine-tune a small random model on the shipped PBMC 3k subset (offline)"
-DESCRIPTION = (
-    "Run the whole finetune path offline on the shipped PBMC 3k subset "
-    "(1,200 cells, 8 cell types; 10x Genomics, CC BY 4.0) with the 'tiny' preset "
-    "(64 dims, 2 layers), randomly initialised: no pretrained CellFM weights are used. "
-    "Takes one to three minutes on 2 CPU cores; the figures are the same on every x86-64 "
-    "CPU (one thread, deterministic algorithms, pinned CPU kernels). Writes into "
-    "./cellfm_demo unless --output-dir says otherwise."
-)
-
-
 def _add_options(p: argparse.ArgumentParser) -> None:
-    """``demo``'s arguments and options."""
     p.add_argument(
         "--output-dir",
         "-o",
@@ -119,4 +110,15 @@ def run(args: argparse.Namespace, con: Console) -> int:
     return 0
 
 
-COMMAND = Command("demo", HELP, DESCRIPTION, _add_options, run)
+COMMAND = Command(
+    "demo",
+    "fine-tune a small random model on the shipped PBMC 3k subset (offline)",
+    "Run the whole finetune path offline on the shipped PBMC 3k subset "
+    "(1,200 cells, 8 cell types; 10x Genomics, CC BY 4.0) with the 'tiny' preset "
+    "(64 dims, 2 layers), randomly initialised: no pretrained CellFM weights are used. "
+    "Takes one to three minutes on 2 CPU cores; the figures are the same on every x86-64 "
+    "CPU (one thread, deterministic algorithms, pinned CPU kernels). Writes into "
+    "./cellfm_demo unless --output-dir says otherwise.",
+    _add_options,
+    run,
+)

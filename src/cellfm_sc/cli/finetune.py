@@ -10,7 +10,13 @@ from typing import Any
 
 from cellfm_sc._constants import PRESET_NAMES
 from cellfm_sc.cli._args import Command
-from cellfm_sc.cli._console import CLIError, Console, message_of, quiet_libraries, show_progress
+from cellfm_sc.cli._console import (
+    CLIError,
+    Console,
+    message_of,
+    quiet_libraries,
+    show_progress,
+)
 from cellfm_sc.cli._files import (
     RunDirectory,
     existing_file,
@@ -29,46 +35,8 @@ from cellfm_sc.cli._run import build_labelled_model, check_checkpoint, train_and
 
 __all__ = ["COMMAND", "add_training_options", "finetune", "run"]
 
-OUTPUT_FILES = (
-    ("model", "saved model (CellFMClassifier.load)"),
-    ("best_model", "best weights (state dict)"),
-    ("training_results", "metrics and run facts"),
-    ("predictions", "per-cell predictions"),
-    ("donor_predictions", "per-donor predictions"),
-    ("confusion_matrix", "confusion matrix"),
-    ("training_curves", "training curves"),
-    ("umap", "UMAP of X_cellfm"),
-    ("attention", "per-cell attention within its donor (--level donor)"),
-    ("attention_umap", "UMAP coloured by attention (--level donor)"),
-    ("config_resolved", "options used"),
-    ("logs", "CSV log of every logged metric"),
-    ("train_h5ad", "train cells: obs + X_cellfm"),
-    ("validation_h5ad", "validation cells: obs + X_cellfm"),
-    ("test_h5ad", "test cells: obs + X_cellfm"),
-)
-
-
-HELP = "fine-tune CellFM on an .h5ad file and write the model and a report"
-DESCRIPTION = (
-    "Fine-tune CellFM on DATA.h5ad (raw counts in X or --layer) to predict "
-    "obs[--labels-key], evaluate the restored best model on the test split, and write "
-    "into --output-dir:\n"
-    "  best_model.pth            state dict of the best model (plain tensors)\n"
-    "  checkpoint_epoch_N.pth    the newest epoch's and the best's (for --resume; "
-    "--keep-checkpoints)\n"
-    "  model/                    the saved model (CellFMClassifier.load)\n"
-    "  training_results.json     metrics, histories, run facts\n"
-    "  predictions.csv, donor_predictions.csv, *.png, logs/metrics.csv\n"
-    "  config_resolved.json      the options used\n"
-    "  train.h5ad, validation.h5ad, test.h5ad   with --write-split-h5ad\n"
-    "The outputs appear when the run succeeds; a failed run leaves run.log (and the "
-    "completed epoch checkpoints). Options may also come from --config (TOML, YAML or "
-    "JSON); flags override the file."
-)
-
 
 def _add_options(p: argparse.ArgumentParser) -> None:
-    """``finetune``'s arguments and options."""
     p.add_argument("data", metavar="DATA.h5ad", nargs="?", help="input AnnData (.h5ad)")
     p.add_argument(
         "--config",
@@ -258,6 +226,26 @@ def _cell_level(opts: dict[str, Any], con: Console, model: Any, adata: Any) -> d
     return {"unit": "cells", "train": train, "split_obsm": split_obsm}
 
 
+#: the files of the output directory, as the summary names them
+OUTPUT_FILES = (
+    ("model", "saved model (CellFMClassifier.load)"),
+    ("best_model", "best weights (state dict)"),
+    ("training_results", "metrics and run facts"),
+    ("predictions", "per-cell predictions"),
+    ("donor_predictions", "per-donor predictions"),
+    ("confusion_matrix", "confusion matrix"),
+    ("training_curves", "training curves"),
+    ("umap", "UMAP of X_cellfm"),
+    ("attention", "per-cell attention within its donor (--level donor)"),
+    ("attention_umap", "UMAP coloured by attention (--level donor)"),
+    ("config_resolved", "options used"),
+    ("logs", "CSV log of every logged metric"),
+    ("train_h5ad", "train cells: obs + X_cellfm"),
+    ("validation_h5ad", "validation cells: obs + X_cellfm"),
+    ("test_h5ad", "test cells: obs + X_cellfm"),
+)
+
+
 def print_summary(con: Console, facts: dict[str, Any], out: Path) -> None:
     con.result()
     con.result(f"done in {facts['elapsed']:.0f} s; evaluated on the {facts['where']}")
@@ -284,4 +272,23 @@ def run(args: argparse.Namespace, con: Console) -> int:
     return 0
 
 
-COMMAND = Command("finetune", HELP, DESCRIPTION, _add_options, run)
+COMMAND = Command(
+    "finetune",
+    "fine-tune CellFM on an .h5ad file and write the model and a report",
+    "Fine-tune CellFM on DATA.h5ad (raw counts in X or --layer) to predict "
+    "obs[--labels-key], evaluate the restored best model on the test split, and write "
+    "into --output-dir:\n"
+    "  best_model.pth            state dict of the best model (plain tensors)\n"
+    "  checkpoint_epoch_N.pth    the newest epoch's and the best's (for --resume; "
+    "--keep-checkpoints)\n"
+    "  model/                    the saved model (CellFMClassifier.load)\n"
+    "  training_results.json     metrics, histories, run facts\n"
+    "  predictions.csv, donor_predictions.csv, *.png, logs/metrics.csv\n"
+    "  config_resolved.json      the options used\n"
+    "  train.h5ad, validation.h5ad, test.h5ad   with --write-split-h5ad\n"
+    "The outputs appear when the run succeeds; a failed run leaves run.log (and the "
+    "completed epoch checkpoints). Options may also come from --config (TOML, YAML or "
+    "JSON); flags override the file.",
+    _add_options,
+    run,
+)

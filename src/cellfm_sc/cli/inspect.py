@@ -15,18 +15,7 @@ from cellfm_sc.cli._files import existing_file
 __all__ = ["COMMAND", "run"]
 
 
-HELP = "show what a MindSpore CellFM checkpoint holds"
-DESCRIPTION = (
-    "Show a MindSpore CellFM checkpoint's variant (A: public MindSpore CellFM, "
-    "A': annotation Backbone, B: with ST tokens), the configuration read from its "
-    "shapes, a table of its parameters, and the optimizer/bookkeeping entries a load "
-    "would skip. Reads the file with cellfm-sc's own parser (no MindSpore, nothing "
-    "unpickled)."
-)
-
-
 def _add_options(p: argparse.ArgumentParser) -> None:
-    """``inspect``'s arguments and options."""
     p.add_argument("checkpoint", metavar="CKPT", help="MindSpore .ckpt file")
     add_shared(
         p,
@@ -213,4 +202,14 @@ def _verdict(facts: dict[str, Any]) -> int:
     return 0
 
 
-COMMAND = Command("inspect", HELP, DESCRIPTION, _add_options, run)
+COMMAND = Command(
+    "inspect",
+    "show what a MindSpore CellFM checkpoint holds",
+    "Show a MindSpore CellFM checkpoint's variant (A: public MindSpore CellFM, "
+    "A': annotation Backbone, B: with ST tokens), the configuration read from its "
+    "shapes, a table of its parameters, and the optimizer/bookkeeping entries a load "
+    "would skip. Reads the file with cellfm-sc's own parser (no MindSpore, nothing "
+    "unpickled).",
+    _add_options,
+    run,
+)

@@ -23,39 +23,8 @@ from cellfm_sc.cli._run import check_checkpoint, train_kwargs, write_resolved_co
 
 __all__ = ["COMMAND", "gene_symbol_columns", "run"]
 
-OUTPUT_FILES = (
-    ("cellfm.ckpt", "MindSpore checkpoint (variant A; --checkpoint of finetune)"),
-    ("gene_info.csv", "its gene vocabulary (--vocabulary of finetune)"),
-    ("model/", "saved model (CellFMPretrainer.load)"),
-    ("history.json", "masked loss per epoch and run facts"),
-    ("loss_curve.png", "loss curves"),
-    ("config_resolved.json", "options used"),
-)
-
-
-HELP = "pretrain CellFM on unlabelled .h5ad files (masked values) and export a checkpoint"
-DESCRIPTION = (
-    "Pretrain CellFM with its masked-value objective on one or more unlabelled "
-    ".h5ad files (raw counts; read backed, never concatenated; one gene vocabulary over "
-    "the union of their gene symbols), from scratch (--preset) or continued from a "
-    "checkpoint (--checkpoint, --vocabulary), and write into --output-dir:\n"
-    "  cellfm.ckpt               MindSpore checkpoint (variant A)\n"
-    "  gene_info.csv             its vocabulary (symbol first; token id = row + 1)\n"
-    "  model/                    the saved model (CellFMPretrainer.load)\n"
-    "  history.json              masked loss per epoch, run facts\n"
-    "  loss_curve.png            loss curves\n"
-    "  checkpoint_epoch_N.pth    the newest epoch's and the best's (for --resume; "
-    "--keep-checkpoints)\n"
-    "Fine-tune from it with: cellfm-sc finetune DATA.h5ad --checkpoint OUT/cellfm.ckpt "
-    "--vocabulary OUT/gene_info.csv --embedding-init transfer ...\n"
-    "Example:\n"
-    "  cellfm-sc pretrain atlas_a.h5ad atlas_b.h5ad --gene-symbols "
-    "atlas_b.h5ad=gene_names --preset small --epochs 5 -o runs/pretrain"
-)
-
 
 def _add_options(p: argparse.ArgumentParser) -> None:
-    """``pretrain``'s arguments and options."""
     p.add_argument("data", metavar="DATA.h5ad", nargs="+", help="input AnnData files (.h5ad)")
     _add_data_options(p)
     _add_model_options(p)
@@ -64,7 +33,6 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
-    """``pretrain``'s data options."""
     data = p.add_argument_group("data")
     data.add_argument("--layer", help="adata.layers key holding raw counts in every file")
     data.add_argument(
@@ -84,11 +52,16 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    """``pretrain``'s model options."""
     model = p.add_argument_group("model")
-    add_shared(model, "--preset", help="trunk size to pretrain from scratch (randomly initialised)")
     add_shared(
-        model, "--checkpoint", help="MindSpore CellFM checkpoint to continue pretraining from"
+        model,
+        "--preset",
+        help="trunk size to pretrain from scratch (randomly initialised)",
+    )
+    add_shared(
+        model,
+        "--checkpoint",
+        help="MindSpore CellFM checkpoint to continue pretraining from",
     )
     add_shared(model, "--vocabulary", help="the checkpoint's gene vocabulary")
     add_shared(
@@ -113,7 +86,6 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
-    """``pretrain``'s training options."""
     train = p.add_argument_group("training")
     add_shared(train, "--epochs", default=16, help="epochs")
     train.add_argument(
@@ -151,7 +123,9 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         help="fraction of every file's cells held out to score the masked loss",
     )
     train.add_argument(
-        "--early-stopping", action="store_true", help="stop when the validation loss stalls"
+        "--early-stopping",
+        action="store_true",
+        help="stop when the validation loss stalls",
     )
     add_shared(train, "--patience", help="early stopping")
     add_shared(train, "--seed", help="seed of everything")
@@ -160,7 +134,6 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
-    """``pretrain``'s output options."""
     out = p.add_argument_group("output")
     out.add_argument("--output-dir", "-o", metavar="OUT", required=True, help="output directory")
     add_keep_checkpoints(out)
@@ -280,6 +253,17 @@ def _open(files: list[Path], opts: dict[str, Any], con: Console) -> list[Any]:
     return members
 
 
+#: the files of the output directory, as the summary names them
+OUTPUT_FILES = (
+    ("cellfm.ckpt", "MindSpore checkpoint (variant A; --checkpoint of finetune)"),
+    ("gene_info.csv", "its gene vocabulary (--vocabulary of finetune)"),
+    ("model/", "saved model (CellFMPretrainer.load)"),
+    ("history.json", "masked loss per epoch and run facts"),
+    ("loss_curve.png", "loss curves"),
+    ("config_resolved.json", "options used"),
+)
+
+
 def run(args: argparse.Namespace, con: Console) -> int:
     opts = {k: v for k, v in vars(args).items() if k not in ("handler", "command")}
     started = time.perf_counter()
@@ -386,4 +370,25 @@ def _run(
     return {"summary": summary}
 
 
-COMMAND = Command("pretrain", HELP, DESCRIPTION, _add_options, run)
+COMMAND = Command(
+    "pretrain",
+    "pretrain CellFM on unlabelled .h5ad files (masked values) and export a checkpoint",
+    "Pretrain CellFM with its masked-value objective on one or more unlabelled "
+    ".h5ad files (raw counts; read backed, never concatenated; one gene vocabulary over "
+    "the union of their gene symbols), from scratch (--preset) or continued from a "
+    "checkpoint (--checkpoint, --vocabulary), and write into --output-dir:\n"
+    "  cellfm.ckpt               MindSpore checkpoint (variant A)\n"
+    "  gene_info.csv             its vocabulary (symbol first; token id = row + 1)\n"
+    "  model/                    the saved model (CellFMPretrainer.load)\n"
+    "  history.json              masked loss per epoch, run facts\n"
+    "  loss_curve.png            loss curves\n"
+    "  checkpoint_epoch_N.pth    the newest epoch's and the best's (for --resume; "
+    "--keep-checkpoints)\n"
+    "Fine-tune from it with: cellfm-sc finetune DATA.h5ad --checkpoint OUT/cellfm.ckpt "
+    "--vocabulary OUT/gene_info.csv --embedding-init transfer ...\n"
+    "Example:\n"
+    "  cellfm-sc pretrain atlas_a.h5ad atlas_b.h5ad --gene-symbols "
+    "atlas_b.h5ad=gene_names --preset small --epochs 5 -o runs/pretrain",
+    _add_options,
+    run,
+)
