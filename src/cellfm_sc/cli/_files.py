@@ -142,32 +142,20 @@ def newest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def checkpoints_line(out: Path) -> str | None:
-    """The summary's line on the epoch checkpoints left in ``out`` (None when there are none).
-
-    Examples
-    --------
-    >>> checkpoints_line(Path("no_such_folder")) is None
-    True
-    """
-    from cellfm_sc._checkpoints import epoch_checkpoints
-
-    epochs = [n for n, _ in epoch_checkpoints(out)] if out.is_dir() else []
-    if not epochs:
-        return None
-    shown = ", ".join(map(str, epochs[:8])) + (" ..." if len(epochs) > 8 else "")
-    return f"  {'checkpoint_epoch_*.pth':<26} epoch(s) {shown} (--resume; --keep-checkpoints)"
-
-
 def print_outputs(con: Console, out: Path, rows: Iterable[tuple[str, str]]) -> None:
     """The end of a training command's summary: the output directory, a line per file in it
-    (``rows`` of ``(name, what it is)``) and the :func:`checkpoints_line`."""
+    (``rows`` of ``(name, what it is)``) and one on the epoch checkpoints left in it."""
+    from cellfm_sc._checkpoints import epoch_checkpoints
+
     con.result(f"output directory: {out}")
     for name, what in rows:
         con.result(f"  {name:<26} {what}")
-    line = checkpoints_line(out)
-    if line:
-        con.result(line)
+    epochs = [n for n, _ in epoch_checkpoints(out)] if out.is_dir() else []
+    if epochs:
+        shown = ", ".join(map(str, epochs[:8])) + (" ..." if len(epochs) > 8 else "")
+        con.result(
+            f"  {'checkpoint_epoch_*.pth':<26} epoch(s) {shown} (--resume; --keep-checkpoints)"
+        )
 
 
 def resume_checkpoint(out: Path) -> Path:

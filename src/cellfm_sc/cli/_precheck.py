@@ -144,8 +144,17 @@ def check_hardware(
 
 def check_run_output(opts: dict[str, Any]) -> tuple[Path, Path | None]:
     """What a training command checks of its run before any work: ``--output-dir``
-    (writable), the accelerator (present) and, with ``--resume``, the epoch checkpoint to
-    continue from; returns ``(output directory, that checkpoint or None)``."""
+    (writable), the accelerator (present), with ``--resume`` the epoch checkpoint to continue
+    from, and ``--checkpoint`` (a sound MindSpore checkpoint); returns ``(output directory,
+    the epoch checkpoint or None)``."""
     out = writable_dir(opts["output_dir"], "--output-dir")
     check_hardware(opts.get("accelerator", "auto"), opts.get("devices", "auto"))
-    return out, resume_checkpoint(out) if opts.get("resume") else None
+    resume_from = resume_checkpoint(out) if opts.get("resume") else None
+    if opts.get("checkpoint"):
+        from cellfm_sc.io import CheckpointError, read_mindspore_checkpoint
+
+        try:
+            read_mindspore_checkpoint(opts["checkpoint"])
+        except CheckpointError as exc:
+            raise CLIError(f"--checkpoint is not a readable MindSpore checkpoint: {exc}") from exc
+    return out, resume_from

@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from cellfm_sc import __version__
-from cellfm_sc.cli._console import CLIError, Console, show_progress
+from cellfm_sc.cli._console import Console, show_progress
 from cellfm_sc.cli._files import RunDirectory, write_split_h5ads
 
 __all__ = [
     "FINETUNE_KEYS",
     "build_labelled_model",
-    "check_checkpoint",
     "held_out",
     "make_logger",
     "model_kwargs",
@@ -80,16 +79,6 @@ FINETUNE_KEYS = (
     "progress",
     "debug",
 )
-
-
-def check_checkpoint(path: str) -> None:
-    """Fail early, with a usage error, on a file that is not a sound MindSpore checkpoint."""
-    from cellfm_sc.io import CheckpointError, read_mindspore_checkpoint
-
-    try:
-        read_mindspore_checkpoint(path)
-    except CheckpointError as exc:
-        raise CLIError(f"--checkpoint is not a readable MindSpore checkpoint: {exc}") from exc
 
 
 def build_labelled_model(

@@ -31,7 +31,7 @@ from cellfm_sc.cli._precheck import (
     check_split_json,
     read_header,
 )
-from cellfm_sc.cli._run import build_labelled_model, check_checkpoint, train_and_report
+from cellfm_sc.cli._run import build_labelled_model, train_and_report
 
 __all__ = ["COMMAND", "add_training_options", "finetune", "run"]
 
@@ -52,7 +52,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def validate_options(opts: dict[str, Any], need_data: bool = True) -> None:
+def validate_options(opts: dict[str, Any]) -> None:
     missing = [
         flag
         for flag, key in (
@@ -60,7 +60,7 @@ def validate_options(opts: dict[str, Any], need_data: bool = True) -> None:
             ("--labels-key", "labels_key"),
             ("--output-dir", "output_dir"),
         )
-        if opts.get(key) in (None, "") and (need_data or key != "data")
+        if opts.get(key) in (None, "")
     ]
     if missing:
         raise CLIError(f"finetune needs {', '.join(missing)} (on the command line or in --config)")
@@ -95,8 +95,7 @@ def validate_options(opts: dict[str, Any], need_data: bool = True) -> None:
     ):
         if opts.get(key) is not None:
             existing_file(opts[key], what)
-    if need_data:
-        existing_file(opts["data"], "data file")
+    existing_file(opts["data"], "data file")
 
 
 def split_from_options(opts: dict[str, Any], adata: Any) -> Any:
@@ -146,8 +145,6 @@ def finetune(
             "overwrites those of the epochs it reaches (use --resume to continue that run "
             "instead, or another --output-dir)"
         )
-    if opts.get("checkpoint"):
-        check_checkpoint(opts["checkpoint"])
 
     quiet_libraries(bool(opts.get("quiet")))
     if adata is None:
@@ -156,9 +153,9 @@ def finetune(
 
     from cellfm_sc.data import obs_column
 
-    for key, keyword in (("labels_key", "labels_key"), ("donor_key", "donor_key")):
+    for key in ("labels_key", "donor_key"):
         if opts.get(key):
-            obs_column(adata, opts[key], keyword=keyword, allow_missing=True)
+            obs_column(adata, opts[key], keyword=key, allow_missing=True)
     split = split_from_options(opts, adata)
     if opts.get("level", "cell") == "auto":
         from cellfm_sc.cli._donor import choose_level

@@ -64,7 +64,9 @@ def run(args: argparse.Namespace, con: Console) -> int:
         con.result(json.dumps(facts, indent=2))
     else:
         _print_facts(facts, heads_txt, con)
-    return _verdict(facts)
+    if facts["values_problem"]:  # a data error (exit 2): a load would refuse its values
+        raise CLIError(f"a load refuses this checkpoint: {facts['values_problem']}")
+    return 0
 
 
 def _facts(path: Path, state: dict[str, Any], num_heads: int | None) -> tuple[dict[str, Any], str]:
@@ -193,13 +195,6 @@ def _print_facts(facts: dict[str, Any], heads_txt: str, con: Console) -> None:
         )
     else:
         con.result("a load would skip 0 entries (no optimizer state or bookkeeping)")
-
-
-def _verdict(facts: dict[str, Any]) -> int:
-    """0 for a sound file; a data error (exit 2) when a load would refuse its values."""
-    if facts["values_problem"]:
-        raise CLIError(f"a load refuses this checkpoint: {facts['values_problem']}")
-    return 0
 
 
 COMMAND = Command(

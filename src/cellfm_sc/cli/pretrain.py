@@ -19,7 +19,7 @@ from cellfm_sc.cli._args import (
 from cellfm_sc.cli._console import CLIError, Console, quiet_libraries
 from cellfm_sc.cli._files import RunDirectory, existing_file, print_outputs, read_h5ad
 from cellfm_sc.cli._precheck import check_data_columns, check_run_output, read_header
-from cellfm_sc.cli._run import check_checkpoint, train_kwargs, write_resolved_config
+from cellfm_sc.cli._run import train_kwargs, write_resolved_config
 
 __all__ = ["COMMAND", "gene_symbol_columns", "run"]
 
@@ -269,8 +269,6 @@ def run(args: argparse.Namespace, con: Console) -> int:
     started = time.perf_counter()
     files, resume = validate(opts)
     out = Path(opts["output_dir"]).expanduser()
-    if opts.get("checkpoint"):
-        check_checkpoint(opts["checkpoint"])
     quiet_libraries(bool(opts.get("quiet")))
     members = _open(files, opts, con)
     run_dir = RunDirectory(out)
