@@ -11,8 +11,6 @@ from typing import Any
 from cellfm_sc.cli._console import CLIError, one_line
 from cellfm_sc.cli._files import existing_file
 
-__all__ = ["apply_config"]
-
 
 def _load_config_file(path: Path, command: str) -> dict[str, Any]:
     text_suffix = path.suffix.lower()

@@ -22,8 +22,6 @@ import numpy as np
 from cellfm_sc.cli._console import CLIError, Console, show_progress
 from cellfm_sc.cli._run import build_labelled_model, model_kwargs
 
-__all__ = ["build_donor_model", "choose_level", "donor_level"]
-
 #: the donor model's selection quantities among ``--monitor``'s choices
 _DONOR_MONITORS = (
     "auto",

@@ -14,8 +14,6 @@ from cellfm_sc.cli._args import (
     split_size,
 )
 
-__all__ = ["add_finetune_options", "add_training_options"]
-
 
 def add_finetune_options(p: argparse.ArgumentParser) -> None:
     """Every option of ``finetune`` but ``DATA.h5ad``, ``--config`` and the diagnostics."""

@@ -20,15 +20,6 @@ from cellfm_sc._errors import missing_column, missing_layer, missing_raw
 from cellfm_sc.cli._console import CLIError, one_line
 from cellfm_sc.cli._files import resume_checkpoint, writable_dir
 
-__all__ = [
-    "H5adHeader",
-    "check_data_columns",
-    "check_hardware",
-    "check_run_output",
-    "check_split_json",
-    "read_header",
-]
-
 
 @dataclass(frozen=True)
 class H5adHeader:

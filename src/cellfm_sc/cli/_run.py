@@ -14,17 +14,6 @@ from cellfm_sc import __version__
 from cellfm_sc.cli._console import Console, show_progress
 from cellfm_sc.cli._files import RunDirectory, write_split_h5ads
 
-__all__ = [
-    "FINETUNE_KEYS",
-    "build_labelled_model",
-    "held_out",
-    "make_logger",
-    "model_kwargs",
-    "train_and_report",
-    "train_kwargs",
-    "write_resolved_config",
-]
-
 # the resolved finetune options that are not argparse bookkeeping
 FINETUNE_KEYS = (
     "data",
