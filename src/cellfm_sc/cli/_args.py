@@ -142,6 +142,13 @@ SHARED_OPTIONS: dict[str, dict[str, Any]] = {
         "help": "continue from the newest checkpoint_epoch_*.pth in --output-dir",
     },
     "--num-workers": {"metavar": "N", "type": non_negative_int, "default": 0},
+    "--keep-checkpoints": {
+        "metavar": "N",
+        "type": keep_checkpoints_type,
+        "default": 1,
+        "help": "per-epoch checkpoint_epoch_*.pth files kept in the output directory: the "
+        "newest N (what --resume continues from) plus the best epoch's; -1 keeps every epoch's",
+    },
 }
 
 
@@ -194,35 +201,6 @@ def add_hardware_args(p: argparse.ArgumentParser, *, num_nodes: bool) -> None:
     )
 
 
-def add_keep_checkpoints(group: Any) -> None:
-    """``--keep-checkpoints N`` (the output group of every training command)."""
-    group.add_argument(
-        "--keep-checkpoints",
-        metavar="N",
-        type=keep_checkpoints_type,
-        default=1,
-        help="per-epoch checkpoint_epoch_*.pth files kept in the output directory: the newest "
-        "N (what --resume continues from) plus the best epoch's; -1 keeps every epoch's",
-    )
-
-
-def add_diagnostics(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("output and diagnostics")
-    group.add_argument(
-        "--quiet",
-        "-q",
-        action="store_true",
-        help="no progress bars and no info messages (warnings and errors are still shown)",
-    )
-    group.add_argument(
-        "--progress",
-        action="store_true",
-        help="show progress bars also when stderr is not a terminal (a log file); on a "
-        "terminal they are shown unless --quiet",
-    )
-    group.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-
-
 class Command(NamedTuple):
     """A subcommand: its name, one-line help and description, ``add_options(parser)`` that
     declares its arguments, and ``run(args, console)`` that runs it."""
@@ -239,6 +217,19 @@ def add_command(sub: Any, command: Command) -> argparse.ArgumentParser:
     command has."""
     p = sub.add_parser(command.name, help=command.help, description=command.description)
     command.add_options(p)
-    add_diagnostics(p)
+    group = p.add_argument_group("output and diagnostics")
+    group.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="no progress bars and no info messages (warnings and errors are still shown)",
+    )
+    group.add_argument(
+        "--progress",
+        action="store_true",
+        help="show progress bars also when stderr is not a terminal (a log file); on a "
+        "terminal they are shown unless --quiet",
+    )
+    group.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     p.set_defaults(handler=command.run)
     return p

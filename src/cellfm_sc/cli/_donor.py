@@ -14,6 +14,7 @@ bootstrap intervals, ``donor_predictions.csv``, ``predictions.csv``, plots, ``mo
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +122,6 @@ def donor_level(opts: dict[str, Any], con: Console, model: Any, adata: Any) -> d
     attention files beside the report."""
     early = {"auto": False, "on": True, "off": False}[opts.get("early_stopping", "auto")]
     batch = max(opts.get("batch_size", 16), 64)
-
-    def attention_files(work: Path, files: dict[str, Any]) -> None:
-        _write_attention(opts, con, model, adata, batch, work, files)
-
     return {
         "unit": "donors",
         "train": {
@@ -132,7 +129,7 @@ def donor_level(opts: dict[str, Any], con: Console, model: Any, adata: Any) -> d
             "gradient_checkpointing": True if opts.get("gradient_checkpointing") else "auto",
         },
         "evaluate": {"batch_size": batch},
-        "level_files": attention_files,
+        "level_files": functools.partial(_write_attention, opts, con, model, adata, batch),
         "split_obsm": lambda: ["X_cellfm"],
     }
 

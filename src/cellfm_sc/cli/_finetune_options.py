@@ -7,7 +7,6 @@ import argparse
 from cellfm_sc._constants import FINETUNE_RECIPES, MONITORS, TRAINABLE_POLICIES
 from cellfm_sc.cli._args import (
     add_hardware_args,
-    add_keep_checkpoints,
     add_shared,
     label_order_type,
     positive_int,
@@ -184,7 +183,7 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
         default="csv",
         help="where the training metrics are logged (under OUT/logs)",
     )
-    add_keep_checkpoints(out)
+    add_shared(out, "--keep-checkpoints")
 
 
 def add_training_options(p: argparse.ArgumentParser, *, demo: bool = False) -> None:

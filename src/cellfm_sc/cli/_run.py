@@ -116,9 +116,8 @@ def make_logger(kind: str, folder: Path) -> Any:
         return False
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    if kind == "tensorboard":
-        return TensorBoardLogger(str(folder), name="", version="")
-    return CSVLogger(str(folder), name="", version="")
+    cls = TensorBoardLogger if kind == "tensorboard" else CSVLogger
+    return cls(str(folder), name="", version="")
 
 
 def train_kwargs(opts: dict[str, Any], out: Path, resume_from: Path | None) -> dict[str, Any]:
@@ -161,10 +160,7 @@ def held_out(model: Any, con: Console, unit: str) -> tuple[str, str]:
     n_test, n_val = len(model.test_indices), len(model.validation_indices)
     cells = unit == "cells"
     if n_test:
-        where, indices = (
-            (f"test split ({n_test:,} cells)" if cells else f"test donors ({n_test:,} cells)"),
-            "test",
-        )
+        where, indices = f"test {'split' if cells else 'donors'} ({n_test:,} cells)", "test"
     elif n_val:
         where = (
             f"validation split ({n_val:,} cells; no test split: optimistic)"

@@ -12,7 +12,6 @@ from cellfm_sc._constants import CORPUS_SAMPLING, PRESET_NAMES
 from cellfm_sc.cli._args import (
     Command,
     add_hardware_args,
-    add_keep_checkpoints,
     add_shared,
     fraction_type,
 )
@@ -136,7 +135,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
 def _add_output_options(p: argparse.ArgumentParser) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--output-dir", "-o", metavar="OUT", required=True, help="output directory")
-    add_keep_checkpoints(out)
+    add_shared(out, "--keep-checkpoints")
 
 
 # --------------------------------------------------------------------------------------------
