@@ -141,14 +141,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except data_errors() as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"{PROG}: error: {message_of(exc)}", file=sys.stderr)
-        return 2
     except Exception as exc:
         if debug:
             traceback.print_exc()
+        if isinstance(exc, data_errors()):
+            print(f"{PROG}: error: {message_of(exc)}", file=sys.stderr)
+            return 2
         hint = "" if debug else " (rerun with --debug for the traceback)"
         if "out of memory" in str(exc).lower():
             hint += "; lower --batch-size or --max-tokens, or use --precision bf16-mixed"

@@ -1,7 +1,7 @@
 """What a ``finetune`` run does at either level (cells: :mod:`cellfm_sc.cli.finetune`, donors:
 :mod:`cellfm_sc.cli._donor`): options to keywords, the resolved config, the logger, the
 held-out cells the report scores and the files every run writes. Both levels import this
-module; it imports neither."""
+module (``pretrain`` its train keywords and resolved config); it imports none of them."""
 
 from __future__ import annotations
 
