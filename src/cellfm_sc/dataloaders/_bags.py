@@ -15,6 +15,7 @@ log-normalised counts of the view's genes (:class:`ExpressionRows`, read per ste
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -154,12 +155,8 @@ class BagBatch:
 
     def _apply(self, fn: Any) -> BagBatch:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return BagBatch(
-            **{
-                k: fn(v) if isinstance(v, torch.Tensor | TokenBatch) else v
-                for k, v in values.items()
-            }
-        )
+        moved = {k: fn(v) for k, v in values.items() if isinstance(v, torch.Tensor | TokenBatch)}
+        return BagBatch(**{**values, **moved})
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> BagBatch:
         """A new batch with every tensor moved to ``device``."""
@@ -291,15 +288,8 @@ class BagSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, list[tuple[Bag, float]]]]:
         steps = self.steps()
-        if self.world_size == 1:
-            for step in steps:
-                yield self.epoch, [(b, 1.0) for b in step]
-            return
-        total = len(self) * self.world_size
-        for i in range(self.rank, total, self.world_size):
-            if i < len(steps):
-                yield self.epoch, [(b, 1.0) for b in steps[i]]
-            elif self.train:
+        for i in range(self.rank, len(self) * self.world_size, self.world_size):
+            if i < len(steps) or self.train:
                 yield self.epoch, [(b, 1.0) for b in steps[i % len(steps)]]
             else:
                 first = steps[0][0]
@@ -367,8 +357,11 @@ class BagDataset(Dataset):
         )
         donor = np.array([b.donor for b, _ in items], dtype=np.int64)
         weight = torch.tensor([w for _, w in items], dtype=torch.float32)
-        common = {"labels": torch.from_numpy(self.labels[donor]), "weight": weight}
-        common["donor"] = torch.from_numpy(donor)
+        common = {
+            "labels": torch.from_numpy(self.labels[donor]),
+            "weight": weight,
+            "donor": torch.from_numpy(donor),
+        }
         if self.cells is None:
             emb = None
             if self.embeddings is not None:
@@ -387,12 +380,7 @@ class BagDataset(Dataset):
             )
         tokens = self.cells[(epoch, rows)]
         order = torch.argsort(tokens.n_tokens, stable=True)
-        tokens = TokenBatch(
-            **{
-                f.name: None if getattr(tokens, f.name) is None else getattr(tokens, f.name)[order]
-                for f in fields(tokens)
-            }
-        )
+        tokens = tokens._apply(operator.itemgetter(order))
         n_tok = tokens.n_tokens.numpy()
         c = self.chunk_size
         lengths = tuple(int(n_tok[i : i + c].max()) for i in range(0, n_tok.size, c))
@@ -470,22 +458,18 @@ class DonorDataModule(CellFMDataModuleBase):
     def loader(self, train: bool) -> DataLoader:
         rank, world = self._rank()
         rows = self.split_rows["train" if train else "validation"]
-        if self.embeddings is not None:
-            dataset = BagDataset(
-                self.labels,
-                embeddings=self.embeddings,
-                emb_index=self.emb_index,
-                expression=self.expression,
-            )
-        elif not self.cell_kwargs:
-            dataset = BagDataset(self.labels, expression=self.expression)
-        else:
+        cells = None
+        if self.embeddings is None and self.cell_kwargs:
             kwargs = dict(self.cell_kwargs)
-            adata = kwargs.pop("adata")
-            cells = CellDataset(adata, rows, train=train, check_values=True, **kwargs)
-            dataset = BagDataset(
-                self.labels, cells=cells, chunk_size=self.chunk_size, expression=self.expression
-            )
+            cells = CellDataset(kwargs.pop("adata"), rows, train=train, check_values=True, **kwargs)
+        dataset = BagDataset(
+            self.labels,
+            cells=cells,
+            embeddings=self.embeddings,
+            emb_index=self.emb_index,
+            chunk_size=self.chunk_size,
+            expression=self.expression,
+        )
         sampler = BagSampler(
             rows,
             self.donors[rows],

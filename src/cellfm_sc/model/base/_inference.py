@@ -4,6 +4,7 @@ pass into arrays or sinks (:class:`_BlockWriter`), the cls embedding."""
 from __future__ import annotations
 
 import contextlib
+import operator
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -28,18 +29,6 @@ INFERENCE_ARGS = (
 def inference_args(args: dict[str, Any]) -> dict[str, Any]:
     """The :data:`INFERENCE_ARGS` of ``args`` (a user method's ``locals()``)."""
     return {key: args[key] for key in INFERENCE_ARGS}
-
-
-def _select(batch: Any, mask: torch.Tensor) -> Any:
-    """The cells of a batch where ``mask (B,)`` is true (every per-cell tensor field)."""
-    import dataclasses
-
-    values = {}
-    for f in dataclasses.fields(batch):
-        v = getattr(batch, f.name)
-        is_cells = isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == mask.shape[0]
-        values[f.name] = v[mask] if is_cells else v
-    return type(batch)(**values)
 
 
 class _BlockWriter:
@@ -139,28 +128,6 @@ def cls_embedding(module: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor
 class InferenceMixin:
     """The forward pass over cells (:meth:`_forward_cells`) and the cell embedding."""
 
-    # ------------------------------------------------------------------ inference
-    def _loader(
-        self,
-        adata: Any,
-        idx: np.ndarray,
-        batch_size: int,
-        gene_id_map: np.ndarray | None,
-        num_workers: int = 0,
-    ) -> Any:
-        """Evaluation batches over ``idx``, bucketed by length (each cell once)."""
-        return eval_loader(
-            adata,
-            idx,
-            batch_size,
-            self.max_tokens,
-            self.seed,
-            gene_id_map,
-            num_workers=num_workers,
-            pin_memory=torch.cuda.is_available(),
-            **self._data_kwargs(),
-        )
-
     @torch.inference_mode()
     def _forward_cells(
         self,
@@ -221,7 +188,18 @@ class InferenceMixin:
             key: _BlockWriter(arrays[key], len(idx), outputs[key]) for key in arrays if key in sinks
         }
         bar = _progress(len(idx), enable_progress_bar)
-        for batch in self._loader(adata, idx, batch_size, gene_id_map, num_workers):
+        loader = eval_loader(
+            adata,
+            idx,
+            batch_size,
+            self.max_tokens,
+            self.seed,
+            gene_id_map,
+            num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(),
+            **self._data_kwargs(),
+        )
+        for batch in loader:
             bar.update(len(batch))
             ok = (batch.n_tokens > 0).numpy()
             rows = order[np.searchsorted(sorted_idx, batch.obs_index.numpy())]
@@ -231,7 +209,7 @@ class InferenceMixin:
                 rows = rows[ok]
                 if len(rows) == 0:
                     continue
-                batch = _select(batch, torch.from_numpy(ok))
+                batch = batch._apply(operator.itemgetter(torch.from_numpy(ok)))
             batch = batch.to(dev, non_blocking=True)
             with autocast:
                 result = forward(module, batch)

@@ -69,6 +69,27 @@ class Saved:
     default: Any = REQUIRED
 
 
+def _frame(value: Any) -> pd.DataFrame | None:
+    return None if value is None else pd.DataFrame(value)
+
+
+#: what the base saves of every model, declared as a class's :attr:`SaveLoadMixin._saved`
+BASE_SAVED = {
+    "embedding_init_": Saved("embedding_init_"),
+    "preset_": Saved("preset_"),
+    "max_tokens": Saved("max_tokens", int),
+    "seed": Saved("seed", int),
+    "pretrained_report_": Saved("pretrained_report_", default=None),
+    "is_trained_": Saved("is_trained_", bool),
+    "history_": Saved("history_", _frame, None),
+    "step_history_": Saved("step_history_", _frame, None),
+    "best_epoch_": Saved("best_epoch_", default=None),
+    "best_score_": Saved("best_score_", default=None),
+    "split_names_": Saved("split_names_", default=None),
+    "train_settings_": Saved("train_settings_", default=None),
+}
+
+
 def _tensor_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
@@ -80,15 +101,15 @@ class SaveLoadMixin:
     _saved: ClassVar[dict[str, Saved]] = {}
 
     def _saved_values(self) -> dict[str, Any]:
-        """The declared attributes as plain Python, by key, plus :meth:`_save_attrs`."""
-        values = {
-            s.key: to_plain(getattr(self, name), finite=False) for name, s in self._saved.items()
-        }
+        """The base's and the declared attributes as plain Python, by key, plus
+        :meth:`_save_attrs`."""
+        saved = {**BASE_SAVED, **self._saved}
+        values = {s.key: to_plain(getattr(self, name), finite=False) for name, s in saved.items()}
         return {**values, **self._save_attrs()}
 
     def _restore_saved(self, attrs: dict[str, Any]) -> None:
-        """Set the declared attributes from a saved attribute dict."""
-        for name, s in self._saved.items():
+        """Set the base's and the declared attributes from a saved attribute dict."""
+        for name, s in {**BASE_SAVED, **self._saved}.items():
             if s.key in attrs:
                 setattr(self, name, s.kind(attrs[s.key]))
             elif s.default is REQUIRED:
@@ -139,22 +160,6 @@ class SaveLoadMixin:
                 "n_genes": int(self.vocab.n_genes),
                 "trainable_": self.trainable_,
                 "lora_": dict(self.lora_),
-                "embedding_init_": self.embedding_init_,
-                "preset_": self.preset_,
-                "max_tokens": int(self.max_tokens),
-                "seed": int(self.seed),
-                "pretrained_report_": to_plain(self.pretrained_report_, finite=False),
-                "is_trained_": bool(self.is_trained_),
-                "history_": None
-                if self.history_ is None
-                else to_plain(self.history_.to_dict("list"), finite=False),
-                "step_history_": None
-                if self.step_history_ is None
-                else to_plain(self.step_history_.to_dict("list"), finite=False),
-                "best_epoch_": self.best_epoch_,
-                "best_score_": self.best_score_,
-                "split_names_": self.split_names_,
-                "train_settings_": to_plain(self.train_settings_, finite=False),
                 **self._saved_values(),
             }
             torch.save(
@@ -267,11 +272,6 @@ class SaveLoadMixin:
         model._init_common()
         model._read_setup_args()
         model.vocab = GeneVocab.from_var_names(saved["var_names"])
-        model.max_tokens = int(attr["max_tokens"])
-        model.seed = int(attr["seed"])
-        model.embedding_init_ = attr["embedding_init_"]
-        model.preset_ = attr["preset_"]
-        model.pretrained_report_ = attr.get("pretrained_report_")
         model._pretrained_report = None
         model._restore_saved(attr)
         model._restore_attrs(attr)  # reads the setup args too
@@ -287,23 +287,12 @@ class SaveLoadMixin:
         module.load_state_dict(saved["model_state_dict"], strict=True)
         model.module.eval()
         model.init_params_ = attr["init_params_"]
-        model.is_trained_ = bool(attr["is_trained_"])
-        for key in ("history_", "step_history_"):
-            value = attr.get(key)
-            setattr(model, key, pd.DataFrame(value) if value is not None else None)
-        model.best_epoch_ = attr.get("best_epoch_")
-        model.best_score_ = attr.get("best_score_")
-        model.train_settings_ = attr.get("train_settings_")
-        model.split_names_ = attr.get("split_names_")
         if adata is not None:  # genes are aligned (and coverage checked) when cells are read
             # the counts must be where the model reads them (raw / layer / X): say so now
             get_matrix(adata, layer=model.layer, use_raw=model.use_raw)
             split = model._split_for(adata)
             if split is not None:
-                model.split_ = split
-                model.train_indices_ = split.train
-                model.validation_indices_ = split.validation
-                model.test_indices_ = split.test
+                model._set_split(adata, split)
         model._place(accelerator, device)
         return model
 
