@@ -1,15 +1,8 @@
 """Bags of one donor's cells: partitions, batches, loaders (the data side of the donor model).
 
-A **bag** is up to ``bag_size`` cells of one donor. Training partitions every training donor's
-cells into bags at random each epoch (:func:`partition_bags` with a generator), so each
-training cell is in exactly one bag per epoch; evaluation partitions deterministically (cells
-ordered by a hash of their obs name, so the bags of a donor do not depend on the order of the
-AnnData). A donor of ``n`` cells gets ``ceil(n / bag_size)`` bags of near-equal size.
-
-A training step holds ``bags_per_step`` bags, given flat (:class:`BagBatch`): either the
-cells' tokens (trainable trunk; cells sorted by length so that chunks are padded little) or
-their cached embeddings (frozen trunk), and, for the expression view, the cells'
-log-normalised counts of the view's genes (:class:`ExpressionRows`, read per step).
+A **bag** is up to ``bag_size`` cells of one donor (:func:`partition_bags`): at random each
+epoch in training, by a hash of the obs names in evaluation (so a donor's bags do not depend
+on the order of the AnnData). A step holds ``bags_per_step`` bags, flat (:class:`BagBatch`).
 """
 
 from __future__ import annotations

@@ -1,19 +1,6 @@
-"""A pretraining corpus: several AnnData (files read in place) over one gene vocabulary.
-
-* :func:`member_gene_names`: the vocabulary name of every column of one member's count matrix
-  (its gene symbols; a column without a symbol, or repeating an earlier column's symbol, keeps
-  its ``var_name``, so no column is dropped and no two columns share a token);
-* :func:`member_ensembl_ids`: the Ensembl id of every column where the member has them (its
-  ``var_names`` when symbols come from a column, else a ``gene_ids``-like column), so the
-  exported vocabulary can carry them;
-* :func:`union_genes`: the corpus vocabulary, the union of the members' names in order of
-  first appearance;
-* :class:`CorpusDataModule`: training and validation loaders over every member, each batch
-  from one member (its own :class:`~cellfm_sc.data.CellDataset` with the member's
-  ``gene_id_map`` into the union vocabulary), batches of all members interleaved at random
-  every epoch, each member's share by its size (``"proportional"``) or the same for all
-  (``"balanced"``). Nothing is concatenated or copied: memory holds the index arrays only.
-"""
+"""A pretraining corpus: several AnnData (files read in place) over one gene vocabulary, the
+union of the members' gene names (:func:`union_genes`), read by :class:`CorpusDataModule`
+member by member: nothing is concatenated or copied, memory holds the index arrays only."""
 
 from __future__ import annotations
 

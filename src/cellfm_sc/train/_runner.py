@@ -4,6 +4,7 @@ restores the best weights and returns a :class:`FitResult`; the checks of its nu
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import tempfile
@@ -163,15 +164,8 @@ def _make_loggers(logger: Any, checkpoint_dir: str | os.PathLike[str] | None) ->
         if logger == "csv":
             return CSVLogger(root, name="", version="")
         if logger == "tensorboard":
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError:
-                try:
-                    import tensorboardX  # noqa: F401
-                except ImportError as err:
-                    raise ImportError(
-                        "logger='tensorboard' needs TensorBoard: pip install tensorboard"
-                    ) from err
+            if not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+                raise ImportError("logger='tensorboard' needs TensorBoard: pip install tensorboard")
             return TensorBoardLogger(root, name="", version="")
         raise ValueError(
             f"logger must be None, False, 'csv', 'tensorboard' or a Lightning logger, got {logger!r}"

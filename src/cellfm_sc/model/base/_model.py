@@ -1,13 +1,4 @@
-""":class:`CellFMModel`: what every cellfm-sc model class shares (scvi-tools
-``BaseModelClass`` underneath).
-
-A model class = its torch module + its training plan (loss and metrics) + its user methods.
-Everything else lives here once: building the trunk (checkpoint or preset, new gene
-embedding), the registered data (layer, genes, donors), the split (kept by obs name), and,
-from the mixins beside this module, training (``_training``: the one ``train`` template),
-the inference loop and the cell embedding (``_inference``) and ``save`` / ``load``
-(``_saving``).
-"""
+""":class:`CellFMModel`: construction, data access and the split every model class shares."""
 
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
-"""Save and load, from one declaration per model class.
-
-A model class declares, in :attr:`SaveLoadMixin._saved`, which of its attributes are saved
-(each under a key, read back by a converter, with a default for folders saved before the
-attribute existed); its :meth:`~SaveLoadMixin._make_module` builds the torch module from
-them, both when the model is created and when it is loaded. Everything the base owns
-(configuration, vocabulary, history, split, settings) is saved here once.
-"""
+"""Save and load, from one declaration per model class (:attr:`SaveLoadMixin._saved`, each
+attribute a :class:`Saved`) beside the base's (:data:`BASE_SAVED`); the class's
+:meth:`~SaveLoadMixin._make_module` builds its module from them, when created and loaded."""
 
 from __future__ import annotations
 
