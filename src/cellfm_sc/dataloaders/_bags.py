@@ -184,10 +184,6 @@ class ExpressionRows:
         self.columns = np.asarray(columns, dtype=np.int64)
         self.present = np.flatnonzero(self.columns >= 0)
 
-    @property
-    def n_genes(self) -> int:
-        return int(self.columns.size)
-
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         from cellfm_sc.baselines import log_normalized
 
@@ -255,17 +251,13 @@ class BagSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def bags(self) -> list[Bag]:
-        """The bags of this epoch, in the order they are stepped through (all ranks)."""
-        if self._fixed is not None:
-            return self._fixed
-        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch])
-        bags = partition_bags(self.rows, self.donors, self.bag_size, rng=rng)
-        return [bags[i] for i in rng.permutation(len(bags))]
-
     def steps(self) -> list[list[Bag]]:
-        """The bags of this epoch grouped into steps (all ranks)."""
-        bags = self.bags()
+        """The bags of this epoch in steps, in the order they are stepped through (all ranks)."""
+        bags = self._fixed
+        if bags is None:
+            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch])
+            bags = partition_bags(self.rows, self.donors, self.bag_size, rng=rng)
+            bags = [bags[i] for i in rng.permutation(len(bags))]
         k = self.bags_per_step
         return [bags[i : i + k] for i in range(0, len(bags), k)]
 
@@ -349,12 +341,8 @@ class BagDataset(Dataset):
             [np.full(b.rows.size, i, dtype=np.int64) for i, (b, _) in enumerate(items)]
         )
         donor = np.array([b.donor for b, _ in items], dtype=np.int64)
-        weight = torch.tensor([w for _, w in items], dtype=torch.float32)
-        common = {
-            "labels": torch.from_numpy(self.labels[donor]),
-            "weight": weight,
-            "donor": torch.from_numpy(donor),
-        }
+        common = {"labels": torch.from_numpy(self.labels[donor]), "donor": torch.from_numpy(donor)}
+        common["weight"] = torch.tensor([w for _, w in items], dtype=torch.float32)
         if self.cells is None:
             emb = None
             if self.embeddings is not None:

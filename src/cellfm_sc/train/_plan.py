@@ -208,9 +208,7 @@ class TrainingPlan(pl.LightningModule):
 
     def _metrics(self, stage: str) -> dict[str, float]:
         sums = self._reduce(stage)
-        if not sums:
-            return {}
-        return self.metrics_from_sums(sums)
+        return self.metrics_from_sums(sums) if sums else {}
 
     # -- steps
     def training_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor:

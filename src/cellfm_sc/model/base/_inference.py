@@ -77,15 +77,6 @@ class _BlockWriter:
             self._flush(b)
 
 
-def _progress(total: int, enable: bool) -> Any:
-    """A tqdm bar over cells on stderr (disabled unless ``enable``)."""
-    import sys
-
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enable, file=sys.stderr, unit="cells", desc="cells")
-
-
 def eval_loader(
     adata: Any,
     idx: np.ndarray,
@@ -117,6 +108,15 @@ def eval_loader(
         check=False,
         **reading,
     )
+
+
+def _progress(total: int, enable: bool) -> Any:
+    """A tqdm bar over cells on stderr (disabled unless ``enable``)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enable, file=sys.stderr, unit="cells", desc="cells")
 
 
 def cls_embedding(module: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:

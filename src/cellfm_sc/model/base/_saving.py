@@ -32,6 +32,8 @@ __all__ = ["REQUIRED", "SaveLoadMixin", "Saved", "model_not_set_up", "saved_rows
 MODEL_FILE = "model.pt"
 VOCAB_FILE = "vocab.txt"
 CONFIG_FILE = "config.json"
+#: the saved attributes that ``config.json`` shows (besides the setup arguments)
+CONFIG_KEYS = "class_name config n_genes trainable_ embedding_init_ max_tokens seed".split()
 #: the default of a :class:`Saved` attribute that every saved folder holds
 REQUIRED = object()
 
@@ -166,18 +168,7 @@ class SaveLoadMixin:
                 tmp / f"{prefix}{MODEL_FILE}",
             )
             self.vocab.save(tmp / f"{prefix}{VOCAB_FILE}")
-            summary = {
-                k: attr[k]
-                for k in (
-                    "class_name",
-                    "config",
-                    "n_genes",
-                    "trainable_",
-                    "embedding_init_",
-                    "max_tokens",
-                    "seed",
-                )
-            }
+            summary = {k: attr[k] for k in CONFIG_KEYS}
             summary["setup_args"] = attr["registry_"].get("setup_args")
             (tmp / f"{prefix}{CONFIG_FILE}").write_text(
                 json.dumps(to_plain(summary), indent=2) + "\n", encoding="utf-8"
