@@ -102,11 +102,7 @@ def member_ensembl_ids(
 
 def union_genes(name_lists: Sequence[np.ndarray]) -> list[str]:
     """The genes of every list, each once, in order of first appearance."""
-    seen: dict[str, None] = {}
-    for names in name_lists:
-        for n in names:
-            seen.setdefault(str(n), None)
-    return list(seen)
+    return list(dict.fromkeys(str(n) for names in name_lists for n in names))
 
 
 @dataclass
@@ -229,13 +225,10 @@ def balanced_quotas(n_batches: Sequence[int]) -> list[int]:
     """
     n = [int(b) for b in n_batches]
     active = [i for i, b in enumerate(n) if b > 0]
-    if not active:
-        return [0] * len(n)
-    total = sum(n)
-    base, rest = divmod(total, len(active))
+    base, rest = divmod(sum(n), max(len(active), 1))  # no active member: all 0
     out = [0] * len(n)
     for j, i in enumerate(active):
-        out[i] = base + (1 if j < rest else 0)
+        out[i] = base + int(j < rest)
     return out
 
 
@@ -280,7 +273,6 @@ class CorpusDataModule(CellFMDataModuleBase):
         self.num_workers = int(num_workers)
 
     def loader(self, train: bool) -> DataLoader:
-        """The training (``train=True``) or validation loader."""
         rank, world = self._rank()
         datasets, samplers = [], []
         for i, m in enumerate(self.members):

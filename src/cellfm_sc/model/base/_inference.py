@@ -166,16 +166,12 @@ class InferenceMixin:
         module = self.module.to(dev).eval()
         arrays: dict[str, Any] = {}
         for key, shape in outputs.items():
-            if key in sinks:
-                want = (len(idx), *shape)
-                if tuple(sinks[key].shape) != want:
-                    raise ValueError(
-                        f"the output for {key!r} has shape {tuple(sinks[key].shape)}, "
-                        f"expected {want}"
-                    )
-                arrays[key] = sinks[key]
-            else:
-                arrays[key] = np.full((len(idx), *shape), np.nan, np.float32)
+            want = (len(idx), *shape)
+            if key in sinks and tuple(sinks[key].shape) != want:
+                raise ValueError(
+                    f"the output for {key!r} has shape {tuple(sinks[key].shape)}, expected {want}"
+                )
+            arrays[key] = sinks[key] if key in sinks else np.full(want, np.nan, np.float32)
         order = np.argsort(idx, kind="stable")
         sorted_idx = idx[order]
         use_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()

@@ -64,11 +64,8 @@ class CellFMModel(TrainingMixin, InferenceMixin, SaveLoadMixin, BaseModelClass):
 
     # ------------------------------------------------------------------ construction
     def _read_setup_args(self) -> dict[str, Any]:
-        args = (
-            dict(self.adata_manager.registry["setup_args"])
-            if self.adata_manager is not None
-            else dict(self.registry_["setup_args"])
-        )
+        manager = self.adata_manager
+        args = dict((manager.registry if manager is not None else self.registry_)["setup_args"])
         self.layer: str | None = args.get("layer")
         self.use_raw: bool = bool(args.get("use_raw", False))
         self.gene_symbols_key: str | None = args.get("gene_symbols")

@@ -250,15 +250,7 @@ class TrainingMixin:
             **run.trainer_kwargs,
         )
         self._after_fit(run, plan, settings)
-        self._record_fit(result, settings)
-
-    def _after_fit(self, run: TrainingRun, plan: Any, settings: dict[str, Any]) -> None:
-        """After the fit, before it is recorded (default: keep the split)."""
-        self._set_split(run.adata, run.split)
-
-    def _record_fit(self, result: Any, settings: dict[str, Any]) -> None:
-        """Keep what a finished :func:`~cellfm_sc.train.fit` run tells: history, best
-        epoch, the settings it ran with; the model is trained from now on."""
+        # what the run tells: history, best epoch, the settings; trained from now on
         self.history_ = pd.DataFrame(result.history)
         self.step_history_ = pd.DataFrame(result.step_history)
         self.best_epoch_ = result.best_epoch
@@ -274,3 +266,7 @@ class TrainingMixin:
         }
         self.global_rank_ = result.global_rank
         self.is_trained_ = True
+
+    def _after_fit(self, run: TrainingRun, plan: Any, settings: dict[str, Any]) -> None:
+        """After the fit, before it is recorded (default: keep the split)."""
+        self._set_split(run.adata, run.split)
