@@ -1,20 +1,14 @@
 """Bags of one donor's cells: partitions, batches, loaders (the data side of the donor model).
 
-A **bag** is up to ``bag_size`` cells of one donor. Training partitions every training donor's
-cells into bags at random each epoch (:func:`partition_bags` with a generator), so each
-training cell is in exactly one bag per epoch; evaluation partitions deterministically (cells
-ordered by a hash of their obs name, so the bags of a donor do not depend on the order of the
-AnnData). A donor of ``n`` cells gets ``ceil(n / bag_size)`` bags of near-equal size.
-
-A training step holds ``bags_per_step`` bags, given flat (:class:`BagBatch`): either the
-cells' tokens (trainable trunk; cells sorted by length so that chunks are padded little) or
-their cached embeddings (frozen trunk), and, for the expression view, the cells'
-log-normalised counts of the view's genes (:class:`ExpressionRows`, read per step).
+A **bag** is up to ``bag_size`` cells of one donor (:func:`partition_bags`): at random each
+epoch in training, by a hash of the obs names in evaluation (so a donor's bags do not depend
+on the order of the AnnData). A step holds ``bags_per_step`` bags, flat (:class:`BagBatch`).
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -154,12 +148,8 @@ class BagBatch:
 
     def _apply(self, fn: Any) -> BagBatch:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return BagBatch(
-            **{
-                k: fn(v) if isinstance(v, torch.Tensor | TokenBatch) else v
-                for k, v in values.items()
-            }
-        )
+        moved = {k: fn(v) for k, v in values.items() if isinstance(v, torch.Tensor | TokenBatch)}
+        return BagBatch(**{**values, **moved})
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> BagBatch:
         """A new batch with every tensor moved to ``device``."""
@@ -193,10 +183,6 @@ class ExpressionRows:
         self.source = row_source(adata, layer, use_raw=use_raw)
         self.columns = np.asarray(columns, dtype=np.int64)
         self.present = np.flatnonzero(self.columns >= 0)
-
-    @property
-    def n_genes(self) -> int:
-        return int(self.columns.size)
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         from cellfm_sc.baselines import log_normalized
@@ -265,17 +251,13 @@ class BagSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def bags(self) -> list[Bag]:
-        """The bags of this epoch, in the order they are stepped through (all ranks)."""
-        if self._fixed is not None:
-            return self._fixed
-        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch])
-        bags = partition_bags(self.rows, self.donors, self.bag_size, rng=rng)
-        return [bags[i] for i in rng.permutation(len(bags))]
-
     def steps(self) -> list[list[Bag]]:
-        """The bags of this epoch grouped into steps (all ranks)."""
-        bags = self.bags()
+        """The bags of this epoch in steps, in the order they are stepped through (all ranks)."""
+        bags = self._fixed
+        if bags is None:
+            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch])
+            bags = partition_bags(self.rows, self.donors, self.bag_size, rng=rng)
+            bags = [bags[i] for i in rng.permutation(len(bags))]
         k = self.bags_per_step
         return [bags[i : i + k] for i in range(0, len(bags), k)]
 
@@ -291,15 +273,8 @@ class BagSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, list[tuple[Bag, float]]]]:
         steps = self.steps()
-        if self.world_size == 1:
-            for step in steps:
-                yield self.epoch, [(b, 1.0) for b in step]
-            return
-        total = len(self) * self.world_size
-        for i in range(self.rank, total, self.world_size):
-            if i < len(steps):
-                yield self.epoch, [(b, 1.0) for b in steps[i]]
-            elif self.train:
+        for i in range(self.rank, len(self) * self.world_size, self.world_size):
+            if i < len(steps) or self.train:
                 yield self.epoch, [(b, 1.0) for b in steps[i % len(steps)]]
             else:
                 first = steps[0][0]
@@ -366,9 +341,8 @@ class BagDataset(Dataset):
             [np.full(b.rows.size, i, dtype=np.int64) for i, (b, _) in enumerate(items)]
         )
         donor = np.array([b.donor for b, _ in items], dtype=np.int64)
-        weight = torch.tensor([w for _, w in items], dtype=torch.float32)
-        common = {"labels": torch.from_numpy(self.labels[donor]), "weight": weight}
-        common["donor"] = torch.from_numpy(donor)
+        common = {"labels": torch.from_numpy(self.labels[donor]), "donor": torch.from_numpy(donor)}
+        common["weight"] = torch.tensor([w for _, w in items], dtype=torch.float32)
         if self.cells is None:
             emb = None
             if self.embeddings is not None:
@@ -387,12 +361,7 @@ class BagDataset(Dataset):
             )
         tokens = self.cells[(epoch, rows)]
         order = torch.argsort(tokens.n_tokens, stable=True)
-        tokens = TokenBatch(
-            **{
-                f.name: None if getattr(tokens, f.name) is None else getattr(tokens, f.name)[order]
-                for f in fields(tokens)
-            }
-        )
+        tokens = tokens._apply(operator.itemgetter(order))
         n_tok = tokens.n_tokens.numpy()
         c = self.chunk_size
         lengths = tuple(int(n_tok[i : i + c].max()) for i in range(0, n_tok.size, c))
@@ -470,22 +439,18 @@ class DonorDataModule(CellFMDataModuleBase):
     def loader(self, train: bool) -> DataLoader:
         rank, world = self._rank()
         rows = self.split_rows["train" if train else "validation"]
-        if self.embeddings is not None:
-            dataset = BagDataset(
-                self.labels,
-                embeddings=self.embeddings,
-                emb_index=self.emb_index,
-                expression=self.expression,
-            )
-        elif not self.cell_kwargs:
-            dataset = BagDataset(self.labels, expression=self.expression)
-        else:
+        cells = None
+        if self.embeddings is None and self.cell_kwargs:
             kwargs = dict(self.cell_kwargs)
-            adata = kwargs.pop("adata")
-            cells = CellDataset(adata, rows, train=train, check_values=True, **kwargs)
-            dataset = BagDataset(
-                self.labels, cells=cells, chunk_size=self.chunk_size, expression=self.expression
-            )
+            cells = CellDataset(kwargs.pop("adata"), rows, train=train, check_values=True, **kwargs)
+        dataset = BagDataset(
+            self.labels,
+            cells=cells,
+            embeddings=self.embeddings,
+            emb_index=self.emb_index,
+            chunk_size=self.chunk_size,
+            expression=self.expression,
+        )
         sampler = BagSampler(
             rows,
             self.donors[rows],

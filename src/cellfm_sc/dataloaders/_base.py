@@ -1,5 +1,4 @@
-"""The data-module base every training run reads through: loaders built at fit time, sharded
-by the trainer's rank, batches moved to the device."""
+"""The data-module base every training run reads through."""
 
 from __future__ import annotations
 

@@ -1,19 +1,6 @@
-"""A pretraining corpus: several AnnData (files read in place) over one gene vocabulary.
-
-* :func:`member_gene_names`: the vocabulary name of every column of one member's count matrix
-  (its gene symbols; a column without a symbol, or repeating an earlier column's symbol, keeps
-  its ``var_name``, so no column is dropped and no two columns share a token);
-* :func:`member_ensembl_ids`: the Ensembl id of every column where the member has them (its
-  ``var_names`` when symbols come from a column, else a ``gene_ids``-like column), so the
-  exported vocabulary can carry them;
-* :func:`union_genes`: the corpus vocabulary, the union of the members' names in order of
-  first appearance;
-* :class:`CorpusDataModule`: training and validation loaders over every member, each batch
-  from one member (its own :class:`~cellfm_sc.data.CellDataset` with the member's
-  ``gene_id_map`` into the union vocabulary), batches of all members interleaved at random
-  every epoch, each member's share by its size (``"proportional"``) or the same for all
-  (``"balanced"``). Nothing is concatenated or copied: memory holds the index arrays only.
-"""
+"""A pretraining corpus: several AnnData (files read in place) over one gene vocabulary, the
+union of the members' gene names (:func:`union_genes`), read by :class:`CorpusDataModule`
+member by member: nothing is concatenated or copied, memory holds the index arrays only."""
 
 from __future__ import annotations
 
@@ -115,11 +102,7 @@ def member_ensembl_ids(
 
 def union_genes(name_lists: Sequence[np.ndarray]) -> list[str]:
     """The genes of every list, each once, in order of first appearance."""
-    seen: dict[str, None] = {}
-    for names in name_lists:
-        for n in names:
-            seen.setdefault(str(n), None)
-    return list(seen)
+    return list(dict.fromkeys(str(n) for names in name_lists for n in names))
 
 
 @dataclass
@@ -242,13 +225,10 @@ def balanced_quotas(n_batches: Sequence[int]) -> list[int]:
     """
     n = [int(b) for b in n_batches]
     active = [i for i, b in enumerate(n) if b > 0]
-    if not active:
-        return [0] * len(n)
-    total = sum(n)
-    base, rest = divmod(total, len(active))
+    base, rest = divmod(sum(n), max(len(active), 1))  # no active member: all 0
     out = [0] * len(n)
     for j, i in enumerate(active):
-        out[i] = base + (1 if j < rest else 0)
+        out[i] = base + int(j < rest)
     return out
 
 
@@ -293,7 +273,6 @@ class CorpusDataModule(CellFMDataModuleBase):
         self.num_workers = int(num_workers)
 
     def loader(self, train: bool) -> DataLoader:
-        """The training (``train=True``) or validation loader."""
         rank, world = self._rank()
         datasets, samplers = [], []
         for i, m in enumerate(self.members):

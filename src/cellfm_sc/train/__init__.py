@@ -1,20 +1,13 @@
-"""Training: the plans and the runner every model class shares (scvi-tools' ``train``).
+"""Training: the plans and the runner every model class shares (scvi-tools' split of data
+splitter / training plan / train runner; the data modules are in :mod:`cellfm_sc.dataloaders`).
 
-One place owns how training runs, whatever the objective (scvi-tools' split of data splitter /
-training plan / train runner; the data modules are in :mod:`cellfm_sc.dataloaders`):
-
-* :class:`TrainingPlan` (``_plan``): a Lightning module base. It owns the optimizer (AdamW on
-  the trainable parameters), the learning-rate schedule, exact cell-weighted metric sums
-  reduced across processes, per-epoch ``history`` and per-validation ``step_history``, the
-  non-finite-loss guard and the state that travels with a resume checkpoint. A model class
-  subclasses it with :meth:`TrainingPlan.step` (loss + metric sums of one batch) and, when
-  it needs per-cell outputs (donor metrics), :meth:`TrainingPlan.collected_metrics`. The
-  three plans: :class:`ClassifierTrainingPlan`, :class:`DonorTrainingPlan`,
+* :class:`TrainingPlan` (``_plan``): the Lightning module base (optimizer, schedule, exact
+  epoch metrics, history, resume state); a model class's plan adds its loss
+  (:meth:`TrainingPlan.step`): :class:`ClassifierTrainingPlan`, :class:`DonorTrainingPlan`,
   :class:`PretrainingPlan`.
-* :func:`fit` (``_runner``): the runner. It builds the Trainer (precision, devices, strategy,
-  loggers, progress bar, early stopping, best-state keeping, epoch checkpoints), fits,
-  restores the best weights, and returns a :class:`FitResult`.
-* ``_callbacks``: :class:`BestStateCallback`, :class:`EpochCheckpoint`, the progress bar.
+* :func:`fit` (``_runner``): builds the Trainer, fits, restores the best weights, returns a
+  :class:`FitResult`; ``_callbacks``: :class:`BestStateCallback`, :class:`EpochCheckpoint`,
+  the progress bar.
 """
 
 from cellfm_sc.train._callbacks import (

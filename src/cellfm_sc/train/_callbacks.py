@@ -31,6 +31,8 @@ class BestStateCallback(pl.Callback):
     Only trainable parameters and buffers are copied (frozen ones never change).
     """
 
+    _state = ("best_score", "best_epoch", "best_state")
+
     def __init__(self, monitor: str, mode: str = "max") -> None:
         self.monitor = monitor
         self.mode = mode
@@ -81,16 +83,11 @@ class BestStateCallback(pl.Callback):
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "best_score": self.best_score,
-            "best_epoch": self.best_epoch,
-            "best_state": self.best_state,
-        }
+        return {key: getattr(self, key) for key in self._state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.best_score = state_dict.get("best_score")
-        self.best_epoch = state_dict.get("best_epoch")
-        self.best_state = state_dict.get("best_state")
+        for key in self._state:
+            setattr(self, key, state_dict.get(key))
 
 
 def check_resume_file(path: str | os.PathLike[str]) -> None:

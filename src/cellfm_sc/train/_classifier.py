@@ -52,6 +52,8 @@ class ClassifierTrainingPlan(TrainingPlan):
         :class:`~cellfm_sc.train.TrainingPlan` settings (lr, schedule, ...).
     """
 
+    _checkpointed = ("interpolation_start",)
+
     def __init__(
         self,
         module: torch.nn.Module,
@@ -72,6 +74,9 @@ class ClassifierTrainingPlan(TrainingPlan):
         #: optimizer steps of the head phase (set when the optimizer is built)
         self.head_steps = 0
         self._row_hooks: list[Any] = []
+        self._row_scalers: list[RowRateScaler] = []
+        #: the trainable weights when the head phase ends (weight-space interpolation)
+        self.interpolation_start: dict[str, torch.Tensor] | None = None
         self.classes = list(classes)
         self.ordinal = bool(ordinal)
         self.labels = labels
@@ -114,7 +119,7 @@ class ClassifierTrainingPlan(TrainingPlan):
     def configure_optimizers(self) -> Any:
         config = super().configure_optimizers()
         optimizer = config["optimizer"] if isinstance(config, dict) else config
-        for scaler in getattr(self, "_row_scalers", []):
+        for scaler in self._row_scalers:
             self._row_hooks.extend(scaler.attach(optimizer))
         return config
 
@@ -130,27 +135,18 @@ class ClassifierTrainingPlan(TrainingPlan):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # the start of weight-space interpolation: the weights when the head phase ends
         wise = self.recipe is not None and self.recipe.interpolate < 1
-        if wise and self.head_steps and self.global_step == self.head_steps:
-            if getattr(self, "interpolation_start", None) is None:
-                self.interpolation_start = {
-                    n: p.detach().to("cpu", copy=True)
-                    for n, p in self.module.named_parameters()
-                    if p.requires_grad
-                }
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if getattr(self, "interpolation_start", None) is not None:
-            checkpoint["cellfm_interpolation_start"] = self.interpolation_start
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.interpolation_start = checkpoint.get("cellfm_interpolation_start")
+        at_end = self.head_steps and self.global_step == self.head_steps
+        if wise and at_end and self.interpolation_start is None:
+            self.interpolation_start = {
+                n: p.detach().to("cpu", copy=True)
+                for n, p in self.module.named_parameters()
+                if p.requires_grad
+            }
 
     def interpolate_weights(self) -> bool:
         """Set the module's trainable weights to ``interpolate * now + (1 - interpolate) *
         start`` (the recipe's weight-space ensemble); False when there is nothing to do."""
-        start = getattr(self, "interpolation_start", None)
+        start = self.interpolation_start
         if self.recipe is None or self.recipe.interpolate >= 1 or start is None:
             return False
         a = float(self.recipe.interpolate)

@@ -148,6 +148,9 @@ class TrainingPlan(pl.LightningModule):
         Schedule settings.
     """
 
+    #: a subclass's attributes that travel with a resume checkpoint (as ``cellfm_<name>``)
+    _checkpointed: tuple[str, ...] = ()
+
     def __init__(
         self,
         module: torch.nn.Module,
@@ -205,9 +208,7 @@ class TrainingPlan(pl.LightningModule):
 
     def _metrics(self, stage: str) -> dict[str, float]:
         sums = self._reduce(stage)
-        if not sums:
-            return {}
-        return self.metrics_from_sums(sums)
+        return self.metrics_from_sums(sums) if sums else {}
 
     # -- steps
     def training_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor:
@@ -358,11 +359,15 @@ class TrainingPlan(pl.LightningModule):
         checkpoint["cellfm_rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["cellfm_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        for name in self._checkpointed:
+            checkpoint[f"cellfm_{name}"] = getattr(self, name)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = [dict(r) for r in checkpoint.get("cellfm_history", [])]
         self.step_history = [dict(r) for r in checkpoint.get("cellfm_step_history", [])]
         self.last_validation = dict(checkpoint.get("cellfm_last_validation", {}))
+        for name in self._checkpointed:
+            setattr(self, name, checkpoint.get(f"cellfm_{name}"))
         rng = checkpoint.get("cellfm_rng")
         if rng is not None:
             torch.set_rng_state(rng["torch"])

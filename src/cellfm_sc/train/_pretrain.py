@@ -39,6 +39,8 @@ class PretrainingPlan(TrainingPlan):
         :class:`~cellfm_sc.train.TrainingPlan` settings (lr, schedule, ...).
     """
 
+    _checkpointed = ("probe_initial",)
+
     def __init__(
         self,
         module: torch.nn.Module,
@@ -66,14 +68,6 @@ class PretrainingPlan(TrainingPlan):
             score = p.score(self.module.trunk)
             self.history[-1][column] = score
             self.log(column, score, prog_bar=True)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["cellfm_probe_initial"] = self.probe_initial
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.probe_initial = checkpoint.get("cellfm_probe_initial")
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()

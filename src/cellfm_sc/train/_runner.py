@@ -4,6 +4,7 @@ restores the best weights and returns a :class:`FitResult`; the checks of its nu
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import tempfile
@@ -15,6 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
 
 from cellfm_sc._constants import LIBRARY_NOISE, LR_SCHEDULES, PRECISIONS
 from cellfm_sc._hardware import check_accelerator
@@ -163,15 +165,8 @@ def _make_loggers(logger: Any, checkpoint_dir: str | os.PathLike[str] | None) ->
         if logger == "csv":
             return CSVLogger(root, name="", version="")
         if logger == "tensorboard":
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError:
-                try:
-                    import tensorboardX  # noqa: F401
-                except ImportError as err:
-                    raise ImportError(
-                        "logger='tensorboard' needs TensorBoard: pip install tensorboard"
-                    ) from err
+            if not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+                raise ImportError("logger='tensorboard' needs TensorBoard: pip install tensorboard")
             return TensorBoardLogger(root, name="", version="")
         raise ValueError(
             f"logger must be None, False, 'csv', 'tensorboard' or a Lightning logger, got {logger!r}"
@@ -244,17 +239,14 @@ def fit(
     check_keep_checkpoints(keep_checkpoints)
     precision = _precision(precision, accelerator)
     best = BestStateCallback(monitor=monitor, mode=mode)
-    callbacks = _callbacks(
-        best,
-        trainer_kwargs.pop("callbacks", []),
-        enable_progress_bar=enable_progress_bar,
-        early_stopping=early_stopping and has_validation,
-        monitor=monitor,
-        mode=mode,
-        patience=patience,
-        checkpoint_dir=checkpoint_dir,
-        keep_checkpoints=keep_checkpoints,
-    )
+    callbacks: list[Any] = [best, *trainer_kwargs.pop("callbacks", [])]
+    if enable_progress_bar:
+        callbacks.append(ProgressBar())
+    if early_stopping and has_validation:
+        stop = EarlyStopping(monitor, patience=patience, mode=mode, check_on_train_epoch_end=False)
+        callbacks.append(stop)
+    if checkpoint_dir is not None:
+        callbacks.append(EpochCheckpoint(checkpoint_dir, keep=keep_checkpoints, best=best))
     loggers = _make_loggers(logger, checkpoint_dir)
     with tempfile.TemporaryDirectory(prefix="cellfm_sc_") as root, quiet_lightning():
         trainer = pl.Trainer(
@@ -324,36 +316,6 @@ def _log_dir(loggers: Any) -> str | None:
         return None
     first = loggers[0] if isinstance(loggers, list | tuple) else loggers
     return getattr(first, "log_dir", None)
-
-
-def _callbacks(
-    best: BestStateCallback,
-    given: Sequence[Any],
-    *,
-    enable_progress_bar: bool,
-    early_stopping: bool,
-    monitor: str,
-    mode: str,
-    patience: int,
-    checkpoint_dir: str | os.PathLike[str] | None,
-    keep_checkpoints: int,
-) -> list[Any]:
-    """The run's callbacks: best state first, then the caller's, the progress bar, early
-    stopping and the epoch checkpoints."""
-    from lightning.pytorch.callbacks import EarlyStopping
-
-    callbacks: list[Any] = [best, *given]
-    if enable_progress_bar:
-        callbacks.append(ProgressBar())
-    if early_stopping:
-        callbacks.append(
-            EarlyStopping(
-                monitor=monitor, mode=mode, patience=patience, check_on_train_epoch_end=False
-            )
-        )
-    if checkpoint_dir is not None:
-        callbacks.append(EpochCheckpoint(checkpoint_dir, keep=keep_checkpoints, best=best))
-    return callbacks
 
 
 def _strategy(strategy: Any, find_unused_parameters: bool) -> Any:

@@ -4,6 +4,7 @@ pass into arrays or sinks (:class:`_BlockWriter`), the cls embedding."""
 from __future__ import annotations
 
 import contextlib
+import operator
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -28,18 +29,6 @@ INFERENCE_ARGS = (
 def inference_args(args: dict[str, Any]) -> dict[str, Any]:
     """The :data:`INFERENCE_ARGS` of ``args`` (a user method's ``locals()``)."""
     return {key: args[key] for key in INFERENCE_ARGS}
-
-
-def _select(batch: Any, mask: torch.Tensor) -> Any:
-    """The cells of a batch where ``mask (B,)`` is true (every per-cell tensor field)."""
-    import dataclasses
-
-    values = {}
-    for f in dataclasses.fields(batch):
-        v = getattr(batch, f.name)
-        is_cells = isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == mask.shape[0]
-        values[f.name] = v[mask] if is_cells else v
-    return type(batch)(**values)
 
 
 class _BlockWriter:
@@ -88,15 +77,6 @@ class _BlockWriter:
             self._flush(b)
 
 
-def _progress(total: int, enable: bool) -> Any:
-    """A tqdm bar over cells on stderr (disabled unless ``enable``)."""
-    import sys
-
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enable, file=sys.stderr, unit="cells", desc="cells")
-
-
 def eval_loader(
     adata: Any,
     idx: np.ndarray,
@@ -130,6 +110,15 @@ def eval_loader(
     )
 
 
+def _progress(total: int, enable: bool) -> Any:
+    """A tqdm bar over cells on stderr (disabled unless ``enable``)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enable, file=sys.stderr, unit="cells", desc="cells")
+
+
 def cls_embedding(module: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
     """The forward of :meth:`InferenceMixin.get_latent_representation`: ``{"emb": (B, D)}``,
     the trunk's cls token (no head, no masking)."""
@@ -138,28 +127,6 @@ def cls_embedding(module: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor
 
 class InferenceMixin:
     """The forward pass over cells (:meth:`_forward_cells`) and the cell embedding."""
-
-    # ------------------------------------------------------------------ inference
-    def _loader(
-        self,
-        adata: Any,
-        idx: np.ndarray,
-        batch_size: int,
-        gene_id_map: np.ndarray | None,
-        num_workers: int = 0,
-    ) -> Any:
-        """Evaluation batches over ``idx``, bucketed by length (each cell once)."""
-        return eval_loader(
-            adata,
-            idx,
-            batch_size,
-            self.max_tokens,
-            self.seed,
-            gene_id_map,
-            num_workers=num_workers,
-            pin_memory=torch.cuda.is_available(),
-            **self._data_kwargs(),
-        )
 
     @torch.inference_mode()
     def _forward_cells(
@@ -199,16 +166,12 @@ class InferenceMixin:
         module = self.module.to(dev).eval()
         arrays: dict[str, Any] = {}
         for key, shape in outputs.items():
-            if key in sinks:
-                want = (len(idx), *shape)
-                if tuple(sinks[key].shape) != want:
-                    raise ValueError(
-                        f"the output for {key!r} has shape {tuple(sinks[key].shape)}, "
-                        f"expected {want}"
-                    )
-                arrays[key] = sinks[key]
-            else:
-                arrays[key] = np.full((len(idx), *shape), np.nan, np.float32)
+            want = (len(idx), *shape)
+            if key in sinks and tuple(sinks[key].shape) != want:
+                raise ValueError(
+                    f"the output for {key!r} has shape {tuple(sinks[key].shape)}, expected {want}"
+                )
+            arrays[key] = sinks[key] if key in sinks else np.full(want, np.nan, np.float32)
         order = np.argsort(idx, kind="stable")
         sorted_idx = idx[order]
         use_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -221,7 +184,18 @@ class InferenceMixin:
             key: _BlockWriter(arrays[key], len(idx), outputs[key]) for key in arrays if key in sinks
         }
         bar = _progress(len(idx), enable_progress_bar)
-        for batch in self._loader(adata, idx, batch_size, gene_id_map, num_workers):
+        loader = eval_loader(
+            adata,
+            idx,
+            batch_size,
+            self.max_tokens,
+            self.seed,
+            gene_id_map,
+            num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(),
+            **self._data_kwargs(),
+        )
+        for batch in loader:
             bar.update(len(batch))
             ok = (batch.n_tokens > 0).numpy()
             rows = order[np.searchsorted(sorted_idx, batch.obs_index.numpy())]
@@ -231,7 +205,7 @@ class InferenceMixin:
                 rows = rows[ok]
                 if len(rows) == 0:
                     continue
-                batch = _select(batch, torch.from_numpy(ok))
+                batch = batch._apply(operator.itemgetter(torch.from_numpy(ok)))
             batch = batch.to(dev, non_blocking=True)
             with autocast:
                 result = forward(module, batch)

@@ -1,13 +1,4 @@
-""":class:`CellFMModel`: what every cellfm-sc model class shares (scvi-tools
-``BaseModelClass`` underneath).
-
-A model class = its torch module + its training plan (loss and metrics) + its user methods.
-Everything else lives here once: building the trunk (checkpoint or preset, new gene
-embedding), the registered data (layer, genes, donors), the split (kept by obs name), and,
-from the mixins beside this module, training (``_training``: the one ``train`` template),
-the inference loop and the cell embedding (``_inference``) and ``save`` / ``load``
-(``_saving``).
-"""
+""":class:`CellFMModel`: construction, data access and the split every model class shares."""
 
 from __future__ import annotations
 
@@ -73,11 +64,8 @@ class CellFMModel(TrainingMixin, InferenceMixin, SaveLoadMixin, BaseModelClass):
 
     # ------------------------------------------------------------------ construction
     def _read_setup_args(self) -> dict[str, Any]:
-        args = (
-            dict(self.adata_manager.registry["setup_args"])
-            if self.adata_manager is not None
-            else dict(self.registry_["setup_args"])
-        )
+        manager = self.adata_manager
+        args = dict((manager.registry if manager is not None else self.registry_)["setup_args"])
         self.layer: str | None = args.get("layer")
         self.use_raw: bool = bool(args.get("use_raw", False))
         self.gene_symbols_key: str | None = args.get("gene_symbols")

@@ -1,11 +1,6 @@
-"""Save and load, from one declaration per model class.
-
-A model class declares, in :attr:`SaveLoadMixin._saved`, which of its attributes are saved
-(each under a key, read back by a converter, with a default for folders saved before the
-attribute existed); its :meth:`~SaveLoadMixin._make_module` builds the torch module from
-them, both when the model is created and when it is loaded. Everything the base owns
-(configuration, vocabulary, history, split, settings) is saved here once.
-"""
+"""Save and load, from one declaration per model class (:attr:`SaveLoadMixin._saved`, each
+attribute a :class:`Saved`) beside the base's (:data:`BASE_SAVED`); the class's
+:meth:`~SaveLoadMixin._make_module` builds its module from them, when created and loaded."""
 
 from __future__ import annotations
 
@@ -37,6 +32,8 @@ __all__ = ["REQUIRED", "SaveLoadMixin", "Saved", "model_not_set_up", "saved_rows
 MODEL_FILE = "model.pt"
 VOCAB_FILE = "vocab.txt"
 CONFIG_FILE = "config.json"
+#: the saved attributes that ``config.json`` shows (besides the setup arguments)
+CONFIG_KEYS = "class_name config n_genes trainable_ embedding_init_ max_tokens seed".split()
 #: the default of a :class:`Saved` attribute that every saved folder holds
 REQUIRED = object()
 
@@ -69,6 +66,27 @@ class Saved:
     default: Any = REQUIRED
 
 
+def _frame(value: Any) -> pd.DataFrame | None:
+    return None if value is None else pd.DataFrame(value)
+
+
+#: what the base saves of every model, declared as a class's :attr:`SaveLoadMixin._saved`
+BASE_SAVED = {
+    "embedding_init_": Saved("embedding_init_"),
+    "preset_": Saved("preset_"),
+    "max_tokens": Saved("max_tokens", int),
+    "seed": Saved("seed", int),
+    "pretrained_report_": Saved("pretrained_report_", default=None),
+    "is_trained_": Saved("is_trained_", bool),
+    "history_": Saved("history_", _frame, None),
+    "step_history_": Saved("step_history_", _frame, None),
+    "best_epoch_": Saved("best_epoch_", default=None),
+    "best_score_": Saved("best_score_", default=None),
+    "split_names_": Saved("split_names_", default=None),
+    "train_settings_": Saved("train_settings_", default=None),
+}
+
+
 def _tensor_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
@@ -80,15 +98,15 @@ class SaveLoadMixin:
     _saved: ClassVar[dict[str, Saved]] = {}
 
     def _saved_values(self) -> dict[str, Any]:
-        """The declared attributes as plain Python, by key, plus :meth:`_save_attrs`."""
-        values = {
-            s.key: to_plain(getattr(self, name), finite=False) for name, s in self._saved.items()
-        }
+        """The base's and the declared attributes as plain Python, by key, plus
+        :meth:`_save_attrs`."""
+        saved = {**BASE_SAVED, **self._saved}
+        values = {s.key: to_plain(getattr(self, name), finite=False) for name, s in saved.items()}
         return {**values, **self._save_attrs()}
 
     def _restore_saved(self, attrs: dict[str, Any]) -> None:
-        """Set the declared attributes from a saved attribute dict."""
-        for name, s in self._saved.items():
+        """Set the base's and the declared attributes from a saved attribute dict."""
+        for name, s in {**BASE_SAVED, **self._saved}.items():
             if s.key in attrs:
                 setattr(self, name, s.kind(attrs[s.key]))
             elif s.default is REQUIRED:
@@ -139,22 +157,6 @@ class SaveLoadMixin:
                 "n_genes": int(self.vocab.n_genes),
                 "trainable_": self.trainable_,
                 "lora_": dict(self.lora_),
-                "embedding_init_": self.embedding_init_,
-                "preset_": self.preset_,
-                "max_tokens": int(self.max_tokens),
-                "seed": int(self.seed),
-                "pretrained_report_": to_plain(self.pretrained_report_, finite=False),
-                "is_trained_": bool(self.is_trained_),
-                "history_": None
-                if self.history_ is None
-                else to_plain(self.history_.to_dict("list"), finite=False),
-                "step_history_": None
-                if self.step_history_ is None
-                else to_plain(self.step_history_.to_dict("list"), finite=False),
-                "best_epoch_": self.best_epoch_,
-                "best_score_": self.best_score_,
-                "split_names_": self.split_names_,
-                "train_settings_": to_plain(self.train_settings_, finite=False),
                 **self._saved_values(),
             }
             torch.save(
@@ -166,18 +168,7 @@ class SaveLoadMixin:
                 tmp / f"{prefix}{MODEL_FILE}",
             )
             self.vocab.save(tmp / f"{prefix}{VOCAB_FILE}")
-            summary = {
-                k: attr[k]
-                for k in (
-                    "class_name",
-                    "config",
-                    "n_genes",
-                    "trainable_",
-                    "embedding_init_",
-                    "max_tokens",
-                    "seed",
-                )
-            }
+            summary = {k: attr[k] for k in CONFIG_KEYS}
             summary["setup_args"] = attr["registry_"].get("setup_args")
             (tmp / f"{prefix}{CONFIG_FILE}").write_text(
                 json.dumps(to_plain(summary), indent=2) + "\n", encoding="utf-8"
@@ -267,11 +258,6 @@ class SaveLoadMixin:
         model._init_common()
         model._read_setup_args()
         model.vocab = GeneVocab.from_var_names(saved["var_names"])
-        model.max_tokens = int(attr["max_tokens"])
-        model.seed = int(attr["seed"])
-        model.embedding_init_ = attr["embedding_init_"]
-        model.preset_ = attr["preset_"]
-        model.pretrained_report_ = attr.get("pretrained_report_")
         model._pretrained_report = None
         model._restore_saved(attr)
         model._restore_attrs(attr)  # reads the setup args too
@@ -287,23 +273,12 @@ class SaveLoadMixin:
         module.load_state_dict(saved["model_state_dict"], strict=True)
         model.module.eval()
         model.init_params_ = attr["init_params_"]
-        model.is_trained_ = bool(attr["is_trained_"])
-        for key in ("history_", "step_history_"):
-            value = attr.get(key)
-            setattr(model, key, pd.DataFrame(value) if value is not None else None)
-        model.best_epoch_ = attr.get("best_epoch_")
-        model.best_score_ = attr.get("best_score_")
-        model.train_settings_ = attr.get("train_settings_")
-        model.split_names_ = attr.get("split_names_")
         if adata is not None:  # genes are aligned (and coverage checked) when cells are read
             # the counts must be where the model reads them (raw / layer / X): say so now
             get_matrix(adata, layer=model.layer, use_raw=model.use_raw)
             split = model._split_for(adata)
             if split is not None:
-                model.split_ = split
-                model.train_indices_ = split.train
-                model.validation_indices_ = split.validation
-                model.test_indices_ = split.test
+                model._set_split(adata, split)
         model._place(accelerator, device)
         return model
 

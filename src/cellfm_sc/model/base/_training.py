@@ -1,11 +1,5 @@
-"""The one training template every model class runs (``train`` calls :meth:`_train`).
-
-The steps, each a hook a class may override: the argument checks every class shares (the
-numbers, the accelerator, the resume file) and the class's own (:meth:`_check_train`), the
-data, split and monitor (:meth:`_prepare_training`), the learning rate (:meth:`_auto_lr`),
-the data module (:meth:`_datamodule`), the plan (:meth:`_training_plan`), the settings
-(:meth:`_train_settings`) and the fit (:meth:`_run_fit`, :meth:`_after_fit`).
-"""
+"""The one training template every model class runs (``train`` calls :meth:`_train`), its
+steps the hooks of :class:`TrainingMixin`."""
 
 from __future__ import annotations
 
@@ -56,17 +50,11 @@ RUNNER_ARGS = (
 
 #: learning rate of ``lr="auto"`` for a randomly initialised trunk (measured: see docs)
 LR_RANDOM = 1e-3
-
-
 #: ``lr="auto"`` for a pretrained trunk of the released width (1536; the original scripts')
 LR_PRETRAINED_WIDE = 1e-4
-
-
 #: ``lr="auto"`` for a pretrained trunk narrower than :data:`WIDE` (the rate that kept the
 #: pretraining gain in ``benchmarks/pretraining_transfer.py``; see :func:`auto_lr`)
 LR_PRETRAINED_NARROW = 1e-3
-
-
 WIDE = 1024
 
 
@@ -169,22 +157,14 @@ class TrainingMixin:
             run.has_validation = len(run.split.validation) > 0
         run.lr = self._auto_lr() if args["lr"] == "auto" else float(args["lr"])
         datamodule = self._datamodule(run)
-        plan = self._training_plan(
-            run,
-            lr=run.lr,
-            weight_decay=args["weight_decay"],
-            lr_schedule=args["lr_schedule"],
-            max_epochs=args["max_epochs"],
-            warmup_fraction=args["warmup_fraction"],
-        )
+        schedule = {k: args[k] for k in ("weight_decay", "lr_schedule", "warmup_fraction")}
+        plan = self._training_plan(run, lr=run.lr, max_epochs=args["max_epochs"], **schedule)
         settings = {
             "max_epochs": args["max_epochs"],
             "batch_size": args["batch_size"],
             "lr": run.lr,
             "lr_requested": args["lr"],
-            "weight_decay": args["weight_decay"],
-            "lr_schedule": args["lr_schedule"],
-            "warmup_fraction": args["warmup_fraction"],
+            **schedule,
             "early_stopping": bool(run.early_stopping),
             "patience": args["patience"],
             "trainable": self.trainable_,
@@ -270,15 +250,7 @@ class TrainingMixin:
             **run.trainer_kwargs,
         )
         self._after_fit(run, plan, settings)
-        self._record_fit(result, settings)
-
-    def _after_fit(self, run: TrainingRun, plan: Any, settings: dict[str, Any]) -> None:
-        """After the fit, before it is recorded (default: keep the split)."""
-        self._set_split(run.adata, run.split)
-
-    def _record_fit(self, result: Any, settings: dict[str, Any]) -> None:
-        """Keep what a finished :func:`~cellfm_sc.train.fit` run tells: history, best
-        epoch, the settings it ran with; the model is trained from now on."""
+        # what the run tells: history, best epoch, the settings; trained from now on
         self.history_ = pd.DataFrame(result.history)
         self.step_history_ = pd.DataFrame(result.step_history)
         self.best_epoch_ = result.best_epoch
@@ -294,3 +266,7 @@ class TrainingMixin:
         }
         self.global_rank_ = result.global_rank
         self.is_trained_ = True
+
+    def _after_fit(self, run: TrainingRun, plan: Any, settings: dict[str, Any]) -> None:
+        """After the fit, before it is recorded (default: keep the split)."""
+        self._set_split(run.adata, run.split)
