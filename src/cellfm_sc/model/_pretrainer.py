@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 from scvi import REGISTRY_KEYS
 from scvi.data.fields import LayerField
 
@@ -25,7 +24,7 @@ from cellfm_sc.model._pretrain_module import CellFMPretrainModule
 from cellfm_sc.model._pretrainer_corpus import PretrainerCorpusMixin
 from cellfm_sc.model._pretrainer_training import PretrainerTrainingMixin
 from cellfm_sc.model._probe import EmbeddingProbe
-from cellfm_sc.model.base import CellFMModel, Saved, inference_args, model_not_set_up, trunk_args
+from cellfm_sc.model.base import CellFMModel, Saved, model_not_set_up, trunk_args
 from cellfm_sc.nn import CellFMConfig, CellFMTrunk
 from cellfm_sc.train import PretrainingPlan
 from cellfm_sc.vocab import GeneVocab
@@ -295,40 +294,6 @@ class CellFMPretrainer(PretrainerTrainingMixin, PretrainerCorpusMixin, CellFMMod
         ``model.best_epoch`` is the epoch whose weights the model holds.
         """
         self._train(locals())
-
-    def get_latent_representation(
-        self,
-        adata: Any | None = None,
-        indices: Any = None,
-        batch_size: int = 64,
-        device: str | torch.device | None = None,
-        enable_progress_bar: bool = False,
-        min_gene_coverage: float = 0.5,
-        allow_untrained: bool = False,
-    ) -> np.ndarray:
-        """Cell embeddings (the cls token, no masking), float32 ``(n_cells, D)``.
-
-        Parameters
-        ----------
-        adata
-            Default: the model's AnnData (a corpus of several needs ``adata=``). Data set up
-            with :meth:`setup_anndata` are read with their own settings; others with the
-            first member's.
-        indices
-            Cells (positions, a mask, obs names, ``"train"`` / ``"validation"`` for a
-            one-AnnData model), default all.
-        batch_size, device, enable_progress_bar
-            Inference settings.
-        min_gene_coverage
-            Least share of ``adata``'s genes that the vocabulary must know.
-        allow_untrained
-            Embed with a model never pretrained (random features, e.g. the random-start
-            baseline); otherwise that is an :class:`~cellfm_sc.model.UntrainedModelError`
-            (a checkpoint's trunk with ``embedding_init="transfer"`` counts as trained).
-        """
-        return super().get_latent_representation(
-            self._default_adata(adata), indices, **inference_args(locals())
-        )
 
     # ----------------------------------------------------------------- export
     def export_trunk(self) -> CellFMTrunk:

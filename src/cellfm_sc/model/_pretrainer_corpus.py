@@ -174,13 +174,12 @@ class PretrainerCorpusMixin:
             raise ValueError("the corpus holds no cell with counts to pretrain on")
 
     # ----------------------------------------------------------------- inference
-    def _default_adata(self, adata: Any | None) -> Any:
-        if adata is not None:
-            return adata
+    def _adata_or_default(self, adata: Any | None) -> Any:
+        """``adata``, else the one AnnData pretrained on (a corpus of several has none)."""
         members = getattr(self, "members_", None) or []
-        if len(members) > 1:
+        if adata is None and len(members) > 1:
             raise ValueError(
                 f"the model was trained on a corpus of {len(members)} AnnData: pass adata= "
                 "(any AnnData with these genes)"
             )
-        return self._adata_or_default(None)
+        return super()._adata_or_default(adata)  # type: ignore[misc]

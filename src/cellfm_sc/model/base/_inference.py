@@ -276,16 +276,21 @@ class InferenceMixin:
         num_workers: int = 0,
         allow_untrained: bool = False,
     ) -> Any:
-        """Cell embeddings (the cls token), float32 ``(n_cells, D)``.
+        """Cell embeddings (the cls token, no masking), float32 ``(n_cells, D)``.
 
-        Query data with another gene set work as in
-        :meth:`CellFMClassifier.predict <cellfm_sc.model.CellFMClassifier.predict>`. For
-        atlases, pass ``out``: an array-like ``(n_cells, D)`` (an h5py or zarr dataset, a
-        numpy memmap, in float32 or float16) that the rows are written into as they are
-        computed, so memory does not grow with the number of cells; ``out`` is returned. ``num_workers`` loader
-        processes read and tokenise ahead of the model. A model never trained is refused
+        ``adata`` defaults to the model's AnnData (a pretrainer's corpus of several needs
+        ``adata=``); data set up with :meth:`setup_anndata` are read with their own settings,
+        others with the model's. Query data with another gene set work as in
+        :meth:`CellFMClassifier.predict <cellfm_sc.model.CellFMClassifier.predict>`.
+        ``indices``: positions, a boolean mask, obs names or ``"train"`` / ``"validation"``
+        / ``"test"``; default all. For atlases, pass ``out``: an array-like ``(n_cells, D)``
+        (an h5py or zarr dataset, a numpy memmap, in float32 or float16) that the rows are
+        written into as they are computed, so memory does not grow with the number of cells;
+        ``out`` is returned. ``num_workers`` loader processes read and tokenise ahead of the
+        model. A model never trained is refused
         (:class:`~cellfm_sc.model.UntrainedModelError`) unless its trunk is a pretrained
-        checkpoint's with ``embedding_init="transfer"`` or ``allow_untrained=True``.
+        checkpoint's with ``embedding_init="transfer"`` or ``allow_untrained=True`` (e.g. the
+        random-start baseline's features).
         """
         _, _, arrays = self._forward_over(
             adata,
