@@ -183,7 +183,12 @@ def _stratified_order(strata: np.ndarray, rng: np.random.Generator) -> np.ndarra
     return np.lexsort((u, frac))
 
 
-def _assign(n: int, test_size: float, validation_size: float, what: str) -> tuple[int, int]:
+def _assign(
+    strata: np.ndarray, test_size: float, validation_size: float, seed: int, what: str
+) -> dict[str, np.ndarray]:
+    """Positions of the units (``strata (n,)``, one stratum each) in each split, stratified:
+    ``{"test", "validation", "train"}``."""
+    n = strata.size
     n_test = _n_units(test_size, n, "test_size")
     n_val = _n_units(validation_size, n, "validation_size")
     if n_test + n_val >= n:
@@ -191,7 +196,12 @@ def _assign(n: int, test_size: float, validation_size: float, what: str) -> tupl
             f"{n} {what} cannot be split into {n_test} test, {n_val} validation and at least one "
             "training unit; lower test_size / validation_size"
         )
-    return n_test, n_val
+    order = _stratified_order(strata, np.random.default_rng(seed))
+    return {
+        "test": order[:n_test],
+        "validation": order[n_test : n_test + n_val],
+        "train": order[n_test + n_val :],
+    }
 
 
 def split_by_donor(
@@ -236,13 +246,8 @@ def split_by_donor(
         strata = per_donor.loc[unique_donors].to_numpy()
     else:
         strata = np.zeros(unique_donors.size, dtype=np.int64)
-    n_test, n_val = _assign(unique_donors.size, test_size, validation_size, "donors")
-    order = _stratified_order(strata, np.random.default_rng(seed))
-    chosen = {
-        "test": unique_donors[order[:n_test]],
-        "validation": unique_donors[order[n_test : n_test + n_val]],
-        "train": unique_donors[order[n_test + n_val :]],
-    }
+    parts = _assign(strata, test_size, validation_size, seed, "donors")
+    chosen = {k: unique_donors[v] for k, v in parts.items()}
     idx = {k: np.flatnonzero(np.isin(donors, v)) for k, v in chosen.items()}
     split = DataSplit(
         **idx,
@@ -279,13 +284,8 @@ def split_stratified(
         strata = obs_column(adata, labels_key, keyword="labels_key").astype(str).to_numpy()
     else:
         strata = np.zeros(n, dtype=np.int64)
-    n_test, n_val = _assign(n, test_size, validation_size, "cells")
-    order = _stratified_order(strata, np.random.default_rng(seed))
     return DataSplit(
-        train=order[n_test + n_val :],
-        validation=order[n_test : n_test + n_val],
-        test=order[:n_test],
-        labels_key=labels_key,
+        **_assign(strata, test_size, validation_size, seed, "cells"), labels_key=labels_key
     )
 
 
