@@ -399,6 +399,9 @@ model.train(**kw)
 print("-- verbose --", file=sys.stderr, flush=True)
 logging.getLogger("cellfm_sc").setLevel(logging.DEBUG)  # Lightning's info lines come back
 model.train(**kw)
+print("-- verbose=True --", file=sys.stderr, flush=True)
+logging.getLogger("cellfm_sc").setLevel(logging.WARNING)
+model.train(**kw, verbose=True)  # the keyword alone brings them back
 """
 
 
@@ -408,10 +411,12 @@ def test_training_prints_no_banner_and_no_third_party_deprecation():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     quiet, _, verbose = proc.stderr.partition("-- verbose --")
+    verbose, _, keyword = verbose.partition("-- verbose=True --")
     for banner in BANNERS:
         assert banner not in quiet, quiet
     assert "LeafSpec" not in quiet and "does not have many workers" not in quiet, quiet
     assert "GPU available" in verbose  # the same run shows them when asked
+    assert "GPU available" in keyword  # and with train(verbose=True)
 
 
 @pytest.mark.slow

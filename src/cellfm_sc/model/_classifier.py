@@ -242,6 +242,7 @@ class CellFMClassifier(ClassifierTrainingMixin, ClassifierEvaluationMixin, CellF
         resume_from: str | os.PathLike[str] | None = None,
         logger: Any = None,
         enable_progress_bar: bool = True,
+        verbose: bool = False,
         gradient_checkpointing: bool = False,
         **trainer_kwargs: Any,
     ) -> None:

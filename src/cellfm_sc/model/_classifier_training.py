@@ -118,6 +118,10 @@ logger
     ``False``, ``"csv"``, ``"tensorboard"``, or logger objects.
 enable_progress_bar
     Show the progress bar (on stderr).
+verbose
+    Show Lightning's own info lines ("GPU available: ...", tips, "Loading
+    `train_dataloader` ..."); off by default, as are they when the ``cellfm_sc`` logger
+    is below ``DEBUG``.
 gradient_checkpointing
     Recompute layer activations in the backward pass: much less GPU memory for deep
     trunks (800M preset) for about one extra forward pass of time.

@@ -387,6 +387,7 @@ class CellFMDonorClassifier(
         resume_from: str | os.PathLike[str] | None = None,
         logger: Any = None,
         enable_progress_bar: bool = True,
+        verbose: bool = False,
         **trainer_kwargs: Any,
     ) -> None:
         """Train on bags of the training donors' cells; keep the best validation weights.
@@ -439,7 +440,7 @@ class CellFMDonorClassifier(
             DataLoader workers (trainable trunk).
         embedding_batch_size
             Cells per batch when the frozen trunk's embeddings are computed.
-        checkpoint_dir, keep_checkpoints, resume_from, logger, enable_progress_bar
+        checkpoint_dir, keep_checkpoints, resume_from, logger, enable_progress_bar, verbose
             As for :meth:`CellFMClassifier.train <cellfm_sc.model.CellFMClassifier.train>`.
         **trainer_kwargs
             Passed to :class:`lightning.pytorch.Trainer`.

@@ -222,6 +222,7 @@ class CellFMPretrainer(PretrainerTrainingMixin, PretrainerCorpusMixin, CellFMMod
         resume_from: str | os.PathLike[str] | None = None,
         logger: Any = None,
         enable_progress_bar: bool = True,
+        verbose: bool = False,
         gradient_checkpointing: bool = False,
         probe: EmbeddingProbe | Mapping[str, EmbeddingProbe] | None = None,
         corpus_sampling: str = "balanced",
@@ -265,6 +266,8 @@ class CellFMPretrainer(PretrainerTrainingMixin, PretrainerCorpusMixin, CellFMMod
             epoch's; -1 keeps all.
         logger, enable_progress_bar
             Lightning logger(s) and the progress bar (with the running loss) on stderr.
+        verbose
+            Show Lightning's own info lines (off by default).
         gradient_checkpointing
             Recompute activations in the backward pass (less GPU memory for deep trunks).
         probe

@@ -102,18 +102,19 @@ LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning
 
 
 @contextlib.contextmanager
-def quiet_lightning() -> Any:
+def quiet_lightning(verbose: bool = False) -> Any:
     """Within the block: Lightning's banners and tips silenced, and the third-party warnings
     of :data:`~cellfm_sc._constants.LIBRARY_NOISE` (torch's ``_pytree`` deprecation, ...)
     ignored. Warnings and errors of Lightning still show.
 
-    Lightning's info lines show again when the ``cellfm_sc`` logger is at ``DEBUG``
-    (``logging.getLogger("cellfm_sc").setLevel(logging.DEBUG)``).
+    With ``verbose=True``, or when the ``cellfm_sc`` logger is at ``DEBUG``
+    (``logging.getLogger("cellfm_sc").setLevel(logging.DEBUG)``), Lightning's info lines
+    show.
     """
     import logging
 
     saved: dict[str, int] = {}
-    if not logging.getLogger("cellfm_sc").isEnabledFor(logging.DEBUG):
+    if not (verbose or logging.getLogger("cellfm_sc").isEnabledFor(logging.DEBUG)):
         for name in LIGHTNING_LOGGERS:
             log = logging.getLogger(name)
             if log.getEffectiveLevel() < logging.WARNING:
@@ -196,6 +197,7 @@ def fit(
     logger: Any = None,
     enable_progress_bar: bool = True,
     keep_checkpoints: int = 1,
+    verbose: bool = False,
     **trainer_kwargs: Any,
 ) -> FitResult:
     """Run a training plan to the end; the plan's module holds the best weights afterwards.
@@ -232,6 +234,8 @@ def fit(
         See :func:`_make_loggers`.
     enable_progress_bar
         Show the progress bar (stderr).
+    verbose
+        Let Lightning's info lines through (see :func:`quiet_lightning`).
     **trainer_kwargs
         Passed to :class:`lightning.pytorch.Trainer` (``callbacks`` are added to ours).
     """
@@ -248,7 +252,7 @@ def fit(
     if checkpoint_dir is not None:
         callbacks.append(EpochCheckpoint(checkpoint_dir, keep=keep_checkpoints, best=best))
     loggers = _make_loggers(logger, checkpoint_dir)
-    with tempfile.TemporaryDirectory(prefix="cellfm_sc_") as root, quiet_lightning():
+    with tempfile.TemporaryDirectory(prefix="cellfm_sc_") as root, quiet_lightning(verbose):
         trainer = pl.Trainer(
             max_epochs=max_epochs,
             accelerator=accelerator,

@@ -45,6 +45,7 @@ RUNNER_ARGS = (
     "resume_from",
     "logger",
     "enable_progress_bar",
+    "verbose",
 )
 
 
