@@ -206,12 +206,6 @@ REPO_ONLY = re.compile(
 )
 #: in a docstring also the benchmark log: the benchmarks page shows it
 REPO_ONLY_IN_DOCSTRINGS = re.compile(REPO_ONLY.pattern + r"|RESULTS\.md")
-#: issue 20 part B: docstrings of these files still name DESIGN.md or benchmarks/RESULTS.md
-DOCSTRINGS_LEFT = {
-    "cellfm_sc/model/_donor.py",
-    "cellfm_sc/model/_pretrain_module.py",
-    "cellfm_sc/model/_pretrainer.py",
-}
 
 
 @pytest.mark.parametrize("page", _pages(), ids=lambda p: p.name)
@@ -236,9 +230,9 @@ def test_docstrings_name_no_file_outside_the_documentation():
         hits = _docstring_hits(path.read_text(encoding="utf-8"))
         if hits:
             found[path.relative_to(src).as_posix()] = hits
-    new = {k: v for k, v in found.items() if k not in DOCSTRINGS_LEFT}
-    assert not new, f"docstrings (rendered by autodoc) name files outside the documentation: {new}"
-    assert DOCSTRINGS_LEFT <= set(found), f"reworded, remove: {DOCSTRINGS_LEFT - set(found)}"
+    assert not found, (
+        f"docstrings (rendered by autodoc) name files outside the documentation: {found}"
+    )
 
 
 def test_the_docstring_scan_sees_every_kind_of_docstring():

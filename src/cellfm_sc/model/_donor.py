@@ -1,4 +1,4 @@
-"""``CellFMDonorClassifier``: learn donor labels from bags of the donors' cells (DESIGN.md 8).
+"""``CellFMDonorClassifier``: learn donor labels from bags of the donors' cells.
 
 Labels such as ADNC belong to donors, and most of a donor's cells look like any other donor's.
 The donor model learns from **bags** (up to ``bag_size`` cells of one donor): the trunk encodes
@@ -93,7 +93,7 @@ class CellFMDonorClassifier(
         view only (the trunk is not used). ``"trunk"``: the embedding only. ``"auto"``
         (default): ``"both"`` with a pretrained trunk or an explicitly trained one
         (``trainable="all"`` ...); ``"expression"`` with a random one otherwise,
-        whose embedding carries no biology: on the donor benchmark (``benchmarks/RESULTS.md``)
+        whose embedding carries no biology: on the donor benchmark (:doc:`/benchmarks`)
         the expression view alone matched or beat a random tiny trunk trained end to end
         beside it, at a small fraction of the time. ``cell_view="both"`` with a random trunk
         trains it end to end (``trainable="auto"``).

@@ -1,6 +1,6 @@
 """The torch module of :class:`~cellfm_sc.model.CellFMPretrainer`: CellFM's masked-value objective.
 
-DESIGN.md section 7, with the original's pretraining forward (checked against the MindSpore
+The original's pretraining forward, written from its specification (checked against the MindSpore
 golden outputs ``golden_*_cellfm_padzero__masked3d.npz``):
 
 * per cell, ``round(mask_ratio * n_valid)`` valid gene tokens are **selected** at random; of

@@ -46,7 +46,7 @@ VOCABULARY_FILE = "gene_info.csv"
 class CellFMPretrainer(PretrainerTrainingMixin, PretrainerCorpusMixin, CellFMModel):
     """Pretrain CellFM (or continue its pretraining) on unlabelled cells.
 
-    The objective is CellFM's masked-value loss (DESIGN.md section 7): in every cell,
+    The objective is CellFM's masked-value loss (see :doc:`/pretraining`): in every cell,
     ``round(mask_ratio * n_genes)`` expressed genes are selected; 80% of them have their
     value hidden (the gene stays), and the value decoder (per token) and the cellwise
     decoder (from the cell embedding) predict the normalised values of the selected genes.
