@@ -45,7 +45,6 @@ RUNNER_ARGS = (
     "resume_from",
     "logger",
     "enable_progress_bar",
-    "verbose",
 )
 
 
@@ -231,6 +230,7 @@ class TrainingMixin:
 
         args = run.args
         runner = {key: args[key] for key in RUNNER_ARGS}
+        runner["verbose"] = bool(args.get("verbose", False))  # a class may not offer it
         runner["find_unused_parameters"] = (
             self.trainable_ == "all"
             if run.find_unused_parameters is None
