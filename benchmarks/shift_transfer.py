@@ -84,6 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-lr", default="auto")
     p.add_argument("--corpus-sampling", default="balanced", choices=["proportional", "balanced"])
     p.add_argument(
+        "--pretrain-depth-augmentation",
+        type=float,
+        default=0.0,
+        help="CellFMPretrainer.train(depth_augmentation=) (the folder name gets -depthP)",
+    )
+    p.add_argument(
         "--pretrained",
         type=Path,
         default=None,
@@ -106,8 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME:key=value,...",
-        help="a pretrained-start run with other settings (keys of CellFMClassifier, train or "
-        "FinetuneRecipe)",
+        help="a run with other settings (keys of CellFMClassifier, train or FinetuneRecipe; "
+        "start=random for a random start, default the pretrained one)",
     )
     p.add_argument("--no-random", action="store_true", help="skip the random start")
     p.add_argument("--no-logreg", action="store_true", help="skip logistic regression")
@@ -258,7 +264,8 @@ def make_probes(pbmc: Any, seed: int) -> dict[str, Any]:
 def pretrained_folder(args: argparse.Namespace) -> Path:
     if args.pretrained is not None:
         return args.pretrained
-    return args.out / f"pretrained-{args.corpus_sampling}"
+    depth = args.pretrain_depth_augmentation
+    return args.out / f"pretrained-{args.corpus_sampling}{f'-depth{depth:g}' if depth else ''}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,10 +510,12 @@ def main(argv: list[str] | None = None) -> int:
                         }
                     )
                 else:
-                    start = "random" if config == "random" else "pretrained"
                     extra = dict(variants.get(config, {}))
+                    # a variant is a pretrained start unless it says start=random
+                    start = "random" if config == "random" else extra.pop("start", "pretrained")
                     recipe = extra.pop("recipe", "auto") if config in variants else config
                     row["settings"] = extra
+                    row["start"] = start
                     row.update(
                         finetune(
                             pbmc,

@@ -11,6 +11,7 @@ count every cell once in distributed evaluation (:attr:`TokenBatch.weight`).
 """
 
 from ._obs import check_labels, obs_column
+from .augment import DEPTH_MIN_RATE, thin_depth
 from .checks import (
     CountSummary,
     MissingLayerError,
@@ -41,6 +42,7 @@ from .tokenize import DEFAULT_MAX_TOKENS, TokenBatch, name_keys, tokenize, train
 __all__ = [
     "BUCKET_BATCHES",
     "DEFAULT_MAX_TOKENS",
+    "DEPTH_MIN_RATE",
     "CellBatchSampler",
     "CellDataset",
     "CountSummary",
@@ -70,6 +72,7 @@ __all__ = [
     "split_from_json",
     "split_from_obs",
     "split_stratified",
+    "thin_depth",
     "tokenize",
     "train_keys",
     "validate_count_values",

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ._rows import RowSource, element_path, layer_label
+from .augment import thin_depth
 from .checks import count_fix_hint, get_matrix, row_source, validate_count_values
 from .tokenize import DEFAULT_MAX_TOKENS, TokenBatch, name_keys, tokenize
 
@@ -45,6 +46,9 @@ class CellDataset(Dataset):
         column (a gene the model does not know), see :func:`~cellfm_sc.data.align_genes`.
     check_values
         Validate the stored values of every batch (cheap: the data array of its rows).
+    depth_augmentation
+        Training only: the chance that a cell's counts are thinned to a random depth
+        (:func:`~cellfm_sc.data.thin_depth`) before it is tokenised; 0 reads cells as they are.
 
     Notes
     -----
@@ -68,6 +72,7 @@ class CellDataset(Dataset):
         labels: np.ndarray | None = None,
         gene_id_map: np.ndarray | None = None,
         check_values: bool = True,
+        depth_augmentation: float = 0.0,
     ):
         if isinstance(adata, str | Path):
             import anndata
@@ -100,6 +105,9 @@ class CellDataset(Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.check_values = check_values
+        if not 0.0 <= float(depth_augmentation) <= 1.0:
+            raise ValueError(f"depth_augmentation must be in [0, 1], got {depth_augmentation!r}")
+        self.depth_augmentation = float(depth_augmentation) if self.train else 0.0
         self.obs_names = obs_names
         self.labels = None
         if labels is not None:
@@ -158,6 +166,10 @@ class CellDataset(Dataset):
                 use_raw=self.use_raw,
                 obs_name=self.obs_names,
                 fix=self._fix,
+            )
+        if self.depth_augmentation:
+            block = thin_depth(
+                block, rows, probability=self.depth_augmentation, seed=self.seed, epoch=int(epoch)
             )
         batch = tokenize(
             block,

@@ -87,6 +87,7 @@ def _prepare(
     chunk_size: int,
     buffer_size: int,
     check: bool | str,
+    depth_augmentation: float,
 ) -> tuple[CellDataset, CellBatchSampler]:
     mode = {True: "sample", False: "none"}.get(check, check)  # type: ignore[call-overload]
     if mode not in ("sample", "full", "none"):
@@ -110,6 +111,7 @@ def _prepare(
         seed=seed,
         labels=labels,
         gene_id_map=gene_id_map,
+        depth_augmentation=depth_augmentation,
     )
     sampler = CellBatchSampler(
         dataset.indices,
@@ -152,6 +154,7 @@ def make_dataloader(
     buffer_size: int = 2048,
     persistent_workers: bool = False,
     check: bool | str = True,
+    depth_augmentation: float = 0.0,
 ) -> DataLoader:
     """A ``DataLoader`` of :class:`~cellfm_sc.data.TokenBatch` over cells ``indices`` of ``adata``.
 
@@ -163,7 +166,7 @@ def make_dataloader(
         Obs rows to load (default all).
     batch_size
         Cells per batch.
-    layer, use_raw, max_tokens, train, seed, labels, gene_id_map
+    layer, use_raw, max_tokens, train, seed, labels, gene_id_map, depth_augmentation
         See :class:`CellDataset` (``use_raw``: counts from ``adata.raw.X``).
     shuffle
         Default: ``train``.

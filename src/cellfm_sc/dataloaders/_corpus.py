@@ -250,6 +250,9 @@ class CorpusDataModule(CellFMDataModuleBase):
         per epoch (:func:`balanced_quotas`; small members are repeated with other token
         draws, large ones sub-sampled), so one big file does not dominate. Validation reads
         every cell once either way.
+    depth_augmentation
+        Chance that a training cell is thinned to a random depth
+        (:class:`~cellfm_sc.data.CellDataset`); validation cells never are.
     """
 
     def __init__(
@@ -261,6 +264,7 @@ class CorpusDataModule(CellFMDataModuleBase):
         seed: int = 0,
         num_workers: int = 0,
         sampling: str = "proportional",
+        depth_augmentation: float = 0.0,
     ) -> None:
         super().__init__()
         if sampling not in CORPUS_SAMPLING:
@@ -271,6 +275,7 @@ class CorpusDataModule(CellFMDataModuleBase):
         self.max_tokens = int(max_tokens)
         self.seed = int(seed)
         self.num_workers = int(num_workers)
+        self.depth_augmentation = float(depth_augmentation)
 
     def loader(self, train: bool) -> DataLoader:
         rank, world = self._rank()
@@ -287,6 +292,7 @@ class CorpusDataModule(CellFMDataModuleBase):
                 train=train,
                 seed=self.seed + i,
                 gene_id_map=m.gene_id_map,
+                depth_augmentation=self.depth_augmentation,
             )
             datasets.append(ds)
             samplers.append(

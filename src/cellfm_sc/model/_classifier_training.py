@@ -101,6 +101,11 @@ gradient_clip_val
 masked_value_weight
     Weight of an auxiliary masked-value loss (CellFM's pretraining objective, value
     decoder part) added to the cross-entropy; 0 (default) turns it off.
+depth_augmentation
+    Chance in [0, 1] that a training cell is shown at a random lower depth each epoch (its
+    counts thinned binomially to 25-100%, :func:`~cellfm_sc.data.thin_depth`), so that
+    the model meets shallower cells (another lab, chemistry or sample) as it will at
+    prediction time; 0 reads every cell as it is. Validation cells are never thinned.
 num_workers
     DataLoader worker processes.
 checkpoint_dir
@@ -258,6 +263,7 @@ class ClassifierTrainingMixin:
             "monitor": run.monitor,
             "gradient_checkpointing": run["gradient_checkpointing"],
             "masked_value_weight": run["masked_value_weight"],
+            "depth_augmentation": run["depth_augmentation"],
             "recipe": run.data["recipe"].to_dict(),
         }
 

@@ -226,6 +226,7 @@ class CellFMPretrainer(PretrainerTrainingMixin, PretrainerCorpusMixin, CellFMMod
         gradient_checkpointing: bool = False,
         probe: EmbeddingProbe | Mapping[str, EmbeddingProbe] | None = None,
         corpus_sampling: str = "balanced",
+        depth_augmentation: float = 0.0,
         **trainer_kwargs: Any,
     ) -> None:
         """Pretrain: AdamW on the masked-value loss; the best validation weights are kept.
@@ -286,6 +287,11 @@ class CellFMPretrainer(PretrainerTrainingMixin, PretrainerCorpusMixin, CellFMMod
             cells: balanced raised the kNN probe on PBMC cells from 0.61 to 0.69 macro-F1
             and tied on shifted PBMC cells (0.51 both), for a slightly higher masked
             validation loss (0.318 vs 0.311: validation weighs files by size).
+        depth_augmentation
+            Chance in [0, 1] that a training cell is read at a random lower depth each epoch
+            (counts thinned binomially to 25-100%, :func:`~cellfm_sc.data.thin_depth`), so the
+            trunk meets cells as shallow as another lab's; the masked values to predict are
+            the thinned cell's. Validation cells are never thinned.
         **trainer_kwargs
             Passed to :class:`lightning.pytorch.Trainer`.
 

@@ -72,6 +72,7 @@ class PretrainerTrainingMixin:
             seed=self.seed,
             num_workers=run["num_workers"],
             sampling=run["corpus_sampling"],
+            depth_augmentation=run["depth_augmentation"],
         )
 
     def _training_plan(self, run: TrainingRun, **plan_kwargs: Any) -> PretrainingPlan:
@@ -88,6 +89,7 @@ class PretrainerTrainingMixin:
             "mask_ratio": self.mask_ratio_,
             "gradient_checkpointing": run["gradient_checkpointing"],
             "corpus_sampling": run["corpus_sampling"],
+            "depth_augmentation": run["depth_augmentation"],
             "probe": {c: p.describe() for c, p in probes.items()} or None,
             "corpus": {
                 m.name: {"train": int(m.train.size), "validation": int(m.validation.size)}

@@ -51,7 +51,7 @@ def check_training_numbers(**values: Any) -> None:
     Keywords: ``max_epochs``, ``batch_size``, ``patience``, ``num_workers`` (integers; the
     first two >= 1, the others >= 0); ``lr`` (> 0, finite); ``weight_decay``,
     ``gradient_clip_val``, ``warmup_fraction`` (>= 0, finite; warm-up < 1); ``lr_gamma``
-    (in (0, 1]). ``None`` skips a value; so does ``lr="auto"``. ``lr_schedule`` must be
+    (in (0, 1]); ``depth_augmentation`` (in [0, 1]). ``None`` skips a value; so does ``lr="auto"``. ``lr_schedule`` must be
     ``"warmup_cosine"``, ``"cosine"``, ``"step"`` or ``"constant"``. Raises ``ValueError``
     naming the argument.
     """
@@ -76,6 +76,7 @@ def check_training_numbers(**values: Any) -> None:
         "warmup_fraction": (float, 0.0, False, 0.999),
         "lr_gamma": (float, 0.0, True, 1.0),
         "masked_value_weight": (float, 0.0, False, None),
+        "depth_augmentation": (float, 0.0, False, 1.0),
     }
     for name, value in values.items():
         if value is None:

@@ -32,6 +32,7 @@ NUMBER_ARGS = (
     "gradient_clip_val",
     "warmup_fraction",
     "masked_value_weight",
+    "depth_augmentation",
 )
 #: ``train()`` arguments every model class passes through to the runner unchanged
 RUNNER_ARGS = (
@@ -213,6 +214,7 @@ class TrainingMixin:
             **({"labels": run.data["labels"]} if "labels" in run.data else {}),
             gene_id_map=run.data.get("gene_id_map"),
             num_workers=args["num_workers"],
+            depth_augmentation=args.get("depth_augmentation", 0.0),
             **self._data_kwargs(),
         )
 
