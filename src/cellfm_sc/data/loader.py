@@ -231,6 +231,7 @@ def batches(
     chunk_size: int = 64,
     buffer_size: int = 2048,
     check: bool | str = True,
+    depth_augmentation: float = 0.0,
 ) -> Iterator[TokenBatch]:
     """Yield :class:`~cellfm_sc.data.TokenBatch` es over ``adata`` in this process (one epoch).
 
