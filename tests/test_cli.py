@@ -147,6 +147,7 @@ def test_cli_defaults_are_the_python_defaults():
         "patience": train["patience"],
         "monitor": train["monitor"],
         "recipe": train["recipe"],
+        "depth_augmentation": train["depth_augmentation"],
         "early_stopping": train["early_stopping"],
         "trainable": init["trainable"],
         "max_tokens": init["max_tokens"],
@@ -358,6 +359,12 @@ def test_error_split_json_unknown_indices(tmp_path, small_h5ad):
         (["--split-json", "a.json", "--split-key", "split"], "either --split-json or --split-key"),
         (["--recipe", "lpft"], "argument --recipe: invalid choice"),
         (["--recipe", "lp-ft", "--level", "donor", "--donor-key", "celltype"], "--recipe applies"),
+        (["--depth-augmentation", "1.5"], "argument --depth-augmentation: expected a fraction"),
+        (["--depth-augmentation", "on"], "argument --depth-augmentation"),
+        (
+            ["--depth-augmentation", "1", "--level", "donor", "--donor-key", "celltype"],
+            "--depth-augmentation applies to --level cell",
+        ),
     ],
 )
 def test_error_bad_option_values(tmp_path, small_h5ad, args, fragment):

@@ -104,9 +104,24 @@ def test_train_records_it_and_refuses_a_bad_value_before_work(pbmc3k_path):
     with pytest.raises(ValueError, match=r"depth_augmentation must be a number >= 0 and <= 1"):
         model.train(max_epochs=1, depth_augmentation=2.0, enable_progress_bar=False)
     assert model.history is None or len(model.history) == 0
+    with pytest.raises(ValueError, match=r"depth_augmentation must be a number"):
+        model.train(max_epochs=1, depth_augmentation="on", enable_progress_bar=False)
     model.train(max_epochs=1, depth_augmentation=0.5, enable_progress_bar=False, logger=False)
     assert model.train_settings_["depth_augmentation"] == 0.5
     assert np.isfinite(model.history["train_loss"]).all()
+    model.train(max_epochs=1, enable_progress_bar=False, logger=False)
+    assert model.train_settings_["depth_augmentation"] == 0.0  # "auto", random trunk: off
+
+
+def test_auto_is_on_after_a_checkpoint(pbmc3k_path, golden_dir):
+    full = ad.read_h5ad(pbmc3k_path)
+    adata = full[np.random.default_rng(1).choice(full.n_obs, 64, replace=False)].copy()
+    CellFMClassifier.setup_anndata(adata, labels_key="celltype")
+    ckpt = golden_dir / "model_d48_h4_l2_g37_backbone.ckpt"
+    model = CellFMClassifier(adata, checkpoint=ckpt, num_heads=4, max_tokens=64)
+    assert model.pretrained
+    model.train(max_epochs=1, enable_progress_bar=False, logger=False)
+    assert model.train_settings_["depth_augmentation"] == 1.0
 
 
 def test_pretrainer_reads_thinned_training_cells(pbmc3k_path, monkeypatch):

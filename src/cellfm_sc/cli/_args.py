@@ -63,6 +63,13 @@ def lr_type(text: str) -> float | str:
     return positive_float(text)
 
 
+def auto_fraction_type(text: str) -> float | str:
+    """``auto`` or a number in [0, 1]."""
+    if str(text).strip() == "auto":
+        return "auto"
+    return fraction_type(text)
+
+
 def split_size(text: str) -> float | int:
     """A fraction in [0, 1) or a count (an integer >= 1)."""
     text = str(text).strip()

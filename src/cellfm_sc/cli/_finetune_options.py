@@ -8,6 +8,7 @@ from cellfm_sc._constants import FINETUNE_RECIPES, MONITORS, TRAINABLE_POLICIES
 from cellfm_sc.cli._args import (
     add_hardware_args,
     add_shared,
+    auto_fraction_type,
     label_order_type,
     positive_int,
     split_size,
@@ -235,6 +236,14 @@ def add_training_options(p: argparse.ArgumentParser, *, demo: bool = False) -> N
         choices=("none", "balanced", "balanced_donors"),
         default="none",
         help="balanced: classes weigh the same; balanced_donors: donors weigh the same",
+    )
+    train.add_argument(
+        "--depth-augmentation",
+        metavar="P",
+        type=auto_fraction_type,
+        default="auto",
+        help="chance that a training cell is shown thinned to a random 25-100%% of its "
+        "counts each epoch; auto: 1 after a --checkpoint, 0 without (--level cell)",
     )
     add_shared(train, "--seed", help="seed of splits, init and sampling")
     add_shared(train, "--resume")

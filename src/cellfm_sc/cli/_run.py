@@ -52,6 +52,7 @@ FINETUNE_KEYS = (
     "patience",
     "monitor",
     "class_weights",
+    "depth_augmentation",
     "accelerator",
     "devices",
     "num_nodes",

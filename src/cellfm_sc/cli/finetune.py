@@ -70,6 +70,8 @@ def validate_options(opts: dict[str, Any]) -> None:
         raise CLIError("--auto-folds must be >= 3 (one fold tests, one validates, the rest train)")
     if opts.get("level", "cell") == "donor" and opts.get("recipe", "auto") != "auto":
         raise CLIError("--recipe applies to --level cell; the donor model has its own recipe")
+    if opts.get("level", "cell") == "donor" and opts.get("depth_augmentation", "auto") != "auto":
+        raise CLIError("--depth-augmentation applies to --level cell")
     if opts.get("split_json") and opts.get("split_key"):
         raise CLIError("give either --split-json or --split-key, not both")
     if opts.get("checkpoint") is None and opts.get("preset") is None:
@@ -220,6 +222,7 @@ def _cell_level(opts: dict[str, Any], con: Console, model: Any, adata: Any) -> d
         "check_val_every_n_steps": opts.get("eval_every_steps"),
         "gradient_checkpointing": bool(opts.get("gradient_checkpointing")),
     }
+    train["depth_augmentation"] = opts.get("depth_augmentation", "auto")
     return {"unit": "cells", "train": train, "split_obsm": split_obsm}
 
 

@@ -95,6 +95,14 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         "cell once per epoch (files weigh by their size)",
     )
     train.add_argument(
+        "--depth-augmentation",
+        metavar="P",
+        type=fraction_type,
+        default=None,
+        help="chance that a training cell is read thinned to a random 25-100%% of its counts "
+        "each epoch (default: CellFMPretrainer.train's; 0 turns it off)",
+    )
+    train.add_argument(
         "--probe",
         metavar="LABELLED.h5ad",
         help="labelled cells whose kNN macro-F1 on the embeddings is recorded after every "
@@ -329,6 +337,11 @@ def _run(
         logger=False,
         corpus_sampling=opts.get("corpus_sampling", "balanced"),
         probe=probe,
+        **(
+            {"depth_augmentation": opts["depth_augmentation"]}
+            if opts.get("depth_augmentation") is not None
+            else {}
+        ),
     )
     if model.global_rank_ != 0:
         return {"summary": f"rank {model.global_rank_}"}

@@ -236,7 +236,7 @@ class CellFMClassifier(ClassifierTrainingMixin, ClassifierEvaluationMixin, CellF
         strategy: str | None = None,
         gradient_clip_val: float | None = 1.0,
         masked_value_weight: float = 0.0,
-        depth_augmentation: float = 0.0,
+        depth_augmentation: float | str = "auto",
         num_workers: int = 0,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         keep_checkpoints: int = 1,

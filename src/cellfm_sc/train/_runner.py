@@ -51,7 +51,7 @@ def check_training_numbers(**values: Any) -> None:
     Keywords: ``max_epochs``, ``batch_size``, ``patience``, ``num_workers`` (integers; the
     first two >= 1, the others >= 0); ``lr`` (> 0, finite); ``weight_decay``,
     ``gradient_clip_val``, ``warmup_fraction`` (>= 0, finite; warm-up < 1); ``lr_gamma``
-    (in (0, 1]); ``depth_augmentation`` (in [0, 1]). ``None`` skips a value; so does ``lr="auto"``. ``lr_schedule`` must be
+    (in (0, 1]); ``depth_augmentation`` (in [0, 1], or ``"auto"``). ``None`` skips a value; so does ``lr="auto"``. ``lr_schedule`` must be
     ``"warmup_cosine"``, ``"cosine"``, ``"step"`` or ``"constant"``. Raises ``ValueError``
     naming the argument.
     """
@@ -59,6 +59,8 @@ def check_training_numbers(**values: Any) -> None:
         schedule = values.pop("lr_schedule")
         if schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if values.get("depth_augmentation") == "auto":
+        values["depth_augmentation"] = None
     if isinstance(values.get("lr"), str):
         if values["lr"] != "auto":
             raise ValueError(f"lr must be a number > 0 or 'auto', got {values['lr']!r}")

@@ -157,6 +157,8 @@ class TrainingMixin:
         if run.has_validation is None:
             run.has_validation = len(run.split.validation) > 0
         run.lr = self._auto_lr() if args["lr"] == "auto" else float(args["lr"])
+        if args.get("depth_augmentation") == "auto":
+            args["depth_augmentation"] = self._auto_depth_augmentation()
         datamodule = self._datamodule(run)
         schedule = {k: args[k] for k in ("weight_decay", "lr_schedule", "warmup_fraction")}
         plan = self._training_plan(run, lr=run.lr, max_epochs=args["max_epochs"], **schedule)
@@ -194,6 +196,11 @@ class TrainingMixin:
         """Set ``run.adata``, ``run.split``, ``run.monitor`` / ``run.mode``; check every cell
         that training reads."""
         raise NotImplementedError
+
+    def _auto_depth_augmentation(self) -> float:
+        """The chance of ``depth_augmentation="auto"``: 1 for a pretrained trunk, 0 for a
+        random one (measured: see ``CellFMClassifier.train``)."""
+        return 1.0 if self.pretrained else 0.0
 
     def _auto_lr(self) -> float:
         """The rate of ``lr="auto"`` (:func:`~cellfm_sc.model.auto_lr`)."""
