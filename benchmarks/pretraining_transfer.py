@@ -149,9 +149,9 @@ def pretrain(
     lr = args.pretrain_lr if args.pretrain_lr == "auto" else float(args.pretrain_lr)
     sampling = getattr(args, "corpus_sampling", "proportional")
     extra = {"probe": probe} if probe is not None else {}
-    depth = float(getattr(args, "pretrain_depth_augmentation", 0.0))
-    if depth:
-        extra["depth_augmentation"] = depth
+    depth = getattr(args, "pretrain_depth_augmentation", None)
+    if depth is not None:  # otherwise CellFMPretrainer.train's default
+        extra["depth_augmentation"] = float(depth)
     if getattr(args, "keep_epochs", False):
         extra["checkpoint_dir"] = str(folder / "epochs")
     model.train(
@@ -171,7 +171,7 @@ def pretrain(
         "max_tokens": args.max_tokens,
         "epochs": args.pretrain_epochs,
         "corpus_sampling": sampling,
-        "depth_augmentation": depth,
+        "depth_augmentation": model.train_settings_["depth_augmentation"],
         "n_genes": int(model.vocab.n_genes),
         "corpus": model.train_settings_["corpus"],
         "lr": model.train_settings_["lr"],

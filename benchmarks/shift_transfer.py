@@ -86,8 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--pretrain-depth-augmentation",
         type=float,
-        default=0.0,
-        help="CellFMPretrainer.train(depth_augmentation=) (the folder name gets -depthP)",
+        default=None,
+        help="CellFMPretrainer.train(depth_augmentation=); default: its default (another "
+        "value adds -depthP to the folder name)",
     )
     p.add_argument(
         "--pretrained",
@@ -264,8 +265,14 @@ def make_probes(pbmc: Any, seed: int) -> dict[str, Any]:
 def pretrained_folder(args: argparse.Namespace) -> Path:
     if args.pretrained is not None:
         return args.pretrained
+    import inspect
+
+    from cellfm_sc import CellFMPretrainer
+
+    default = inspect.signature(CellFMPretrainer.train).parameters["depth_augmentation"].default
     depth = args.pretrain_depth_augmentation
-    return args.out / f"pretrained-{args.corpus_sampling}{f'-depth{depth:g}' if depth else ''}"
+    tag = "" if depth is None or depth == default else f"-depth{depth:g}"
+    return args.out / f"pretrained-{args.corpus_sampling}{tag}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -602,3 +602,13 @@ def test_demo(tmp_path):
     # CPU time with its pinned kernels). CPU time, not wall time: other jobs on a shared
     # machine stretch the wall time without the demo doing more work.
     assert cpu < 300, f"cellfm-sc demo used {cpu:.0f} s of CPU (promised: about 90 s)"
+
+
+def test_pretrain_depth_augmentation_default_is_the_python_default():
+    import inspect
+
+    from cellfm_sc import CellFMPretrainer
+
+    args = cli.build_parser().parse_args(["pretrain", "a.h5ad", "-o", "o", "--preset", "tiny"])
+    want = inspect.signature(CellFMPretrainer.train).parameters["depth_augmentation"].default
+    assert args.depth_augmentation == want

@@ -98,9 +98,9 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         "--depth-augmentation",
         metavar="P",
         type=fraction_type,
-        default=None,
+        default=0.5,
         help="chance that a training cell is read thinned to a random 25-100%% of its counts "
-        "each epoch (default: CellFMPretrainer.train's; 0 turns it off)",
+        "each epoch (0 turns it off)",
     )
     train.add_argument(
         "--probe",
@@ -337,11 +337,7 @@ def _run(
         logger=False,
         corpus_sampling=opts.get("corpus_sampling", "balanced"),
         probe=probe,
-        **(
-            {"depth_augmentation": opts["depth_augmentation"]}
-            if opts.get("depth_augmentation") is not None
-            else {}
-        ),
+        depth_augmentation=opts.get("depth_augmentation", 0.5),
     )
     if model.global_rank_ != 0:
         return {"summary": f"rank {model.global_rank_}"}

@@ -226,7 +226,7 @@ class CellFMPretrainer(PretrainerTrainingMixin, PretrainerCorpusMixin, CellFMMod
         gradient_checkpointing: bool = False,
         probe: EmbeddingProbe | Mapping[str, EmbeddingProbe] | None = None,
         corpus_sampling: str = "balanced",
-        depth_augmentation: float = 0.0,
+        depth_augmentation: float = 0.5,
         **trainer_kwargs: Any,
     ) -> None:
         """Pretrain: AdamW on the masked-value loss; the best validation weights are kept.
@@ -291,7 +291,12 @@ class CellFMPretrainer(PretrainerTrainingMixin, PretrainerCorpusMixin, CellFMMod
             Chance in [0, 1] that a training cell is read at a random lower depth each epoch
             (counts thinned binomially to 25-100%, :func:`~cellfm_sc.data.thin_depth`), so the
             trunk meets cells as shallow as another lab's; the masked values to predict are
-            the thinned cell's. Validation cells are never thinned.
+            the thinned cell's. Validation cells are never thinned. The default 0.5 was
+            chosen on the shift benchmark's development cells (tiny trunk, 16 epochs on the
+            public corpus, then fine-tuned with ``depth_augmentation=1`` on PBMC 3k, 3
+            seeds): macro-F1 on shifted cells at 1% / 10% / 100% labels 0.630 / 0.750 /
+            0.895 after pretraining at 0, 0.647 / 0.804 / 0.913 at 0.5, 0.616 / 0.704 /
+            0.880 at 1.
         **trainer_kwargs
             Passed to :class:`lightning.pytorch.Trainer`.
 
