@@ -421,7 +421,7 @@ def probe_table(folders: list[Path], epochs: tuple[int, ...] = (1, 2, 4, 8, 12, 
     facts = [json.loads((f / "pretrain.json").read_text()) for f in folders]
     head = ["epoch"]
     for f in facts:
-        run = f"{f['corpus_sampling']}, {f['epochs']} ep."
+        run = f"{f['corpus_sampling']}, depth aug. {f.get('depth_augmentation', 0):g}, {f['epochs']} ep."
         head += [f"{run}: validation loss", f"{run}: probe same", f"{run}: probe shifted"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     cells = ["before"]
